@@ -1,0 +1,1 @@
+//! GGUF files: see reader, metadata, tensor_info, file.

@@ -1,0 +1,1 @@
+//! Matrix-vector products and transformer ops.

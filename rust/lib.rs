@@ -1,0 +1,22 @@
+//! sampler-sdk's engine: runs raw language models stored as GGUF files on the CPU.
+//!
+//! Layers, each depending only on the ones below it:
+//! - [`gguf`]: a bounded, validating reader of GGUF files over mmap;
+//! - [`quant`]: ggml's tensor block formats, dequantisation and dot products;
+//! - [`kernels`]: matrix-vector products and the small ops of a transformer;
+//! - [`tokenizer`]: byte-level BPE and SentencePiece tokenizers built from GGUF metadata;
+//! - [`model`]: hyperparameters, weights and the forward pass with its KV cache.
+//!
+//! Nothing here names Python; the `python` feature adds the one binding module.
+
+pub mod error;
+pub mod gguf;
+pub mod kernels;
+pub mod model;
+pub mod quant;
+pub mod tokenizer;
+
+#[cfg(feature = "python")]
+mod python;
+
+pub use error::{EngineError, Result};

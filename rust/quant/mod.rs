@@ -1,0 +1,3 @@
+//! ggml tensor formats.
+pub mod types;
+pub use types::GgmlType;
