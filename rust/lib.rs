@@ -11,6 +11,7 @@
 
 pub mod error;
 pub mod gguf;
+pub mod kv_cache;
 pub mod kernels;
 pub mod model;
 pub mod quant;

@@ -1,1 +1,3 @@
 //! Matrix-vector products and transformer ops.
+pub mod matmul;
+pub mod ops;

@@ -1,0 +1,154 @@
+//! The small element-wise and per-row operations of a transformer block.
+//! Scalar and plain on purpose: they are a small share of the time next to the matrix
+//! products, and this form is the reference any vectorised version is tested against.
+
+/// `out = x / rms(x) * weight`, with rms computed in f64 like ggml's rms_norm so long rows
+/// do not lose precision in the sum of squares.
+pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    debug_assert_eq!(x.len(), weight.len());
+    debug_assert_eq!(x.len(), out.len());
+    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let mean = (sum_sq / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
+        *o = v * scale * w;
+    }
+}
+
+/// In-place RMS normalisation of one row without a weight (used before Gemma's
+/// `1 + weight` convention is folded in, and by the Q/K norms).
+pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
+    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    let mean = (sum_sq / x.len() as f64) as f32;
+    let scale = 1.0 / (mean + eps).sqrt();
+    for (v, &w) in x.iter_mut().zip(weight) {
+        *v = *v * scale * w;
+    }
+}
+
+/// Rotary position embedding tables for one position: cos/sin per rotated pair.
+/// `freq_factors` (llama3-style `rope_freqs.weight`) divide the base frequency per pair.
+pub fn rope_angles(
+    pos: usize,
+    n_rot: usize,
+    base: f32,
+    freq_scale: f32,
+    freq_factors: Option<&[f32]>,
+    cos: &mut [f32],
+    sin: &mut [f32],
+) {
+    let half = n_rot / 2;
+    // theta_i = p * base^(-2i/n_rot), built by repeated multiplication in f32 as ggml does,
+    // so angles (and therefore logits) match llama.cpp's bit for bit where possible.
+    let theta_scale = base.powf(-2.0 / n_rot as f32);
+    let mut theta = pos as f32;
+    for i in 0..half {
+        let factor = freq_factors.map_or(1.0, |f| f[i]);
+        let angle = freq_scale * theta / factor;
+        cos[i] = angle.cos();
+        sin[i] = angle.sin();
+        theta *= theta_scale;
+    }
+}
+
+/// RoPE on adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the
+/// `llama` architecture whose Q/K weights were permuted at conversion time.
+pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+        let (a, b) = (head[2 * i], head[2 * i + 1]);
+        head[2 * i] = a * c - b * s;
+        head[2 * i + 1] = a * s + b * c;
+    }
+}
+
+/// RoPE on split halves (x[i], x[i + n_rot/2]): llama.cpp's "NeoX" mode, used by
+/// qwen2, gemma3 and grok.
+pub fn rope_split_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let half = cos.len();
+    for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
+        let (a, b) = (head[i], head[i + half]);
+        head[i] = a * c - b * s;
+        head[i + half] = a * s + b * c;
+    }
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax_in_place(x: &mut [f32]) {
+    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0.0f64;
+    for v in x.iter_mut() {
+        *v = (*v - max).exp();
+        sum += f64::from(*v);
+    }
+    let inv = (1.0 / sum) as f32;
+    for v in x.iter_mut() {
+        *v *= inv;
+    }
+}
+
+pub fn silu(x: f32) -> f32 {
+    x / (1.0 + (-x).exp())
+}
+
+/// GELU with the tanh approximation, as ggml_gelu and Gemma/Grok use.
+pub fn gelu_tanh(x: f32) -> f32 {
+    const SQRT_2_OVER_PI: f32 = 0.797_884_6;
+    const COEF: f32 = 0.044_715;
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh())
+}
+
+pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
+    for (a, &b) in acc.iter_mut().zip(x) {
+        *a += b;
+    }
+}
+
+pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(&x, &y)| x * y).sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_unit_weight_has_unit_rms() {
+        let x = [1.0f32, -2.0, 3.0, 4.0];
+        let mut out = [0.0; 4];
+        rms_norm(&x, &[1.0; 4], 0.0, &mut out);
+        let rms = (out.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
+        assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn softmax_sums_to_one_and_keeps_order() {
+        let mut x = [1.0f32, 2.0, 3.0, 1000.0];
+        softmax_in_place(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert!(x[3] > x[2] && x[2] > x[1]);
+    }
+
+    #[test]
+    fn rope_at_position_zero_is_identity() {
+        let mut cos = [0.0; 4];
+        let mut sin = [0.0; 4];
+        rope_angles(0, 8, 10000.0, 1.0, None, &mut cos, &mut sin);
+        let mut head = [1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0];
+        let orig = head;
+        rope_adjacent_pairs(&mut head, &cos, &sin);
+        assert_eq!(head, orig);
+        rope_split_halves(&mut head, &cos, &sin);
+        assert_eq!(head, orig);
+    }
+
+    #[test]
+    fn rope_rotation_preserves_pair_norms() {
+        let mut cos = [0.0; 2];
+        let mut sin = [0.0; 2];
+        rope_angles(7, 4, 10000.0, 1.0, None, &mut cos, &mut sin);
+        let mut head = [3.0f32, 4.0, 1.0, 0.0];
+        rope_adjacent_pairs(&mut head, &cos, &sin);
+        assert!(((head[0] * head[0] + head[1] * head[1]).sqrt() - 5.0).abs() < 1e-5);
+        assert!(((head[2] * head[2] + head[3] * head[3]).sqrt() - 1.0).abs() < 1e-6);
+    }
+}

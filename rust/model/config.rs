@@ -1,0 +1,185 @@
+//! Hyperparameters read from GGUF metadata (`<arch>.*` keys), with every default explicit
+//! and every value range-checked before the loader sizes anything by it.
+
+use crate::error::{EngineError, Result};
+use crate::gguf::Metadata;
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum Architecture {
+    Llama,
+}
+
+impl Architecture {
+    pub fn from_name(name: &str) -> Result<Self> {
+        match name {
+            "llama" => Ok(Self::Llama),
+            other => Err(EngineError::unsupported(
+                "architecture",
+                format!("'{other}' (general.architecture); supported: llama"),
+            )),
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Llama => "llama",
+        }
+    }
+}
+
+/// How RoPE pairs dimensions: adjacent (x[2i], x[2i+1]) or split halves (x[i], x[i+d/2]).
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum RopeStyle {
+    AdjacentPairs,
+    SplitHalves,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelConfig {
+    pub arch: Architecture,
+    pub n_vocab: usize,
+    pub n_ctx_train: usize,
+    pub n_embd: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_head_kv: usize,
+    pub head_dim: usize,
+    pub n_ff: usize,
+    pub rms_eps: f32,
+    pub rope_base: f32,
+    pub rope_freq_scale: f32,
+    /// Dimensions of each head that RoPE rotates (the rest pass through).
+    pub n_rot: usize,
+    pub rope_style: RopeStyle,
+    /// Multiplies q·k before the softmax.
+    pub attn_scale: f32,
+}
+
+/// Upper bounds that keep a hostile file from making the loader allocate absurd buffers;
+/// far beyond any model this engine can run on a CPU.
+const MAX_DIM: u32 = 1 << 20;
+const MAX_LAYERS: u32 = 1024;
+const MAX_HEADS: u32 = 4096;
+
+fn key(arch: &str, suffix: &str) -> String {
+    format!("{arch}.{suffix}")
+}
+
+fn bounded(md: &Metadata, k: &str, max: u32) -> Result<usize> {
+    let v = md.require_u32(k)?;
+    if v == 0 || v > max {
+        return Err(EngineError::malformed(format!("metadata key {k}"), format!("value {v} out of range 1..={max}")));
+    }
+    Ok(v as usize)
+}
+
+fn optional_bounded(md: &Metadata, k: &str, max: u32) -> Result<Option<usize>> {
+    match md.get_u32(k)? {
+        None => Ok(None),
+        Some(v) if v == 0 || v > max => Err(EngineError::malformed(
+            format!("metadata key {k}"),
+            format!("value {v} out of range 1..={max}"),
+        )),
+        Some(v) => Ok(Some(v as usize)),
+    }
+}
+
+impl ModelConfig {
+    /// Reads the hyperparameters. `n_vocab` comes from the token embedding, which is the
+    /// tensor the model actually indexes, not from a metadata count that could disagree.
+    pub fn from_metadata(md: &Metadata, n_vocab: usize) -> Result<Self> {
+        let arch_name = md.require_str("general.architecture")?;
+        let arch = Architecture::from_name(arch_name)?;
+        let a = arch_name;
+        let n_embd = bounded(md, &key(a, "embedding_length"), MAX_DIM)?;
+        let n_layer = bounded(md, &key(a, "block_count"), MAX_LAYERS)?;
+        let n_head = bounded(md, &key(a, "attention.head_count"), MAX_HEADS)?;
+        let n_head_kv = optional_bounded(md, &key(a, "attention.head_count_kv"), MAX_HEADS)?.unwrap_or(n_head);
+        if n_head % n_head_kv != 0 {
+            return Err(EngineError::malformed(
+                format!("metadata key {a}.attention.head_count_kv"),
+                format!("{n_head} query heads are not a multiple of {n_head_kv} key/value heads"),
+            ));
+        }
+        let head_dim = match optional_bounded(md, &key(a, "attention.key_length"), MAX_DIM)? {
+            Some(d) => d,
+            None => {
+                if n_embd % n_head != 0 {
+                    return Err(EngineError::malformed(
+                        format!("metadata key {a}.attention.head_count"),
+                        format!("embedding length {n_embd} is not a multiple of {n_head} heads"),
+                    ));
+                }
+                n_embd / n_head
+            }
+        };
+        if let Some(v) = optional_bounded(md, &key(a, "attention.value_length"), MAX_DIM)? {
+            if v != head_dim {
+                return Err(EngineError::unsupported(
+                    "attention shape",
+                    format!("value length {v} differs from key length {head_dim}"),
+                ));
+            }
+        }
+        let n_ff = bounded(md, &key(a, "feed_forward_length"), MAX_DIM)?;
+        let n_ctx_train = optional_bounded(md, &key(a, "context_length"), u32::MAX)?.unwrap_or(2048);
+        let rms_eps = md.get_f32(&key(a, "attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        let rope_base = md.get_f32(&key(a, "rope.freq_base"))?.unwrap_or(10_000.0);
+        let rope_freq_scale = match md.get_str(&key(a, "rope.scaling.type"))? {
+            None | Some("none") => 1.0,
+            Some("linear") => {
+                let factor = md.get_f32(&key(a, "rope.scaling.factor"))?.unwrap_or(1.0);
+                if !(factor.is_finite() && factor > 0.0) {
+                    return Err(EngineError::malformed(
+                        format!("metadata key {a}.rope.scaling.factor"),
+                        format!("{factor} is not a positive number"),
+                    ));
+                }
+                1.0 / factor
+            }
+            Some(other) => {
+                return Err(EngineError::unsupported("rope scaling", format!("'{other}' ({a}.rope.scaling.type)")))
+            }
+        };
+        let n_rot = optional_bounded(md, &key(a, "rope.dimension_count"), MAX_DIM)?.unwrap_or(head_dim);
+        if n_rot > head_dim || n_rot % 2 != 0 {
+            return Err(EngineError::malformed(
+                format!("metadata key {a}.rope.dimension_count"),
+                format!("{n_rot} must be even and at most the head size {head_dim}"),
+            ));
+        }
+        for (name, v) in [("attention.layer_norm_rms_epsilon", rms_eps), ("rope.freq_base", rope_base)] {
+            if !(v.is_finite() && v > 0.0) {
+                return Err(EngineError::malformed(format!("metadata key {a}.{name}"), format!("{v} is not positive")));
+            }
+        }
+        let rope_style = match arch {
+            Architecture::Llama => RopeStyle::AdjacentPairs,
+        };
+        Ok(Self {
+            arch,
+            n_vocab,
+            n_ctx_train,
+            n_embd,
+            n_layer,
+            n_head,
+            n_head_kv,
+            head_dim,
+            n_ff,
+            rms_eps,
+            rope_base,
+            rope_freq_scale,
+            n_rot,
+            rope_style,
+            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+        })
+    }
+
+    pub fn q_dim(&self) -> usize {
+        self.n_head * self.head_dim
+    }
+
+    pub fn kv_dim(&self) -> usize {
+        self.n_head_kv * self.head_dim
+    }
+}

@@ -1,0 +1,202 @@
+//! The forward pass, top to bottom like llama2.c's `forward`: embed, then per layer
+//! norm → Q/K/V → RoPE → cache → attention → output projection → residual → norm →
+//! gated FFN → residual, then the final norm and the vocabulary projection.
+//! A call processes a batch of consecutive tokens of one sequence (prefill or one step).
+
+use crate::error::{EngineError, Result};
+use crate::kernels::matmul::{matmul, ActivationBatch};
+use crate::kernels::ops;
+use crate::kv_cache::KvCache;
+use crate::model::config::RopeStyle;
+use crate::model::Model;
+
+/// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
+/// decode loop does not allocate per token.
+pub struct SequenceState {
+    pub(crate) kv: KvCache,
+    scratch: Scratch,
+}
+
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    acts: ActivationBatch,
+    ffn_acts: ActivationBatch,
+}
+
+fn resize(buf: &mut Vec<f32>, len: usize) {
+    buf.clear();
+    buf.resize(len, 0.0);
+}
+
+impl SequenceState {
+    /// Positions already in the cache.
+    pub fn len(&self) -> usize {
+        self.kv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.kv.is_empty()
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.kv.capacity()
+    }
+
+    /// Drops cached positions from `len` on, keeping the prefix for reuse.
+    pub fn truncate(&mut self, len: usize) {
+        self.kv.truncate(len);
+    }
+
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.allocated_bytes()
+    }
+}
+
+impl Model {
+    /// A fresh sequence able to hold `capacity` positions (clamped to the training context).
+    pub fn new_sequence(&self, capacity: usize) -> SequenceState {
+        let cfg = &self.config;
+        SequenceState {
+            kv: KvCache::new(cfg.n_layer, cfg.kv_dim(), capacity.min(cfg.n_ctx_train)),
+            scratch: Scratch::default(),
+        }
+    }
+
+    /// Appends `tokens` to the sequence and returns the logits of its last
+    /// `n_logits` tokens (row-major, `n_logits × n_vocab`).
+    pub fn forward(&self, seq: &mut SequenceState, tokens: &[u32], n_logits: usize) -> Result<Vec<f32>> {
+        let cfg = &self.config;
+        let n = tokens.len();
+        if n == 0 {
+            return Err(EngineError::invalid("tokens", "at least one token is needed"));
+        }
+        if n_logits > n {
+            return Err(EngineError::invalid("n_logits", format!("{n_logits} exceeds the {n} tokens given")));
+        }
+        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
+            return Err(EngineError::invalid("tokens", format!("token id {bad} is outside the vocabulary of {}", cfg.n_vocab)));
+        }
+        let start = seq.kv.len();
+        let end = start + n;
+        if end > seq.kv.capacity() {
+            return Err(EngineError::ContextOverflow { prompt_tokens: end, context_size: seq.kv.capacity() });
+        }
+        seq.kv.reserve_to(end);
+
+        let file = self.file.data();
+        let w = &self.weights;
+        let (d, q_dim, kv_dim, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
+        let s = &mut seq.scratch;
+        resize(&mut s.x, n * d);
+        resize(&mut s.normed, n * d);
+        resize(&mut s.q, n * q_dim);
+        resize(&mut s.k, n * kv_dim);
+        resize(&mut s.v, n * kv_dim);
+        resize(&mut s.attn, n * q_dim);
+        resize(&mut s.proj, n * d);
+        resize(&mut s.gate, n * cfg.n_ff);
+        resize(&mut s.up, n * cfg.n_ff);
+        resize(&mut s.scores, end);
+        resize(&mut s.cos, cfg.n_rot / 2);
+        resize(&mut s.sin, cfg.n_rot / 2);
+
+        for (t, &tok) in tokens.iter().enumerate() {
+            w.token_embd.dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
+        }
+
+        let group = cfg.n_head / cfg.n_head_kv;
+        for (li, layer) in w.layers.iter().enumerate() {
+            // Attention block.
+            for t in 0..n {
+                ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, &mut s.normed[t * d..(t + 1) * d]);
+            }
+            s.acts.set_input(n, d);
+            matmul(&layer.wq, file, s.acts.for_weight(layer.wq.ty, &s.normed)?, &mut s.q);
+            matmul(&layer.wk, file, s.acts.for_weight(layer.wk.ty, &s.normed)?, &mut s.k);
+            matmul(&layer.wv, file, s.acts.for_weight(layer.wv.ty, &s.normed)?, &mut s.v);
+
+            for t in 0..n {
+                let pos = start + t;
+                ops::rope_angles(
+                    pos,
+                    cfg.n_rot,
+                    cfg.rope_base,
+                    cfg.rope_freq_scale,
+                    w.rope_freq_factors.as_deref(),
+                    &mut s.cos,
+                    &mut s.sin,
+                );
+                let rotate = |head: &mut [f32]| match cfg.rope_style {
+                    RopeStyle::AdjacentPairs => ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin),
+                    RopeStyle::SplitHalves => ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin),
+                };
+                s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd).for_each(&rotate);
+                s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd).for_each(&rotate);
+                seq.kv.store(li, pos, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
+            }
+
+            for t in 0..n {
+                let pos = start + t;
+                for h in 0..cfg.n_head {
+                    let kv_off = (h / group) * hd;
+                    let q = &s.q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                    let scores = &mut s.scores[..=pos];
+                    for (j, score) in scores.iter_mut().enumerate() {
+                        let k = &seq.kv.key(li, j)[kv_off..kv_off + hd];
+                        *score = ops::dot_f32(q, k) * cfg.attn_scale;
+                    }
+                    ops::softmax_in_place(scores);
+                    let out = &mut s.attn[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
+                    out.fill(0.0);
+                    for (j, &p) in scores.iter().enumerate() {
+                        let v = &seq.kv.value(li, j)[kv_off..kv_off + hd];
+                        for (o, &vv) in out.iter_mut().zip(v) {
+                            *o += p * vv;
+                        }
+                    }
+                }
+            }
+            s.acts.set_input(n, q_dim);
+            matmul(&layer.wo, file, s.acts.for_weight(layer.wo.ty, &s.attn)?, &mut s.proj);
+            ops::add_in_place(&mut s.x, &s.proj);
+
+            // Feed-forward block (SwiGLU).
+            for t in 0..n {
+                ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, &mut s.normed[t * d..(t + 1) * d]);
+            }
+            s.acts.set_input(n, d);
+            matmul(&layer.w_gate, file, s.acts.for_weight(layer.w_gate.ty, &s.normed)?, &mut s.gate);
+            matmul(&layer.w_up, file, s.acts.for_weight(layer.w_up.ty, &s.normed)?, &mut s.up);
+            for (g, &u) in s.gate.iter_mut().zip(&s.up) {
+                *g = ops::silu(*g) * u;
+            }
+            s.ffn_acts.set_input(n, cfg.n_ff);
+            matmul(&layer.w_down, file, s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?, &mut s.proj);
+            ops::add_in_place(&mut s.x, &s.proj);
+        }
+        seq.kv.set_len(end);
+
+        // Only the rows whose logits were asked for go through the vocabulary projection,
+        // the most expensive matrix of a small model.
+        let first = n - n_logits;
+        for t in first..n {
+            ops::rms_norm_in_place(&mut s.x[t * d..(t + 1) * d], &w.output_norm, cfg.rms_eps);
+        }
+        let mut logits = vec![0.0f32; n_logits * cfg.n_vocab];
+        s.acts.set_input(n_logits, d);
+        matmul(&w.output, file, s.acts.for_weight(w.output.ty, &s.x[first * d..])?, &mut logits);
+        Ok(logits)
+    }
+}

@@ -1,0 +1,316 @@
+//! The only module that knows Python. It converts arguments into owned Rust values,
+//! releases the GIL around every call that computes or touches a file, and maps
+//! `EngineError` to exception classes in one place. No decisions live here.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use numpy::{PyArray1, PyArrayMethods};
+use pyo3::create_exception;
+use pyo3::exceptions::{PyFileNotFoundError, PyOSError, PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::prelude::*;
+use pyo3::types::{PyBytes, PyDict, PyList};
+use pyo3::IntoPyObjectExt;
+
+use crate::error::EngineError;
+use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
+use crate::model::Model;
+
+create_exception!(
+    _engine,
+    ModelFormatError,
+    PyValueError,
+    "The model file is malformed, or uses a format, architecture or type this engine does not support."
+);
+create_exception!(
+    _engine,
+    ContextOverflowError,
+    PyValueError,
+    "The prompt plus requested tokens do not fit the model's context window."
+);
+
+impl From<EngineError> for PyErr {
+    fn from(err: EngineError) -> PyErr {
+        let msg = err.to_string();
+        match err {
+            EngineError::InvalidArgument { .. } => PyValueError::new_err(msg),
+            EngineError::WrongType { .. } => PyTypeError::new_err(msg),
+            EngineError::FileNotFound { .. } => PyFileNotFoundError::new_err(msg),
+            EngineError::Io { .. } => PyOSError::new_err(msg),
+            EngineError::MalformedFile { .. }
+            | EngineError::Unsupported { .. }
+            | EngineError::MissingTensor { .. }
+            | EngineError::MissingKey { .. } => ModelFormatError::new_err(msg),
+            EngineError::ContextOverflow { .. } => ContextOverflowError::new_err(msg),
+            EngineError::Internal(_) => PyRuntimeError::new_err(msg),
+        }
+    }
+}
+
+/// Runs engine work off the GIL and turns a panic into an exception instead of letting
+/// it cross into Python as a `PanicException` (which `except Exception` misses).
+fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+    py.detach(|| {
+        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+            let what = panic
+                .downcast_ref::<&str>()
+                .map(|s| (*s).to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(EngineError::Internal(what))
+        })
+    })
+    .map_err(PyErr::from)
+}
+
+#[pyclass(name = "Model", module = "sampler_sdk._engine", frozen)]
+struct PyModel {
+    inner: Arc<Model>,
+    path: PathBuf,
+}
+
+#[pymethods]
+impl PyModel {
+    #[new]
+    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+        let p = path.clone();
+        let model = run_detached(py, move || Model::load(&p))?;
+        Ok(Self { inner: Arc::new(model), path })
+    }
+
+    #[getter]
+    fn path(&self) -> PathBuf {
+        self.path.clone()
+    }
+
+    #[getter]
+    fn architecture(&self) -> &'static str {
+        self.inner.config.arch.name()
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.config.n_vocab
+    }
+
+    #[getter]
+    fn n_ctx_train(&self) -> usize {
+        self.inner.config.n_ctx_train
+    }
+
+    #[getter]
+    fn n_embd(&self) -> usize {
+        self.inner.config.n_embd
+    }
+
+    #[getter]
+    fn n_layer(&self) -> usize {
+        self.inner.config.n_layer
+    }
+
+    #[getter]
+    fn bos_id(&self) -> Option<u32> {
+        self.inner.tokenizer.bos()
+    }
+
+    #[getter]
+    fn eos_id(&self) -> Option<u32> {
+        self.inner.tokenizer.eos()
+    }
+
+    #[getter]
+    fn end_of_generation_ids(&self) -> Vec<u32> {
+        self.inner.tokenizer.end_of_generation_ids().to_vec()
+    }
+
+    #[pyo3(signature = (text, add_special = true, parse_special = false))]
+    fn tokenize(&self, py: Python<'_>, text: String, add_special: bool, parse_special: bool) -> PyResult<Vec<u32>> {
+        let model = Arc::clone(&self.inner);
+        run_detached(py, move || Ok(model.tokenizer.encode(&text, add_special, parse_special)))
+    }
+
+    #[pyo3(signature = (token_id, render_special = false))]
+    fn token_bytes<'py>(&self, py: Python<'py>, token_id: u32, render_special: bool) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_ids(&[token_id])?;
+        Ok(PyBytes::new(py, &self.inner.tokenizer.token_bytes(token_id, render_special)))
+    }
+
+    /// The vocabulary string of a token (as stored in the model file).
+    fn token_piece(&self, token_id: u32) -> PyResult<String> {
+        self.check_ids(&[token_id])?;
+        Ok(self.inner.tokenizer.token_to_piece(token_id).to_string())
+    }
+
+    /// The id of a vocabulary string, or None.
+    fn token_id(&self, piece: &str) -> Option<u32> {
+        self.inner.tokenizer.token_id(piece)
+    }
+
+    #[pyo3(signature = (token_ids, render_special = false))]
+    fn detokenize_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+        render_special: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_ids(&token_ids)?;
+        let model = Arc::clone(&self.inner);
+        let bytes = run_detached(py, move || Ok(model.tokenizer.decode(&token_ids, render_special)))?;
+        Ok(PyBytes::new(py, &bytes))
+    }
+
+    /// Decoded text; invalid UTF-8 (a character cut at the end) becomes U+FFFD.
+    #[pyo3(signature = (token_ids, render_special = false))]
+    fn detokenize(&self, py: Python<'_>, token_ids: Vec<u32>, render_special: bool) -> PyResult<String> {
+        self.check_ids(&token_ids)?;
+        let model = Arc::clone(&self.inner);
+        let bytes = run_detached(py, move || Ok(model.tokenizer.decode(&token_ids, render_special)))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// Logits after the last of `token_ids`, evaluated from an empty context.
+    fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+        let model = Arc::clone(&self.inner);
+        let logits = run_detached(py, move || {
+            let mut seq = model.new_sequence(token_ids.len());
+            model.forward(&mut seq, &token_ids, 1)
+        })?;
+        Ok(PyArray1::from_vec(py, logits))
+    }
+
+    /// Logits at every position of `token_ids`, shape (len(token_ids), n_vocab).
+    fn logits_all<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
+        let model = Arc::clone(&self.inner);
+        let n = token_ids.len();
+        let logits = run_detached(py, move || {
+            let mut seq = model.new_sequence(token_ids.len());
+            model.forward(&mut seq, &token_ids, token_ids.len())
+        })?;
+        let array = PyArray1::from_vec(py, logits);
+        Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())
+    }
+
+    /// Greedy (argmax) continuation, stopping after an end-of-generation token.
+    fn generate_greedy(&self, py: Python<'_>, token_ids: Vec<u32>, max_tokens: usize) -> PyResult<Vec<u32>> {
+        let model = Arc::clone(&self.inner);
+        run_detached(py, move || model.generate_greedy(&token_ids, max_tokens))
+    }
+}
+
+impl PyModel {
+    fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
+        let n = self.inner.tokenizer.n_vocab();
+        match ids.iter().find(|&&id| id as usize >= n) {
+            Some(bad) => Err(PyValueError::new_err(format!(
+                "token_ids: token id {bad} is outside the vocabulary of {n} tokens"
+            ))),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Arrays longer than this are summarised in `inspect_gguf` (a vocabulary has 262k entries).
+const MAX_LISTED_ARRAY: usize = 64;
+
+fn array_to_py(py: Python<'_>, array: &MetadataArray) -> PyResult<Py<PyAny>> {
+    fn list<T: Clone + for<'a> IntoPyObject<'a>>(py: Python<'_>, v: &[T]) -> PyResult<Py<PyAny>> {
+        if v.len() > MAX_LISTED_ARRAY {
+            return format!("<array of {} values>", v.len()).into_py_any(py);
+        }
+        PyList::new(py, v.iter().cloned())?.into_py_any(py)
+    }
+    match array {
+        MetadataArray::U8(v) => list(py, v),
+        MetadataArray::I8(v) => list(py, v),
+        MetadataArray::U16(v) => list(py, v),
+        MetadataArray::I16(v) => list(py, v),
+        MetadataArray::U32(v) => list(py, v),
+        MetadataArray::I32(v) => list(py, v),
+        MetadataArray::U64(v) => list(py, v),
+        MetadataArray::I64(v) => list(py, v),
+        MetadataArray::F32(v) => list(py, v),
+        MetadataArray::F64(v) => list(py, v),
+        MetadataArray::Bool(v) => list(py, v),
+        MetadataArray::String(v) => list(py, v),
+        MetadataArray::Array(v) => {
+            if v.len() > MAX_LISTED_ARRAY {
+                return format!("<array of {} arrays>", v.len()).into_py_any(py);
+            }
+            let items = v.iter().map(|a| array_to_py(py, a)).collect::<PyResult<Vec<_>>>()?;
+            PyList::new(py, items)?.into_py_any(py)
+        }
+    }
+}
+
+fn value_to_py(py: Python<'_>, value: &MetadataValue) -> PyResult<Py<PyAny>> {
+    match value {
+        MetadataValue::U8(v) => v.into_py_any(py),
+        MetadataValue::I8(v) => v.into_py_any(py),
+        MetadataValue::U16(v) => v.into_py_any(py),
+        MetadataValue::I16(v) => v.into_py_any(py),
+        MetadataValue::U32(v) => v.into_py_any(py),
+        MetadataValue::I32(v) => v.into_py_any(py),
+        MetadataValue::U64(v) => v.into_py_any(py),
+        MetadataValue::I64(v) => v.into_py_any(py),
+        MetadataValue::F32(v) => v.into_py_any(py),
+        MetadataValue::F64(v) => v.into_py_any(py),
+        MetadataValue::Bool(v) => v.into_py_any(py),
+        MetadataValue::String(v) => v.into_py_any(py),
+        MetadataValue::Array(a) => array_to_py(py, a),
+    }
+}
+
+/// Header, metadata and tensor table of a GGUF file, without loading a model.
+#[pyfunction]
+fn inspect_gguf<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDict>> {
+    let file = run_detached(py, move || GgufFile::open(&path))?;
+    let out = PyDict::new(py);
+    out.set_item("version", file.version())?;
+    out.set_item("alignment", file.alignment())?;
+    let md = PyDict::new(py);
+    for key in file.metadata().keys() {
+        if let Some(v) = file.metadata().get(key) {
+            md.set_item(key, value_to_py(py, v)?)?;
+        }
+    }
+    out.set_item("metadata", md)?;
+    let tensors = PyList::empty(py);
+    for t in file.tensors() {
+        let d = PyDict::new(py);
+        d.set_item("name", &t.name)?;
+        d.set_item("type", t.ggml_type.name())?;
+        d.set_item("dims", t.dims.clone())?;
+        d.set_item("offset", t.offset)?;
+        d.set_item("size_bytes", t.size_bytes)?;
+        tensors.append(d)?;
+    }
+    out.set_item("tensors", tensors)?;
+    Ok(out)
+}
+
+/// A tensor dequantised to float32, in numpy's axis order (GGUF dims reversed).
+#[pyfunction]
+fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bound<'py, PyAny>> {
+    let (values, dims) = run_detached(py, move || {
+        let file = GgufFile::open(&path)?;
+        let info = file.tensor(&name).ok_or_else(|| EngineError::MissingTensor { name: name.clone() })?;
+        let n = usize::try_from(info.n_elements)
+            .map_err(|_| EngineError::invalid("name", format!("tensor {name} is too large to read")))?;
+        let mut out = vec![0.0f32; n];
+        crate::quant::dequantize(info.ggml_type, file.tensor_data(info), &mut out)?;
+        Ok((out, info.dims.clone()))
+    })?;
+    let shape: Vec<usize> = dims.iter().rev().map(|&d| d as usize).collect();
+    Ok(PyArray1::from_vec(py, values).reshape(shape)?.into_any())
+}
+
+#[pymodule(gil_used = true)]
+fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
+    m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    m.add_class::<PyModel>()?;
+    m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
+    m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
+    m.add("ModelFormatError", m.py().get_type::<ModelFormatError>())?;
+    m.add("ContextOverflowError", m.py().get_type::<ContextOverflowError>())?;
+    Ok(())
+}
