@@ -3,6 +3,7 @@
 //! `EngineError` to exception classes in one place. No decisions live here.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use numpy::{PyArray1, PyArrayMethods};
@@ -13,8 +14,10 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
 use crate::error::EngineError;
+use crate::generate::{generate, GenerateRequest, GeneratedToken, Outcome, StopReason};
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
 use crate::model::Model;
+use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
 
 create_exception!(
     _engine,
@@ -118,6 +121,12 @@ impl PyModel {
         self.inner.tokenizer.eos()
     }
 
+    /// Whether the model's metadata asks for BOS at the start of a context.
+    #[getter]
+    fn add_bos(&self) -> bool {
+        self.inner.tokenizer.add_bos()
+    }
+
     #[getter]
     fn end_of_generation_ids(&self) -> Vec<u32> {
         self.inner.tokenizer.end_of_generation_ids().to_vec()
@@ -190,11 +199,112 @@ impl PyModel {
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())
     }
 
+    /// Starts generating on an engine thread. `on_event(kind, payload)` is called from
+    /// that thread for each event: ("token", (id, bytes, text, prob, logprob_raw, top_k,
+    /// attention)), then exactly one of ("done", dict) or ("error", exception). If
+    /// `on_event` raises, the generation is cancelled. Arguments are validated here, so
+    /// bad ones raise before any work starts.
+    #[pyo3(signature = (
+        prompt, on_event, *, max_len = 256, temperature = 0.7, nucleus_p = 0.95, seed = 0,
+        allowed_tokens = None, disallowed_tokens = None, stop_token_ids = Vec::new(),
+        stop_strings = Vec::new(), return_attention = false, context_limit = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        prompt: Vec<u32>,
+        on_event: Py<PyAny>,
+        max_len: usize,
+        temperature: f32,
+        nucleus_p: f32,
+        seed: u64,
+        allowed_tokens: Option<Vec<u32>>,
+        disallowed_tokens: Option<Vec<u32>>,
+        stop_token_ids: Vec<u32>,
+        stop_strings: Vec<String>,
+        return_attention: bool,
+        context_limit: Option<usize>,
+    ) -> PyResult<PyGeneration> {
+        let n_vocab = self.inner.config.n_vocab;
+        let mask = match (allowed_tokens, disallowed_tokens) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "allowed_tokens, disallowed_tokens: give at most one of the two",
+                ))
+            }
+            (Some(ids), None) => Some(TokenMask::allow_only(n_vocab, &ids)?),
+            (None, Some(ids)) => Some(TokenMask::disallow(n_vocab, &ids)?),
+            (None, None) => None,
+        };
+        let request = GenerateRequest {
+            prompt,
+            max_len,
+            sampling: SamplingParams { temperature, nucleus_p, mask },
+            seed,
+            stop_token_ids,
+            stop_strings,
+            return_attention,
+            context_limit,
+        };
+        crate::generate::validate(&self.inner, &request)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        let handle = PyGeneration { cancel: Arc::clone(&cancel), finished: Arc::clone(&finished) };
+        let model = Arc::clone(&self.inner);
+        std::thread::Builder::new()
+            .name("sampler-sdk-generate".into())
+            .spawn(move || run_generation(&model, &request, &cancel, &finished, &on_event))
+            .map_err(|e| PyRuntimeError::new_err(format!("cannot start a generation thread: {e}")))?;
+        Ok(handle)
+    }
+
     /// Greedy (argmax) continuation, stopping after an end-of-generation token.
     fn generate_greedy(&self, py: Python<'_>, token_ids: Vec<u32>, max_tokens: usize) -> PyResult<Vec<u32>> {
         let model = Arc::clone(&self.inner);
         run_detached(py, move || model.generate_greedy(&token_ids, max_tokens))
     }
+}
+
+/// A running generation: cancel it, or ask whether it has finished.
+#[pyclass(name = "Generation", module = "sampler_sdk._engine", frozen)]
+struct PyGeneration {
+    cancel: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+}
+
+#[pymethods]
+impl PyGeneration {
+    /// Asks the engine to stop; it does so before the next token or prefill chunk.
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    #[getter]
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+}
+
+fn token_event(py: Python<'_>, t: GeneratedToken) -> PyResult<Py<PyAny>> {
+    let attention = match t.attention {
+        Some(a) => PyArray1::from_vec(py, a).into_any().unbind(),
+        None => py.None(),
+    };
+    (t.id, PyBytes::new(py, &t.bytes), t.text, t.prob, t.logprob_raw, t.top_k, attention).into_py_any(py)
+}
+
+fn outcome_event(py: Python<'_>, outcome: &Outcome) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("stop_reason", outcome.stop_reason.name())?;
+    match outcome.stop_reason {
+        StopReason::StopToken(id) | StopReason::EndOfSequence(id) => d.set_item("stop_token_id", id)?,
+        StopReason::StopString(i) => d.set_item("stop_string_index", i)?,
+        _ => {}
+    }
+    d.set_item("prompt_tokens", outcome.usage.prompt_tokens)?;
+    d.set_item("sampled_tokens", outcome.usage.sampled_tokens)?;
+    d.set_item("trailing_text", &outcome.trailing_text)?;
+    d.into_py_any(py)
 }
 
 impl PyModel {
@@ -207,6 +317,58 @@ impl PyModel {
             None => Ok(()),
         }
     }
+}
+
+/// The engine thread's body: run the decode loop, deliver each event to Python, and
+/// always finish with exactly one "done" or "error" event.
+fn run_generation(
+    model: &Model,
+    request: &GenerateRequest,
+    cancel: &AtomicBool,
+    finished: &AtomicBool,
+    on_event: &Py<PyAny>,
+) {
+    let deliver = |kind: &str, make: &dyn Fn(Python<'_>) -> PyResult<Py<PyAny>>| -> bool {
+        Python::attach(|py| match make(py).and_then(|payload| on_event.call1(py, (kind, payload))) {
+            Ok(_) => true,
+            Err(err) => {
+                // The consumer is gone (closed event loop, raising callback): stop quietly.
+                log::debug!("generation event callback failed: {err}");
+                false
+            }
+        })
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        generate(model, request, cancel, |token| {
+            let cell = std::cell::Cell::new(Some(token));
+            deliver("token", &|py| match cell.take() {
+                Some(t) => token_event(py, t),
+                None => Ok(py.None()),
+            })
+        })
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(EngineError::Internal(what))
+    });
+    finished.store(true, Ordering::Release);
+    match result {
+        Ok(outcome) => deliver("done", &|py| outcome_event(py, &outcome)),
+        Err(err) => {
+            let err = PyErr::from(err);
+            deliver("error", &|py| Ok(err.clone_ref(py).into_value(py).into_any()))
+        }
+    };
+}
+
+/// The seed of the `call_index`-th call of a sampler created with `initial_seed`.
+#[pyfunction(name = "derive_call_seed")]
+fn py_derive_call_seed(initial_seed: u64, call_index: u64) -> u64 {
+    derive_call_seed(initial_seed, call_index)
 }
 
 /// Arrays longer than this are summarised in `inspect_gguf` (a vocabulary has 262k entries).
@@ -308,6 +470,8 @@ fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bo
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyModel>()?;
+    m.add_class::<PyGeneration>()?;
+    m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
     m.add("ModelFormatError", m.py().get_type::<ModelFormatError>())?;

@@ -15,6 +15,10 @@ use crate::model::Model;
 pub struct SequenceState {
     pub(crate) kv: KvCache,
     scratch: Scratch,
+    /// When set, the last token's attention weights of each forward call are averaged
+    /// over layers and heads into `attention`.
+    record_attention: bool,
+    attention: Option<Vec<f32>>,
 }
 
 #[derive(Default)]
@@ -62,6 +66,16 @@ impl SequenceState {
     pub fn kv_bytes(&self) -> usize {
         self.kv.allocated_bytes()
     }
+
+    pub fn record_attention(&mut self, on: bool) {
+        self.record_attention = on;
+    }
+
+    /// The attention pattern of the last token of the latest forward call: one weight per
+    /// context position, averaged over all layers and heads (so it sums to 1).
+    pub fn take_attention(&mut self) -> Option<Vec<f32>> {
+        self.attention.take()
+    }
 }
 
 impl Model {
@@ -71,6 +85,8 @@ impl Model {
         SequenceState {
             kv: KvCache::new(cfg.n_layer, cfg.kv_dim(), capacity.min(cfg.n_ctx_train)),
             scratch: Scratch::default(),
+            record_attention: false,
+            attention: None,
         }
     }
 
@@ -117,6 +133,7 @@ impl Model {
         }
 
         let group = cfg.n_head / cfg.n_head_kv;
+        let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
         for (li, layer) in w.layers.iter().enumerate() {
             // Attention block.
             for t in 0..n {
@@ -158,6 +175,9 @@ impl Model {
                         *score = ops::dot_f32(q, k) * cfg.attn_scale;
                     }
                     ops::softmax_in_place(scores);
+                    if let (Some(sum), true) = (attention_sum.as_mut(), t + 1 == n) {
+                        ops::add_in_place(sum, scores);
+                    }
                     let out = &mut s.attn[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                     out.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
@@ -187,6 +207,11 @@ impl Model {
             ops::add_in_place(&mut s.x, &s.proj);
         }
         seq.kv.set_len(end);
+        if let Some(mut sum) = attention_sum {
+            let inv = 1.0 / (cfg.n_layer * cfg.n_head) as f32;
+            sum.iter_mut().for_each(|v| *v *= inv);
+            seq.attention = Some(sum);
+        }
 
         // Only the rows whose logits were asked for go through the vocabulary projection,
         // the most expensive matrix of a small model.
