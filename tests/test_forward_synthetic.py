@@ -22,6 +22,9 @@ logits (`worst_difference(...).relative`).
   depths). Every RoPE, GQA or scaling mistake tried moved the logits by 1e-1 or more.
   `test_tolerances_cover_llama_cpp_numerics_and_catch_layout_bugs` re-measures both facts on the
   exact models and sequences used here, so the bounds stay justified if the models change.
+- One pass over a sequence vs one pass per prefix (the engine against itself): 1e-5 for F32,
+  2e-3 for F16, 1e-2 for quantised types (see CONSISTENCY_TOLERANCE).
+- SmolLM2 (real Q4_1 file, when present): 1.5e-1, see its test.
 """
 
 from __future__ import annotations
@@ -533,6 +536,10 @@ def test_engine_on_smollm2_matches_reference(engine_model_class, smollm2) -> Non
     ids = france_prompt(tokens)
     expected = llama_forward(weights, config, ids)
     actual = np.asarray(engine_model_class(os.fspath(SMOLLM2)).logits_all(ids))
-    # Q4_1/Q8_0 weights with 8-bit activations, as for the synthetic quantised models.
-    assert_close(actual, expected, 5e-2, "SmolLM2")
+    # Real activations have outlier channels that coarsen 8-bit activation blocks: a float32
+    # model of llama.cpp's numerics (llama_cpp_like_matmul("Q8_0")) lands at 4.7e-2 here and at
+    # 5.8e-2 on a 15-token prompt, while adjacent/half-split RoPE confusion gives 2.3e-1. This
+    # test guards reading a real file (Q4_1, tied output, 9/3 GQA, 30 layers); precision is the
+    # synthetic tests' job.
+    assert_close(actual, expected, 1.5e-1, "SmolLM2")
     assert tokens[int(np.argmax(actual[-1]))] == "ĠParis"
