@@ -39,6 +39,11 @@ impl Storage {
     }
 }
 
+/// A validated GGUF file. Once `open` or `from_bytes` returns it, every tensor's byte range
+/// lies inside the file, is aligned, and overlaps no other tensor, so `tensor_data` needs no
+/// further checks. Tensor data normally sits at a memory address aligned to
+/// `min(alignment(), page size)` (both constructors map the bytes); code that reinterprets
+/// it as wider types should still go through `align_to` or unaligned reads.
 pub struct GgufFile {
     storage: Storage,
     version: u32,

@@ -162,6 +162,10 @@ impl MetadataArray {
 }
 
 /// Ordered key -> value map; keys are unique (a duplicate makes the file malformed).
+///
+/// Typed getters return `Ok(None)` when the key is absent and a `MalformedFile` error naming
+/// the key and the stored type when it has the wrong type. Integer getters accept any
+/// integer type whose value fits the target; `require_*` turn absence into `MissingKey`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Metadata {
     entries: Vec<(String, MetadataValue)>,
