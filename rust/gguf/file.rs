@@ -39,6 +39,11 @@ impl Storage {
     }
 }
 
+/// A validated GGUF file. Once `open` or `from_bytes` returns it, every tensor's byte range
+/// lies inside the file, is aligned, and overlaps no other tensor, so `tensor_data` needs no
+/// further checks. Tensor data normally sits at a memory address aligned to
+/// `min(alignment(), page size)` (both constructors map the bytes); code that reinterprets
+/// it as wider types should still go through `align_to` or unaligned reads.
 pub struct GgufFile {
     storage: Storage,
     version: u32,
@@ -198,6 +203,9 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
 
     let metadata = read_metadata(&mut reader, n_kv)?;
     let alignment = read_alignment(&metadata)?;
+    // Again, now that the metadata is consumed: bounds the table allocation below by what
+    // the tensor descriptors can really occupy.
+    check_count("tensor count", n_tensors, MIN_TENSOR_INFO_BYTES, &reader)?;
 
     // Both counts were bounded by the remaining bytes, so they fit in usize.
     let mut raw = Vec::with_capacity(usize::try_from(n_tensors).unwrap_or(0));
@@ -234,19 +242,19 @@ fn parse(bytes: &[u8]) -> Result<Parsed> {
                 ),
             ));
         }
-        let end = data_start
-            .checked_add(tensor.relative_offset)
-            .and_then(|start| Some((start, start.checked_add(info.size_bytes)?)));
-        match end {
-            Some((start, end)) if end <= file_len => info.offset = start,
+        let start = data_start.checked_add(tensor.relative_offset);
+        let end = start.and_then(|start| start.checked_add(info.size_bytes));
+        match (start, end) {
+            (Some(start), Some(end)) if end <= file_len => info.offset = start,
             _ => {
+                let absolute = start.map_or("overflows u64".to_string(), |s| s.to_string());
                 return Err(EngineError::malformed(
                     context,
                     format!(
-                        "data at offset {} (data section starts at {data_start}) with {} bytes runs past the end of the {file_len}-byte file",
+                        "data at relative offset {} (absolute {absolute}) with {} bytes runs past the end of the {file_len}-byte file",
                         tensor.relative_offset, info.size_bytes
                     ),
-                ))
+                ));
             }
         }
         tensors.push(info);
@@ -337,7 +345,7 @@ fn check_no_overlap(tensors: &[TensorInfo]) -> Result<()> {
             return Err(EngineError::malformed(
                 format!("tensor '{}'", b.name),
                 format!(
-                    "data at offset {} overlaps tensor '{}' (offset {}, {} bytes)",
+                    "data at absolute offset {} overlaps tensor '{}' (offset {}, {} bytes)",
                     b.offset, a.name, a.offset, a.size_bytes
                 ),
             ));

@@ -162,6 +162,10 @@ impl MetadataArray {
 }
 
 /// Ordered key -> value map; keys are unique (a duplicate makes the file malformed).
+///
+/// Typed getters return `Ok(None)` when the key is absent and a `MalformedFile` error naming
+/// the key and the stored type when it has the wrong type. Integer getters accept any
+/// integer type whose value fits the target; `require_*` turn absence into `MissingKey`.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Metadata {
     entries: Vec<(String, MetadataValue)>,
@@ -257,7 +261,16 @@ impl Metadata {
         match self.get(key) {
             None => Ok(None),
             Some(MetadataValue::F32(v)) => Ok(Some(*v)),
-            Some(MetadataValue::F64(v)) => Ok(Some(*v as f32)),
+            Some(MetadataValue::F64(v)) => {
+                let narrowed = *v as f32;
+                if v.is_finite() && !narrowed.is_finite() {
+                    return Err(EngineError::malformed(
+                        key_context(key),
+                        format!("value {v} (stored as f64) does not fit in f32"),
+                    ));
+                }
+                Ok(Some(narrowed))
+            }
             Some(other) => Err(wrong_type(key, "f32", other)),
         }
     }
@@ -364,14 +377,20 @@ pub(crate) fn read_metadata(reader: &mut ByteReader<'_>, n_kv: u64) -> Result<Me
             ));
         }
         let context = key_context(key);
+        let type_offset = reader.position();
         let type_id = reader.u32(&context)?;
-        let value = read_value(reader, type_id, &context)?;
+        let value = read_value(reader, type_id, type_offset, &context)?;
         metadata.insert(key.to_string(), value)?;
     }
     Ok(metadata)
 }
 
-fn read_value(reader: &mut ByteReader<'_>, type_id: u32, context: &str) -> Result<MetadataValue> {
+fn read_value(
+    reader: &mut ByteReader<'_>,
+    type_id: u32,
+    type_offset: usize,
+    context: &str,
+) -> Result<MetadataValue> {
     Ok(match type_id {
         type_id::U8 => MetadataValue::U8(reader.u8(context)?),
         type_id::I8 => MetadataValue::I8(reader.i8(context)?),
@@ -386,14 +405,14 @@ fn read_value(reader: &mut ByteReader<'_>, type_id: u32, context: &str) -> Resul
         type_id::BOOL => MetadataValue::Bool(reader.bool(context)?),
         type_id::STRING => MetadataValue::String(reader.str(context)?.to_string()),
         type_id::ARRAY => MetadataValue::Array(read_array(reader, context, 1)?),
-        other => return Err(unknown_type(context, other, reader.position())),
+        other => return Err(unknown_type(context, other, type_offset)),
     })
 }
 
 fn unknown_type(context: &str, type_id: u32, offset: usize) -> EngineError {
     EngineError::malformed(
         context,
-        format!("unknown value type id {type_id} (before offset {offset})"),
+        format!("unknown value type id {type_id} at offset {offset}"),
     )
 }
 

@@ -15,6 +15,9 @@ mod dot;
 mod dot_scalar;
 pub mod types;
 
+#[cfg(test)]
+mod tests;
+
 pub use activation::{activation_type, QuantizedActivations};
 pub use dequant::dequantize;
 pub use dot::{dot_row, kernel_for, DotFn};

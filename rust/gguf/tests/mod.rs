@@ -2,6 +2,7 @@
 //! names the problem, random damage never panics, and the real models (when present) parse.
 
 mod malformed;
+mod malformed_files;
 mod properties;
 mod real_models;
 mod valid;

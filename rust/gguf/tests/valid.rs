@@ -202,3 +202,9 @@ fn open_reports_missing_file_and_reads_real_files() {
     assert!(GgufFile::open(&dir).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn gguf_file_can_be_shared_across_threads() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<GgufFile>();
+}

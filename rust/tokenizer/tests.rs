@@ -1,0 +1,365 @@
+//! Tokenizer tests on small hand-built vocabularies: the merge order, special-token
+//! partitioning, byte fallback, BOS/EOS flags, decoding and validation errors.
+
+use super::pretokenize::{byte_level_char, byte_level_encode};
+use super::*;
+
+fn byte_level(text: &str) -> String {
+    let mut out = String::new();
+    byte_level_encode(text, &mut out);
+    out
+}
+
+/// A byte-level BPE vocabulary: the 256 byte characters, then `merged` (byte-level text), then
+/// three control tokens. Token ids: bytes first in byte order, so 'a' is 97.
+fn bpe_vocab(merges: &[(&str, &str)], pre: &str) -> Vocab {
+    let mut tokens: Vec<String> = (0..=255u8)
+        .map(|b| byte_level_char(b).to_string())
+        .collect();
+    let mut merge_strings = Vec::new();
+    for (left, right) in merges {
+        let (l, r) = (byte_level(left), byte_level(right));
+        merge_strings.push(format!("{l} {r}"));
+        let merged = format!("{l}{r}");
+        if !tokens.contains(&merged) {
+            tokens.push(merged);
+        }
+    }
+    let mut kinds = vec![TokenKind::Normal; tokens.len()];
+    for special in ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] {
+        tokens.push(special.to_string());
+        kinds.push(TokenKind::Control);
+    }
+    let n = tokens.len() as u32;
+    Vocab {
+        model: "gpt2".into(),
+        pre: Some(pre.into()),
+        tokens,
+        kinds,
+        merges: merge_strings,
+        bos: Some(n - 2),
+        eos: Some(n - 1),
+        ..Vocab::default()
+    }
+}
+
+fn ids_of(tok: &Tokenizer, pieces: &[&str]) -> Vec<u32> {
+    pieces
+        .iter()
+        .map(|p| {
+            tok.token_id(&byte_level(p))
+                .unwrap_or_else(|| panic!("no token {p:?}"))
+        })
+        .collect()
+}
+
+#[test]
+fn bpe_merges_by_rank_not_by_position() {
+    // "b c" outranks "a b", so "abc" becomes "a" + "bc" even though "ab" is leftmost.
+    let tok = Tokenizer::new(bpe_vocab(&[("b", "c"), ("a", "b")], "gpt-2")).unwrap();
+    assert_eq!(tok.encode("abc", false, false), ids_of(&tok, &["a", "bc"]));
+    let tok = Tokenizer::new(bpe_vocab(&[("a", "b"), ("b", "c")], "gpt-2")).unwrap();
+    assert_eq!(tok.encode("abc", false, false), ids_of(&tok, &["ab", "c"]));
+}
+
+#[test]
+fn bpe_equal_pairs_merge_leftmost_first() {
+    let tok = Tokenizer::new(bpe_vocab(&[("a", "a")], "gpt-2")).unwrap();
+    assert_eq!(tok.encode("aaa", false, false), ids_of(&tok, &["aa", "a"]));
+    assert_eq!(
+        tok.encode("aaaa", false, false),
+        ids_of(&tok, &["aa", "aa"])
+    );
+}
+
+#[test]
+fn bpe_words_do_not_merge_across_pre_tokenizer_boundaries() {
+    let tok = Tokenizer::new(bpe_vocab(
+        &[
+            ("h", "e"),
+            ("l", "l"),
+            ("he", "ll"),
+            ("hell", "o"),
+            (" ", "w"),
+            (" w", "o"),
+            ("o", " "),
+        ],
+        "gpt-2",
+    ))
+    .unwrap();
+    assert_eq!(
+        tok.encode("hello wo", false, false),
+        ids_of(&tok, &["hello", " wo"])
+    );
+}
+
+#[test]
+fn bpe_encodes_any_unicode_through_bytes() {
+    let tok = Tokenizer::new(bpe_vocab(&[], "smollm")).unwrap();
+    for text in ["é", "日本語", "🦀 x", "a\u{0}b"] {
+        let ids = tok.encode(text, false, false);
+        assert_eq!(ids.len(), text.len(), "{text:?}");
+        assert_eq!(tok.decode(&ids, false), text.as_bytes());
+    }
+}
+
+#[test]
+fn control_tokens_are_parsed_only_when_asked() {
+    let tok = Tokenizer::new(bpe_vocab(&[], "gpt-2")).unwrap();
+    let start = tok.token_id("<|im_start|>").unwrap();
+    let end = tok.token_id("<|im_end|>").unwrap();
+    assert_eq!(
+        tok.encode("<|im_start|>x<|im_end|>", false, true),
+        vec![start, u32::from(b'x'), end]
+    );
+    let literal = tok.encode("<|im_start|>", false, false);
+    assert!(literal.len() > 1 && !literal.contains(&start));
+    assert_eq!(tok.decode(&literal, false), b"<|im_start|>");
+}
+
+#[test]
+fn special_tokens_decode_only_when_rendered() {
+    let tok = Tokenizer::new(bpe_vocab(&[], "gpt-2")).unwrap();
+    let ids = tok.encode("<|im_start|>hi<|im_end|>", false, true);
+    assert_eq!(tok.decode(&ids, false), b"hi");
+    assert_eq!(tok.decode(&ids, true), b"<|im_start|>hi<|im_end|>");
+    assert_eq!(tok.token_bytes(ids[0], false), b"");
+    assert_eq!(tok.token_bytes(u32::MAX, true), b"");
+}
+
+#[test]
+fn add_special_follows_the_vocab_flags() {
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    let (bos, eos) = (vocab.bos.unwrap(), vocab.eos.unwrap());
+    vocab.add_bos = true;
+    let tok = Tokenizer::new(vocab.clone()).unwrap();
+    assert_eq!(tok.encode("a", true, false), vec![bos, 97]);
+    assert_eq!(tok.encode("a", false, false), vec![97]);
+    assert_eq!(tok.encode("", true, false), vec![bos]);
+    vocab.add_eos = true;
+    let tok = Tokenizer::new(vocab).unwrap();
+    assert_eq!(tok.encode("a", true, false), vec![bos, 97, eos]);
+}
+
+#[test]
+fn end_of_generation_tokens_are_found_by_text() {
+    let tok = Tokenizer::new(bpe_vocab(&[], "gpt-2")).unwrap();
+    let eog: Vec<&str> = tok
+        .end_of_generation_ids()
+        .iter()
+        .map(|&id| tok.token_to_piece(id))
+        .collect();
+    assert_eq!(eog, ["<|endoftext|>", "<|im_end|>"]);
+    assert_eq!(tok.eot(), tok.token_id("<|im_end|>"));
+}
+
+#[test]
+fn eog_text_in_a_normal_token_becomes_control() {
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.tokens.push("<end_of_turn>".into());
+    vocab.kinds.push(TokenKind::Normal);
+    let tok = Tokenizer::new(vocab).unwrap();
+    let id = tok.token_id("<end_of_turn>").unwrap();
+    assert_eq!(tok.kind(id), TokenKind::Control);
+    assert!(tok.is_end_of_generation(id));
+    assert_eq!(tok.encode("<end_of_turn>", false, true), vec![id]);
+    assert_ne!(tok.encode("<end_of_turn>", false, false), vec![id]);
+}
+
+#[test]
+fn validation_errors_name_what_is_wrong() {
+    let err = |vocab: Vocab| Tokenizer::new(vocab).unwrap_err().to_string();
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.tokens[5] = vocab.tokens[6].clone();
+    assert!(err(vocab).contains("duplicate token"));
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.merges.push("nospace".into());
+    let message = err(vocab);
+    assert!(
+        message.contains("tokenizer.ggml.merges[0]") && message.contains("nospace"),
+        "{message}"
+    );
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.bos = Some(1_000_000);
+    assert!(err(vocab).contains("bos_token_id"));
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.pre = Some("kimi-k2".into());
+    assert!(err(vocab).contains("kimi-k2"));
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.model = "t5".into();
+    assert!(err(vocab).contains("'t5'"));
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.bos = None;
+    vocab.add_bos = true;
+    assert!(err(vocab).contains("add_bos_token"));
+
+    let mut vocab = bpe_vocab(&[], "gpt-2");
+    vocab.kinds.truncate(3);
+    assert!(err(vocab).contains("token_type"));
+
+    assert!(err(Vocab {
+        model: "gpt2".into(),
+        ..Vocab::default()
+    })
+    .contains("empty"));
+}
+
+/// A SentencePiece vocabulary: <unk>, <s>, </s>, the 256 byte tokens, then `pieces` with
+/// their scores, then user-defined tokens.
+fn spm_vocab(pieces: &[(&str, f32)], user_defined: &[&str]) -> Vocab {
+    let mut tokens = vec!["<unk>".to_string(), "<s>".into(), "</s>".into()];
+    let mut kinds = vec![TokenKind::Unknown, TokenKind::Control, TokenKind::Control];
+    let mut scores = vec![0.0, 0.0, 0.0];
+    for b in 0..=255u8 {
+        tokens.push(format!("<0x{b:02X}>"));
+        kinds.push(TokenKind::Byte);
+        scores.push(0.0);
+    }
+    for &(piece, score) in pieces {
+        tokens.push(piece.replace(' ', "\u{2581}"));
+        kinds.push(TokenKind::Normal);
+        scores.push(score);
+    }
+    for &text in user_defined {
+        tokens.push(text.to_string());
+        kinds.push(TokenKind::UserDefined);
+        scores.push(0.0);
+    }
+    Vocab {
+        model: "llama".into(),
+        tokens,
+        kinds,
+        scores,
+        bos: Some(1),
+        eos: Some(2),
+        unk: Some(0),
+        add_bos: true,
+        add_space_prefix: true,
+        ..Vocab::default()
+    }
+}
+
+fn spm_ids(tok: &Tokenizer, pieces: &[&str]) -> Vec<u32> {
+    pieces
+        .iter()
+        .map(|p| {
+            tok.token_id(&p.replace(' ', "\u{2581}"))
+                .unwrap_or_else(|| panic!("no token {p:?}"))
+        })
+        .collect()
+}
+
+const HELLO_PIECES: &[(&str, f32)] = &[
+    (" ", -1.0),
+    ("h", -2.0),
+    ("e", -2.0),
+    ("l", -2.0),
+    ("o", -2.0),
+    ("w", -2.0),
+    (" h", -3.0),
+    ("ll", -1.5),
+    ("he", -4.0),
+    (" he", -2.5),
+    (" hell", -2.0),
+    (" hello", -1.0),
+    ("lo", -0.5),
+];
+
+#[test]
+fn spm_merges_the_best_scoring_pair_first() {
+    let tok = Tokenizer::new(spm_vocab(HELLO_PIECES, &[])).unwrap();
+    // "lo" (-0.5) beats "ll" (-1.5), so " hello" can never form: l + lo.
+    assert_eq!(
+        tok.encode("hello", false, false),
+        spm_ids(&tok, &[" he", "l", "lo"])
+    );
+    let mut without_lo = HELLO_PIECES.to_vec();
+    without_lo.pop();
+    let tok = Tokenizer::new(spm_vocab(&without_lo, &[])).unwrap();
+    assert_eq!(
+        tok.encode("hello", false, false),
+        spm_ids(&tok, &[" hello"])
+    );
+    assert_eq!(tok.encode("hello", true, false)[0], 1);
+}
+
+#[test]
+fn spm_falls_back_to_bytes() {
+    let tok = Tokenizer::new(spm_vocab(HELLO_PIECES, &[])).unwrap();
+    let ids = tok.encode("hé", false, false);
+    let c3 = tok.token_id("<0xC3>").unwrap();
+    let a9 = tok.token_id("<0xA9>").unwrap();
+    assert_eq!(ids, [spm_ids(&tok, &[" h"]), vec![c3, a9]].concat());
+    assert_eq!(tok.decode(&ids, false), "hé".as_bytes());
+}
+
+#[test]
+fn spm_space_prefix_follows_special_tokens_and_decode_drops_one() {
+    let mut vocab = spm_vocab(HELLO_PIECES, &[]);
+    vocab.tokens.push("<eot>".into());
+    vocab.kinds.push(TokenKind::Control);
+    vocab.scores.push(0.0);
+    let tok = Tokenizer::new(vocab).unwrap();
+    let eot = tok.token_id("<eot>").unwrap();
+    let ids = tok.encode("he<eot>he", false, true);
+    assert_eq!(
+        ids,
+        [spm_ids(&tok, &[" he"]), vec![eot], spm_ids(&tok, &[" he"])].concat()
+    );
+    assert_eq!(tok.decode(&ids, false), b"he he");
+    assert_eq!(tok.decode(&ids, true), b"he<eot> he");
+}
+
+#[test]
+fn spm_without_space_prefix_keeps_text_as_is() {
+    let mut vocab = spm_vocab(HELLO_PIECES, &[]);
+    vocab.add_space_prefix = false;
+    let tok = Tokenizer::new(vocab).unwrap();
+    let ids = tok.encode(" hello", false, false);
+    assert_eq!(tok.decode(&ids, false), b" hello");
+    assert_eq!(tok.encode("he", false, false), spm_ids(&tok, &["he"]));
+}
+
+#[test]
+fn user_defined_tokens_are_cut_out_without_parse_special() {
+    let mut vocab = spm_vocab(HELLO_PIECES, &["\n", "  ", "<b>"]);
+    vocab.add_space_prefix = false;
+    let tok = Tokenizer::new(vocab).unwrap();
+    let (newline, two_spaces, bold) = (
+        tok.token_id("\n").unwrap(),
+        tok.token_id("  ").unwrap(),
+        tok.token_id("<b>").unwrap(),
+    );
+    let ids = tok.encode("he\n  <b>he", false, false);
+    assert_eq!(
+        ids,
+        [
+            spm_ids(&tok, &["he"]),
+            vec![newline, two_spaces, bold],
+            spm_ids(&tok, &["he"])
+        ]
+        .concat()
+    );
+    // User-defined tokens always render, as their raw text.
+    assert_eq!(tok.decode(&ids, false), b"he\n  <b>he");
+}
+
+#[test]
+fn eos_given_by_the_file_ends_generation() {
+    let tok = Tokenizer::new(spm_vocab(HELLO_PIECES, &[])).unwrap();
+    assert_eq!(tok.end_of_generation_ids(), &[2]);
+    assert_eq!(tok.kind(1), TokenKind::Control);
+    assert_eq!(tok.kind(3), TokenKind::Byte);
+}
+
+#[test]
+fn tokenizer_is_send_and_sync() {
+    fn assert_send_sync<T: Send + Sync>() {}
+    assert_send_sync::<Tokenizer>();
+}
