@@ -13,7 +13,7 @@
 //! hand-built vocabulary behaves like the same vocabulary loaded from a file.
 
 mod bpe;
-// TEMP until branch gguf lands: mod gguf_vocab;
+mod gguf_vocab;
 mod pretokenize;
 mod special;
 mod spm;
@@ -437,12 +437,10 @@ impl Tokenizer {
         })
     }
 
-    /* TEMP until branch gguf lands
     /// Builds the tokenizer described by a GGUF file's `tokenizer.*` metadata.
     pub fn from_gguf_metadata(md: &crate::gguf::Metadata) -> Result<Tokenizer> {
         Tokenizer::new(Vocab::from_gguf_metadata(md)?)
     }
-    */
 
     /// llama.cpp's `llama_tokenize(text, add_special, parse_special)`: `add_special` adds BOS
     /// and EOS as the vocabulary's flags say; `parse_special` turns control-token text such
@@ -634,4 +632,5 @@ fn append_piece(token: &str, attr: Attr, is_spm: bool, out: &mut Vec<u8>) {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests;

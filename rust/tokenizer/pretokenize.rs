@@ -270,7 +270,7 @@ pub(crate) fn byte_level_char(byte: u8) -> char {
 /// Appends `text`'s bytes as GPT-2 byte-level characters.
 pub(crate) fn byte_level_encode(text: &str, out: &mut String) {
     out.reserve(text.len() * 2);
-    out.extend(text.bytes().map(|b| BYTE_TO_CHAR[usize::from(b)]));
+    out.extend(text.bytes().map(byte_level_char));
 }
 
 /// The byte a GPT-2 byte-level character stands for.
@@ -306,6 +306,7 @@ const fn build_non_printable_bytes() -> [u8; 68] {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
 mod tests {
     use super::*;
 
