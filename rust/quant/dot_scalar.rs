@@ -1,9 +1,10 @@
 //! Portable dot products of one weight row with quantised activations: the reference every
 //! SIMD twin (`dot_avx2.rs`, ...) is tested against, and the fallback on any CPU.
 //!
-//! Each `dot_<weights>_<activations>(row, act, n)` follows ggml's `ggml_vec_dot_*_generic`:
-//! exact integer sums within a block, then the same f32 scale products accumulated in the
-//! same order, so results agree with llama.cpp's reference path to the last bit or two.
+//! Each `dot_<weights>_<activations>(row, act, n)` does the arithmetic of ggml's
+//! `ggml_vec_dot_*_generic`: exact integer sums within a block, then the same f32 scale
+//! products accumulated in the same order (Rust never fuses them into FMAs). llama.cpp's SIMD
+//! kernels accumulate in other orders, so they agree with these to f32 rounding, not bits.
 //! `row` and `act` hold `n` elements each; blocks past the shorter of the two are ignored,
 //! so a length mismatch gives a wrong number, never an out-of-bounds read.
 
