@@ -339,6 +339,39 @@ pub fn q3k_scales(scales: &[u8; 12]) -> [i32; 16] {
     out
 }
 
+/// Exact f16 -> f32 widening without `half`'s per-call CPU-feature check, for loops over
+/// F16 elements (block scales use `half`). Integer-only, so a flush-to-zero or
+/// denormals-are-zero mode inherited from the host process cannot change f16 subnormals.
+#[inline]
+pub fn f16_bits_to_f32(bits: u16) -> f32 {
+    let sign = u32::from(bits & 0x8000) << 16;
+    let exponent = u32::from((bits >> 10) & 0x1F);
+    let mantissa = u32::from(bits & 0x03FF);
+    let magnitude = match (exponent, mantissa) {
+        (0, 0) => 0,
+        (0, _) => {
+            // mantissa * 2^-24 with its top set bit at `top` is 1.f * 2^(top - 24).
+            let top = 31 - mantissa.leading_zeros();
+            ((top + 103) << 23) | ((mantissa << (23 - top)) & 0x007F_FFFF)
+        }
+        (0x1F, _) => 0x7F80_0000 | (mantissa << 13),
+        _ => ((exponent + 112) << 23) | (mantissa << 13),
+    };
+    f32::from_bits(sign | magnitude)
+}
+
+/// bf16 -> f32 as ggml does it: the bits shifted into the top half, NaN payloads untouched.
+#[inline]
+pub fn bf16_bits_to_f32(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// [`f16_bits_to_f32`] of a block scale.
+#[inline]
+pub fn widen(value: f16) -> f32 {
+    f16_bits_to_f32(value.to_bits())
+}
+
 /// The 5-bit values of a Q5_0/Q5_1 block: element `j` takes its low 4 bits from nibble
 /// `j / 16` of byte `j % 16` and bit 4 from bit `j` of the little-endian `qh`.
 #[inline]
@@ -354,17 +387,21 @@ pub fn q5_values(qh: [u8; 4], qs: &[u8; 16]) -> [u8; 32] {
 
 // K-quant element order. Q2_K, Q3_K: each 128-element half uses 32 bytes of 2-bit quants;
 // element `128 * half + 32 * s + l` sits in bits `2 * s` of byte `32 * half + l`. Q4_K, Q5_K:
-// 32-element group `g` is the low (even g) or high (odd g) nibbles of bytes `32 * (g / 2)..`.
-// Q6_K: see `BlockQ6K::values`. Every 16 (Q2/Q3/Q6) or 32 (Q4/Q5) elements share a scale.
+// each 64 elements use 32 bytes, the low nibbles first. Q6_K: see `BlockQ6K::values`.
+// Every 16 (Q2/Q3/Q6) or 32 (Q4/Q5) elements share a scale. The loops run over whole
+// bytes, as ggml's do, so the compiler can vectorise them.
 
 impl BlockQ2K {
     /// The 2-bit quants (0..=3) in element order.
     #[inline]
     pub fn values(&self) -> [u8; QK_K] {
         let mut v = [0u8; QK_K];
-        for (i, v) in v.iter_mut().enumerate() {
-            let (half, shift, l) = (i / 128, (i / 32) % 4, i % 32);
-            *v = (self.qs[32 * half + l] >> (2 * shift)) & 3;
+        for (out, qs) in v.chunks_exact_mut(128).zip(self.qs.chunks_exact(32)) {
+            for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                for (o, q) in out.iter_mut().zip(qs) {
+                    *o = (q >> (2 * s)) & 3;
+                }
+            }
         }
         v
     }
@@ -376,11 +413,18 @@ impl BlockQ3K {
     #[inline]
     pub fn values(&self) -> [i8; QK_K] {
         let mut v = [0i8; QK_K];
-        for (i, v) in v.iter_mut().enumerate() {
-            let (half, shift, l) = (i / 128, (i / 32) % 4, i % 32);
-            let low = ((self.qs[32 * half + l] >> (2 * shift)) & 3) as i8;
-            let high_set = (self.hmask[l] >> (i / 32)) & 1 != 0;
-            *v = if high_set { low } else { low - 4 };
+        for (half, (out, qs)) in v
+            .chunks_exact_mut(128)
+            .zip(self.qs.chunks_exact(32))
+            .enumerate()
+        {
+            for (s, out) in out.chunks_exact_mut(32).enumerate() {
+                let bit = 4 * half + s;
+                for ((o, q), h) in out.iter_mut().zip(qs).zip(&self.hmask) {
+                    let low = ((q >> (2 * s)) & 3) as i8;
+                    *o = low - 4 * (((h >> bit) & 1) ^ 1) as i8;
+                }
+            }
         }
         v
     }
@@ -391,9 +435,12 @@ impl BlockQ4K {
     #[inline]
     pub fn values(&self) -> [u8; QK_K] {
         let mut v = [0u8; QK_K];
-        for (i, v) in v.iter_mut().enumerate() {
-            let (g, l) = (i / 32, i % 32);
-            *v = (self.qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0x0F;
+        for (out, qs) in v.chunks_exact_mut(64).zip(self.qs.chunks_exact(32)) {
+            let (low, high) = out.split_at_mut(32);
+            for ((l, h), q) in low.iter_mut().zip(high).zip(qs) {
+                *l = q & 0x0F;
+                *h = q >> 4;
+            }
         }
         v
     }
@@ -405,10 +452,16 @@ impl BlockQ5K {
     #[inline]
     pub fn values(&self) -> [u8; QK_K] {
         let mut v = [0u8; QK_K];
-        for (i, v) in v.iter_mut().enumerate() {
-            let (g, l) = (i / 32, i % 32);
-            let low = (self.qs[32 * (g / 2) + l] >> (4 * (g % 2))) & 0x0F;
-            *v = low | (((self.qh[l] >> g) & 1) << 4);
+        for (j, (out, qs)) in v
+            .chunks_exact_mut(64)
+            .zip(self.qs.chunks_exact(32))
+            .enumerate()
+        {
+            let (low, high) = out.split_at_mut(32);
+            for (((l, h), q), qh) in low.iter_mut().zip(high).zip(qs).zip(&self.qh) {
+                *l = (q & 0x0F) | (((qh >> (2 * j)) & 1) << 4);
+                *h = (q >> 4) | (((qh >> (2 * j + 1)) & 1) << 4);
+            }
         }
         v
     }
@@ -417,15 +470,26 @@ impl BlockQ5K {
 impl BlockQ6K {
     /// The signed 6-bit quants (-32..=31) in element order. Each 128-element half uses 64
     /// bytes of `ql` (low nibbles: its elements 0..64, high nibbles: 64..128) and 32 bytes of
-    /// `qh` (the four 32-element quarters at bit shifts 0, 2, 4, 6).
+    /// `qh` (2 bits per element, the four 32-element quarters at shifts 0, 2, 4, 6).
     #[inline]
     pub fn values(&self) -> [i8; QK_K] {
         let mut v = [0i8; QK_K];
-        for (i, v) in v.iter_mut().enumerate() {
-            let (half, quarter, l) = (i / 128, (i / 32) % 4, i % 32);
-            let low = self.ql[64 * half + 32 * (quarter % 2) + l] >> (4 * (quarter / 2));
-            let high = (self.qh[32 * half + l] >> (2 * quarter)) & 3;
-            *v = (((low & 0x0F) | (high << 4)) as i8) - 32;
+        let halves = v
+            .chunks_exact_mut(128)
+            .zip(self.ql.chunks_exact(64))
+            .zip(self.qh.chunks_exact(32));
+        for ((out, ql), qh) in halves {
+            let (ql_a, ql_b) = ql.split_at(32);
+            let (out_ab, out_cd) = out.split_at_mut(64);
+            let (out_a, out_b) = out_ab.split_at_mut(32);
+            let (out_c, out_d) = out_cd.split_at_mut(32);
+            let quarters = out_a.iter_mut().zip(out_b).zip(out_c).zip(out_d);
+            for ((((a, b), c), d), ((la, lb), h)) in quarters.zip(ql_a.iter().zip(ql_b).zip(qh)) {
+                *a = ((la & 0x0F) | ((h & 3) << 4)) as i8 - 32;
+                *b = ((lb & 0x0F) | (((h >> 2) & 3) << 4)) as i8 - 32;
+                *c = ((la >> 4) | (((h >> 4) & 3) << 4)) as i8 - 32;
+                *d = ((lb >> 4) | (((h >> 6) & 3) << 4)) as i8 - 32;
+            }
         }
         v
     }
@@ -500,6 +564,22 @@ mod tests {
         let mut bytes = [0u8; 36];
         assert_eq!(block.write(&mut bytes), Some(()));
         assert_eq!(BlockQ8_1::read(&bytes), Some(block));
+    }
+
+    #[test]
+    fn f16_widening_is_exact_for_every_bit_pattern() {
+        for bits in 0..=u16::MAX {
+            let want = f16::from_bits(bits).to_f32();
+            let got = f16_bits_to_f32(bits);
+            if want.is_nan() {
+                assert!(
+                    got.is_nan() && got.is_sign_negative() == want.is_sign_negative(),
+                    "{bits:#06x}"
+                );
+            } else {
+                assert_eq!(got.to_bits(), want.to_bits(), "{bits:#06x}");
+            }
+        }
     }
 
     #[test]

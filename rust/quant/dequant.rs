@@ -2,11 +2,10 @@
 //! with the same f32 operations in the same order, so results match to the last bit. This is
 //! the oracle the dot products and any SIMD kernels are tested against.
 
-use half::{bf16, f16};
-
 use super::blocks::{
-    blocks, k4_scales_mins, q3k_scales, q5_values, Block, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0,
-    BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K,
+    bf16_bits_to_f32, blocks, f16_bits_to_f32, k4_scales_mins, q3k_scales, q5_values, widen, Block,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K,
 };
 use super::GgmlType;
 use crate::error::{EngineError, Result};
@@ -81,19 +80,19 @@ fn f32s(bytes: &[u8], out: &mut [f32]) {
 
 fn f16s(bytes: &[u8], out: &mut [f32]) {
     for (y, b) in out.iter_mut().zip(scalars(bytes)) {
-        *y = f16::from_le_bytes(b).to_f32();
+        *y = f16_bits_to_f32(u16::from_le_bytes(b));
     }
 }
 
 fn bf16s(bytes: &[u8], out: &mut [f32]) {
     for (y, b) in out.iter_mut().zip(scalars(bytes)) {
-        *y = bf16::from_le_bytes(b).to_f32();
+        *y = bf16_bits_to_f32(u16::from_le_bytes(b));
     }
 }
 
 fn q4_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ4_0, 32>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         for (j, q) in b.qs.iter().enumerate() {
             y[j] = (i32::from(q & 0x0F) - 8) as f32 * d;
             y[j + 16] = (i32::from(q >> 4) - 8) as f32 * d;
@@ -103,7 +102,7 @@ fn q4_0(bytes: &[u8], out: &mut [f32]) {
 
 fn q4_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ4_1, 32>(bytes, out) {
-        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        let (d, m) = (widen(b.d), widen(b.m));
         for (j, q) in b.qs.iter().enumerate() {
             y[j] = f32::from(q & 0x0F) * d + m;
             y[j + 16] = f32::from(q >> 4) * d + m;
@@ -113,7 +112,7 @@ fn q4_1(bytes: &[u8], out: &mut [f32]) {
 
 fn q5_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ5_0, 32>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         for (y, v) in y.iter_mut().zip(q5_values(b.qh, &b.qs)) {
             *y = (i32::from(v) - 16) as f32 * d;
         }
@@ -122,7 +121,7 @@ fn q5_0(bytes: &[u8], out: &mut [f32]) {
 
 fn q5_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ5_1, 32>(bytes, out) {
-        let (d, m) = (b.d.to_f32(), b.m.to_f32());
+        let (d, m) = (widen(b.d), widen(b.m));
         for (y, v) in y.iter_mut().zip(q5_values(b.qh, &b.qs)) {
             *y = f32::from(v) * d + m;
         }
@@ -131,7 +130,7 @@ fn q5_1(bytes: &[u8], out: &mut [f32]) {
 
 fn q8_0(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ8_0, 32>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         for (y, q) in y.iter_mut().zip(b.qs) {
             *y = f32::from(q) * d;
         }
@@ -140,7 +139,7 @@ fn q8_0(bytes: &[u8], out: &mut [f32]) {
 
 fn q8_1(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ8_1, 32>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         for (y, q) in y.iter_mut().zip(b.qs) {
             *y = f32::from(q) * d;
         }
@@ -152,7 +151,7 @@ fn q8_1(bytes: &[u8], out: &mut [f32]) {
 
 fn q2_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ2K, QK_K>(bytes, out) {
-        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let (d, dmin) = (widen(b.d), widen(b.dmin));
         for (g, (y, q)) in y
             .chunks_exact_mut(16)
             .zip(b.values().chunks_exact(16))
@@ -169,7 +168,7 @@ fn q2_k(bytes: &[u8], out: &mut [f32]) {
 
 fn q3_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ3K, QK_K>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         let scales = q3k_scales(&b.scales);
         for (g, (y, q)) in y
             .chunks_exact_mut(16)
@@ -186,7 +185,7 @@ fn q3_k(bytes: &[u8], out: &mut [f32]) {
 
 fn q4_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ4K, QK_K>(bytes, out) {
-        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let (d, dmin) = (widen(b.d), widen(b.dmin));
         let (scales, mins) = k4_scales_mins(&b.scales);
         for (g, (y, q)) in y
             .chunks_exact_mut(32)
@@ -204,7 +203,7 @@ fn q4_k(bytes: &[u8], out: &mut [f32]) {
 
 fn q5_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ5K, QK_K>(bytes, out) {
-        let (d, dmin) = (b.d.to_f32(), b.dmin.to_f32());
+        let (d, dmin) = (widen(b.d), widen(b.dmin));
         let (scales, mins) = k4_scales_mins(&b.scales);
         for (g, (y, q)) in y
             .chunks_exact_mut(32)
@@ -222,7 +221,7 @@ fn q5_k(bytes: &[u8], out: &mut [f32]) {
 
 fn q6_k(bytes: &[u8], out: &mut [f32]) {
     for (b, y) in pairs::<BlockQ6K, QK_K>(bytes, out) {
-        let d = b.d.to_f32();
+        let d = widen(b.d);
         for (g, (y, q)) in y
             .chunks_exact_mut(16)
             .zip(b.values().chunks_exact(16))
@@ -248,6 +247,7 @@ fn q8_k(bytes: &[u8], out: &mut [f32]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     #[test]
     fn rejects_partial_blocks_and_wrong_byte_counts() {
@@ -304,7 +304,7 @@ mod tests {
         .concat();
         assert!(dequantize(GgmlType::F16, &bytes, &mut out).is_ok());
         assert_eq!(out, [1.5, 2f32.powi(-24)]);
-        let bytes = [bf16::from_f32(-3.0).to_le_bytes(), [0x80, 0x7F]].concat();
+        let bytes = [half::bf16::from_f32(-3.0).to_le_bytes(), [0x80, 0x7F]].concat();
         assert!(dequantize(GgmlType::BF16, &bytes, &mut out).is_ok());
         assert_eq!(out, [-3.0, f32::INFINITY]);
     }

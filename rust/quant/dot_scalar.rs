@@ -1,17 +1,17 @@
 //! Portable dot products of one weight row with quantised activations: the reference every
 //! SIMD twin (`dot_avx2.rs`, ...) is tested against, and the fallback on any CPU.
 //!
-//! Each `dot_<weights>_<activations>(row, act, n)` follows ggml's `ggml_vec_dot_*_generic`:
-//! exact integer sums within a block, then the same f32 scale products accumulated in the
-//! same order, so results agree with llama.cpp's reference path to the last bit or two.
+//! Each `dot_<weights>_<activations>(row, act, n)` does the arithmetic of ggml's
+//! `ggml_vec_dot_*_generic`: exact integer sums within a block, then the same f32 scale
+//! products accumulated in the same order (Rust never fuses them into FMAs). llama.cpp's SIMD
+//! kernels accumulate in other orders, so they agree with these to f32 rounding, not bits.
 //! `row` and `act` hold `n` elements each; blocks past the shorter of the two are ignored,
 //! so a length mismatch gives a wrong number, never an out-of-bounds read.
 
-use half::{bf16, f16};
-
 use super::blocks::{
-    blocks, k4_scales_mins, q3k_scales, q5_values, Block, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0,
-    BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K, BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K,
+    bf16_bits_to_f32, blocks, f16_bits_to_f32, k4_scales_mins, q3k_scales, q5_values, widen, Block,
+    BlockQ2K, BlockQ3K, BlockQ4K, BlockQ4_0, BlockQ4_1, BlockQ5K, BlockQ5_0, BlockQ5_1, BlockQ6K,
+    BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K,
 };
 use super::dequant::scalars;
 
@@ -44,7 +44,7 @@ pub fn dot_q4_0_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
             w[j + 16] = (q >> 4) as i8 - 8;
         }
         let sumi = int_dot(&w, &y.qs);
-        sumf += sumi as f32 * x.d.to_f32() * y.d.to_f32();
+        sumf += sumi as f32 * widen(x.d) * widen(y.d);
     }
     sumf
 }
@@ -59,7 +59,7 @@ pub fn dot_q4_1_q8_1(row: &[u8], act: &[u8], n: usize) -> f32 {
         }
         let sumi = int_dot(&w, &y.qs);
         // The minimum contributes m * sum(x) = m * s, with s precomputed by the quantiser.
-        sumf += (x.d.to_f32() * y.d.to_f32()) * sumi as f32 + x.m.to_f32() * y.s.to_f32();
+        sumf += (widen(x.d) * widen(y.d)) * sumi as f32 + widen(x.m) * widen(y.s);
     }
     sumf
 }
@@ -69,7 +69,7 @@ pub fn dot_q5_0_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
     for (x, y) in block_pairs::<BlockQ5_0, BlockQ8_0>(row, act, n) {
         let w = q5_values(x.qh, &x.qs).map(|v| v as i8 - 16);
         let sumi = int_dot(&w, &y.qs);
-        sumf += (x.d.to_f32() * y.d.to_f32()) * sumi as f32;
+        sumf += (widen(x.d) * widen(y.d)) * sumi as f32;
     }
     sumf
 }
@@ -79,7 +79,7 @@ pub fn dot_q5_1_q8_1(row: &[u8], act: &[u8], n: usize) -> f32 {
     for (x, y) in block_pairs::<BlockQ5_1, BlockQ8_1>(row, act, n) {
         let w = q5_values(x.qh, &x.qs).map(|v| v as i8);
         let sumi = int_dot(&w, &y.qs);
-        sumf += (x.d.to_f32() * y.d.to_f32()) * sumi as f32 + x.m.to_f32() * y.s.to_f32();
+        sumf += (widen(x.d) * widen(y.d)) * sumi as f32 + widen(x.m) * widen(y.s);
     }
     sumf
 }
@@ -88,7 +88,7 @@ pub fn dot_q8_0_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sumf = 0f32;
     for (x, y) in block_pairs::<BlockQ8_0, BlockQ8_0>(row, act, n) {
         let sumi = int_dot(&x.qs, &y.qs);
-        sumf += sumi as f32 * (x.d.to_f32() * y.d.to_f32());
+        sumf += sumi as f32 * (widen(x.d) * widen(y.d));
     }
     sumf
 }
@@ -98,7 +98,7 @@ pub fn dot_q8_1_q8_1(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sumf = 0f32;
     for (x, y) in block_pairs::<BlockQ8_1, BlockQ8_1>(row, act, n) {
         let sumi = int_dot(&x.qs, &y.qs);
-        sumf += sumi as f32 * (x.d.to_f32() * y.d.to_f32());
+        sumf += sumi as f32 * (widen(x.d) * widen(y.d));
     }
     sumf
 }
@@ -160,8 +160,8 @@ pub fn dot_q2_k_q8_k(row: &[u8], act: &[u8], n: usize) -> f32 {
             .zip(&y.bsums)
             .map(|(&sc, &b)| i32::from(b) * i32::from(sc >> 4))
             .sum();
-        let dall = y.d * x.d.to_f32();
-        let dmin = y.d * x.dmin.to_f32();
+        let dall = y.d * widen(x.d);
+        let dmin = y.d * widen(x.dmin);
         let w = x.values();
         let mut isum = 0i32;
         for ((w, q8), &sc) in w.chunks_exact(16).zip(y.qs.chunks_exact(16)).zip(&x.scales) {
@@ -181,7 +181,7 @@ pub fn dot_q3_k_q8_k(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sums = Lanes::default();
     for (x, y) in block_pairs::<BlockQ3K, BlockQ8K>(row, act, n) {
         let lanes = lane_sums(&x.values(), &y.qs, &q3k_scales(&x.scales));
-        sums.add(x.d.to_f32() * y.d, lanes);
+        sums.add(widen(x.d) * y.d, lanes);
     }
     sums.total(0.0)
 }
@@ -192,8 +192,8 @@ pub fn dot_q4_k_q8_k(row: &[u8], act: &[u8], n: usize) -> f32 {
     for (x, y) in block_pairs::<BlockQ4K, BlockQ8K>(row, act, n) {
         let (scales, min_sum) = k4_scales_and_min_sum(&x.scales, &y.bsums);
         let w = x.values().map(|v| v as i8);
-        sums.add(x.d.to_f32() * y.d, lane_sums(&w, &y.qs, &scales));
-        sumf -= x.dmin.to_f32() * y.d * min_sum as f32;
+        sums.add(widen(x.d) * y.d, lane_sums(&w, &y.qs, &scales));
+        sumf -= widen(x.dmin) * y.d * min_sum as f32;
     }
     sums.total(sumf)
 }
@@ -204,8 +204,8 @@ pub fn dot_q5_k_q8_k(row: &[u8], act: &[u8], n: usize) -> f32 {
     for (x, y) in block_pairs::<BlockQ5K, BlockQ8K>(row, act, n) {
         let (scales, min_sum) = k4_scales_and_min_sum(&x.scales, &y.bsums);
         let w = x.values().map(|v| v as i8);
-        sums.add(x.d.to_f32() * y.d, lane_sums(&w, &y.qs, &scales));
-        sumf -= x.dmin.to_f32() * y.d * min_sum as f32;
+        sums.add(widen(x.d) * y.d, lane_sums(&w, &y.qs, &scales));
+        sumf -= widen(x.dmin) * y.d * min_sum as f32;
     }
     sums.total(sumf)
 }
@@ -214,7 +214,7 @@ pub fn dot_q6_k_q8_k(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sums = Lanes::default();
     for (x, y) in block_pairs::<BlockQ6K, BlockQ8K>(row, act, n) {
         let scales = x.scales.map(i32::from);
-        sums.add(x.d.to_f32() * y.d, lane_sums(&x.values(), &y.qs, &scales));
+        sums.add(widen(x.d) * y.d, lane_sums(&x.values(), &y.qs, &scales));
     }
     sums.total(0.0)
 }
@@ -242,7 +242,11 @@ pub fn dot_f32_f32(row: &[u8], act: &[u8], n: usize) -> f32 {
 pub fn dot_f16_f16(row: &[u8], act: &[u8], n: usize) -> f32 {
     let pairs = scalars::<2>(row).zip(scalars::<2>(act)).take(n);
     let sum: f64 = pairs
-        .map(|(x, y)| f64::from(f16::from_le_bytes(x).to_f32() * f16::from_le_bytes(y).to_f32()))
+        .map(|(x, y)| {
+            f64::from(
+                f16_bits_to_f32(u16::from_le_bytes(x)) * f16_bits_to_f32(u16::from_le_bytes(y)),
+            )
+        })
         .sum();
     sum as f32
 }
@@ -250,7 +254,11 @@ pub fn dot_f16_f16(row: &[u8], act: &[u8], n: usize) -> f32 {
 pub fn dot_bf16_bf16(row: &[u8], act: &[u8], n: usize) -> f32 {
     let pairs = scalars::<2>(row).zip(scalars::<2>(act)).take(n);
     let sum: f64 = pairs
-        .map(|(x, y)| f64::from(bf16::from_le_bytes(x).to_f32() * bf16::from_le_bytes(y).to_f32()))
+        .map(|(x, y)| {
+            f64::from(
+                bf16_bits_to_f32(u16::from_le_bytes(x)) * bf16_bits_to_f32(u16::from_le_bytes(y)),
+            )
+        })
         .sum();
     sum as f32
 }
@@ -258,6 +266,7 @@ pub fn dot_bf16_bf16(row: &[u8], act: &[u8], n: usize) -> f32 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use half::f16;
 
     fn q8_0_block(d: f32, qs: [i8; 32]) -> Vec<u8> {
         let mut out = vec![0u8; 34];
