@@ -20,13 +20,13 @@ use crate::model::Model;
 use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
 
 create_exception!(
-    _engine,
+    sampler_sdk._engine,
     ModelFormatError,
     PyValueError,
     "The model file is malformed, or uses a format, architecture or type this engine does not support."
 );
 create_exception!(
-    _engine,
+    sampler_sdk._engine,
     ContextOverflowError,
     PyValueError,
     "The prompt plus requested tokens do not fit the model's context window."

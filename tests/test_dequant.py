@@ -57,9 +57,16 @@ def synthetic_file(tmp_path_factory):
         rows, cols = 3, 2 * 256
         n_blocks = rows * cols // block_size
         raw = _random_blocks(qtype, n_blocks, rng)
+        if qtype in (Q.F32, Q.F16, Q.BF16):
+            raw = _random_blocks(qtype, rows * cols, rng)
         data = raw.reshape(rows, cols // block_size * type_size)
         name = f"t_{qtype.name}"
-        writer.add_tensor(name, data, raw_shape=(rows, cols), raw_dtype=qtype)
+        if qtype == Q.F32:
+            writer.add_tensor(name, data.view(np.float32))
+        elif qtype == Q.F16:
+            writer.add_tensor(name, data.view(np.float16))
+        else:
+            writer.add_tensor(name, data, raw_dtype=qtype)
         expected[name] = gguf.quants.dequantize(data, qtype).reshape(rows, cols)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
