@@ -15,6 +15,7 @@ pub mod kv_cache;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sampling;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]
