@@ -16,6 +16,7 @@ pub mod kv_cache;
 pub mod kernels;
 pub mod model;
 pub mod quant;
+pub mod sampling;
 pub mod text;
 pub mod tokenizer;
 

@@ -1,0 +1,233 @@
+//! Choosing the next token from a vector of logits, as Grok-1's reference `sample_token`
+//! does (xai-org/grok-1 `runners.py`): divide by the temperature, mask disallowed tokens,
+//! keep the nucleus, draw from the renormalised distribution, and report the drawn token's
+//! probability and the 8 most probable tokens of that final distribution.
+//!
+//! # Semantics
+//!
+//! For logits `l` over a vocabulary of `n` tokens and [`SamplingParams`] `(T, p, mask)`:
+//!
+//! 1. **Sanitising.** A NaN logit counts as -inf (never drawn); +inf counts as `f32::MAX`, so
+//!    several +inf tokens share the mass. No input makes the sampler panic or return NaN.
+//! 2. **Temperature and mask.** For allowed tokens `s_i = l_i / T` in f32, as the reference
+//!    divides. Disallowed tokens are removed outright (the reference sets them to -1e10,
+//!    which gives them probability exactly 0 unless every allowed logit is below about
+//!    -1e10; removal also covers that case). If the division overflows f32 (a tiny `T`, or
+//!    a +inf logit with `T` < 1), `s_i = (l_i - max_allowed l) / T` instead: the same
+//!    distribution, computed without infinities.
+//! 3. **Softmax.** With `m = max s`, each allowed token's weight is `w_i = exp(s_i - m)`,
+//!    computed by a portable f32 exponential (`steps::exp32`, within 2e-7 of e^x, exactly 0
+//!    below -87) so that the same logits give the same bits on every platform, and
+//!    `Z = Σ w_i` in f64 (a fixed summation order, `steps::lane_sum`). Tokens whose weight
+//!    is 0 (far below the maximum) are outside the support and can never be drawn.
+//! 4. **Nucleus.** Order the support by `s` descending (ties by id). Walking groups of equal
+//!    `s` from the top, keep a group while the mass of the groups above it, summed in f64 in
+//!    that order, is at most `p * Z`. This is the reference's `top_p_filter` read from the
+//!    other end: it sorts ascending, finds the first index where the cumulative f32 softmax
+//!    reaches `1 - p`, and keeps every logit >= the logit there (so ties at the threshold
+//!    are kept); in exact arithmetic both keep the same tokens. Summing from the top in f64
+//!    avoids the reference's rounding over a long tail of tiny probabilities, which can only
+//!    matter when a cumulative sum lies within rounding error of the threshold. `p = 1`
+//!    keeps the whole support (the reference keeps every token, but those outside the
+//!    support have probability 0 there too).
+//! 5. **Draw.** The final distribution is `q_i = w_i / Z_kept` over the kept tokens
+//!    (`Z_kept` = their weights summed in f64 in sorted order; `Z` itself when `p = 1`).
+//!    One uniform `u` in [0, 1) from [`Rng::next_f64`] picks the first kept token, in sorted
+//!    order, at which the running weight sum exceeds `u * Z_kept` (inverse CDF). The
+//!    reference draws with `jax.random.categorical` (Gumbel-max on JAX's threefry), so a
+//!    seed cannot give the reference's tokens, only the same distribution.
+//! 6. **Report.** `prob = q_drawn`, rounded to f32. `top_k` holds up to 8 kept tokens with
+//!    nonzero `q`, by `q` descending then id ascending. The reference always returns 8,
+//!    padding with probability-0 tokens when the nucleus is smaller; those carry no
+//!    information, so they are left out. `logprob_raw` is the log-softmax of the raw logits
+//!    (sanitised, unmasked, temperature 1) at the drawn token: the model's own log-probability,
+//!    unaffected by temperature, mask and nucleus, which is what scoring needs.
+//!
+//! **Temperature 0 is greedy** (the reference would divide by zero): the drawn token is the
+//! argmax of the masked logits, lowest id on ties, and no random number is consumed. The
+//! final distribution is then the point mass on it, so `prob = 1.0`. A point mass has no
+//! alternatives worth reporting, so `top_k` instead describes the distribution the choice
+//! was made from: the masked softmax at temperature 1 without the nucleus, whose first entry
+//! is the drawn token (with its probability there, generally below 1). A temperature above 0
+//! consumes exactly one `next_f64` per call.
+//!
+//! # Speed
+//!
+//! Every pass over the vocabulary is linear and vectorisable (scale, max, weights and their
+//! sum, plus one for the raw log-softmax when `T` != 1 or a mask is set). Only tokens within
+//! a few units of the maximum scaled logit are collected and sorted; the search widens (and
+//! at worst sorts the whole support) only when the nucleus, the draw or the top-8 list
+//! reaches past it. The result is the same as sorting everything, which
+//! `tests::sample_reference` does and the property tests compare against bit for bit.
+
+mod draw;
+mod mask;
+mod params;
+mod rng;
+mod steps;
+
+#[cfg(test)]
+mod tests;
+
+pub use draw::TOP_K;
+pub use mask::TokenMask;
+pub use params::SamplingParams;
+pub use rng::{derive_call_seed, Rng};
+
+use crate::error::{EngineError, Result};
+use steps::Candidate;
+
+/// A search this many units below the maximum scaled logit holds every token of nonzero
+/// weight (`exp32` is 0 below -87), so it stands for "the whole support".
+const WHOLE_SUPPORT_DISTANCE: f32 = 88.0;
+
+/// One sampled token with the probabilities reported to the user.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SampledToken {
+    pub id: u32,
+    /// Probability of `id` in the final (tempered, masked, nucleus-filtered) distribution;
+    /// 1.0 when greedy.
+    pub prob: f32,
+    /// Log-softmax of the raw logits at `id` (temperature 1, no mask, no nucleus).
+    pub logprob_raw: f32,
+    /// Up to [`TOP_K`] most probable tokens of the final distribution (of the masked softmax
+    /// at temperature 1 when greedy), by probability descending, ties by id.
+    pub top_k: Vec<(u32, f32)>,
+}
+
+/// Samples tokens, reusing its buffers: after the first call on a vocabulary size, a call
+/// allocates only the returned `top_k` vector. One per sequence (or per thread).
+#[derive(Debug, Default)]
+pub struct Sampler {
+    scaled: Vec<f32>,
+    weights: Vec<f32>,
+    candidates: Vec<Candidate>,
+}
+
+/// What the candidate search settled: the drawn token and its final probability.
+struct Choice {
+    id: u32,
+    prob: f32,
+}
+
+impl Sampler {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Samples one token from `logits` (one per vocabulary entry) as the module docs
+    /// specify. Errors (InvalidArgument) on bad parameters, empty logits, a mask built for
+    /// another vocabulary size, or when no allowed token has a finite logit.
+    pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> Result<SampledToken> {
+        params.validate()?;
+        let mask = params.mask.as_ref();
+        let n_allowed = check_shapes(logits, params)?;
+        let greedy = params.temperature == 0.0;
+        let (temperature, nucleus_p) = if greedy { (1.0, 1.0) } else { (params.temperature, params.nucleus_p) };
+
+        let max = steps::scale_logits(logits, mask, temperature, &mut self.scaled)?;
+        let normaliser = steps::softmax_weights(&self.scaled, max, &mut self.weights);
+        let uniform = if greedy { None } else { Some(rng.next_f64()) };
+        let mut top_k = Vec::with_capacity(TOP_K);
+        let choice = self.choose(n_allowed, max, normaliser, nucleus_p, uniform, &mut top_k)?;
+
+        // Logit count fits u32 (checked), so the id indexes `logits`.
+        let drawn_logit = steps::sanitize(logits[choice.id as usize]);
+        let (raw_max, raw_normaliser) = if mask.is_none() && temperature == 1.0 {
+            // At temperature 1 without a mask the scaled logits are the sanitised logits.
+            (max, normaliser)
+        } else {
+            steps::raw_log_normaliser(logits)
+        };
+        let logprob_raw = (f64::from(drawn_logit - raw_max) - raw_normaliser.ln()) as f32;
+        Ok(SampledToken { id: choice.id, prob: choice.prob, logprob_raw, top_k })
+    }
+
+    /// Collects candidates in widening bands below the maximum, sorting each band, until the
+    /// sorted prefix settles the nucleus, the draw and the top-8 list.
+    fn choose(
+        &mut self,
+        n_allowed: usize,
+        max: f32,
+        normaliser: f64,
+        nucleus_p: f32,
+        uniform: Option<f64>,
+        top_k: &mut Vec<(u32, f32)>,
+    ) -> Result<Choice> {
+        self.candidates.clear();
+        let mut distance = steps::first_search_distance(n_allowed, normaliser, nucleus_p);
+        let mut upper = f32::INFINITY;
+        loop {
+            let complete = !(distance < WHOLE_SUPPORT_DISTANCE);
+            let lower = if complete { f32::NEG_INFINITY } else { max - distance };
+            let band_start = self.candidates.len();
+            steps::collect_candidates(&self.scaled, &self.weights, lower, upper, &mut self.candidates);
+            self.candidates[band_start..].sort_unstable_by_key(Candidate::descending_key);
+            if let Some(choice) = settle(&self.candidates, complete, max, normaliser, nucleus_p, uniform, top_k) {
+                return Ok(choice);
+            }
+            if complete {
+                return Err(EngineError::Internal(
+                    "sampling: the whole support left the draw undecided".to_string(),
+                ));
+            }
+            upper = lower;
+            distance *= 2.0;
+        }
+    }
+}
+
+/// Validates the logits against the mask; returns how many tokens are allowed.
+fn check_shapes(logits: &[f32], params: &SamplingParams) -> Result<usize> {
+    if logits.is_empty() {
+        return Err(EngineError::invalid("logits", "no logits given (the vector is empty)"));
+    }
+    if u32::try_from(logits.len()).is_err() {
+        return Err(EngineError::invalid(
+            "logits",
+            format!("{} logits exceed the range of u32 token ids", logits.len()),
+        ));
+    }
+    match &params.mask {
+        None => Ok(logits.len()),
+        Some(mask) if mask.n_vocab() != logits.len() => Err(EngineError::invalid(
+            mask.param_name(),
+            format!("the mask covers {} tokens but there are {} logits", mask.n_vocab(), logits.len()),
+        )),
+        Some(mask) if mask.n_allowed() == 0 => {
+            Err(EngineError::invalid(mask.param_name(), "every token is masked out"))
+        }
+        Some(mask) => Ok(mask.n_allowed()),
+    }
+}
+
+/// Nucleus, draw and top-8 over `sorted`, a sorted prefix of the support (the whole
+/// support when `complete`); `None` when the prefix is too short to decide.
+fn settle(
+    sorted: &[Candidate],
+    complete: bool,
+    max: f32,
+    normaliser: f64,
+    nucleus_p: f32,
+    uniform: Option<f64>,
+    top_k: &mut Vec<(u32, f32)>,
+) -> Option<Choice> {
+    let (kept, kept_normaliser, whole) = if nucleus_p >= 1.0 {
+        (sorted, normaliser, complete)
+    } else {
+        let (n_kept, kept_normaliser) = steps::nucleus_cut(sorted, normaliser, nucleus_p, complete)?;
+        (&sorted[..n_kept], kept_normaliser, true)
+    };
+    let (drawn, prob) = match uniform {
+        // Greedy: the argmax (lowest id on ties) leads the sorted support.
+        None => (kept.first()?, 1.0),
+        Some(uniform) => {
+            let drawn = kept.get(draw::draw_index(kept, kept_normaliser, uniform, whole)?)?;
+            (drawn, draw::final_prob(drawn.weight, kept_normaliser))
+        }
+    };
+    if !draw::top_k(kept, kept_normaliser, max, whole, top_k) {
+        return None;
+    }
+    Some(Choice { id: drawn.id, prob })
+}
