@@ -93,21 +93,39 @@ pub fn validate(model: &Model, req: &GenerateRequest) -> Result<()> {
         return Err(EngineError::invalid("max_len", "must be at least 1"));
     }
     if req.prompt.is_empty() {
-        return Err(EngineError::invalid("prompt", "the context is empty: give a prompt or inputs"));
+        return Err(EngineError::invalid(
+            "prompt",
+            "the context is empty: give a prompt or inputs",
+        ));
     }
     let n_vocab = model.config.n_vocab;
     if let Some(&bad) = req.prompt.iter().find(|&&t| t as usize >= n_vocab) {
-        return Err(EngineError::invalid("prompt", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+        return Err(EngineError::invalid(
+            "prompt",
+            format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+        ));
     }
-    let limit = req.context_limit.unwrap_or(usize::MAX).min(model.config.n_ctx_train);
+    let limit = req
+        .context_limit
+        .unwrap_or(usize::MAX)
+        .min(model.config.n_ctx_train);
     if req.prompt.len() >= limit {
-        return Err(EngineError::ContextOverflow { prompt_tokens: req.prompt.len(), context_size: limit });
+        return Err(EngineError::ContextOverflow {
+            prompt_tokens: req.prompt.len(),
+            context_size: limit,
+        });
     }
     if let Some(&bad) = req.stop_token_ids.iter().find(|&&t| t as usize >= n_vocab) {
-        return Err(EngineError::invalid("stop_tokens", format!("token id {bad} is outside the vocabulary of {n_vocab}")));
+        return Err(EngineError::invalid(
+            "stop_tokens",
+            format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+        ));
     }
     if req.stop_strings.iter().any(String::is_empty) {
-        return Err(EngineError::invalid("stop_strings", "an empty stop string would stop before any output"));
+        return Err(EngineError::invalid(
+            "stop_strings",
+            "an empty stop string would stop before any output",
+        ));
     }
     Ok(())
 }
@@ -121,7 +139,10 @@ pub fn generate(
     mut on_token: impl FnMut(GeneratedToken) -> bool,
 ) -> Result<Outcome> {
     validate(model, req)?;
-    let limit = req.context_limit.unwrap_or(usize::MAX).min(model.config.n_ctx_train);
+    let limit = req
+        .context_limit
+        .unwrap_or(usize::MAX)
+        .min(model.config.n_ctx_train);
     let capacity = limit.min(req.prompt.len().saturating_add(req.max_len));
     let mut seq = model.new_sequence(capacity);
     seq.record_attention(req.return_attention);
@@ -130,12 +151,19 @@ pub fn generate(
     let mut sampler = Sampler::new();
     let mut rng = Rng::from_seed(req.seed);
     let eog = model.tokenizer.end_of_generation_ids();
-    let mut usage = Usage { prompt_tokens: req.prompt.len(), sampled_tokens: 0 };
+    let mut usage = Usage {
+        prompt_tokens: req.prompt.len(),
+        sampled_tokens: 0,
+    };
 
     let mut logits = Vec::new();
     for (i, chunk) in req.prompt.chunks(PREFILL_CHUNK).enumerate() {
         if cancel.load(Ordering::Relaxed) {
-            return Ok(Outcome { stop_reason: StopReason::Cancelled, usage, trailing_text: String::new() });
+            return Ok(Outcome {
+                stop_reason: StopReason::Cancelled,
+                usage,
+                trailing_text: String::new(),
+            });
         }
         let last = (i + 1) * PREFILL_CHUNK >= req.prompt.len();
         logits = model.forward(&mut seq, chunk, usize::from(last))?;
@@ -180,5 +208,9 @@ pub fn generate(
         }
         logits = model.forward(&mut seq, &[id], 1)?;
     };
-    Ok(Outcome { stop_reason, usage, trailing_text: utf8.finish() })
+    Ok(Outcome {
+        stop_reason,
+        usage,
+        trailing_text: utf8.finish(),
+    })
 }

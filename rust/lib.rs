@@ -12,8 +12,8 @@
 pub mod error;
 pub mod generate;
 pub mod gguf;
-pub mod kv_cache;
 pub mod kernels;
+pub mod kv_cache;
 pub mod model;
 pub mod quant;
 pub mod sampling;

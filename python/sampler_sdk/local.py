@@ -10,10 +10,12 @@ next token or prefill chunk.
 from __future__ import annotations
 
 import asyncio
+import atexit
 import base64
 import binascii
 import logging
 import os
+import weakref
 from typing import Dict, List, Mapping, Optional, Sequence, Union
 
 from . import _engine, registry
@@ -41,6 +43,20 @@ def _decode_base64_image(text: str) -> Optional[bytes]:
     except (binascii.Error, ValueError):
         return None
     return raw if _looks_like_image(raw) else None
+
+
+# Generations still running; at interpreter exit they are cancelled and awaited so no
+# engine thread calls into a finalizing interpreter.
+_live_generations: "weakref.WeakSet" = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_live_generations() -> None:
+    handles = list(_live_generations)
+    for handle in handles:
+        handle.cancel()
+    for handle in handles:
+        handle.wait(timeout=10)
 
 
 class LoadedModel:
@@ -175,6 +191,7 @@ class LocalSampleCall:
             stop_strings=self._stop_strings,
             return_attention=request.return_attention,
         )
+        _live_generations.add(self._handle)
 
     def _on_event(self, kind: str, payload: object) -> None:
         # Runs on the engine thread. If the loop is closed this raises, which tells the
@@ -195,6 +212,8 @@ class LocalSampleCall:
         if kind == "token":
             return self._token(payload)
         self._done = True
+        # The engine thread is past its last event; let it finish leaving Python.
+        self._handle.wait()
         if kind == "error":
             raise payload  # type: ignore[misc]
         return self._finished(payload)  # type: ignore[arg-type]

@@ -57,7 +57,8 @@ pub(crate) fn exp32(x: f32) -> f32 {
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let two_to_k = f32::from_bits(((k_int + 127) as u32) << 23);
     let value = poly * two_to_k;
     if x < EXP_UNDERFLOW {
@@ -80,12 +81,16 @@ pub(crate) fn lane_max(values: &[f32]) -> f32 {
     for (lane, &value) in lanes.iter_mut().zip(rest) {
         *lane = if value > *lane { value } else { *lane };
     }
-    lanes.iter().fold(f32::NEG_INFINITY, |max, &lane| if lane > max { lane } else { max })
+    lanes.iter().fold(
+        f32::NEG_INFINITY,
+        |max, &lane| if lane > max { lane } else { max },
+    )
 }
 
 /// Combines the interleaved accumulators in a fixed tree order (part of the canonical sum).
 fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// The canonical sum of f32 terms: term `i` is added in f64 to accumulator `i % 8`, the
@@ -148,7 +153,12 @@ pub(crate) fn scale_logits(
 
 /// Writes `scale(logit)` for allowed tokens and -inf for the others, touching each
 /// disallowed token once when few are disallowed and each allowed one once when few are allowed.
-fn fill_scaled(logits: &[f32], mask: Option<&TokenMask>, scaled: &mut Vec<f32>, scale: impl Fn(f32) -> f32) {
+fn fill_scaled(
+    logits: &[f32],
+    mask: Option<&TokenMask>,
+    scaled: &mut Vec<f32>,
+    scale: impl Fn(f32) -> f32,
+) {
     scaled.clear();
     match mask {
         None => scaled.extend(logits.iter().map(|&logit| scale(logit))),
@@ -180,7 +190,10 @@ pub(crate) fn raw_log_normaliser(logits: &[f32]) -> (f32, f64) {
         let value = sanitize(logit);
         *lane = if value > *lane { value } else { *lane };
     }
-    let max = lanes.iter().fold(f32::NEG_INFINITY, |max, &lane| if lane > max { lane } else { max });
+    let max = lanes.iter().fold(
+        f32::NEG_INFINITY,
+        |max, &lane| if lane > max { lane } else { max },
+    );
     let mut sums = [0.0f64; LANES];
     let chunks = logits.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -211,7 +224,11 @@ impl Candidate {
     #[inline]
     pub fn descending_key(&self) -> u64 {
         let bits = self.logit.to_bits();
-        let ascending = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+        let ascending = if bits & 0x8000_0000 != 0 {
+            !bits
+        } else {
+            bits | 0x8000_0000
+        };
         (u64::from(!ascending) << 32) | u64::from(self.id)
     }
 }
@@ -229,7 +246,11 @@ pub(crate) fn collect_candidates(
     for (index, (&logit, &weight)) in scaled.iter().zip(weights).enumerate() {
         if logit >= lower && logit < upper && weight > 0.0 {
             // Logit count was checked to fit u32 before sampling began.
-            out.push(Candidate { id: index as u32, logit, weight });
+            out.push(Candidate {
+                id: index as u32,
+                logit,
+                weight,
+            });
         }
     }
 }
@@ -345,7 +366,8 @@ mod tests {
         for (i, &t) in terms.iter().enumerate() {
             lanes[i % 8] += f64::from(t);
         }
-        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         assert_eq!(lane_sum(&terms).to_bits(), expected.to_bits());
         assert_eq!(lane_max(&[1.0, 5.0, -2.0]), 5.0);
         assert_eq!(lane_max(&[]), f32::NEG_INFINITY);
@@ -361,7 +383,10 @@ mod tests {
         assert!(scaled[2].is_sign_positive());
         let mask = TokenMask::allow_only(4, &[3]).unwrap();
         scale_logits(&[2.0, 9.0, 0.0, 1.0], Some(&mask), 1.0, &mut scaled).unwrap();
-        assert_eq!(scaled, vec![f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(
+            scaled,
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0]
+        );
     }
 
     #[test]
@@ -373,7 +398,8 @@ mod tests {
         assert_eq!(scaled[1], f32::NEG_INFINITY);
         assert_eq!(scaled[2], f32::NEG_INFINITY);
         // +inf logits become the shared maximum; finite ones fall far behind.
-        let max = scale_logits(&[f32::INFINITY, 5.0, f32::INFINITY], None, 0.5, &mut scaled).unwrap();
+        let max =
+            scale_logits(&[f32::INFINITY, 5.0, f32::INFINITY], None, 0.5, &mut scaled).unwrap();
         assert_eq!(max, 0.0);
         assert_eq!((scaled[0], scaled[2]), (0.0, 0.0));
         assert_eq!(scaled[1], f32::NEG_INFINITY);
@@ -395,7 +421,11 @@ mod tests {
 
     #[test]
     fn descending_key_orders_by_logit_then_id() {
-        let candidate = |id, logit| Candidate { id, logit, weight: 1.0 };
+        let candidate = |id, logit| Candidate {
+            id,
+            logit,
+            weight: 1.0,
+        };
         let mut list = vec![
             candidate(4, -1.0),
             candidate(2, 3.0),
@@ -412,10 +442,15 @@ mod tests {
 
     #[test]
     fn nucleus_cut_keeps_groups_while_the_mass_above_is_at_most_p() {
-        let sorted: Vec<Candidate> = [(0, 4.0, 0.5f32), (1, 3.0, 0.25), (2, 2.0, 0.125), (3, 2.0, 0.125)]
-            .iter()
-            .map(|&(id, logit, weight)| Candidate { id, logit, weight })
-            .collect();
+        let sorted: Vec<Candidate> = [
+            (0, 4.0, 0.5f32),
+            (1, 3.0, 0.25),
+            (2, 2.0, 0.125),
+            (3, 2.0, 0.125),
+        ]
+        .iter()
+        .map(|&(id, logit, weight)| Candidate { id, logit, weight })
+        .collect();
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.4, true), Some((1, 0.5)));
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.5, true), Some((2, 0.75)));
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.7, true), Some((2, 0.75)));
