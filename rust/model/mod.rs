@@ -6,9 +6,11 @@ pub mod transformer;
 pub mod weights;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
 
 pub use config::{Architecture, ModelConfig};
@@ -20,14 +22,35 @@ pub struct Model {
     pub config: ModelConfig,
     pub weights: ModelWeights,
     pub tokenizer: Tokenizer,
+    /// The threads the forward pass splits its work over, shared with every model loaded
+    /// with the same thread count (see `threads` for the concurrency policy).
+    pub(crate) pool: Arc<ThreadPool>,
 }
 
 impl Model {
+    /// Loads a model that runs on the default number of threads
+    /// ([`crate::threads::default_thread_count`]: physical cores, or `SAMPLER_SDK_THREADS`).
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_gguf(GgufFile::open(path)?)
     }
 
+    /// Loads a model whose forward pass runs on `n_threads` threads (1 to
+    /// [`crate::threads::MAX_THREADS`]). Results do not depend on the thread count.
+    pub fn load_with_threads(path: &Path, n_threads: usize) -> Result<Self> {
+        let pool = ThreadPool::shared(n_threads)?;
+        Self::from_gguf_with_pool(GgufFile::open(path)?, pool)
+    }
+
     pub fn from_gguf(file: GgufFile) -> Result<Self> {
+        Self::from_gguf_with_pool(file, ThreadPool::shared_default()?)
+    }
+
+    /// Threads the forward pass uses.
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn from_gguf_with_pool(file: GgufFile, pool: Arc<ThreadPool>) -> Result<Self> {
         let md = file.metadata();
         let embd = file
             .tensor("token_embd.weight")
@@ -53,6 +76,7 @@ impl Model {
             config,
             weights,
             tokenizer,
+            pool,
         })
     }
 
@@ -64,15 +88,14 @@ impl Model {
     /// end-of-generation token (which is included).
     pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
         let mut seq = self.new_sequence(prompt.len() + max_tokens);
-        let mut logits = self.forward(&mut seq, prompt, 1)?;
+        let mut next = argmax(self.forward_logits(&mut seq, prompt, 1)?);
         let mut out = Vec::with_capacity(max_tokens);
         for i in 0..max_tokens {
-            let next = argmax(&logits);
             out.push(next);
             if self.tokenizer.end_of_generation_ids().contains(&next) || i + 1 == max_tokens {
                 break;
             }
-            logits = self.forward(&mut seq, &[next], 1)?;
+            next = argmax(self.forward_logits(&mut seq, &[next], 1)?);
         }
         Ok(out)
     }
