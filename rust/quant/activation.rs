@@ -79,10 +79,11 @@ impl QuantizedActivations {
         self.format = format;
         self.n = x.len();
         let out = self.bytes.as_mut_slice();
+        let kernels = super::dispatch::kernels();
         match format {
-            GgmlType::Q8_0 => quantize_q8_0(x, out),
-            GgmlType::Q8_1 => quantize_q8_1(x, out),
-            GgmlType::Q8K => quantize_q8_k(x, out),
+            GgmlType::Q8_0 => (kernels.quantize_q8_0)(x, out),
+            GgmlType::Q8_1 => (kernels.quantize_q8_1)(x, out),
+            GgmlType::Q8K => (kernels.quantize_q8_k)(x, out),
             GgmlType::F16 => {
                 for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
                     o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
