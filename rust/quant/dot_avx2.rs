@@ -115,12 +115,20 @@ pub(super) unsafe fn load128(p: *const u8) -> __m128i {
     _mm_loadu_si128(p.cast())
 }
 
-/// The f16 at `p`, widened exactly.
+/// The f16 at `p`, widened exactly, in all eight lanes. (Broadcasting before the
+/// conversion writes the whole register: a scalar conversion lets LLVM insert the 16 bits
+/// into a register that is still in use, and the kernel then waits on that register.)
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn f16_at(p: *const u8) -> f32 {
-    let bits = p.cast::<u16>().read_unaligned();
-    _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(bits))))
+pub(super) unsafe fn f16_splat(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+}
+
+/// The two adjacent f16 at `p`, widened exactly: lanes `[a, b, a, b, a, b, a, b]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_pair_splat(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi32(p.cast::<i32>().read_unaligned()))
 }
 
 /// Sum of the eight lanes, in a fixed order.
@@ -171,11 +179,11 @@ unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     for b in 0..blocks {
         let y = a.add(b * SIZE);
         let qy = load256(y.add(2));
-        let dy = f16_at(y);
+        let dy = f16_splat(y);
         for r in 0..R {
             let x = w[r].add(b * SIZE);
             let sums = dot_i8_i8(load256(x.add(2)), qy);
-            let d = _mm256_set1_ps(f16_at(x) * dy);
+            let d = _mm256_mul_ps(f16_splat(x), dy);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
         }
     }
@@ -194,23 +202,26 @@ unsafe fn q4_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     let a = act.as_ptr();
     let w = rows.map(<[u8]>::as_ptr);
     let mut acc = [_mm256_setzero_ps(); R];
-    // The minimum's share, m * s per block, summed apart from the lanes.
-    let mut min_part = [0f32; R];
+    // Odd lanes: the minimum's share, m * s per block, summed apart from the products.
+    let mut min_part = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let y = a.add(b * ACT);
         let qy = load256(y.add(4));
-        let (dy, sy) = (f16_at(y), f16_at(y.add(2)));
+        let ds_y = f16_pair_splat(y);
         for r in 0..R {
             let x = w[r].add(b * SIZE);
             let sums = dot_u8_i8(nibbles(load128(x.add(4))), qy);
-            let d = _mm256_set1_ps(f16_at(x) * dy);
+            // [d * dy, m * s] four times
+            let scales = _mm256_mul_ps(f16_pair_splat(x), ds_y);
+            let d = _mm256_moveldup_ps(scales);
             acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
-            min_part[r] += f16_at(x.add(2)) * sy;
+            min_part[r] = _mm256_add_ps(min_part[r], scales);
         }
     }
     let mut out = [0f32; R];
     for r in 0..R {
-        out[r] = hsum(acc[r]) + min_part[r];
+        let m = _mm_movehdup_ps(_mm256_castps256_ps128(min_part[r]));
+        out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
     }
     out
 }
