@@ -18,6 +18,7 @@ use std::sync::OnceLock;
 use crate::error::{EngineError, Result};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
+use crate::quant;
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// The attention geometry of one layer.
@@ -162,21 +163,11 @@ fn attend_one(
     }
 }
 
-/// Whether the AVX2+FMA loops may run (asked once; `SAMPLER_SDK_SIMD=scalar` says no).
+/// Whether the AVX2+FMA loops may run: the quantized kernels' choice for this process
+/// (so `SAMPLER_SDK_SIMD=scalar` forces the portable loops here too).
 fn use_avx2() -> bool {
     static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| {
-        let forced_scalar = std::env::var("SAMPLER_SDK_SIMD").is_ok_and(|v| v == "scalar");
-        #[cfg(target_arch = "x86_64")]
-        {
-            !forced_scalar && is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma")
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        {
-            let _ = forced_scalar;
-            false
-        }
-    })
+    *AVX2.get_or_init(|| quant::kernels().level() >= quant::SimdLevel::Avx2)
 }
 
 /// `scores[j] = scale * (q · keys[j])` for each row `j` of `keys` (rows of `q.len()`).

@@ -20,10 +20,7 @@ use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::TensorInfo;
-use crate::quant::{self, DotFn, GgmlType, QuantizedActivations};
-
-// Until the SIMD branch lands `quant::kernel4_for`: four single-row calls.
-type Dot4Fn = fn(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
+use crate::quant::{self, Dot4Fn, DotFn, GgmlType, QuantizedActivations};
 use crate::threads::{self, DisjointSlice, ThreadPool};
 
 /// Output rows are handed to threads in multiples of this: a multiple of the four-row
@@ -207,7 +204,7 @@ impl ActivationBatch {
 struct Kernels {
     ty: GgmlType,
     one: DotFn,
-    four: Option<Dot4Fn>,
+    four: Dot4Fn,
 }
 
 impl Kernels {
@@ -215,7 +212,7 @@ impl Kernels {
         Self {
             ty,
             one: quant::kernel_for(ty),
-            four: None,
+            four: quant::kernel4_for(ty),
         }
     }
 
@@ -236,23 +233,18 @@ impl Kernels {
         }
         let (bytes, n) = (act.bytes(), act.len());
         let mut r = rows.start;
-        let single = match self.four {
-            Some(four) => {
-                let mut quads = dst.chunks_exact_mut(4);
-                for quad in quads.by_ref() {
-                    let rows4 = [
-                        w.row(file, r),
-                        w.row(file, r + 1),
-                        w.row(file, r + 2),
-                        w.row(file, r + 3),
-                    ];
-                    quad.copy_from_slice(&four(rows4, bytes, n));
-                    r += 4;
-                }
-                quads.into_remainder()
-            }
-            None => dst,
-        };
+        let mut quads = dst.chunks_exact_mut(4);
+        for quad in quads.by_ref() {
+            let rows4 = [
+                w.row(file, r),
+                w.row(file, r + 1),
+                w.row(file, r + 2),
+                w.row(file, r + 3),
+            ];
+            quad.copy_from_slice(&(self.four)(rows4, bytes, n));
+            r += 4;
+        }
+        let single = quads.into_remainder();
         for o in single {
             *o = (self.one)(w.row(file, r), bytes, n);
             r += 1;
