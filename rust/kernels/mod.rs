@@ -2,3 +2,4 @@
 pub mod attention;
 pub mod matmul;
 pub mod ops;
+pub mod resident;

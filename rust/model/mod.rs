@@ -10,6 +10,7 @@ use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::kernels::resident::ResidentBytes;
 use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
 
@@ -25,20 +26,45 @@ pub struct Model {
     /// The threads the forward pass splits its work over, shared with every model loaded
     /// with the same thread count (see `threads` for the concurrency policy).
     pub(crate) pool: Arc<ThreadPool>,
+    /// The tensor data in huge pages, when loaded from a path on a system that has them
+    /// (see `kernels::resident`); otherwise the forward pass reads the file mapping.
+    resident: Option<ResidentBytes>,
 }
 
 impl Model {
     /// Loads a model that runs on the default number of threads
     /// ([`crate::threads::default_thread_count`]: physical cores, or `SAMPLER_SDK_THREADS`).
     pub fn load(path: &Path) -> Result<Self> {
-        Self::from_gguf(GgufFile::open(path)?)
+        Self::from_gguf(GgufFile::open(path)?)?.with_resident_weights(path)
     }
 
     /// Loads a model whose forward pass runs on `n_threads` threads (1 to
     /// [`crate::threads::MAX_THREADS`]). Results do not depend on the thread count.
     pub fn load_with_threads(path: &Path, n_threads: usize) -> Result<Self> {
         let pool = ThreadPool::shared(n_threads)?;
-        Self::from_gguf_with_pool(GgufFile::open(path)?, pool)
+        Self::from_gguf_with_pool(GgufFile::open(path)?, pool)?.with_resident_weights(path)
+    }
+
+    /// Copies the tensor data of the file at `path` (this model's file) into huge pages.
+    fn with_resident_weights(mut self, path: &Path) -> Result<Self> {
+        let data = self.file.data();
+        let data_start = self
+            .file
+            .tensors()
+            .iter()
+            .filter_map(|t| usize::try_from(t.offset).ok())
+            .min()
+            .unwrap_or(data.len());
+        self.resident = ResidentBytes::load(path, data_start, data.len())?;
+        Ok(self)
+    }
+
+    /// The bytes weight matrices are read from: the file's, at file offsets.
+    pub(crate) fn weight_bytes(&self) -> &[u8] {
+        match &self.resident {
+            Some(resident) => resident.bytes(),
+            None => self.file.data(),
+        }
     }
 
     pub fn from_gguf(file: GgufFile) -> Result<Self> {
@@ -77,6 +103,7 @@ impl Model {
             weights,
             tokenizer,
             pool,
+            resident: None,
         })
     }
 

@@ -151,7 +151,7 @@ impl Model {
         }
         seq.kv.reserve_to(end);
 
-        let file = self.file.data();
+        let file = self.weight_bytes();
         let pool = &*self.pool;
         let w = &self.weights;
         let (d, q_dim, kv_dim, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
