@@ -1159,8 +1159,8 @@ unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 
 // ---- Activation quantisation ------------------------------------------------------------
 //
-// Bit-identical to `activation::quantize_q8_*` for finite input (NaN may quantise
-// differently; C leaves it undefined too).
+// Bit-identical to `activation::quantize_q8_*` for finite input. A block holding NaN or
+// infinity quantises differently (C leaves the conversion undefined there too).
 
 /// Largest of the eight lanes.
 #[inline]
