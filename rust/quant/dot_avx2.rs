@@ -245,6 +245,35 @@ pub(super) unsafe fn f16_gather4(ptrs: [*const u8; 4]) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
 }
 
+/// Where the caller's next rows probably start: just past `rows` when they are consecutive
+/// in memory (rows of one matrix), so a matvec's next four-row call reads there. The
+/// multi-row kernels prefetch those bytes block by block: reading four rows side by side
+/// makes four short streams, which the hardware prefetcher does not follow, and without the
+/// prefetch a four-row matvec streams from DRAM at half the rate of a single-row one.
+#[inline(always)]
+pub(super) fn next_rows<const R: usize>(rows: &[&[u8]; R]) -> Option<*const u8> {
+    // (Prefetching two calls ahead instead was measured slower.)
+    let consecutive = R > 1
+        && rows
+            .windows(2)
+            .all(|pair| pair[0].as_ptr_range().end == pair[1].as_ptr());
+    rows.last()
+        .filter(|_| consecutive)
+        .map(|row| row.as_ptr_range().end)
+}
+
+/// Prefetches the cache lines of `len` bytes from `p` into L1. A prefetch never faults,
+/// so `p` need not be valid (it is never dereferenced).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn prefetch(p: *const u8, len: usize) {
+    let mut offset = 0;
+    while offset < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset).cast());
+        offset += 64;
+    }
+}
+
 /// Sum of the eight lanes, in a fixed order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -281,8 +310,12 @@ pub(super) unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     let blocks = common_blocks(GgmlType::Q8_0, &rows, act, n);
     let a = act.as_ptr();
     let w = rows.map(<[u8]>::as_ptr);
+    let next = next_rows(&rows);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * R * SIZE), R * SIZE);
+        }
         let y = a.add(b * SIZE);
         let qy = load256(y.add(2));
         let dy = f16_splat(y);
@@ -539,11 +572,15 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
+    let next = next_rows(&rows);
     let low4 = _mm256_set1_epi8(0x0F);
     // acc[p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
     let mut acc = [_mm256_setzero_ps(); 2];
     let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let y = a.add(b * F::ACT);
         let x = w.map(|w| w.add(b * F::SIZE));
         let y_lo = load128(y.add(F::ACT_QS));
