@@ -457,19 +457,6 @@ fn bit4_from_bits_32(bits: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// [`bit4_from_bits_32`] for 16 bits and 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn bit4_from_bits_16(bits: u32) -> __m128i {
-    let spread = _mm_shuffle_epi8(
-        _mm_set1_epi32(bits as i32),
-        _mm_set_epi64x(0x0101_0101_0101_0101, 0),
-    );
-    let select = _mm_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
-    _mm_and_si128(set, _mm_set1_epi8(0x10))
-}
-
 /// The activation block's lane excess `OFFSET * (sum y[4k..4k+4] + sum y[16+4k..16+4k+4])`
 /// from its quants split in halves.
 #[inline]
@@ -524,9 +511,9 @@ pub(super) unsafe fn small_one<F: SmallFormat>(row: &[u8], act: &[u8], n: usize)
         let mut lo = _mm_and_si128(q, low4);
         let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
         if F::QH.is_some() {
-            let bits = high_bits::<F>(x);
-            lo = _mm_or_si128(lo, bit4_from_bits_16(bits & 0xFFFF));
-            hi = _mm_or_si128(hi, bit4_from_bits_16(bits >> 16));
+            let high = bit4_from_bits_32(high_bits::<F>(x));
+            lo = _mm_or_si128(lo, _mm256_castsi256_si128(high));
+            hi = _mm_or_si128(hi, _mm256_extracti128_si256::<1>(high));
         }
         let pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, y_lo), _mm_maddubs_epi16(hi, y_hi));
         let mut sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
