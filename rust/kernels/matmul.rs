@@ -216,8 +216,8 @@ impl Kernels {
         }
     }
 
-    /// `dst[i] = W[rows.start + i] · act` for the rows of one tile; `prefetch` also
-    /// requests the rows that follow (once per tile is enough: later tokens find them).
+    /// `dst[i] = W[rows.start + i] · act` for the rows of one tile. (The four-row kernels
+    /// prefetch the rows that follow theirs; a second prefetch here was measured slower.)
     #[inline]
     fn dot_rows(
         &self,
@@ -226,7 +226,6 @@ impl Kernels {
         rows: Range<usize>,
         act: &QuantizedActivations,
         dst: &mut [f32],
-        prefetch: bool,
     ) {
         if act.format() != quant::activation_type(self.ty) {
             // Unreachable through `ActivationBatch`; a NaN row, as `quant::dot_row` gives.
@@ -237,9 +236,6 @@ impl Kernels {
         let mut r = rows.start;
         let mut quads = dst.chunks_exact_mut(4);
         for quad in quads.by_ref() {
-            if prefetch {
-                prefetch_rows(w, file, r + PREFETCH_ROWS_AHEAD, 4);
-            }
             let rows4 = [
                 w.row(file, r),
                 w.row(file, r + 1),
@@ -255,40 +251,6 @@ impl Kernels {
             r += 1;
         }
     }
-}
-
-/// How far ahead of the rows being dotted their successors are requested from memory.
-/// The hardware prefetchers do not follow four interleaved row streams that each last a
-/// few hundred bytes; without this, a matrix that does not fit in cache (the vocabulary
-/// projection) ran at a fifth of the memory bandwidth, stalled on the weight loads.
-const PREFETCH_ROWS_AHEAD: usize = 8;
-
-/// Asks for the bytes of rows `first..first + count` of `w` (clamped to the matrix) to be
-/// brought into cache; a hint only, never a fault.
-#[inline]
-fn prefetch_rows(w: &WeightMatrix, file: &[u8], first: usize, count: usize) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        let end_row = (first + count).min(w.n_rows);
-        if first >= end_row {
-            return;
-        }
-        let start = w.offset + first * w.row_bytes;
-        let end = (w.offset + end_row * w.row_bytes).min(file.len());
-        let base = file.as_ptr();
-        let mut at = start;
-        while at < end {
-            // SAFETY: `at < file.len()`, so the address is inside the mapping; prefetch
-            // reads nothing architecturally and cannot fault.
-            unsafe {
-                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
-                _mm_prefetch::<_MM_HINT_T0>(base.add(at).cast());
-            }
-            at += 64;
-        }
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = (w, file, first, count);
 }
 
 /// For rows `rows` of `w` and every token `t`: `out[t * w.n_rows + r] = W[r] · acts[t]`,
@@ -309,7 +271,7 @@ fn product_rows(
             // SAFETY: threads own disjoint row ranges, so for a given token their output
             // ranges are disjoint too, and this thread holds one part at a time.
             let dst = unsafe { out.part(base + tile.start..base + tile.end) };
-            kernels.dot_rows(w, file, tile.clone(), act, dst, t == 0);
+            kernels.dot_rows(w, file, tile.clone(), act, dst);
         }
         tile_start = tile.end;
     }
@@ -432,8 +394,8 @@ pub fn matmul_gated(
                 // SAFETY: as in `product_rows`.
                 let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                 let up_values = &mut up_tile[..tile.len()];
-                gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst, t == 0);
-                up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values, t == 0);
+                gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst);
+                up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values);
                 for (g, &u) in dst.iter_mut().zip(up_values.iter()) {
                     *g = activation(*g) * u;
                 }
