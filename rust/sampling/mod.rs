@@ -102,6 +102,7 @@ pub struct Sampler {
     scaled: Vec<f32>,
     weights: Vec<f32>,
     candidates: Vec<Candidate>,
+    histogram: steps::DistanceHistogram,
 }
 
 /// What the candidate search settled: the drawn token and its final probability.
@@ -143,8 +144,9 @@ impl Sampler {
         Ok(SampledToken { id: choice.id, prob: choice.prob, logprob_raw, top_k })
     }
 
-    /// Collects candidates in widening bands below the maximum, sorting each band, until the
-    /// sorted prefix settles the nucleus, the draw and the top-8 list.
+    /// Collects candidates in widening bands below the maximum and sorts them lazily: within
+    /// a band, first only the part the histogram predicts will settle the nucleus, the draw
+    /// and the top-8 list, then the rest of the band, then the next band.
     fn choose(
         &mut self,
         n_allowed: usize,
@@ -154,27 +156,67 @@ impl Sampler {
         uniform: Option<f64>,
         top_k: &mut Vec<(u32, f32)>,
     ) -> Result<Choice> {
+        // What a sorted prefix must hold to settle everything: more than p of the mass (the
+        // nucleus), or more than the draw's target when p = 1; and, unless the nucleus
+        // bounds the top-8 list, enough tokens to fill it and prove it complete. The small
+        // slack covers sums accumulated in a different order.
+        let slack = 1e-9 * normaliser;
+        let (min_mass, min_count) = match uniform {
+            _ if nucleus_p < 1.0 => (f64::from(nucleus_p) * normaliser + slack, 0),
+            Some(uniform) => (uniform * normaliser + slack, 2 * TOP_K),
+            None => (0.0, 2 * TOP_K),
+        };
         self.candidates.clear();
-        let mut distance = steps::first_search_distance(n_allowed, normaliser, nucleus_p);
+        self.histogram.clear();
+        let mut sorted_len = 0;
+        let mut bands = steps::BandSchedule::new(n_allowed, normaliser, nucleus_p);
         let mut upper = f32::INFINITY;
         loop {
-            let complete = !(distance < WHOLE_SUPPORT_DISTANCE);
-            let lower = if complete { f32::NEG_INFINITY } else { max - distance };
-            let band_start = self.candidates.len();
-            steps::collect_candidates(&self.scaled, &self.weights, lower, upper, &mut self.candidates);
-            self.candidates[band_start..].sort_unstable_by_key(Candidate::descending_key);
+            let complete = !(bands.distance() < WHOLE_SUPPORT_DISTANCE);
+            let lower = if complete { f32::NEG_INFINITY } else { max - bands.distance() };
+            steps::collect_candidates(
+                &self.scaled,
+                &self.weights,
+                max,
+                (lower, upper),
+                &mut self.candidates,
+                &mut self.histogram,
+            );
+            let cut = self.histogram.cut_for(max, lower, min_mass, min_count);
+            let split = sorted_len + partition_in_place(&mut self.candidates[sorted_len..], |c| c.logit >= cut);
+            if sorted_len < split && split < self.candidates.len() {
+                self.candidates[sorted_len..split].sort_unstable_by_key(Candidate::descending_key);
+                sorted_len = split;
+                if let Some(choice) = settle(&self.candidates[..split], false, max, normaliser, nucleus_p, uniform, top_k)
+                {
+                    return Ok(choice);
+                }
+            }
+            self.candidates[sorted_len..].sort_unstable_by_key(Candidate::descending_key);
+            sorted_len = self.candidates.len();
             if let Some(choice) = settle(&self.candidates, complete, max, normaliser, nucleus_p, uniform, top_k) {
                 return Ok(choice);
             }
             if complete {
-                return Err(EngineError::Internal(
-                    "sampling: the whole support left the draw undecided".to_string(),
-                ));
+                return Err(EngineError::Internal("sampling: the whole support left the draw undecided".to_string()));
             }
             upper = lower;
-            distance *= 2.0;
+            bands.widen();
         }
     }
+}
+
+/// Moves the elements satisfying `keep` to the front (in no particular order) and returns
+/// how many there are.
+fn partition_in_place<T>(items: &mut [T], keep: impl Fn(&T) -> bool) -> usize {
+    let mut front = 0;
+    for index in 0..items.len() {
+        if keep(&items[index]) {
+            items.swap(front, index);
+            front += 1;
+        }
+    }
+    front
 }
 
 /// Validates the logits against the mask; returns how many tokens are allowed.
