@@ -20,7 +20,12 @@ pub(crate) fn final_prob(weight: f32, normaliser: f64) -> f32 {
 /// running sum never exceeds the target (rounding, when the normaliser was summed in another
 /// order), the last kept token is chosen when `kept` is whole, and `None` asks the caller for
 /// more tokens otherwise.
-pub(crate) fn draw_index(kept: &[Candidate], normaliser: f64, uniform: f64, whole: bool) -> Option<usize> {
+pub(crate) fn draw_index(
+    kept: &[Candidate],
+    normaliser: f64,
+    uniform: f64,
+    whole: bool,
+) -> Option<usize> {
     let target = uniform * normaliser;
     let mut cumulative = 0.0f64;
     for (index, candidate) in kept.iter().enumerate() {
@@ -84,7 +89,10 @@ fn ranks_before(a: (u32, f32), b: (u32, f32)) -> bool {
 }
 
 fn insert_ranked(top: &mut Vec<(u32, f32)>, entry: (u32, f32)) {
-    let position = top.iter().position(|&other| ranks_before(entry, other)).unwrap_or(top.len());
+    let position = top
+        .iter()
+        .position(|&other| ranks_before(entry, other))
+        .unwrap_or(top.len());
     top.insert(position, entry);
 }
 
@@ -96,7 +104,11 @@ mod tests {
         weights
             .iter()
             .enumerate()
-            .map(|(id, &weight)| Candidate { id: id as u32, logit: weight.ln(), weight })
+            .map(|(id, &weight)| Candidate {
+                id: id as u32,
+                logit: weight.ln(),
+                weight,
+            })
             .collect()
     }
 
@@ -127,8 +139,14 @@ mod tests {
     #[test]
     fn top_k_keeps_the_lowest_ids_among_equal_probabilities() {
         // Twelve equal weights but listed with ids descending: ties must resolve to ids 0..8.
-        let list: Vec<Candidate> =
-            (0..12u32).rev().map(|id| Candidate { id, logit: 0.0, weight: 1.0 }).collect();
+        let list: Vec<Candidate> = (0..12u32)
+            .rev()
+            .map(|id| Candidate {
+                id,
+                logit: 0.0,
+                weight: 1.0,
+            })
+            .collect();
         let mut top = Vec::new();
         assert!(top_k(&list, 12.0, 0.0, true, &mut top));
         let ids: Vec<u32> = top.iter().map(|&(id, _)| id).collect();
@@ -139,13 +157,22 @@ mod tests {
 
     #[test]
     fn top_k_stops_early_once_the_rest_is_provably_lighter() {
-        let mut list: Vec<Candidate> =
-            (0..9u32).map(|id| Candidate { id, logit: -(id as f32), weight: exp32(-(id as f32)) }).collect();
+        let mut list: Vec<Candidate> = (0..9u32)
+            .map(|id| Candidate {
+                id,
+                logit: -(id as f32),
+                weight: exp32(-(id as f32)),
+            })
+            .collect();
         let mut top = Vec::new();
         // Token 8 is the witness; an incomplete prefix ending just after it is undecided, one
         // reaching a token EXP_ORDER_GAP lower is decided.
         assert!(!top_k(&list, 2.0, 0.0, false, &mut top));
-        list.push(Candidate { id: 9, logit: -9.0, weight: exp32(-9.0) });
+        list.push(Candidate {
+            id: 9,
+            logit: -9.0,
+            weight: exp32(-9.0),
+        });
         assert!(top_k(&list, 2.0, 0.0, false, &mut top));
         assert_eq!(top.len(), TOP_K);
         assert_eq!(top[7].0, 7);

@@ -127,13 +127,20 @@ impl TokenMask {
         } else {
             Err(EngineError::invalid(
                 self.param_name(),
-                format!("token id {id} is outside the vocabulary of {} tokens", self.n_vocab),
+                format!(
+                    "token id {id} is outside the vocabulary of {} tokens",
+                    self.n_vocab
+                ),
             ))
         }
     }
 
     fn finish(mut self) -> Result<TokenMask> {
-        self.n_allowed = self.words.iter().map(|word| word.count_ones() as usize).sum();
+        self.n_allowed = self
+            .words
+            .iter()
+            .map(|word| word.count_ones() as usize)
+            .sum();
         if self.n_allowed == 0 {
             let message = match self.source {
                 MaskSource::AllowedTokens => "no token is allowed (the list is empty)",
@@ -185,9 +192,17 @@ mod tests {
     #[test]
     fn out_of_range_ids_are_refused_naming_the_parameter() {
         let err = TokenMask::allow_only(10, &[2, 10]).unwrap_err().to_string();
-        assert!(err.contains("allowed_tokens") && err.contains("token id 10"), "{err}");
-        let err = TokenMask::disallow(10, &[u32::MAX]).unwrap_err().to_string();
-        assert!(err.contains("disallowed_tokens") && err.contains("vocabulary of 10"), "{err}");
+        assert!(
+            err.contains("allowed_tokens") && err.contains("token id 10"),
+            "{err}"
+        );
+        let err = TokenMask::disallow(10, &[u32::MAX])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("disallowed_tokens") && err.contains("vocabulary of 10"),
+            "{err}"
+        );
     }
 
     #[test]

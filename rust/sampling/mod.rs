@@ -119,12 +119,21 @@ impl Sampler {
     /// Samples one token from `logits` (one per vocabulary entry) as the module docs
     /// specify. Errors (InvalidArgument) on bad parameters, empty logits, a mask built for
     /// another vocabulary size, or when no allowed token has a finite logit.
-    pub fn sample(&mut self, logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> Result<SampledToken> {
+    pub fn sample(
+        &mut self,
+        logits: &[f32],
+        params: &SamplingParams,
+        rng: &mut Rng,
+    ) -> Result<SampledToken> {
         params.validate()?;
         let mask = params.mask.as_ref();
         let n_allowed = check_shapes(logits, params)?;
         let greedy = params.temperature == 0.0;
-        let (temperature, nucleus_p) = if greedy { (1.0, 1.0) } else { (params.temperature, params.nucleus_p) };
+        let (temperature, nucleus_p) = if greedy {
+            (1.0, 1.0)
+        } else {
+            (params.temperature, params.nucleus_p)
+        };
 
         let max = steps::scale_logits(logits, mask, temperature, &mut self.scaled)?;
         let normaliser = steps::softmax_weights(&self.scaled, max, &mut self.weights);
@@ -141,7 +150,12 @@ impl Sampler {
             steps::raw_log_normaliser(logits)
         };
         let logprob_raw = (f64::from(drawn_logit - raw_max) - raw_normaliser.ln()) as f32;
-        Ok(SampledToken { id: choice.id, prob: choice.prob, logprob_raw, top_k })
+        Ok(SampledToken {
+            id: choice.id,
+            prob: choice.prob,
+            logprob_raw,
+            top_k,
+        })
     }
 
     /// Collects candidates in widening bands below the maximum and sorts them lazily: within
@@ -172,8 +186,12 @@ impl Sampler {
         let mut bands = steps::BandSchedule::new(n_allowed, normaliser, nucleus_p);
         let mut upper = f32::INFINITY;
         loop {
-            let complete = !(bands.distance() < WHOLE_SUPPORT_DISTANCE);
-            let lower = if complete { f32::NEG_INFINITY } else { max - bands.distance() };
+            let complete = bands.distance() >= WHOLE_SUPPORT_DISTANCE;
+            let lower = if complete {
+                f32::NEG_INFINITY
+            } else {
+                max - bands.distance()
+            };
             steps::collect_candidates(
                 &self.scaled,
                 &self.weights,
@@ -183,22 +201,40 @@ impl Sampler {
                 &mut self.histogram,
             );
             let cut = self.histogram.cut_for(max, lower, min_mass, min_count);
-            let split = sorted_len + partition_in_place(&mut self.candidates[sorted_len..], |c| c.logit >= cut);
+            let split = sorted_len
+                + partition_in_place(&mut self.candidates[sorted_len..], |c| c.logit >= cut);
             if sorted_len < split && split < self.candidates.len() {
                 self.candidates[sorted_len..split].sort_unstable_by_key(Candidate::descending_key);
                 sorted_len = split;
-                if let Some(choice) = settle(&self.candidates[..split], false, max, normaliser, nucleus_p, uniform, top_k)
-                {
+                if let Some(choice) = settle(
+                    &self.candidates[..split],
+                    false,
+                    max,
+                    normaliser,
+                    nucleus_p,
+                    uniform,
+                    top_k,
+                ) {
                     return Ok(choice);
                 }
             }
             self.candidates[sorted_len..].sort_unstable_by_key(Candidate::descending_key);
             sorted_len = self.candidates.len();
-            if let Some(choice) = settle(&self.candidates, complete, max, normaliser, nucleus_p, uniform, top_k) {
+            if let Some(choice) = settle(
+                &self.candidates,
+                complete,
+                max,
+                normaliser,
+                nucleus_p,
+                uniform,
+                top_k,
+            ) {
                 return Ok(choice);
             }
             if complete {
-                return Err(EngineError::Internal("sampling: the whole support left the draw undecided".to_string()));
+                return Err(EngineError::Internal(
+                    "sampling: the whole support left the draw undecided".to_string(),
+                ));
             }
             upper = lower;
             bands.widen();
@@ -222,7 +258,10 @@ fn partition_in_place<T>(items: &mut [T], keep: impl Fn(&T) -> bool) -> usize {
 /// Validates the logits against the mask; returns how many tokens are allowed.
 fn check_shapes(logits: &[f32], params: &SamplingParams) -> Result<usize> {
     if logits.is_empty() {
-        return Err(EngineError::invalid("logits", "no logits given (the vector is empty)"));
+        return Err(EngineError::invalid(
+            "logits",
+            "no logits given (the vector is empty)",
+        ));
     }
     if u32::try_from(logits.len()).is_err() {
         return Err(EngineError::invalid(
@@ -234,11 +273,16 @@ fn check_shapes(logits: &[f32], params: &SamplingParams) -> Result<usize> {
         None => Ok(logits.len()),
         Some(mask) if mask.n_vocab() != logits.len() => Err(EngineError::invalid(
             mask.param_name(),
-            format!("the mask covers {} tokens but there are {} logits", mask.n_vocab(), logits.len()),
+            format!(
+                "the mask covers {} tokens but there are {} logits",
+                mask.n_vocab(),
+                logits.len()
+            ),
         )),
-        Some(mask) if mask.n_allowed() == 0 => {
-            Err(EngineError::invalid(mask.param_name(), "every token is masked out"))
-        }
+        Some(mask) if mask.n_allowed() == 0 => Err(EngineError::invalid(
+            mask.param_name(),
+            "every token is masked out",
+        )),
         Some(mask) => Ok(mask.n_allowed()),
     }
 }
@@ -257,7 +301,8 @@ fn settle(
     let (kept, kept_normaliser, whole) = if nucleus_p >= 1.0 {
         (sorted, normaliser, complete)
     } else {
-        let (n_kept, kept_normaliser) = steps::nucleus_cut(sorted, normaliser, nucleus_p, complete)?;
+        let (n_kept, kept_normaliser) =
+            steps::nucleus_cut(sorted, normaliser, nucleus_p, complete)?;
         (&sorted[..n_kept], kept_normaliser, true)
     };
     let (drawn, prob) = match uniform {

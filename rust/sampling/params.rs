@@ -17,14 +17,22 @@ pub struct SamplingParams {
 impl Default for SamplingParams {
     /// The SDK's defaults: temperature 0.7, nucleus_p 0.95, no mask.
     fn default() -> Self {
-        SamplingParams { temperature: 0.7, nucleus_p: 0.95, mask: None }
+        SamplingParams {
+            temperature: 0.7,
+            nucleus_p: 0.95,
+            mask: None,
+        }
     }
 }
 
 impl SamplingParams {
     /// Greedy decoding over the whole vocabulary.
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, nucleus_p: 1.0, mask: None }
+        SamplingParams {
+            temperature: 0.0,
+            nucleus_p: 1.0,
+            mask: None,
+        }
     }
 
     /// Checks every field; the error names the parameter and the value it got.
@@ -33,7 +41,10 @@ impl SamplingParams {
         if !(self.temperature.is_finite() && self.temperature >= 0.0) {
             return Err(EngineError::invalid(
                 "temperature",
-                format!("temperature must be >= 0 and finite, got {}", self.temperature),
+                format!(
+                    "temperature must be >= 0 and finite, got {}",
+                    self.temperature
+                ),
             ));
         }
         if !(self.nucleus_p > 0.0 && self.nucleus_p <= 1.0) {
@@ -51,7 +62,11 @@ mod tests {
     use super::*;
 
     fn message(temperature: f32, nucleus_p: f32) -> Option<String> {
-        let params = SamplingParams { temperature, nucleus_p, mask: None };
+        let params = SamplingParams {
+            temperature,
+            nucleus_p,
+            mask: None,
+        };
         params.validate().err().map(|err| match err {
             EngineError::InvalidArgument { param, message } => format!("{param}|{message}"),
             other => panic!("unexpected error kind: {other}"),
@@ -61,7 +76,11 @@ mod tests {
     #[test]
     fn accepts_the_documented_ranges() {
         for (temperature, nucleus_p) in [(0.0, 1.0), (0.7, 0.95), (1e-30, 1e-30), (100.0, 0.5)] {
-            assert_eq!(message(temperature, nucleus_p), None, "{temperature} {nucleus_p}");
+            assert_eq!(
+                message(temperature, nucleus_p),
+                None,
+                "{temperature} {nucleus_p}"
+            );
         }
         assert!(SamplingParams::default().validate().is_ok());
         assert!(SamplingParams::greedy().validate().is_ok());
@@ -82,8 +101,14 @@ mod tests {
 
     #[test]
     fn bad_nucleus_p_is_named() {
-        assert_eq!(message(0.7, 1.5).as_deref(), Some("nucleus_p|nucleus_p must be in (0, 1], got 1.5"));
-        assert_eq!(message(0.7, 0.0).as_deref(), Some("nucleus_p|nucleus_p must be in (0, 1], got 0"));
+        assert_eq!(
+            message(0.7, 1.5).as_deref(),
+            Some("nucleus_p|nucleus_p must be in (0, 1], got 1.5")
+        );
+        assert_eq!(
+            message(0.7, 0.0).as_deref(),
+            Some("nucleus_p|nucleus_p must be in (0, 1], got 0")
+        );
         assert!(message(0.7, -0.5).unwrap().starts_with("nucleus_p|"));
         assert!(message(0.7, f32::NAN).unwrap().starts_with("nucleus_p|"));
     }

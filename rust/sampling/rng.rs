@@ -107,8 +107,16 @@ mod tests {
     #[test]
     fn splitmix64_matches_the_reference_outputs() {
         for (index, &expected) in SPLITMIX_EXPECTED.iter().enumerate() {
-            assert_eq!(splitmix64_output(SPLITMIX_SEED, index as u64), expected, "output {index}");
-            assert_eq!(derive_call_seed(SPLITMIX_SEED, index as u64), expected, "call {index}");
+            assert_eq!(
+                splitmix64_output(SPLITMIX_SEED, index as u64),
+                expected,
+                "output {index}"
+            );
+            assert_eq!(
+                derive_call_seed(SPLITMIX_SEED, index as u64),
+                expected,
+                "call {index}"
+            );
         }
     }
 
@@ -137,12 +145,15 @@ mod tests {
     #[test]
     fn seeding_fills_the_state_with_splitmix_outputs() {
         let rng = Rng::from_seed(SPLITMIX_SEED);
-        assert_eq!(rng.state, [
-            SPLITMIX_EXPECTED[0],
-            SPLITMIX_EXPECTED[1],
-            SPLITMIX_EXPECTED[2],
-            SPLITMIX_EXPECTED[3]
-        ]);
+        assert_eq!(
+            rng.state,
+            [
+                SPLITMIX_EXPECTED[0],
+                SPLITMIX_EXPECTED[1],
+                SPLITMIX_EXPECTED[2],
+                SPLITMIX_EXPECTED[3]
+            ]
+        );
     }
 
     /// Pins the streams of seeds 0 and 42 so an accidental change to seeding or output
@@ -157,8 +168,16 @@ mod tests {
         assert_eq!(forty_two_stream, PINNED_SEED_42);
     }
 
-    const PINNED_SEED_0: [u64; 3] = [11_091_344_671_253_066_420, 13_793_997_310_169_335_082, 1_900_383_378_846_508_768];
-    const PINNED_SEED_42: [u64; 3] = [1_546_998_764_402_558_742, 6_990_951_692_964_543_102, 12_544_586_762_248_559_009];
+    const PINNED_SEED_0: [u64; 3] = [
+        11_091_344_671_253_066_420,
+        13_793_997_310_169_335_082,
+        1_900_383_378_846_508_768,
+    ];
+    const PINNED_SEED_42: [u64; 3] = [
+        1_546_998_764_402_558_742,
+        6_990_951_692_964_543_102,
+        12_544_586_762_248_559_009,
+    ];
 
     #[test]
     fn next_f64_is_in_the_unit_interval_on_53_bits() {

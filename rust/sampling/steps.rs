@@ -72,7 +72,7 @@ pub(crate) fn exp32(x: f32) -> f32 {
     const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, so k * LN2_HI is exact
     const LN2_LO: f32 = -2.121_944_4e-4;
     const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
-    // Written as `x >= limit` so that NaN, like anything below the limit, gives 0.
+                                       // Written as `x >= limit` so that NaN, like anything below the limit, gives 0.
     let clamped = if x >= EXP_UNDERFLOW { x } else { EXP_UNDERFLOW };
     let shifted = clamped * LOG2_E + ROUNDER;
     let k = shifted - ROUNDER;
@@ -82,7 +82,8 @@ pub(crate) fn exp32(x: f32) -> f32 {
         + r * (1.0
             + r * (1.0 / 2.0
                 + r * (1.0 / 6.0
-                    + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
     let two_to_k = f32::from_bits(((k_int + 127) as u32) << 23);
     let value = poly * two_to_k;
     if x >= EXP_UNDERFLOW {
@@ -110,17 +111,22 @@ fn lane_max_body(values: &[f32]) -> f32 {
     for (lane, &value) in lanes.iter_mut().zip(rest) {
         *lane = if value > *lane { value } else { *lane };
     }
-    lanes.iter().fold(f32::NEG_INFINITY, |max, &lane| if lane > max { lane } else { max })
+    lanes.iter().fold(
+        f32::NEG_INFINITY,
+        |max, &lane| if lane > max { lane } else { max },
+    )
 }
 
 /// Combines the interleaved accumulators in a fixed tree order (part of the canonical sum).
 fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 /// The canonical sum of f32 terms: term `i` is added in f64 to accumulator `i % 8`, the
 /// accumulators are then combined as ((0+1)+(2+3))+((4+5)+(6+7)). Independent accumulators
 /// let the loop vectorise; the fixed order makes the result reproducible.
+#[inline(always)]
 pub(crate) fn lane_sum(terms: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
     accumulate_lanes(&mut lanes, terms);
@@ -190,12 +196,20 @@ fn scale_one(logit: f32, shift: f32, temperature: f32) -> f32 {
 
 /// Writes the scaled logit of every allowed token and -inf for the others, touching each
 /// disallowed token once when few are disallowed and each allowed one once when few are allowed.
-fn fill_scaled(logits: &[f32], mask: Option<&TokenMask>, scaled: &mut Vec<f32>, shift: f32, temperature: f32) {
+fn fill_scaled(
+    logits: &[f32],
+    mask: Option<&TokenMask>,
+    scaled: &mut Vec<f32>,
+    shift: f32,
+    temperature: f32,
+) {
     match mask {
         Some(mask) if mask.n_allowed() < logits.len() / 2 => {
             scaled.clear();
             scaled.resize(logits.len(), f32::NEG_INFINITY);
-            mask.for_each_allowed(|index| scaled[index] = scale_one(logits[index], shift, temperature));
+            mask.for_each_allowed(|index| {
+                scaled[index] = scale_one(logits[index], shift, temperature)
+            });
         }
         _ => {
             // Every element is overwritten: resize only when the vocabulary size changes.
@@ -242,9 +256,7 @@ fn softmax_weights_body(scaled: &[f32], max: f32, weights: &mut [f32]) -> f64 {
     for (weight, &value) in weights.iter_mut().zip(scaled) {
         *weight = exp32(value - max);
     }
-    let mut lanes = [0.0f64; LANES];
-    accumulate_lanes(&mut lanes, weights);
-    combine_lanes(&lanes)
+    lane_sum(weights)
 }
 
 #[inline(always)]
@@ -285,7 +297,11 @@ impl Candidate {
     #[inline]
     pub fn descending_key(&self) -> u64 {
         let bits = self.logit.to_bits();
-        let ascending = if bits & 0x8000_0000 != 0 { !bits } else { bits | 0x8000_0000 };
+        let ascending = if bits & 0x8000_0000 != 0 {
+            !bits
+        } else {
+            bits | 0x8000_0000
+        };
         (u64::from(!ascending) << 32) | u64::from(self.id)
     }
 }
@@ -325,7 +341,8 @@ impl DistanceHistogram {
     pub fn cut_for(&self, max: f32, floor: f32, min_mass: f64, min_count: usize) -> f32 {
         let mut mass = 0.0f64;
         let mut count = 0usize;
-        for (bucket, (&bucket_mass, &bucket_count)) in self.mass.iter().zip(&self.count).enumerate() {
+        for (bucket, (&bucket_mass, &bucket_count)) in self.mass.iter().zip(&self.count).enumerate()
+        {
             mass += bucket_mass;
             count += bucket_count as usize;
             if mass > min_mass && count >= min_count {
@@ -360,20 +377,47 @@ with_avx2_dispatch! {
 }
 
 #[inline(always)]
-fn scan_band_body(scaled: &[f32], weights: &[f32], lower: f32, upper: f32, out: &mut Vec<Candidate>) {
+fn scan_band_body(
+    scaled: &[f32],
+    weights: &[f32],
+    lower: f32,
+    upper: f32,
+    out: &mut Vec<Candidate>,
+) {
     const CHUNK: usize = 64;
-    let mut found = [Candidate { id: 0, logit: 0.0, weight: 0.0 }; CHUNK];
+    let mut found = [Candidate {
+        id: 0,
+        logit: 0.0,
+        weight: 0.0,
+    }; CHUNK];
     let mut start = 0;
     let chunks = scaled.chunks_exact(CHUNK);
     let rest = chunks.remainder();
     for chunk in chunks {
         // Most chunks hold no candidate; test them whole, without branches, first.
-        if chunk.iter().fold(false, |any, &logit| any | (logit >= lower)) {
-            collect_chunk(start, chunk, &weights[start..start + CHUNK], (lower, upper), &mut found, out);
+        if chunk
+            .iter()
+            .fold(false, |any, &logit| any | (logit >= lower))
+        {
+            collect_chunk(
+                start,
+                chunk,
+                &weights[start..start + CHUNK],
+                (lower, upper),
+                &mut found,
+                out,
+            );
         }
         start += CHUNK;
     }
-    collect_chunk(start, rest, &weights[start..], (lower, upper), &mut found, out);
+    collect_chunk(
+        start,
+        rest,
+        &weights[start..],
+        (lower, upper),
+        &mut found,
+        out,
+    );
 }
 
 /// Appends the candidates among `logits` (token ids from `start`). Every token is written to
@@ -392,7 +436,11 @@ fn collect_chunk(
     let mut n_found = 0;
     for (offset, (&logit, &weight)) in logits.iter().zip(weights).enumerate() {
         // The logit count was checked to fit u32 before sampling began.
-        found[n_found.min(last)] = Candidate { id: (start + offset) as u32, logit, weight };
+        found[n_found.min(last)] = Candidate {
+            id: (start + offset) as u32,
+            logit,
+            weight,
+        };
         n_found += usize::from(logit >= lower && logit < upper && weight > 0.0);
     }
     out.extend_from_slice(&found[..n_found]);
@@ -427,7 +475,10 @@ impl BandSchedule {
                 distance.clamp(1.0, f64::from(f32::MAX)) as f32
             }
         };
-        BandSchedule { distance: Self::FIRST_DISTANCE.min(sufficient), sufficient }
+        BandSchedule {
+            distance: Self::FIRST_DISTANCE.min(sufficient),
+            sufficient,
+        }
     }
 
     /// Where the current band ends.
@@ -437,7 +488,11 @@ impl BandSchedule {
 
     pub fn widen(&mut self) {
         let grown = self.distance * Self::GROWTH;
-        self.distance = if self.distance < self.sufficient && grown > self.sufficient { self.sufficient } else { grown };
+        self.distance = if self.distance < self.sufficient && grown > self.sufficient {
+            self.sufficient
+        } else {
+            grown
+        };
     }
 }
 
@@ -539,11 +594,17 @@ mod tests {
         // SAFETY: AVX2 support was checked above.
         let avx2_sum = unsafe { softmax_weights_avx2(&scaled, max, &mut avx2) };
         assert_eq!(baseline_sum.to_bits(), avx2_sum.to_bits());
-        assert!(baseline.iter().zip(&avx2).all(|(a, b)| a.to_bits() == b.to_bits()));
+        assert!(baseline
+            .iter()
+            .zip(&avx2)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
         let baseline_raw = raw_log_normaliser_body(&logits);
         // SAFETY: AVX2 support was checked above.
         let avx2_raw = unsafe { raw_log_normaliser_avx2(&logits) };
-        assert_eq!((baseline_raw.0.to_bits(), baseline_raw.1.to_bits()), (avx2_raw.0.to_bits(), avx2_raw.1.to_bits()));
+        assert_eq!(
+            (baseline_raw.0.to_bits(), baseline_raw.1.to_bits()),
+            (avx2_raw.0.to_bits(), avx2_raw.1.to_bits())
+        );
         assert_eq!(baseline_sum.to_bits(), lane_sum(&baseline).to_bits());
     }
 
@@ -562,7 +623,8 @@ mod tests {
         for (i, &t) in terms.iter().enumerate() {
             lanes[i % 8] += f64::from(t);
         }
-        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
+        let expected = ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+            + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]));
         assert_eq!(lane_sum(&terms).to_bits(), expected.to_bits());
         assert_eq!(lane_max(&[1.0, 5.0, -2.0]), 5.0);
         assert_eq!(lane_max(&[]), f32::NEG_INFINITY);
@@ -578,7 +640,10 @@ mod tests {
         assert!(scaled[2].is_sign_positive());
         let mask = TokenMask::allow_only(4, &[3]).unwrap();
         scale_logits(&[2.0, 9.0, 0.0, 1.0], Some(&mask), 1.0, &mut scaled).unwrap();
-        assert_eq!(scaled, vec![f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0]);
+        assert_eq!(
+            scaled,
+            vec![f32::NEG_INFINITY, f32::NEG_INFINITY, f32::NEG_INFINITY, 1.0]
+        );
     }
 
     #[test]
@@ -590,7 +655,8 @@ mod tests {
         assert_eq!(scaled[1], f32::NEG_INFINITY);
         assert_eq!(scaled[2], f32::NEG_INFINITY);
         // +inf logits become the shared maximum; finite ones fall far behind.
-        let max = scale_logits(&[f32::INFINITY, 5.0, f32::INFINITY], None, 0.5, &mut scaled).unwrap();
+        let max =
+            scale_logits(&[f32::INFINITY, 5.0, f32::INFINITY], None, 0.5, &mut scaled).unwrap();
         assert_eq!(max, 0.0);
         assert_eq!((scaled[0], scaled[2]), (0.0, 0.0));
         assert_eq!(scaled[1], f32::NEG_INFINITY);
@@ -612,8 +678,12 @@ mod tests {
 
     #[test]
     fn descending_key_orders_by_logit_then_id() {
-        let candidate = |id, logit| Candidate { id, logit, weight: 1.0 };
-        let mut list = vec![
+        let candidate = |id, logit| Candidate {
+            id,
+            logit,
+            weight: 1.0,
+        };
+        let mut list = [
             candidate(4, -1.0),
             candidate(2, 3.0),
             candidate(1, 3.0),
@@ -629,10 +699,15 @@ mod tests {
 
     #[test]
     fn nucleus_cut_keeps_groups_while_the_mass_above_is_at_most_p() {
-        let sorted: Vec<Candidate> = [(0, 4.0, 0.5f32), (1, 3.0, 0.25), (2, 2.0, 0.125), (3, 2.0, 0.125)]
-            .iter()
-            .map(|&(id, logit, weight)| Candidate { id, logit, weight })
-            .collect();
+        let sorted: Vec<Candidate> = [
+            (0, 4.0, 0.5f32),
+            (1, 3.0, 0.25),
+            (2, 2.0, 0.125),
+            (3, 2.0, 0.125),
+        ]
+        .iter()
+        .map(|&(id, logit, weight)| Candidate { id, logit, weight })
+        .collect();
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.4, true), Some((1, 0.5)));
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.5, true), Some((2, 0.75)));
         assert_eq!(nucleus_cut(&sorted, 1.0, 0.7, true), Some((2, 0.75)));

@@ -4,14 +4,18 @@
 
 use super::steps::{exp32, sanitize};
 use super::*;
-use super::{Rng, Result};
+use super::{Result, Rng};
 use proptest::prelude::*;
 
 /// The module docs' semantics written the obvious way: every allowed token scaled, the whole
 /// support sorted, the nucleus walked, the draw walked, the top-8 found by sorting by
 /// probability. Shares only `exp32` and `sanitize` with the sampler (the arithmetic must be
 /// the same for the results to be equal bit for bit).
-fn sample_reference(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> Result<SampledToken> {
+fn sample_reference(
+    logits: &[f32],
+    params: &SamplingParams,
+    rng: &mut Rng,
+) -> Result<SampledToken> {
     let (distribution, greedy_id) = reference_distribution(logits, params)?;
     let (id, prob) = match greedy_id {
         Some(id) => (id, 1.0),
@@ -26,13 +30,21 @@ fn sample_reference(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> R
                     break;
                 }
             }
-            (drawn.0, (f64::from(drawn.1) / distribution.kept_normaliser) as f32)
+            (
+                drawn.0,
+                (f64::from(drawn.1) / distribution.kept_normaliser) as f32,
+            )
         }
     };
     let mut top_k: Vec<(u32, f32)> = distribution
         .kept
         .iter()
-        .map(|&(id, weight)| (id, (f64::from(weight) / distribution.kept_normaliser) as f32))
+        .map(|&(id, weight)| {
+            (
+                id,
+                (f64::from(weight) / distribution.kept_normaliser) as f32,
+            )
+        })
         .filter(|&(_, prob)| prob > 0.0)
         .collect();
     top_k.sort_by(|a, b| b.1.partial_cmp(&a.1).unwrap().then(a.0.cmp(&b.0)));
@@ -43,7 +55,12 @@ fn sample_reference(logits: &[f32], params: &SamplingParams, rng: &mut Rng) -> R
     let raw_terms: Vec<f32> = clean.iter().map(|&l| exp32(l - raw_max)).collect();
     let raw_normaliser = reference_lane_sum(&raw_terms);
     let logprob_raw = (f64::from(clean[id as usize] - raw_max) - raw_normaliser.ln()) as f32;
-    Ok(SampledToken { id, prob, logprob_raw, top_k })
+    Ok(SampledToken {
+        id,
+        prob,
+        logprob_raw,
+        top_k,
+    })
 }
 
 /// The kept tokens in sorted order as (id, weight), and their normaliser.
@@ -57,33 +74,56 @@ struct ReferenceDistribution {
 
 impl ReferenceDistribution {
     fn probabilities(&self) -> Vec<(u32, f64)> {
-        self.kept.iter().map(|&(id, w)| (id, f64::from(w) / self.kept_normaliser)).collect()
+        self.kept
+            .iter()
+            .map(|&(id, w)| (id, f64::from(w) / self.kept_normaliser))
+            .collect()
     }
 }
 
 /// Steps 1-5 of the module docs by full sort; also returns the argmax when greedy.
-fn reference_distribution(logits: &[f32], params: &SamplingParams) -> Result<(ReferenceDistribution, Option<u32>)> {
+fn reference_distribution(
+    logits: &[f32],
+    params: &SamplingParams,
+) -> Result<(ReferenceDistribution, Option<u32>)> {
     params.validate()?;
     assert!(!logits.is_empty());
     let greedy = params.temperature == 0.0;
-    let (temperature, nucleus_p) = if greedy { (1.0f32, 1.0f32) } else { (params.temperature, params.nucleus_p) };
-    let allowed: Vec<usize> =
-        (0..logits.len()).filter(|&i| params.mask.as_ref().map_or(true, |m| m.is_allowed(i as u32))).collect();
+    let (temperature, nucleus_p) = if greedy {
+        (1.0f32, 1.0f32)
+    } else {
+        (params.temperature, params.nucleus_p)
+    };
+    let allowed: Vec<usize> = (0..logits.len())
+        .filter(|&i| match &params.mask {
+            Some(mask) => mask.is_allowed(i as u32),
+            None => true,
+        })
+        .collect();
     let clean: Vec<f32> = logits.iter().map(|&l| sanitize(l)).collect();
     let mut scaled = vec![f32::NEG_INFINITY; logits.len()];
     for &i in &allowed {
         scaled[i] = clean[i] / temperature + 0.0;
     }
-    let mut max = allowed.iter().map(|&i| scaled[i]).fold(f32::NEG_INFINITY, f32::max);
+    let mut max = allowed
+        .iter()
+        .map(|&i| scaled[i])
+        .fold(f32::NEG_INFINITY, f32::max);
     if !max.is_finite() {
-        let raw_max = allowed.iter().map(|&i| clean[i]).fold(f32::NEG_INFINITY, f32::max);
+        let raw_max = allowed
+            .iter()
+            .map(|&i| clean[i])
+            .fold(f32::NEG_INFINITY, f32::max);
         if raw_max == f32::NEG_INFINITY {
             return Err(EngineError::invalid("logits", "no finite logit"));
         }
         for &i in &allowed {
             scaled[i] = (clean[i] - raw_max) / temperature + 0.0;
         }
-        max = allowed.iter().map(|&i| scaled[i]).fold(f32::NEG_INFINITY, f32::max);
+        max = allowed
+            .iter()
+            .map(|&i| scaled[i])
+            .fold(f32::NEG_INFINITY, f32::max);
     }
     let weights: Vec<f32> = scaled.iter().map(|&s| exp32(s - max)).collect();
     let normaliser = reference_lane_sum(&weights);
@@ -104,9 +144,20 @@ fn reference_distribution(logits: &[f32], params: &SamplingParams) -> Result<(Re
         }
         (n_kept, mass_above)
     };
-    let kept: Vec<(u32, f32)> = support[..n_kept].iter().map(|&i| (i as u32, weights[i])).collect();
+    let kept: Vec<(u32, f32)> = support[..n_kept]
+        .iter()
+        .map(|&i| (i as u32, weights[i]))
+        .collect();
     let greedy_id = greedy.then(|| kept[0].0);
-    Ok((ReferenceDistribution { kept, kept_normaliser, scaled, normaliser }, greedy_id))
+    Ok((
+        ReferenceDistribution {
+            kept,
+            kept_normaliser,
+            scaled,
+            normaliser,
+        },
+        greedy_id,
+    ))
 }
 
 fn reference_lane_sum(terms: &[f32]) -> f64 {
@@ -114,15 +165,22 @@ fn reference_lane_sum(terms: &[f32]) -> f64 {
     for (i, &t) in terms.iter().enumerate() {
         lanes[i % 8] += f64::from(t);
     }
-    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3])) + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
+    ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
+        + ((lanes[4] + lanes[5]) + (lanes[6] + lanes[7]))
 }
 
 fn params(temperature: f32, nucleus_p: f32) -> SamplingParams {
-    SamplingParams { temperature, nucleus_p, mask: None }
+    SamplingParams {
+        temperature,
+        nucleus_p,
+        mask: None,
+    }
 }
 
 fn sample_once(logits: &[f32], params: &SamplingParams, seed: u64) -> SampledToken {
-    Sampler::new().sample(logits, params, &mut Rng::from_seed(seed)).unwrap()
+    Sampler::new()
+        .sample(logits, params, &mut Rng::from_seed(seed))
+        .unwrap()
 }
 
 /// Final probabilities indexed by token id (0 for tokens outside the final distribution).
@@ -142,7 +200,10 @@ fn ln_probs(probs: &[f64]) -> Vec<f32> {
 fn assert_close(actual: &[f64], expected: &[f64]) {
     assert_eq!(actual.len(), expected.len());
     for (i, (a, e)) in actual.iter().zip(expected).enumerate() {
-        assert!((a - e).abs() < 1e-6, "token {i}: got {a}, expected {e} (all: {actual:?})");
+        assert!(
+            (a - e).abs() < 1e-6,
+            "token {i}: got {a}, expected {e} (all: {actual:?})"
+        );
     }
 }
 
@@ -179,14 +240,20 @@ fn nucleus_on_a_four_token_distribution() {
 fn temperature_sharpens_and_flattens() {
     let logits = ln_probs(&[0.1, 0.2, 0.3, 0.4]);
     // T = 0.5 squares the probabilities: 1, 4, 9, 16 over 30.
-    assert_close(&final_distribution(&logits, &params(0.5, 1.0)), &[1.0 / 30.0, 4.0 / 30.0, 9.0 / 30.0, 16.0 / 30.0]);
+    assert_close(
+        &final_distribution(&logits, &params(0.5, 1.0)),
+        &[1.0 / 30.0, 4.0 / 30.0, 9.0 / 30.0, 16.0 / 30.0],
+    );
     // T = 2 takes square roots.
     let roots: Vec<f64> = [0.1f64, 0.2, 0.3, 0.4].iter().map(|p| p.sqrt()).collect();
     let total: f64 = roots.iter().sum();
     let expected: Vec<f64> = roots.iter().map(|r| r / total).collect();
     assert_close(&final_distribution(&logits, &params(2.0, 1.0)), &expected);
     // The nucleus applies after the temperature: at T = 0.5, 16/30 + 9/30 > 0.6 >= 16/30.
-    assert_close(&final_distribution(&logits, &params(0.5, 0.6)), &[0.0, 0.0, 9.0 / 25.0, 16.0 / 25.0]);
+    assert_close(
+        &final_distribution(&logits, &params(0.5, 0.6)),
+        &[0.0, 0.0, 9.0 / 25.0, 16.0 / 25.0],
+    );
 }
 
 #[test]
@@ -194,7 +261,10 @@ fn nucleus_keeps_every_token_tied_at_the_threshold() {
     // Three tied tokens hold e/(3e+1) each; p = 0.3 is reached inside the tie, and Grok-1's
     // filter keeps every logit >= the threshold logit, so all three stay.
     let logits = [1.0, 1.0, 1.0, 0.0];
-    assert_close(&final_distribution(&logits, &params(1.0, 0.3)), &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0]);
+    assert_close(
+        &final_distribution(&logits, &params(1.0, 0.3)),
+        &[1.0 / 3.0, 1.0 / 3.0, 1.0 / 3.0, 0.0],
+    );
 }
 
 #[test]
@@ -206,7 +276,10 @@ fn masked_tokens_are_removed_before_the_nucleus() {
     assert_close(&final_distribution(&logits, &masked), &[0.0, 0.4, 0.6, 0.0]);
     masked.mask = Some(TokenMask::allow_only(4, &[0, 1]).unwrap());
     masked.nucleus_p = 1.0;
-    assert_close(&final_distribution(&logits, &masked), &[1.0 / 3.0, 2.0 / 3.0, 0.0, 0.0]);
+    assert_close(
+        &final_distribution(&logits, &masked),
+        &[1.0 / 3.0, 2.0 / 3.0, 0.0, 0.0],
+    );
     for seed in 0..200 {
         let token = sample_once(&logits, &masked, seed);
         assert!(token.id < 2, "seed {seed} drew masked token {}", token.id);
@@ -221,8 +294,18 @@ fn greedy_takes_the_lowest_id_argmax_and_reports_the_temperature_one_alternative
     assert_eq!(token.prob, 1.0);
     let exps: Vec<f64> = [0.5f64, 2.0, -1.0, 2.0].iter().map(|l| l.exp()).collect();
     let total: f64 = exps.iter().sum();
-    let expected_top: Vec<(u32, f64)> = vec![(1, exps[1] / total), (3, exps[3] / total), (0, exps[0] / total), (2, exps[2] / total)];
-    assert_eq!(token.top_k.len(), 4, "NaN token must not be reported: {:?}", token.top_k);
+    let expected_top: Vec<(u32, f64)> = vec![
+        (1, exps[1] / total),
+        (3, exps[3] / total),
+        (0, exps[0] / total),
+        (2, exps[2] / total),
+    ];
+    assert_eq!(
+        token.top_k.len(),
+        4,
+        "NaN token must not be reported: {:?}",
+        token.top_k
+    );
     for (&(id, prob), &(expected_id, expected_prob)) in token.top_k.iter().zip(&expected_top) {
         assert_eq!(id, expected_id);
         assert!((f64::from(prob) - expected_prob).abs() < 1e-6);
@@ -230,7 +313,9 @@ fn greedy_takes_the_lowest_id_argmax_and_reports_the_temperature_one_alternative
     assert!((f64::from(token.logprob_raw) - (exps[1] / total).ln()).abs() < 1e-6);
     // Greedy consumes no randomness.
     let mut rng = Rng::from_seed(5);
-    Sampler::new().sample(&logits, &SamplingParams::greedy(), &mut rng).unwrap();
+    Sampler::new()
+        .sample(&logits, &SamplingParams::greedy(), &mut rng)
+        .unwrap();
     assert_eq!(rng, Rng::from_seed(5));
     // A mask removes the argmax; the alternatives are renormalised over what is allowed.
     let mut masked = SamplingParams::greedy();
@@ -266,11 +351,21 @@ fn top_k_holds_at_most_eight_by_probability() {
 #[test]
 fn nan_and_infinite_logits_are_handled() {
     // NaN is never drawn; +inf tokens share the mass at every temperature.
-    let logits = [f32::NAN, f32::INFINITY, 1.0, f32::INFINITY, f32::NEG_INFINITY];
+    let logits = [
+        f32::NAN,
+        f32::INFINITY,
+        1.0,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+    ];
     for temperature in [0.0, 0.3, 1.0, 4.0] {
         for seed in 0..50 {
             let token = sample_once(&logits, &params(temperature, 0.9), seed);
-            assert!(token.id == 1 || token.id == 3, "T={temperature}: drew {}", token.id);
+            assert!(
+                token.id == 1 || token.id == 3,
+                "T={temperature}: drew {}",
+                token.id
+            );
             if temperature > 0.0 {
                 assert_eq!(token.prob, 0.5);
             }
@@ -278,7 +373,11 @@ fn nan_and_infinite_logits_are_handled() {
             assert!((token.logprob_raw - (0.5f32).ln()).abs() < 1e-6);
         }
     }
-    let err = Sampler::new().sample(&[f32::NAN, f32::NEG_INFINITY], &params(1.0, 1.0), &mut Rng::from_seed(0));
+    let err = Sampler::new().sample(
+        &[f32::NAN, f32::NEG_INFINITY],
+        &params(1.0, 1.0),
+        &mut Rng::from_seed(0),
+    );
     assert!(err.unwrap_err().to_string().starts_with("logits:"));
 }
 
@@ -296,12 +395,21 @@ fn invalid_inputs_name_the_parameter() {
     let mut rng = Rng::from_seed(0);
     let message = |result: Result<SampledToken>| result.unwrap_err().to_string();
     assert!(message(sampler.sample(&[], &params(1.0, 1.0), &mut rng)).starts_with("logits:"));
-    assert!(message(sampler.sample(&[1.0], &params(-1.0, 1.0), &mut rng)).contains("temperature must be >= 0"));
-    assert!(message(sampler.sample(&[1.0], &params(1.0, 1.5), &mut rng)).contains("nucleus_p must be in (0, 1]"));
+    assert!(
+        message(sampler.sample(&[1.0], &params(-1.0, 1.0), &mut rng))
+            .contains("temperature must be >= 0")
+    );
+    assert!(message(sampler.sample(&[1.0], &params(1.0, 1.5), &mut rng))
+        .contains("nucleus_p must be in (0, 1]"));
     let mut masked = params(1.0, 1.0);
     masked.mask = Some(TokenMask::allow_only(3, &[0]).unwrap());
     let text = message(sampler.sample(&[1.0, 2.0], &masked, &mut rng));
-    assert!(text.starts_with("allowed_tokens:") && text.contains("3 tokens") && text.contains("2 logits"), "{text}");
+    assert!(
+        text.starts_with("allowed_tokens:")
+            && text.contains("3 tokens")
+            && text.contains("2 logits"),
+        "{text}"
+    );
     masked.mask = Some(TokenMask::disallow(2, &[0]).unwrap());
     let text = message(sampler.sample(&[1.0, f32::NAN], &masked, &mut rng));
     assert!(text.contains("disallowed_tokens"), "{text}");
@@ -313,10 +421,51 @@ fn the_sampler_is_reusable_across_vocabulary_sizes() {
     let mut rng = Rng::from_seed(11);
     for n in [5usize, 500, 3, 64] {
         let logits: Vec<f32> = (0..n).map(|i| ((i * 7919) % 13) as f32 * 0.5).collect();
-        let fast = sampler.sample(&logits, &params(0.8, 0.9), &mut rng.clone()).unwrap();
+        let fast = sampler
+            .sample(&logits, &params(0.8, 0.9), &mut rng.clone())
+            .unwrap();
         let reference = sample_reference(&logits, &params(0.8, 0.9), &mut rng.clone()).unwrap();
         assert_eq!(fast, reference);
         rng.next_u64();
+    }
+}
+
+/// Shapes that make the fast path widen its search: a tie run across the top-8 boundary
+/// (the predicted prefix cannot prove the list complete), a draw landing in the tail at
+/// nucleus 1, a flat distribution, and tokens spread over many bands.
+#[test]
+fn widening_searches_equal_the_reference() {
+    let n = 5000;
+    let mut tied_top = vec![-4.0f32; n];
+    for logit in tied_top.iter_mut().take(40).skip(20) {
+        *logit = 3.0;
+    }
+    let spread: Vec<f32> = (0..n)
+        .map(|i| (i as f32 * 0.618).fract() * 200.0 - 100.0)
+        .collect();
+    let flat = vec![0.5f32; n];
+    let mut heavy_tail = vec![0.0f32; n];
+    heavy_tail[7] = 9.0;
+    let cases = [tied_top, spread, flat, heavy_tail];
+    let settings = [
+        params(1.0, 1.0),
+        params(0.7, 0.95),
+        params(2.5, 0.99),
+        SamplingParams::greedy(),
+        params(0.3, 1.0),
+    ];
+    let mut sampler = Sampler::new();
+    for (case, logits) in cases.iter().enumerate() {
+        for params in &settings {
+            for seed in 0..40 {
+                let fast = sampler
+                    .sample(logits, params, &mut Rng::from_seed(seed))
+                    .unwrap();
+                let reference =
+                    sample_reference(logits, params, &mut Rng::from_seed(seed)).unwrap();
+                assert_eq!(fast, reference, "case {case}, {params:?}, seed {seed}");
+            }
+        }
     }
 }
 
@@ -324,7 +473,10 @@ fn the_sampler_is_reusable_across_vocabulary_sizes() {
 /// reaching 1 - p, keep logits >= the logit there), in f64.
 fn grok_literal_kept(scaled: &[f32], nucleus_p: f64) -> Option<Vec<u32>> {
     let max = scaled.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let exps: Vec<f64> = scaled.iter().map(|&s| (f64::from(s) - f64::from(max)).exp()).collect();
+    let exps: Vec<f64> = scaled
+        .iter()
+        .map(|&s| (f64::from(s) - f64::from(max)).exp())
+        .collect();
     let total: f64 = exps.iter().sum();
     let mut order: Vec<usize> = (0..scaled.len()).collect();
     order.sort_by(|&a, &b| scaled[a].partial_cmp(&scaled[b]).unwrap());
@@ -336,7 +488,11 @@ fn grok_literal_kept(scaled: &[f32], nucleus_p: f64) -> Option<Vec<u32>> {
         }
         if cumulative >= 1.0 - nucleus_p {
             let threshold = scaled[i];
-            return Some((0..scaled.len() as u32).filter(|&j| scaled[j as usize] >= threshold).collect());
+            return Some(
+                (0..scaled.len() as u32)
+                    .filter(|&j| scaled[j as usize] >= threshold)
+                    .collect(),
+            );
         }
     }
     None
@@ -355,7 +511,10 @@ fn logits_strategy() -> impl Strategy<Value = Vec<f32>> {
         1 => Just(f32::NEG_INFINITY),
     ];
     let spread = prop::collection::vec(value, 1..300);
-    let peaked = (prop::collection::vec(-3.0f32..3.0, 1..3000), prop::collection::vec((0usize..3000, 5.0f32..25.0), 0..6))
+    let peaked = (
+        prop::collection::vec(-3.0f32..3.0, 1..3000),
+        prop::collection::vec((0usize..3000, 5.0f32..25.0), 0..6),
+    )
         .prop_map(|(mut bulk, spikes)| {
             let n = bulk.len();
             for (index, height) in spikes {
@@ -363,12 +522,16 @@ fn logits_strategy() -> impl Strategy<Value = Vec<f32>> {
             }
             bulk
         });
-    let rare_infinity = prop::collection::vec(prop_oneof![9 => -5.0f32..5.0, 1 => Just(f32::INFINITY)], 1..50);
+    let rare_infinity = prop::collection::vec(
+        prop_oneof![9 => -5.0f32..5.0, 1 => Just(f32::INFINITY)],
+        1..50,
+    );
     prop_oneof![4 => spread, 3 => peaked, 1 => rare_infinity]
 }
 
 fn params_strategy(n_vocab: usize) -> impl Strategy<Value = SamplingParams> {
-    let temperature = prop_oneof![2 => Just(0.0f32), 1 => Just(1.0f32), 6 => 0.05f32..3.0, 1 => Just(1e-30f32)];
+    let temperature =
+        prop_oneof![2 => Just(0.0f32), 1 => Just(1.0f32), 6 => 0.05f32..3.0, 1 => Just(1e-30f32)];
     let nucleus_p = prop_oneof![2 => Just(1.0f32), 6 => 0.01f32..1.0, 1 => Just(0.999_999_9f32)];
     let ids = prop::collection::vec(0..n_vocab as u32, 0..n_vocab.min(40) + 1);
     let mask = (0u8..3, ids).prop_map(move |(kind, ids)| match kind {
@@ -376,7 +539,11 @@ fn params_strategy(n_vocab: usize) -> impl Strategy<Value = SamplingParams> {
         1 => TokenMask::allow_only(n_vocab, &ids).ok(),
         _ => TokenMask::disallow(n_vocab, &ids).ok(),
     });
-    (temperature, nucleus_p, mask).prop_map(|(temperature, nucleus_p, mask)| SamplingParams { temperature, nucleus_p, mask })
+    (temperature, nucleus_p, mask).prop_map(|(temperature, nucleus_p, mask)| SamplingParams {
+        temperature,
+        nucleus_p,
+        mask,
+    })
 }
 
 fn case_strategy() -> impl Strategy<Value = (Vec<f32>, SamplingParams, u64)> {
@@ -461,7 +628,10 @@ proptest! {
         prop_assert!(first.logprob_raw <= 1e-6 && first.logprob_raw.is_finite());
         if params.temperature == 0.0 {
             // Greedy is the argmax of the allowed logits, lowest id on ties.
-            let allowed = |i: usize| params.mask.as_ref().map_or(true, |m| m.is_allowed(i as u32));
+            let allowed = |i: usize| match &params.mask {
+                Some(mask) => mask.is_allowed(i as u32),
+                None => true,
+            };
             let best = (0..logits.len()).filter(|&i| allowed(i)).map(|i| sanitize(logits[i])).fold(f32::NEG_INFINITY, f32::max);
             let argmax = (0..logits.len()).find(|&i| allowed(i) && sanitize(logits[i]) == best).unwrap();
             prop_assert_eq!(first.id as usize, argmax);
@@ -478,7 +648,9 @@ proptest! {
 /// -1e10, i.e. zero probability, so they never reach the threshold), restricted to the
 /// support, for comparison with our kept ids.
 fn grok_literal_kept_allowed(scaled: &[f32], nucleus_p: f64) -> Option<Vec<u32>> {
-    let allowed: Vec<usize> = (0..scaled.len()).filter(|&i| scaled[i] > f32::NEG_INFINITY).collect();
+    let allowed: Vec<usize> = (0..scaled.len())
+        .filter(|&i| scaled[i] > f32::NEG_INFINITY)
+        .collect();
     let values: Vec<f32> = allowed.iter().map(|&i| scaled[i]).collect();
     let max = values.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let kept = grok_literal_kept(&values, nucleus_p)?;
@@ -503,9 +675,14 @@ fn draws_follow_the_final_distribution() {
     let params = params(0.7, 0.9);
     let expected = final_distribution(&logits, &params);
     let support: Vec<usize> = (0..logits.len()).filter(|&i| expected[i] > 0.0).collect();
-    assert!(support.len() >= 4 && support.len() < logits.len(), "nucleus {support:?}");
+    assert!(
+        support.len() >= 4 && support.len() < logits.len(),
+        "nucleus {support:?}"
+    );
     // Chi-square critical values at the 0.1% level, by degrees of freedom 1..=9.
-    const CRITICAL: [f64; 9] = [10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88];
+    const CRITICAL: [f64; 9] = [
+        10.83, 13.82, 16.27, 18.47, 20.52, 22.46, 24.32, 26.12, 27.88,
+    ];
     let draws = 20_000;
     for seed in [1u64, 2, 3] {
         let mut sampler = Sampler::new();
@@ -516,7 +693,10 @@ fn draws_follow_the_final_distribution() {
         }
         for i in 0..logits.len() {
             if expected[i] == 0.0 {
-                assert_eq!(counts[i], 0, "seed {seed}: token {i} is outside the nucleus");
+                assert_eq!(
+                    counts[i], 0,
+                    "seed {seed}: token {i} is outside the nucleus"
+                );
             }
         }
         let chi_square: f64 = support
@@ -527,7 +707,10 @@ fn draws_follow_the_final_distribution() {
             })
             .sum();
         let critical = CRITICAL[support.len() - 2];
-        assert!(chi_square < critical, "seed {seed}: chi-square {chi_square} >= {critical}; counts {counts:?}");
+        assert!(
+            chi_square < critical,
+            "seed {seed}: chi-square {chi_square} >= {critical}; counts {counts:?}"
+        );
     }
 }
 
@@ -546,7 +729,10 @@ fn peaked_logits(n: usize, seed: u64) -> Vec<f32> {
             ((-2.0 * u1.ln()).sqrt() * (std::f64::consts::TAU * u2).cos() * 2.5) as f32
         })
         .collect();
-    for (rank, height) in [18.0f32, 16.5, 15.0, 14.0, 13.5, 12.0, 11.0, 10.0].iter().enumerate() {
+    for (rank, height) in [18.0f32, 16.5, 15.0, 14.0, 13.5, 12.0, 11.0, 10.0]
+        .iter()
+        .enumerate()
+    {
         let index = (rng.next_u64() as usize) % n;
         logits[index] = *height - rank as f32 * 0.01;
     }
@@ -565,7 +751,13 @@ fn timing_on_a_262k_vocabulary() {
         ("T=1.0 p=0.95", params(1.0, 0.95)),
         ("T=0.7 p=1.0", params(0.7, 1.0)),
         ("greedy", SamplingParams::greedy()),
-        ("T=0.7 p=0.95 + mask", SamplingParams { mask: Some(TokenMask::disallow(n, &[1, 2, 3]).unwrap()), ..params(0.7, 0.95) }),
+        (
+            "T=0.7 p=0.95 + mask",
+            SamplingParams {
+                mask: Some(TokenMask::disallow(n, &[1, 2, 3]).unwrap()),
+                ..params(0.7, 0.95)
+            },
+        ),
     ];
     for (name, params) in settings {
         sampler.sample(&logits, &params, &mut rng).unwrap();
@@ -583,7 +775,10 @@ fn timing_on_a_262k_vocabulary() {
         let reference_start = std::time::Instant::now();
         let reference = sample_reference(&logits, &params, &mut rng.clone()).unwrap();
         let reference_time = reference_start.elapsed();
-        assert_eq!(sampler.sample(&logits, &params, &mut rng.clone()).unwrap(), reference);
+        assert_eq!(
+            sampler.sample(&logits, &params, &mut rng.clone()).unwrap(),
+            reference
+        );
         println!("{name:>22}: {per_call} per call (full-sort reference: {reference_time:?})");
     }
 }
