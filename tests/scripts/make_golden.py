@@ -18,7 +18,11 @@ What it produces (in tests/golden/, one pair per model, committed to the reposit
       prompt position the top-40 (id, logit) pairs, the logits of 40 seeded pseudo-random ids and
       the logsumexp of the whole logit vector; and for each generated token the distribution it was
       chosen from (`steps[i]`, so steps[0] is the final prompt position): top-5 (id, logit) and
-      logsumexp. A probability is exp(logit - logsumexp).
+      logsumexp. A probability is exp(logit - logsumexp). `self_consistency` gives llama.cpp's own
+      noise floor: the last step recomputed from one batched llama_decode of the whole sequence
+      differs from the token-by-token value by up to ~0.6 logits here, so a test comparing another
+      engine with these files must allow at least that much (and compare greedy ids with the
+      golden prefix fed in, since a near-tie can flip the argmax).
 
 Both files record llama-cpp-python's version, llama.cpp/ggml build info, the model file's sha256,
 and every setting used. Floats are rounded to 6 significant digits; compare logits with a
@@ -43,6 +47,7 @@ Model paths default to the sampler-sdk registry cache:
 from __future__ import annotations
 
 import argparse
+import ctypes
 import hashlib
 import json
 import math
@@ -51,6 +56,15 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+
+# Imported when present; without them only the bootstrap below runs, which installs them into a
+# venv and re-executes this script there.
+try:
+    import llama_cpp
+    import numpy as np
+except ImportError:
+    llama_cpp = None
+    np = None
 
 LLAMA_CPP_PYTHON_VERSION = "0.3.36"
 FORMAT_VERSION = 1
@@ -68,8 +82,8 @@ MODEL_FILES = {
     "gemma3-270m": "gemma-3-270m-q4_k_m.gguf",
 }
 
-# Settings of the reference run. KV cache in F32 and flash attention off keep llama.cpp's
-# arithmetic close to a plain float32 forward pass, which is what our engine computes.
+# Settings of the reference run. An F32 KV cache and no flash attention keep llama.cpp's attention
+# in float32; its quantized matrix products still round activations to 8-bit blocks.
 N_CTX = 512
 N_BATCH = 512
 N_UBATCH = 512
@@ -110,14 +124,12 @@ def generation_prompts(model_name: str) -> list[tuple[str, str]]:
 
 
 # ---------------------------------------------------------------------------------------------
-# Environment bootstrap (standard library only: runs before llama_cpp or numpy can be imported)
+# Environment bootstrap (standard library only: it runs where llama_cpp and numpy are missing)
 # ---------------------------------------------------------------------------------------------
 
 
 def _installed_llama_cpp_version() -> str | None:
-    try:
-        import llama_cpp  # noqa: PLC0415
-    except ImportError:
+    if llama_cpp is None or np is None:
         return None
     return str(getattr(llama_cpp, "__version__", "unknown"))
 
@@ -133,13 +145,18 @@ def _venv_is_ready(python: Path) -> bool:
         "import sys, numpy, llama_cpp; "
         f"sys.exit(0 if llama_cpp.__version__ == {LLAMA_CPP_PYTHON_VERSION!r} else 1)"
     )
-    return python.exists() and subprocess.call([str(python), "-c", check]) == 0
+    if not python.exists():
+        return False
+    probe = subprocess.run([str(python), "-c", check], capture_output=True, check=False)
+    return probe.returncode == 0
 
 
 def ensure_environment(args: argparse.Namespace, argv: list[str]) -> None:
     """Return if this interpreter can run the script; otherwise re-exec inside the golden venv."""
     requested = args.venv or os.environ.get(VENV_ENV_VAR)
-    running_in_requested = requested is not None and Path(sys.prefix).resolve() == Path(requested).resolve()
+    running_in_requested = (
+        requested is not None and Path(sys.prefix).resolve() == Path(requested).resolve()
+    )
     installed = _installed_llama_cpp_version()
     if installed == LLAMA_CPP_PYTHON_VERSION and (requested is None or running_in_requested):
         return
@@ -166,7 +183,14 @@ def ensure_environment(args: argparse.Namespace, argv: list[str]) -> None:
             file=sys.stderr,
         )
         subprocess.check_call(
-            [str(python), "-m", "pip", "install", f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}", "numpy"]
+            [
+                str(python),
+                "-m",
+                "pip",
+                "install",
+                f"llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION}",
+                "numpy",
+            ]
         )
     env = dict(os.environ, **{REEXEC_MARKER: "1", VENV_ENV_VAR: str(venv)})
     os.execve(str(python), [str(python), str(SCRIPT_PATH), *argv], env)
@@ -200,7 +224,7 @@ def default_model_path(name: str) -> Path:
 def load_corpus() -> list[str]:
     sys.path.insert(0, str(SCRIPT_PATH.parent))
     try:
-        from tokenizer_corpus import CORPUS  # noqa: PLC0415
+        from tokenizer_corpus import CORPUS
     finally:
         sys.path.pop(0)
     return list(CORPUS)
@@ -221,11 +245,6 @@ class LlamaRun:
     """One model and one context, driven through llama_cpp's ctypes bindings."""
 
     def __init__(self, model_path: Path, verbose: bool) -> None:
-        import ctypes  # noqa: PLC0415
-
-        import llama_cpp  # noqa: PLC0415
-
-        self.ctypes = ctypes
         self.llama = llama_cpp
         if not verbose:
             # Keep a reference: ctypes callbacks must outlive the C side's use of them.
@@ -293,7 +312,7 @@ class LlamaRun:
     def piece(self, token: int, special: bool) -> bytes:
         capacity = 64
         while True:
-            buffer = self.ctypes.create_string_buffer(capacity)
+            buffer = ctypes.create_string_buffer(capacity)
             count = self.llama.llama_token_to_piece(self.vocab, token, buffer, capacity, 0, special)
             if count >= 0:
                 return buffer.raw[:count]
@@ -303,7 +322,7 @@ class LlamaRun:
         tokens = (self.llama.llama_token * max(len(ids), 1))(*ids)
         capacity = 64 + 16 * len(ids)
         while True:
-            buffer = self.ctypes.create_string_buffer(capacity)
+            buffer = ctypes.create_string_buffer(capacity)
             count = self.llama.llama_detokenize(
                 self.vocab, tokens, len(ids), buffer, capacity, False, unparse_special
             )
@@ -340,8 +359,6 @@ class LlamaRun:
 
     def decode(self, tokens: list[int], start_pos: int) -> Any:
         """Evaluate tokens at positions start_pos.. and return the last position's logits."""
-        import numpy as np  # noqa: PLC0415
-
         if not 0 < len(tokens) <= N_BATCH:
             raise ValueError(f"batch of {len(tokens)} tokens does not fit n_batch={N_BATCH}")
         if start_pos + len(tokens) > N_CTX:
@@ -362,10 +379,6 @@ class LlamaRun:
 
 
 def build_info() -> dict[str, Any]:
-    import ctypes  # noqa: PLC0415
-
-    import llama_cpp  # noqa: PLC0415
-    from llama_cpp import llama_cpp as bindings  # noqa: PLC0415
 
     def c_string(library: Any, symbol: str) -> str | None:
         function = getattr(library, symbol, None)
@@ -378,15 +391,16 @@ def build_info() -> dict[str, Any]:
 
     info: dict[str, Any] = {
         "llama_cpp_python_version": llama_cpp.__version__,
-        "llama_version": c_string(bindings._lib, "llama_version"),
+        "llama_version": c_string(llama_cpp.llama_cpp._lib, "llama_version"),
         "system_info": llama_cpp.llama_print_system_info().decode().strip(),
     }
     ggml_base = Path(llama_cpp.__file__).parent / "lib" / "libggml-base.so"
     if ggml_base.exists():
         library = ctypes.CDLL(str(ggml_base))
         info["ggml_version"] = c_string(library, "ggml_version")
-        # The commit of the llama.cpp tree the wheel vendors ("-dirty" because the wheel build
-        # patches nothing but generates files inside it).
+        # libllama exports no build number or commit, but ggml is built from the same vendored
+        # llama.cpp tree, so its commit names the llama.cpp source ("-dirty": the tree as built
+        # differed from that commit in git's view).
         info["ggml_commit"] = c_string(library, "ggml_commit")
     return info
 
@@ -408,9 +422,9 @@ def model_header(name: str, path: Path, run: LlamaRun) -> dict[str, Any]:
     }
 
 
-def tokenizer_golden(name: str, path: Path, run: LlamaRun, corpus: list[str], generator: dict) -> dict:
-    import numpy as np  # noqa: PLC0415
-
+def tokenizer_golden(
+    name: str, path: Path, run: LlamaRun, corpus: list[str], generator: dict
+) -> dict:
     cases = []
     seen: set[int] = set()
     for text in corpus:
@@ -432,7 +446,9 @@ def tokenizer_golden(name: str, path: Path, run: LlamaRun, corpus: list[str], ge
 
     rng = np.random.default_rng(SEED)
     sampled = rng.choice(run.n_vocab, size=min(N_SAMPLED_PIECES, run.n_vocab), replace=False)
-    piece_ids = sorted(seen | set(range(min(N_LEADING_PIECES, run.n_vocab))) | {int(t) for t in sampled})
+    piece_ids = sorted(
+        seen | set(range(min(N_LEADING_PIECES, run.n_vocab))) | {int(t) for t in sampled}
+    )
     pieces = {
         str(token): {
             "plain_hex": run.piece(token, special=False).hex(),
@@ -449,8 +465,9 @@ def tokenizer_golden(name: str, path: Path, run: LlamaRun, corpus: list[str], ge
             "encodings: llama_tokenize(text, add_special, parse_special). detokenized_*: "
             "llama_detokenize(ids, remove_special=false, unparse_special=false|true), hex of the "
             "bytes. pieces: llama_token_to_piece(id, lstrip=0, special=false|true), hex; covers "
-            f"every id in encodings, ids 0..{N_LEADING_PIECES - 1} and {N_SAMPLED_PIECES} ids drawn "
-            f"with numpy default_rng({SEED}).choice(n_vocab, replace=False). attr: llama_token_attr "
+            f"every id in encodings, ids 0..{N_LEADING_PIECES - 1} and {N_SAMPLED_PIECES} ids "
+            f"drawn with numpy default_rng({SEED}).choice(n_vocab, replace=False). "
+            "attr: llama_token_attr "
             "bits (1 unknown, 2 unused, 4 normal, 8 control, 16 user_defined, 32 byte, "
             "64 normalized, 128 lstrip, 256 rstrip, 512 single_word)."
         ),
@@ -460,22 +477,20 @@ def tokenizer_golden(name: str, path: Path, run: LlamaRun, corpus: list[str], ge
 
 
 def top_pairs(logits: Any, k: int) -> list[list[float]]:
-    import numpy as np  # noqa: PLC0415
-
     # Sort by logit descending, then id ascending, so ties have one documented order.
     order = np.lexsort((np.arange(logits.shape[0]), -logits))[:k]
     return [[int(i), round_sig(float(logits[i]))] for i in order]
 
 
 def logsumexp(logits: Any) -> float:
-    import numpy as np  # noqa: PLC0415
-
     wide = logits.astype(np.float64)
     peak = float(wide.max())
     return round_sig(peak + math.log(float(np.exp(wide - peak).sum())))
 
 
-def self_consistency(run: LlamaRun, sequence: list[int], last_top: list[list[float]], last_id: int) -> dict:
+def self_consistency(
+    run: LlamaRun, sequence: list[int], last_top: list[list[float]], last_id: int
+) -> dict:
     """llama.cpp's own noise floor: the last step again, from one llama_decode of the sequence.
 
     A batch takes other kernels than one-token decodes (and activations are rounded to 8-bit
@@ -485,15 +500,17 @@ def self_consistency(run: LlamaRun, sequence: list[int], last_top: list[list[flo
     logits = run.decode(sequence, start_pos=0)
     return {
         "sequence_length": len(sequence),
-        "last_step_top_max_abs_diff": round_sig(max(abs(float(logits[int(i)]) - value) for i, value in last_top)),
+        "last_step_top_max_abs_diff": round_sig(
+            max(abs(float(logits[int(i)]) - value) for i, value in last_top)
+        ),
         "argmax_agrees": int(logits.argmax()) == last_id,
     }
 
 
 def generation_golden(name: str, path: Path, run: LlamaRun, generator: dict) -> dict:
-    import numpy as np  # noqa: PLC0415
-
-    random_ids = sorted(int(t) for t in np.random.default_rng(SEED).choice(run.n_vocab, N_RANDOM_IDS, replace=False))
+    random_ids = sorted(
+        int(t) for t in np.random.default_rng(SEED).choice(run.n_vocab, N_RANDOM_IDS, replace=False)
+    )
     results = []
     for prompt_name, text in generation_prompts(name):
         run.reset()
@@ -544,25 +561,40 @@ def generation_golden(name: str, path: Path, run: LlamaRun, generator: dict) -> 
             "model": run.model_settings,
             "context": run.context_settings,
             "prompt_tokenization": {"add_special": True, "parse_special": True},
-            "prompt_evaluation": "one llama_decode of the whole prompt, logits of the last position only",
+            "prompt_evaluation": (
+                "one llama_decode of the whole prompt, logits of the last position only"
+            ),
             "decoding": (
                 "greedy: argmax of the raw logits (ties to the lowest id), no sampler, no penalty; "
                 "each token is fed back with its own llama_decode call"
             ),
             "max_new_tokens": MAX_NEW_TOKENS,
-            "stop": "an end-of-generation id (llama_vocab_is_eog) ends the sequence; it is kept in generated_ids",
+            "stop": (
+                "an end-of-generation id (llama_vocab_is_eog) ends the sequence; "
+                "it is kept in generated_ids"
+            ),
             "top_k_final_prompt_position": TOP_K_PROMPT,
             "top_k_per_step": TOP_K_STEP,
-            "random_ids": f"numpy default_rng({SEED}).choice(n_vocab, {N_RANDOM_IDS}, replace=False), sorted",
+            "random_ids": (
+                f"numpy default_rng({SEED}).choice(n_vocab, {N_RANDOM_IDS}, replace=False), sorted"
+            ),
             "seed": SEED,
-            "floats": f"rounded to {SIGNIFICANT_DIGITS} significant digits; logsumexp computed in float64",
+            "floats": (
+                f"rounded to {SIGNIFICANT_DIGITS} significant digits; logsumexp computed in float64"
+            ),
             "top_order": "logit descending, then id ascending",
             "self_consistency": (
                 "prompt + generated_ids[:-1] evaluated again in a single llama_decode; max |logit "
-                "difference| against steps[-1].top and whether the argmax is still generated_ids[-1]"
+                "difference| against steps[-1].top and whether the argmax is still "
+                "generated_ids[-1]"
             ),
-            "steps": "steps[i] describes the logits generated_ids[i] was chosen from; steps[0] is the final prompt position",
-            "generated_text": "concatenated llama_token_to_piece(special=false) bytes, UTF-8 with replacement",
+            "steps": (
+                "steps[i] describes the logits generated_ids[i] was chosen from; "
+                "steps[0] is the final prompt position"
+            ),
+            "generated_text": (
+                "concatenated llama_token_to_piece(special=false) bytes, UTF-8 with replacement"
+            ),
         },
         "random_ids": random_ids,
         "prompts": results,
@@ -576,10 +608,18 @@ def generation_golden(name: str, path: Path, run: LlamaRun, generator: dict) -> 
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--venv", help=f"virtual environment to use or create (default ${VENV_ENV_VAR} or ./.golden-venv)")
+    parser.add_argument(
+        "--venv",
+        help=f"virtual environment to use or create (default ${VENV_ENV_VAR} or ./.golden-venv)",
+    )
     parser.add_argument("--smollm", type=Path, help="path of SmolLM2-135M-Instruct.Q4_1.gguf")
     parser.add_argument("--gemma", type=Path, help="path of gemma-3-270m-q4_k_m.gguf")
-    parser.add_argument("--models", nargs="+", choices=sorted(MODEL_FILES), default=sorted(MODEL_FILES, reverse=True))
+    parser.add_argument(
+        "--models",
+        nargs="+",
+        choices=sorted(MODEL_FILES),
+        default=sorted(MODEL_FILES, reverse=True),
+    )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
     return parser.parse_args(argv)
@@ -604,8 +644,14 @@ def main(argv: list[str]) -> int:
         print(f"make_golden: {name} ({paths[name]})", file=sys.stderr)
         run = LlamaRun(paths[name], verbose=args.verbose)
         try:
-            write_json(args.out_dir / f"tokenizer_{name}.json", tokenizer_golden(name, paths[name], run, corpus, generator))
-            write_json(args.out_dir / f"generation_{name}.json", generation_golden(name, paths[name], run, generator))
+            write_json(
+                args.out_dir / f"tokenizer_{name}.json",
+                tokenizer_golden(name, paths[name], run, corpus, generator),
+            )
+            write_json(
+                args.out_dir / f"generation_{name}.json",
+                generation_golden(name, paths[name], run, generator),
+            )
         finally:
             run.close()
     return 0
