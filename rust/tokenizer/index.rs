@@ -37,7 +37,7 @@ fn hash(text: &str) -> u64 {
 impl TokenTable {
     /// Indexes `tokens` (ids must fit in u32); on a duplicate, returns the ids of its first
     /// and second occurrence.
-    pub fn new(tokens: Vec<String>) -> Result<TokenTable, (u32, u32)> {
+    pub fn new(tokens: Vec<String>) -> Result<TokenTable, (u32, u32, String)> {
         let capacity = (tokens.len().max(1) * 2).next_power_of_two().max(16);
         let shift = 64 - capacity.trailing_zeros();
         let mut index = TokenTable {
@@ -53,7 +53,9 @@ impl TokenTable {
                         index.slots[slot] = id as u32;
                         break;
                     }
-                    other if tokens[other as usize] == *token => return Err((other, id as u32)),
+                    other if tokens[other as usize] == *token => {
+                        return Err((other, id as u32, token.clone()))
+                    }
                     _ => slot = (slot + 1) & (capacity - 1),
                 }
             }
@@ -110,6 +112,9 @@ mod tests {
     #[test]
     fn reports_duplicates() {
         let tokens: Vec<String> = ["x", "y", "x"].map(String::from).to_vec();
-        assert_eq!(TokenTable::new(tokens).unwrap_err(), (0, 2));
+        assert_eq!(
+            TokenTable::new(tokens).unwrap_err(),
+            (0, 2, "x".to_string())
+        );
     }
 }

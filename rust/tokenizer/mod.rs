@@ -267,6 +267,17 @@ impl Tokenizer {
             merges,
             ..
         } = vocab;
+        let is_spm = match model.as_str() {
+            "llama" => true,
+            "gpt2" => false,
+            other => {
+                return Err(EngineError::unsupported(
+                    "tokenizer model",
+                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
+                ))
+            }
+        };
+
         tokens.truncate(n_vocab);
         for (id, token) in tokens.iter_mut().enumerate() {
             if token.is_empty() {
@@ -274,10 +285,10 @@ impl Tokenizer {
                 *token = format!("[EMPTY_{id}]");
             }
         }
-        let table = TokenTable::new(tokens).map_err(|(first, second)| {
+        let table = TokenTable::new(tokens).map_err(|(first, second, text)| {
             EngineError::malformed(
                 "tokenizer.ggml.tokens",
-                format!("duplicate token has ids {first} and {second}"),
+                format!("duplicate token {text:?} has ids {first} and {second}"),
             )
         })?;
         let tokens = table.tokens();
@@ -350,17 +361,6 @@ impl Tokenizer {
                 attrs[s as usize] = Attr(Attr::NORMAL);
             }
         }
-
-        let is_spm = match model.as_str() {
-            "llama" => true,
-            "gpt2" => false,
-            other => {
-                return Err(EngineError::unsupported(
-                    "tokenizer model",
-                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
-                ))
-            }
-        };
 
         let mut piece_bytes = Vec::new();
         let mut piece_offsets = Vec::with_capacity(n_vocab + 1);
