@@ -173,7 +173,10 @@ fn validation_errors_name_what_is_wrong() {
     let mut vocab = bpe_vocab(&[], "gpt-2");
     vocab.tokens[5] = vocab.tokens[6].clone();
     let message = err(vocab);
-    assert!(message.contains("duplicate token") && message.contains("ids 5 and 6"), "{message}");
+    assert!(
+        message.contains("duplicate token") && message.contains("ids 5 and 6"),
+        "{message}"
+    );
 
     let mut vocab = bpe_vocab(&[], "gpt-2");
     vocab.merges.push("nospace".into());
