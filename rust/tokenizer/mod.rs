@@ -14,16 +14,18 @@
 
 mod bpe;
 mod gguf_vocab;
+mod index;
 mod pretokenize;
 mod special;
 mod spm;
 pub mod vocab;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use crate::error::{EngineError, Result};
 
 use bpe::BpeModel;
+use index::TokenTable;
 use pretokenize::{byte_level_decode, PreTokenizerSpec};
 use special::{Fragment, SpecialMatcher, SpecialToken};
 pub use vocab::{TokenKind, Vocab};
@@ -91,10 +93,9 @@ enum Model {
 #[derive(Debug)]
 pub struct Tokenizer {
     model: Model,
-    tokens: Vec<String>,
+    table: TokenTable,
     attrs: Vec<Attr>,
     scores: Vec<f32>,
-    token_to_id: HashMap<Box<str>, u32>,
     /// Every token's decoded bytes (special tokens rendered), concatenated; token `i` is
     /// `piece_bytes[piece_offsets[i]..piece_offsets[i + 1]]`.
     piece_bytes: Vec<u8>,
@@ -266,21 +267,32 @@ impl Tokenizer {
             merges,
             ..
         } = vocab;
+        let is_spm = match model.as_str() {
+            "llama" => true,
+            "gpt2" => false,
+            other => {
+                return Err(EngineError::unsupported(
+                    "tokenizer model",
+                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
+                ))
+            }
+        };
+
         tokens.truncate(n_vocab);
-        let mut token_to_id: HashMap<Box<str>, u32> = HashMap::with_capacity(n_vocab);
         for (id, token) in tokens.iter_mut().enumerate() {
             if token.is_empty() {
                 // As llama.cpp: an empty token gets a placeholder text that cannot collide.
                 *token = format!("[EMPTY_{id}]");
             }
-            if let Some(first) = token_to_id.insert(token.as_str().into(), id as u32) {
-                return Err(EngineError::malformed(
-                    "tokenizer.ggml.tokens",
-                    format!("duplicate token {token:?} has ids {first} and {id}"),
-                ));
-            }
         }
-        let lookup = |texts: &[&str]| texts.iter().find_map(|t| token_to_id.get(*t).copied());
+        let table = TokenTable::new(tokens).map_err(|(first, second, text)| {
+            EngineError::malformed(
+                "tokenizer.ggml.tokens",
+                format!("duplicate token {text:?} has ids {first} and {second}"),
+            )
+        })?;
+        let tokens = table.tokens();
+        let lookup = |texts: &[&str]| texts.iter().find_map(|t| table.get(t));
 
         let mut attrs: Vec<Attr> = if kinds.is_empty() {
             vec![Attr(Attr::NORMAL); n_vocab]
@@ -309,7 +321,7 @@ impl Tokenizer {
         let fim_rep = found(vocab.fim_rep, FIM_REP_TEXTS);
         let fim_sep = found(vocab.fim_sep, FIM_SEP_TEXTS);
 
-        for (attr, token) in attrs.iter_mut().zip(&tokens) {
+        for (attr, token) in attrs.iter_mut().zip(tokens) {
             if attr.has(Attr::CONTROL) && token.contains("unused") {
                 attr.0 |= Attr::UNUSED;
             }
@@ -318,25 +330,21 @@ impl Tokenizer {
         let mut end_of_generation: Vec<u32> =
             [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
         for text in EOG_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
+            if let Some(id) = table.get(text) {
                 end_of_generation.push(id);
                 attrs[id as usize].0 |= Attr::CONTROL;
             }
         }
         for text in ALWAYS_RENDERED_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
+            if let Some(id) = table.get(text) {
                 attrs[id as usize] = Attr(Attr::USER_DEFINED);
             }
         }
         end_of_generation.extend([vocab.eos, eot, eom].into_iter().flatten());
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let eog_has = |eog: &[u32], text: &str| {
-            token_to_id
-                .get(text)
-                .filter(|id| eog.binary_search(id).is_ok())
-                .copied()
-        };
+        let eog_has =
+            |eog: &[u32], text: &str| table.get(text).filter(|id| eog.binary_search(id).is_ok());
         // gpt-oss and solar-open use "<|end|>" between messages, not at the end of a turn.
         if let Some(end) = eog_has(&end_of_generation, "<|end|>") {
             let has = |t| eog_has(&end_of_generation, t).is_some();
@@ -353,17 +361,6 @@ impl Tokenizer {
                 attrs[s as usize] = Attr(Attr::NORMAL);
             }
         }
-
-        let is_spm = match model.as_str() {
-            "llama" => true,
-            "gpt2" => false,
-            other => {
-                return Err(EngineError::unsupported(
-                    "tokenizer model",
-                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
-                ))
-            }
-        };
 
         let mut piece_bytes = Vec::new();
         let mut piece_offsets = Vec::with_capacity(n_vocab + 1);
@@ -397,17 +394,17 @@ impl Tokenizer {
             let mut byte_tokens = Box::new([None; 256]);
             for (byte, slot) in byte_tokens.iter_mut().enumerate() {
                 let hex = format!("<0x{byte:02X}>");
-                *slot = token_to_id.get(hex.as_str()).copied().or_else(|| {
+                *slot = table.get(&hex).or_else(|| {
                     let c = char::from(u8::try_from(byte).ok()?);
                     c.is_ascii()
-                        .then(|| token_to_id.get(c.to_string().as_str()).copied())
+                        .then(|| table.get(c.to_string().as_str()))
                         .flatten()
                 });
             }
             Model::Spm { byte_tokens }
         } else {
             let spec = PreTokenizerSpec::for_name(pre.as_deref())?;
-            Model::Bpe(BpeModel::new(&spec, &merges, &token_to_id, n_vocab)?)
+            Model::Bpe(BpeModel::new(&spec, &merges, &table)?)
         };
 
         let scores = if scores.is_empty() {
@@ -418,10 +415,9 @@ impl Tokenizer {
 
         Ok(Tokenizer {
             model,
-            tokens,
+            table,
             attrs,
             scores,
-            token_to_id,
             piece_bytes,
             piece_offsets,
             special,
@@ -456,7 +452,7 @@ impl Tokenizer {
                 for fragment in fragments {
                     match fragment {
                         Fragment::Token(id) => out.push(id),
-                        Fragment::Text(text) => bpe.encode(text, &self.token_to_id, &mut out),
+                        Fragment::Text(text) => bpe.encode(text, &self.table, &mut out),
                     }
                 }
             }
@@ -481,7 +477,7 @@ impl Tokenizer {
                             }
                             spm::encode(
                                 &escaped,
-                                &self.token_to_id,
+                                &self.table,
                                 &self.scores,
                                 byte_tokens,
                                 self.unk,
@@ -531,16 +527,19 @@ impl Tokenizer {
 
     /// The vocabulary's text for `id` ("" for ids out of range).
     pub fn token_to_piece(&self, id: u32) -> &str {
-        self.tokens.get(id as usize).map_or("", String::as_str)
+        self.table
+            .tokens()
+            .get(id as usize)
+            .map_or("", String::as_str)
     }
 
     /// The id whose vocabulary text is exactly `piece`.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.token_to_id.get(piece).copied()
+        self.table.get(piece)
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.tokens.len()
+        self.table.len()
     }
 
     pub fn bos(&self) -> Option<u32> {
