@@ -42,7 +42,10 @@ pub enum EngineError {
 
     /// The prompt plus requested tokens do not fit the context window.
     #[error("prompt of {prompt_tokens} tokens does not fit the context of {context_size} tokens")]
-    ContextOverflow { prompt_tokens: usize, context_size: usize },
+    ContextOverflow {
+        prompt_tokens: usize,
+        context_size: usize,
+    },
 
     /// A bug in the engine (including a caught panic). Never the user's fault.
     #[error("internal error in sampler-sdk (please report this bug): {0}")]
@@ -53,14 +56,23 @@ pub type Result<T, E = EngineError> = std::result::Result<T, E>;
 
 impl EngineError {
     pub fn invalid(param: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::InvalidArgument { param: param.into(), message: message.into() }
+        Self::InvalidArgument {
+            param: param.into(),
+            message: message.into(),
+        }
     }
 
     pub fn malformed(context: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::MalformedFile { context: context.into(), message: message.into() }
+        Self::MalformedFile {
+            context: context.into(),
+            message: message.into(),
+        }
     }
 
     pub fn unsupported(what: impl Into<String>, message: impl Into<String>) -> Self {
-        Self::Unsupported { what: what.into(), message: message.into() }
+        Self::Unsupported {
+            what: what.into(),
+            message: message.into(),
+        }
     }
 }

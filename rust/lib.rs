@@ -10,12 +10,14 @@
 //! Nothing here names Python; the `python` feature adds the one binding module.
 
 pub mod error;
+pub mod generate;
 pub mod gguf;
-pub mod kv_cache;
 pub mod kernels;
+pub mod kv_cache;
 pub mod model;
 pub mod quant;
 pub mod sampling;
+pub mod text;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]

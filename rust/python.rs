@@ -3,6 +3,7 @@
 //! `EngineError` to exception classes in one place. No decisions live here.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use numpy::{PyArray1, PyArrayMethods};
@@ -13,17 +14,19 @@ use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
 use crate::error::EngineError;
+use crate::generate::{generate, GenerateRequest, GeneratedToken, Outcome, StopReason};
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
 use crate::model::Model;
+use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
 
 create_exception!(
-    _engine,
+    sampler_sdk._engine,
     ModelFormatError,
     PyValueError,
     "The model file is malformed, or uses a format, architecture or type this engine does not support."
 );
 create_exception!(
-    _engine,
+    sampler_sdk._engine,
     ContextOverflowError,
     PyValueError,
     "The prompt plus requested tokens do not fit the model's context window."
@@ -49,7 +52,10 @@ impl From<EngineError> for PyErr {
 
 /// Runs engine work off the GIL and turns a panic into an exception instead of letting
 /// it cross into Python as a `PanicException` (which `except Exception` misses).
-fn run_detached<T: Send>(py: Python<'_>, work: impl FnOnce() -> crate::Result<T> + Send) -> PyResult<T> {
+fn run_detached<T: Send>(
+    py: Python<'_>,
+    work: impl FnOnce() -> crate::Result<T> + Send,
+) -> PyResult<T> {
     py.detach(|| {
         std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
             let what = panic
@@ -75,7 +81,10 @@ impl PyModel {
     fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
         let p = path.clone();
         let model = run_detached(py, move || Model::load(&p))?;
-        Ok(Self { inner: Arc::new(model), path })
+        Ok(Self {
+            inner: Arc::new(model),
+            path,
+        })
     }
 
     #[getter]
@@ -118,21 +127,43 @@ impl PyModel {
         self.inner.tokenizer.eos()
     }
 
+    /// Whether the model's metadata asks for BOS at the start of a context.
+    #[getter]
+    fn add_bos(&self) -> bool {
+        self.inner.tokenizer.add_bos()
+    }
+
     #[getter]
     fn end_of_generation_ids(&self) -> Vec<u32> {
         self.inner.tokenizer.end_of_generation_ids().to_vec()
     }
 
     #[pyo3(signature = (text, add_special = true, parse_special = false))]
-    fn tokenize(&self, py: Python<'_>, text: String, add_special: bool, parse_special: bool) -> PyResult<Vec<u32>> {
+    fn tokenize(
+        &self,
+        py: Python<'_>,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> PyResult<Vec<u32>> {
         let model = Arc::clone(&self.inner);
-        run_detached(py, move || Ok(model.tokenizer.encode(&text, add_special, parse_special)))
+        run_detached(py, move || {
+            Ok(model.tokenizer.encode(&text, add_special, parse_special))
+        })
     }
 
     #[pyo3(signature = (token_id, render_special = false))]
-    fn token_bytes<'py>(&self, py: Python<'py>, token_id: u32, render_special: bool) -> PyResult<Bound<'py, PyBytes>> {
+    fn token_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        token_id: u32,
+        render_special: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
         self.check_ids(&[token_id])?;
-        Ok(PyBytes::new(py, &self.inner.tokenizer.token_bytes(token_id, render_special)))
+        Ok(PyBytes::new(
+            py,
+            &self.inner.tokenizer.token_bytes(token_id, render_special),
+        ))
     }
 
     /// The vocabulary string of a token (as stored in the model file).
@@ -155,21 +186,34 @@ impl PyModel {
     ) -> PyResult<Bound<'py, PyBytes>> {
         self.check_ids(&token_ids)?;
         let model = Arc::clone(&self.inner);
-        let bytes = run_detached(py, move || Ok(model.tokenizer.decode(&token_ids, render_special)))?;
+        let bytes = run_detached(py, move || {
+            Ok(model.tokenizer.decode(&token_ids, render_special))
+        })?;
         Ok(PyBytes::new(py, &bytes))
     }
 
     /// Decoded text; invalid UTF-8 (a character cut at the end) becomes U+FFFD.
     #[pyo3(signature = (token_ids, render_special = false))]
-    fn detokenize(&self, py: Python<'_>, token_ids: Vec<u32>, render_special: bool) -> PyResult<String> {
+    fn detokenize(
+        &self,
+        py: Python<'_>,
+        token_ids: Vec<u32>,
+        render_special: bool,
+    ) -> PyResult<String> {
         self.check_ids(&token_ids)?;
         let model = Arc::clone(&self.inner);
-        let bytes = run_detached(py, move || Ok(model.tokenizer.decode(&token_ids, render_special)))?;
+        let bytes = run_detached(py, move || {
+            Ok(model.tokenizer.decode(&token_ids, render_special))
+        })?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
 
     /// Logits after the last of `token_ids`, evaluated from an empty context.
-    fn logits<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyArray1<f32>>> {
+    fn logits<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+    ) -> PyResult<Bound<'py, PyArray1<f32>>> {
         let model = Arc::clone(&self.inner);
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
@@ -190,11 +234,198 @@ impl PyModel {
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())
     }
 
+    /// Starts generating on an engine thread. `on_event(kind, payload)` is called from
+    /// that thread for each event: ("token", (id, bytes, text, prob, logprob_raw, top_k,
+    /// attention)), then exactly one of ("done", dict) or ("error", exception). If
+    /// `on_event` raises, the generation is cancelled. Arguments are validated here, so
+    /// bad ones raise before any work starts.
+    #[pyo3(signature = (
+        prompt, on_event, *, max_len = 256, temperature = 0.7, nucleus_p = 0.95, seed = 0,
+        allowed_tokens = None, disallowed_tokens = None, stop_token_ids = Vec::new(),
+        stop_strings = Vec::new(), return_attention = false, context_limit = None
+    ))]
+    #[allow(clippy::too_many_arguments)]
+    fn generate(
+        &self,
+        prompt: Vec<u32>,
+        on_event: Py<PyAny>,
+        max_len: usize,
+        temperature: f32,
+        nucleus_p: f32,
+        seed: u64,
+        allowed_tokens: Option<Vec<u32>>,
+        disallowed_tokens: Option<Vec<u32>>,
+        stop_token_ids: Vec<u32>,
+        stop_strings: Vec<String>,
+        return_attention: bool,
+        context_limit: Option<usize>,
+    ) -> PyResult<PyGeneration> {
+        let n_vocab = self.inner.config.n_vocab;
+        let mask = match (allowed_tokens, disallowed_tokens) {
+            (Some(_), Some(_)) => {
+                return Err(PyValueError::new_err(
+                    "allowed_tokens, disallowed_tokens: give at most one of the two",
+                ))
+            }
+            (Some(ids), None) => Some(TokenMask::allow_only(n_vocab, &ids)?),
+            (None, Some(ids)) => Some(TokenMask::disallow(n_vocab, &ids)?),
+            (None, None) => None,
+        };
+        let request = GenerateRequest {
+            prompt,
+            max_len,
+            sampling: SamplingParams {
+                temperature,
+                nucleus_p,
+                mask,
+            },
+            seed,
+            stop_token_ids,
+            stop_strings,
+            return_attention,
+            context_limit,
+        };
+        crate::generate::validate(&self.inner, &request)?;
+        let cancel = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(Finished::default());
+        let handle = PyGeneration {
+            cancel: Arc::clone(&cancel),
+            finished: Arc::clone(&finished),
+        };
+        let model = Arc::clone(&self.inner);
+        std::thread::Builder::new()
+            .name("sampler-sdk-generate".into())
+            .spawn(move || {
+                run_generation(&model, &request, &cancel, on_event);
+                finished.set();
+            })
+            .map_err(|e| {
+                PyRuntimeError::new_err(format!("cannot start a generation thread: {e}"))
+            })?;
+        Ok(handle)
+    }
+
     /// Greedy (argmax) continuation, stopping after an end-of-generation token.
-    fn generate_greedy(&self, py: Python<'_>, token_ids: Vec<u32>, max_tokens: usize) -> PyResult<Vec<u32>> {
+    fn generate_greedy(
+        &self,
+        py: Python<'_>,
+        token_ids: Vec<u32>,
+        max_tokens: usize,
+    ) -> PyResult<Vec<u32>> {
         let model = Arc::clone(&self.inner);
         run_detached(py, move || model.generate_greedy(&token_ids, max_tokens))
     }
+}
+
+/// Set by a generation thread once it will never touch Python again.
+#[derive(Default)]
+struct Finished {
+    done: std::sync::Mutex<bool>,
+    signal: std::sync::Condvar,
+}
+
+impl Finished {
+    fn set(&self) {
+        if let Ok(mut done) = self.done.lock() {
+            *done = true;
+        }
+        self.signal.notify_all();
+    }
+
+    fn is_set(&self) -> bool {
+        self.done.lock().map(|d| *d).unwrap_or(true)
+    }
+
+    fn wait(&self, timeout: Option<std::time::Duration>) -> bool {
+        let Ok(guard) = self.done.lock() else {
+            return true;
+        };
+        match timeout {
+            None => self
+                .signal
+                .wait_while(guard, |done| !*done)
+                .map(|d| *d)
+                .unwrap_or(true),
+            Some(t) => self
+                .signal
+                .wait_timeout_while(guard, t, |done| !*done)
+                .map(|(d, _)| *d)
+                .unwrap_or(true),
+        }
+    }
+}
+
+/// A running generation: cancel it, wait for it, or ask whether it has finished.
+#[pyclass(name = "Generation", module = "sampler_sdk._engine", frozen, weakref)]
+struct PyGeneration {
+    cancel: Arc<AtomicBool>,
+    finished: Arc<Finished>,
+}
+
+#[pymethods]
+impl PyGeneration {
+    /// Asks the engine to stop; it does so before the next token or prefill chunk.
+    fn cancel(&self) {
+        self.cancel.store(true, Ordering::Relaxed);
+    }
+
+    /// True once the engine thread has delivered its last event and let go of Python.
+    #[getter]
+    fn finished(&self) -> bool {
+        self.finished.is_set()
+    }
+
+    /// Blocks (without the GIL) until the engine thread is done with Python; returns
+    /// whether it is, which is false only when `timeout` seconds passed first. Waiting
+    /// before interpreter shutdown keeps a native thread from calling into a
+    /// finalizing interpreter.
+    #[pyo3(signature = (timeout = None))]
+    fn wait(&self, py: Python<'_>, timeout: Option<f64>) -> PyResult<bool> {
+        let timeout = match timeout {
+            Some(t) if !(t.is_finite() && t >= 0.0) => {
+                return Err(PyValueError::new_err(format!(
+                    "timeout: must be a non-negative number, got {t}"
+                )))
+            }
+            Some(t) => Some(std::time::Duration::from_secs_f64(t)),
+            None => None,
+        };
+        let finished = Arc::clone(&self.finished);
+        Ok(py.detach(move || finished.wait(timeout)))
+    }
+}
+
+fn token_event(py: Python<'_>, t: GeneratedToken) -> PyResult<Py<PyAny>> {
+    let attention = match t.attention {
+        Some(a) => PyArray1::from_vec(py, a).into_any().unbind(),
+        None => py.None(),
+    };
+    (
+        t.id,
+        PyBytes::new(py, &t.bytes),
+        t.text,
+        t.prob,
+        t.logprob_raw,
+        t.top_k,
+        attention,
+    )
+        .into_py_any(py)
+}
+
+fn outcome_event(py: Python<'_>, outcome: &Outcome) -> PyResult<Py<PyAny>> {
+    let d = PyDict::new(py);
+    d.set_item("stop_reason", outcome.stop_reason.name())?;
+    match outcome.stop_reason {
+        StopReason::StopToken(id) | StopReason::EndOfSequence(id) => {
+            d.set_item("stop_token_id", id)?
+        }
+        StopReason::StopString(i) => d.set_item("stop_string_index", i)?,
+        _ => {}
+    }
+    d.set_item("prompt_tokens", outcome.usage.prompt_tokens)?;
+    d.set_item("sampled_tokens", outcome.usage.sampled_tokens)?;
+    d.set_item("trailing_text", &outcome.trailing_text)?;
+    d.into_py_any(py)
 }
 
 impl PyModel {
@@ -207,6 +438,63 @@ impl PyModel {
             None => Ok(()),
         }
     }
+}
+
+/// The engine thread's body: run the decode loop, deliver each event to Python, and
+/// always finish with exactly one "done" or "error" event.
+fn run_generation(
+    model: &Model,
+    request: &GenerateRequest,
+    cancel: &AtomicBool,
+    on_event: Py<PyAny>,
+) {
+    let deliver = |kind: &str, make: &dyn Fn(Python<'_>) -> PyResult<Py<PyAny>>| -> bool {
+        Python::attach(|py| {
+            match make(py).and_then(|payload| on_event.call1(py, (kind, payload))) {
+                Ok(_) => true,
+                Err(err) => {
+                    // The consumer is gone (closed event loop, raising callback): stop quietly.
+                    log::debug!("generation event callback failed: {err}");
+                    false
+                }
+            }
+        })
+    };
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        generate(model, request, cancel, |token| {
+            let cell = std::cell::Cell::new(Some(token));
+            deliver("token", &|py| match cell.take() {
+                Some(t) => token_event(py, t),
+                None => Ok(py.None()),
+            })
+        })
+    }))
+    .unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(EngineError::Internal(what))
+    });
+    match result {
+        Ok(outcome) => deliver("done", &|py| outcome_event(py, &outcome)),
+        Err(err) => {
+            let err = PyErr::from(err);
+            deliver("error", &|py| {
+                Ok(err.clone_ref(py).into_value(py).into_any())
+            })
+        }
+    };
+    // Release the callback while attached, so nothing is left for this thread to do in
+    // Python once it reports itself finished.
+    Python::attach(move |_py| drop(on_event));
+}
+
+/// The seed of the `call_index`-th call of a sampler created with `initial_seed`.
+#[pyfunction(name = "derive_call_seed")]
+fn py_derive_call_seed(initial_seed: u64, call_index: u64) -> u64 {
+    derive_call_seed(initial_seed, call_index)
 }
 
 /// Arrays longer than this are summarised in `inspect_gguf` (a vocabulary has 262k entries).
@@ -236,7 +524,10 @@ fn array_to_py(py: Python<'_>, array: &MetadataArray) -> PyResult<Py<PyAny>> {
             if v.len() > MAX_LISTED_ARRAY {
                 return format!("<array of {} arrays>", v.len()).into_py_any(py);
             }
-            let items = v.iter().map(|a| array_to_py(py, a)).collect::<PyResult<Vec<_>>>()?;
+            let items = v
+                .iter()
+                .map(|a| array_to_py(py, a))
+                .collect::<PyResult<Vec<_>>>()?;
             PyList::new(py, items)?.into_py_any(py)
         }
     }
@@ -293,9 +584,12 @@ fn inspect_gguf<'py>(py: Python<'py>, path: PathBuf) -> PyResult<Bound<'py, PyDi
 fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bound<'py, PyAny>> {
     let (values, dims) = run_detached(py, move || {
         let file = GgufFile::open(&path)?;
-        let info = file.tensor(&name).ok_or_else(|| EngineError::MissingTensor { name: name.clone() })?;
-        let n = usize::try_from(info.n_elements)
-            .map_err(|_| EngineError::invalid("name", format!("tensor {name} is too large to read")))?;
+        let info = file
+            .tensor(&name)
+            .ok_or_else(|| EngineError::MissingTensor { name: name.clone() })?;
+        let n = usize::try_from(info.n_elements).map_err(|_| {
+            EngineError::invalid("name", format!("tensor {name} is too large to read"))
+        })?;
         let mut out = vec![0.0f32; n];
         crate::quant::dequantize(info.ggml_type, file.tensor_data(info), &mut out)?;
         Ok((out, info.dims.clone()))
@@ -308,9 +602,14 @@ fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bo
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add_class::<PyModel>()?;
+    m.add_class::<PyGeneration>()?;
+    m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
     m.add("ModelFormatError", m.py().get_type::<ModelFormatError>())?;
-    m.add("ContextOverflowError", m.py().get_type::<ContextOverflowError>())?;
+    m.add(
+        "ContextOverflowError",
+        m.py().get_type::<ContextOverflowError>(),
+    )?;
     Ok(())
 }

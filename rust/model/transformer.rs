@@ -15,6 +15,10 @@ use crate::model::Model;
 pub struct SequenceState {
     pub(crate) kv: KvCache,
     scratch: Scratch,
+    /// When set, the last token's attention weights of each forward call are averaged
+    /// over layers and heads into `attention`.
+    record_attention: bool,
+    attention: Option<Vec<f32>>,
 }
 
 #[derive(Default)]
@@ -62,6 +66,16 @@ impl SequenceState {
     pub fn kv_bytes(&self) -> usize {
         self.kv.allocated_bytes()
     }
+
+    pub fn record_attention(&mut self, on: bool) {
+        self.record_attention = on;
+    }
+
+    /// The attention pattern of the last token of the latest forward call: one weight per
+    /// context position, averaged over all layers and heads (so it sums to 1).
+    pub fn take_attention(&mut self) -> Option<Vec<f32>> {
+        self.attention.take()
+    }
 }
 
 impl Model {
@@ -71,27 +85,49 @@ impl Model {
         SequenceState {
             kv: KvCache::new(cfg.n_layer, cfg.kv_dim(), capacity.min(cfg.n_ctx_train)),
             scratch: Scratch::default(),
+            record_attention: false,
+            attention: None,
         }
     }
 
     /// Appends `tokens` to the sequence and returns the logits of its last
     /// `n_logits` tokens (row-major, `n_logits × n_vocab`).
-    pub fn forward(&self, seq: &mut SequenceState, tokens: &[u32], n_logits: usize) -> Result<Vec<f32>> {
+    pub fn forward(
+        &self,
+        seq: &mut SequenceState,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> Result<Vec<f32>> {
         let cfg = &self.config;
         let n = tokens.len();
         if n == 0 {
-            return Err(EngineError::invalid("tokens", "at least one token is needed"));
+            return Err(EngineError::invalid(
+                "tokens",
+                "at least one token is needed",
+            ));
         }
         if n_logits > n {
-            return Err(EngineError::invalid("n_logits", format!("{n_logits} exceeds the {n} tokens given")));
+            return Err(EngineError::invalid(
+                "n_logits",
+                format!("{n_logits} exceeds the {n} tokens given"),
+            ));
         }
         if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            return Err(EngineError::invalid("tokens", format!("token id {bad} is outside the vocabulary of {}", cfg.n_vocab)));
+            return Err(EngineError::invalid(
+                "tokens",
+                format!(
+                    "token id {bad} is outside the vocabulary of {}",
+                    cfg.n_vocab
+                ),
+            ));
         }
         let start = seq.kv.len();
         let end = start + n;
         if end > seq.kv.capacity() {
-            return Err(EngineError::ContextOverflow { prompt_tokens: end, context_size: seq.kv.capacity() });
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: end,
+                context_size: seq.kv.capacity(),
+            });
         }
         seq.kv.reserve_to(end);
 
@@ -113,19 +149,41 @@ impl Model {
         resize(&mut s.sin, cfg.n_rot / 2);
 
         for (t, &tok) in tokens.iter().enumerate() {
-            w.token_embd.dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
+            w.token_embd
+                .dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
         }
 
         let group = cfg.n_head / cfg.n_head_kv;
+        let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
         for (li, layer) in w.layers.iter().enumerate() {
             // Attention block.
             for t in 0..n {
-                ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.attn_norm, cfg.rms_eps, &mut s.normed[t * d..(t + 1) * d]);
+                ops::rms_norm(
+                    &s.x[t * d..(t + 1) * d],
+                    &layer.attn_norm,
+                    cfg.rms_eps,
+                    &mut s.normed[t * d..(t + 1) * d],
+                );
             }
             s.acts.set_input(n, d);
-            matmul(&layer.wq, file, s.acts.for_weight(layer.wq.ty, &s.normed)?, &mut s.q);
-            matmul(&layer.wk, file, s.acts.for_weight(layer.wk.ty, &s.normed)?, &mut s.k);
-            matmul(&layer.wv, file, s.acts.for_weight(layer.wv.ty, &s.normed)?, &mut s.v);
+            matmul(
+                &layer.wq,
+                file,
+                s.acts.for_weight(layer.wq.ty, &s.normed)?,
+                &mut s.q,
+            );
+            matmul(
+                &layer.wk,
+                file,
+                s.acts.for_weight(layer.wk.ty, &s.normed)?,
+                &mut s.k,
+            );
+            matmul(
+                &layer.wv,
+                file,
+                s.acts.for_weight(layer.wv.ty, &s.normed)?,
+                &mut s.v,
+            );
 
             for t in 0..n {
                 let pos = start + t;
@@ -139,12 +197,25 @@ impl Model {
                     &mut s.sin,
                 );
                 let rotate = |head: &mut [f32]| match cfg.rope_style {
-                    RopeStyle::AdjacentPairs => ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin),
-                    RopeStyle::SplitHalves => ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin),
+                    RopeStyle::AdjacentPairs => {
+                        ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                    }
+                    RopeStyle::SplitHalves => {
+                        ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                    }
                 };
-                s.q[t * q_dim..(t + 1) * q_dim].chunks_exact_mut(hd).for_each(&rotate);
-                s.k[t * kv_dim..(t + 1) * kv_dim].chunks_exact_mut(hd).for_each(&rotate);
-                seq.kv.store(li, pos, &s.k[t * kv_dim..(t + 1) * kv_dim], &s.v[t * kv_dim..(t + 1) * kv_dim]);
+                s.q[t * q_dim..(t + 1) * q_dim]
+                    .chunks_exact_mut(hd)
+                    .for_each(&rotate);
+                s.k[t * kv_dim..(t + 1) * kv_dim]
+                    .chunks_exact_mut(hd)
+                    .for_each(&rotate);
+                seq.kv.store(
+                    li,
+                    pos,
+                    &s.k[t * kv_dim..(t + 1) * kv_dim],
+                    &s.v[t * kv_dim..(t + 1) * kv_dim],
+                );
             }
 
             for t in 0..n {
@@ -158,6 +229,9 @@ impl Model {
                         *score = ops::dot_f32(q, k) * cfg.attn_scale;
                     }
                     ops::softmax_in_place(scores);
+                    if let (Some(sum), true) = (attention_sum.as_mut(), t + 1 == n) {
+                        ops::add_in_place(sum, scores);
+                    }
                     let out = &mut s.attn[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                     out.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
@@ -169,24 +243,54 @@ impl Model {
                 }
             }
             s.acts.set_input(n, q_dim);
-            matmul(&layer.wo, file, s.acts.for_weight(layer.wo.ty, &s.attn)?, &mut s.proj);
+            matmul(
+                &layer.wo,
+                file,
+                s.acts.for_weight(layer.wo.ty, &s.attn)?,
+                &mut s.proj,
+            );
             ops::add_in_place(&mut s.x, &s.proj);
 
             // Feed-forward block (SwiGLU).
             for t in 0..n {
-                ops::rms_norm(&s.x[t * d..(t + 1) * d], &layer.ffn_norm, cfg.rms_eps, &mut s.normed[t * d..(t + 1) * d]);
+                ops::rms_norm(
+                    &s.x[t * d..(t + 1) * d],
+                    &layer.ffn_norm,
+                    cfg.rms_eps,
+                    &mut s.normed[t * d..(t + 1) * d],
+                );
             }
             s.acts.set_input(n, d);
-            matmul(&layer.w_gate, file, s.acts.for_weight(layer.w_gate.ty, &s.normed)?, &mut s.gate);
-            matmul(&layer.w_up, file, s.acts.for_weight(layer.w_up.ty, &s.normed)?, &mut s.up);
+            matmul(
+                &layer.w_gate,
+                file,
+                s.acts.for_weight(layer.w_gate.ty, &s.normed)?,
+                &mut s.gate,
+            );
+            matmul(
+                &layer.w_up,
+                file,
+                s.acts.for_weight(layer.w_up.ty, &s.normed)?,
+                &mut s.up,
+            );
             for (g, &u) in s.gate.iter_mut().zip(&s.up) {
                 *g = ops::silu(*g) * u;
             }
             s.ffn_acts.set_input(n, cfg.n_ff);
-            matmul(&layer.w_down, file, s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?, &mut s.proj);
+            matmul(
+                &layer.w_down,
+                file,
+                s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?,
+                &mut s.proj,
+            );
             ops::add_in_place(&mut s.x, &s.proj);
         }
         seq.kv.set_len(end);
+        if let Some(mut sum) = attention_sum {
+            let inv = 1.0 / (cfg.n_layer * cfg.n_head) as f32;
+            sum.iter_mut().for_each(|v| *v *= inv);
+            seq.attention = Some(sum);
+        }
 
         // Only the rows whose logits were asked for go through the vocabulary projection,
         // the most expensive matrix of a small model.
@@ -196,7 +300,12 @@ impl Model {
         }
         let mut logits = vec![0.0f32; n_logits * cfg.n_vocab];
         s.acts.set_input(n_logits, d);
-        matmul(&w.output, file, s.acts.for_weight(w.output.ty, &s.x[first * d..])?, &mut logits);
+        matmul(
+            &w.output,
+            file,
+            s.acts.for_weight(w.output.ty, &s.x[first * d..])?,
+            &mut logits,
+        );
         Ok(logits)
     }
 }

@@ -31,7 +31,11 @@ pub struct ModelWeights {
 
 /// Reads a 1-D F32 (or F16/BF16/quantized) vector of exactly `len` values.
 pub fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
-    let info = file.tensor(name).ok_or_else(|| EngineError::MissingTensor { name: name.to_string() })?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| EngineError::MissingTensor {
+            name: name.to_string(),
+        })?;
     if info.n_elements != len as u64 || info.dims.iter().skip(1).any(|&d| d != 1) {
         return Err(EngineError::malformed(
             format!("tensor {name}"),
@@ -44,7 +48,11 @@ pub fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
 }
 
 pub fn matrix(file: &GgufFile, name: &str, row_len: usize, n_rows: usize) -> Result<WeightMatrix> {
-    let info = file.tensor(name).ok_or_else(|| EngineError::MissingTensor { name: name.to_string() })?;
+    let info = file
+        .tensor(name)
+        .ok_or_else(|| EngineError::MissingTensor {
+            name: name.to_string(),
+        })?;
     WeightMatrix::from_tensor(info, row_len, n_rows)
 }
 
@@ -76,9 +84,11 @@ impl ModelWeights {
             Some(_) => Some(vector(file, "rope_freqs.weight", cfg.n_rot / 2)?),
             None => None,
         };
-        for m in std::iter::once(&token_embd).chain(layers.iter().flat_map(|l| {
-            [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]
-        })) {
+        for m in std::iter::once(&token_embd).chain(
+            layers
+                .iter()
+                .flat_map(|l| [&l.wq, &l.wk, &l.wv, &l.wo, &l.w_gate, &l.w_up, &l.w_down]),
+        ) {
             if matches!(m.ty, GgmlType::Q8_1 | GgmlType::Q8K) {
                 return Err(EngineError::unsupported(
                     "tensor type",
@@ -86,6 +96,12 @@ impl ModelWeights {
                 ));
             }
         }
-        Ok(Self { token_embd, layers, output_norm, output, rope_freq_factors })
+        Ok(Self {
+            token_embd,
+            layers,
+            output_norm,
+            output,
+            rope_freq_factors,
+        })
     }
 }

@@ -68,13 +68,17 @@ impl GgmlType {
     /// Maps a GGUF type id; ids ggml defines but this engine cannot compute with
     /// (IQ*, TQ*, I8..I64, MXFP4) are reported as unsupported, not as corrupt.
     pub fn from_id(id: u32) -> Result<Self> {
-        Self::ALL.iter().copied().find(|t| t.id() == id).ok_or_else(|| match id {
-            16..=23 | 24..=28 | 29 | 34 | 35 | 39 => EngineError::unsupported(
-                "tensor type",
-                format!("ggml type id {id} (IQ/TQ/integer/MXFP4 types are not implemented)"),
-            ),
-            _ => EngineError::malformed("tensor type", format!("unknown ggml type id {id}")),
-        })
+        Self::ALL
+            .iter()
+            .copied()
+            .find(|t| t.id() == id)
+            .ok_or_else(|| match id {
+                16..=23 | 24..=28 | 29 | 34 | 35 | 39 => EngineError::unsupported(
+                    "tensor type",
+                    format!("ggml type id {id} (IQ/TQ/integer/MXFP4 types are not implemented)"),
+                ),
+                _ => EngineError::malformed("tensor type", format!("unknown ggml type id {id}")),
+            })
     }
 
     pub fn name(self) -> &'static str {
@@ -173,7 +177,13 @@ mod tests {
         for t in GgmlType::ALL {
             assert_eq!(GgmlType::from_id(t.id()).ok(), Some(t));
         }
-        assert!(matches!(GgmlType::from_id(99), Err(EngineError::MalformedFile { .. })));
-        assert!(matches!(GgmlType::from_id(16), Err(EngineError::Unsupported { .. })));
+        assert!(matches!(
+            GgmlType::from_id(99),
+            Err(EngineError::MalformedFile { .. })
+        ));
+        assert!(matches!(
+            GgmlType::from_id(16),
+            Err(EngineError::Unsupported { .. })
+        ));
     }
 }

@@ -1,0 +1,1 @@
+"""Engine-independent references for tests: a numpy forward pass and synthetic GGUF writers."""
