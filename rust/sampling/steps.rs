@@ -24,7 +24,11 @@ const LANES: usize = 8;
 /// vectorise twice as wide with AVX2. Rust never fuses a multiply and an add on its own, so
 /// both copies perform the same IEEE operations in the same order: identical results.
 macro_rules! with_avx2_dispatch {
-    ($(#[$meta:meta])* $vis:vis fn $name:ident / $avx2:ident = $body:ident ($($arg:ident : $ty:ty),*) $(-> $ret:ty)?) => {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident / $avx2:ident = $body:ident ($($arg:ident : $ty:ty),* $(,)?)
+        $(-> $ret:ty)?
+    ) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
@@ -57,26 +61,28 @@ pub(crate) fn sanitize(logit: f32) -> f32 {
     }
 }
 
-/// e^x for x <= 0 (and x = -inf), in portable f32 arithmetic: the same bits on every
-/// platform, within 2e-7 relative of the true value on [-87, 0], exactly 1 at 0 and exactly
-/// 0 below [`EXP_UNDERFLOW`] and for NaN. Branch-free so the weight loops vectorise; libm's `expf` is a
-/// call per element and costs ~4x more on a 262k vocabulary.
+/// e^x for x <= 0 (and x = -inf; positive x give meaningless values), in portable f32
+/// arithmetic: the same bits on every platform, within 2e-7 relative of the true value on
+/// [-87, 0], exactly 1 at 0 and exactly 0 below [`EXP_UNDERFLOW`] and for NaN. Branch-free so the weight loops vectorise; libm's
+/// `expf` is a call per element and costs several times more on a 262k vocabulary.
 ///
-/// Method: x = k ln2 + r with k = round(x / ln2) (the 1.5 * 2^23 trick rounds to nearest
+/// Method: x = k ln2 + r with k = round(x / ln2) (adding 1.5 * 2^23 rounds to nearest
 /// even and leaves k in the low mantissa bits), ln2 split in two so r is exact to ~1 ulp,
 /// then a degree-7 Taylor polynomial for e^r on |r| <= ln2 / 2 (truncation < 6e-9), scaled
 /// by 2^k assembled from the exponent bits (k >= -126, so 2^k is a normal number).
 #[inline]
 pub(crate) fn exp32(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, so k * LN2_HI is exact
+    // ln2 = LN2_HI + LN2_LO, LN2_HI = 355/512 with few mantissa bits so k * LN2_HI is exact.
+    const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
-                                       // Written as `x >= limit` so that NaN, like anything below the limit, gives 0.
+    const ROUNDER: f32 = 1.5 * 8_388_608.0;
+    // Written as `x >= limit` so that NaN, like anything below the limit, gives 0.
     let clamped = if x >= EXP_UNDERFLOW { x } else { EXP_UNDERFLOW };
     let shifted = clamped * LOG2_E + ROUNDER;
     let k = shifted - ROUNDER;
-    let k_int = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
+    // Wrapping only matters outside the domain (x > 0): a meaningless value, never a panic.
+    let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     let r = (clamped - k * LN2_HI) - k * LN2_LO;
     let poly = 1.0
         + r * (1.0
@@ -84,7 +90,7 @@ pub(crate) fn exp32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let two_to_k = f32::from_bits(((k_int + 127) as u32) << 23);
+    let two_to_k = f32::from_bits((k_int.wrapping_add(127) as u32) << 23);
     let value = poly * two_to_k;
     if x >= EXP_UNDERFLOW {
         value
@@ -223,7 +229,12 @@ fn fill_scaled(
 }
 
 with_avx2_dispatch! {
-    fn scale_all / scale_all_avx2 = scale_all_body(logits: &[f32], scaled: &mut [f32], shift: f32, temperature: f32)
+    fn scale_all / scale_all_avx2 = scale_all_body(
+        logits: &[f32],
+        scaled: &mut [f32],
+        shift: f32,
+        temperature: f32,
+    )
 }
 
 #[inline(always)]
@@ -242,13 +253,19 @@ pub(crate) fn softmax_weights(scaled: &[f32], max: f32, weights: &mut Vec<f32>) 
 }
 
 with_avx2_dispatch! {
-    fn weights_into / softmax_weights_avx2 = softmax_weights_body(scaled: &[f32], max: f32, weights: &mut [f32]) -> f64
+    fn weights_into / softmax_weights_avx2 = softmax_weights_body(
+        scaled: &[f32],
+        max: f32,
+        weights: &mut [f32],
+    ) -> f64
 }
 
 with_avx2_dispatch! {
     /// The log-softmax of the raw logits (sanitized, unmasked, temperature 1) needs their
     /// maximum M and normaliser Z = canonical sum of exp32(logit - M); computed without storing.
-    pub(crate) fn raw_log_normaliser / raw_log_normaliser_avx2 = raw_log_normaliser_body(logits: &[f32]) -> (f32, f64)
+    pub(crate) fn raw_log_normaliser / raw_log_normaliser_avx2 = raw_log_normaliser_body(
+        logits: &[f32],
+    ) -> (f32, f64)
 }
 
 #[inline(always)]
@@ -373,7 +390,13 @@ pub(crate) fn collect_candidates(
 }
 
 with_avx2_dispatch! {
-    fn scan_band / scan_band_avx2 = scan_band_body(scaled: &[f32], weights: &[f32], lower: f32, upper: f32, out: &mut Vec<Candidate>)
+    fn scan_band / scan_band_avx2 = scan_band_body(
+        scaled: &[f32],
+        weights: &[f32],
+        lower: f32,
+        upper: f32,
+        out: &mut Vec<Candidate>,
+    )
 }
 
 #[inline(always)]
