@@ -63,8 +63,9 @@ pub(crate) fn sanitize(logit: f32) -> f32 {
 
 /// e^x for x <= 0 (and x = -inf; positive x give meaningless values), in portable f32
 /// arithmetic: the same bits on every platform, within 2e-7 relative of the true value on
-/// [-87, 0], exactly 1 at 0 and exactly 0 below [`EXP_UNDERFLOW`] and for NaN. Branch-free so the weight loops vectorise; libm's
-/// `expf` is a call per element and costs several times more on a 262k vocabulary.
+/// [-87, 0], exactly 1 at 0 and exactly 0 below [`EXP_UNDERFLOW`] and for NaN. Branch-free
+/// so the weight loops vectorise; libm's `expf` is a call per element and costs several
+/// times more on a 262k vocabulary.
 ///
 /// Method: x = k ln2 + r with k = round(x / ln2) (adding 1.5 * 2^23 rounds to nearest
 /// even and leaves k in the low mantissa bits), ln2 split in two so r is exact to ~1 ulp,
