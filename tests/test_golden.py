@@ -16,9 +16,11 @@ Tolerances, and why:
   of the same weights (measured with tests/reference/numpy_forward.py), in different
   directions, because each rounds activations to 8 bits after sums taken in its own order.
   Where llama.cpp's own top two are closer than that, which of them wins is noise, not
-  correctness. So a free-running continuation must equal llama.cpp's token for token up to
-  the first step whose golden top-2 margin is below NOISE_MARGIN; past such a step the two
-  sequences may part. Strict equality over all 32 tokens is printed for information.
+  correctness: on Gemma's "list" prompt, step 5, llama.cpp leads by 0.35, we trail by
+  0.07, and the float64 reference has a margin of 0.13 between the same two tokens. So a
+  free-running continuation must equal llama.cpp's token for token up to the first step
+  whose golden top-2 margin is below NOISE_MARGIN; past such a step the two sequences may
+  part. Strict equality over all 32 tokens is printed for information.
   Teacher-forced, every step's argmax must be one llama.cpp also ranks within NEAR_TIE of
   its best.
 """
@@ -35,7 +37,7 @@ from conftest import GOLDEN_DIR
 TOP10_TOLERANCE = 0.7
 ALL_TOLERANCE = 1.0
 NEAR_TIE = 1.0
-NOISE_MARGIN = 0.1
+NOISE_MARGIN = 0.5
 
 MODELS = {
     "smollm2-135m-instruct": "smollm_path",
