@@ -174,6 +174,12 @@ class SamplerServer:
         await self.health.enter_graceful_shutdown()
         self.runtime.shutting_down = True
         await server.stop(grace)
+        # Cancelled handlers still run their cleanup (engine cancel, log line, budget
+        # flush); let them, so nothing is charged after the budgets are closed.
+        for _ in range(500):
+            if self.runtime.in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
         self.budgets.close()
         log_event("stopped")
         if self._stopped is not None:

@@ -91,6 +91,8 @@ class Runtime:
     limiter: Limiter
     budget_update_every: int = 32
     shutting_down: bool = False
+    #: Calls whose handler has not finished (including its log line).
+    in_flight: int = 0
 
 
 class RequestScope:
@@ -100,6 +102,10 @@ class RequestScope:
         self.runtime = runtime
         self.method = method
         self.context = context
+        # Read now: grpcio's context.peer() on a call that has ended can crash the process.
+        self.peer = context.peer()
+        remaining = context.time_remaining()
+        self.deadline = None if remaining is None else time.monotonic() + remaining
         key = runtime.keyring.identify(context.invocation_metadata())
         if key is None:  # the interceptor already refused it; defence in depth
             raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, runtime.keyring.rejection(context.invocation_metadata()))
@@ -145,8 +151,7 @@ class RequestScope:
 
     # -- ending ------------------------------------------------------------------
     def interrupted_outcome(self) -> str:
-        remaining = self.context.time_remaining()
-        if remaining is not None and remaining <= 0:
+        if self.deadline is not None and time.monotonic() >= self.deadline - 0.05:
             return "DEADLINE_EXCEEDED"
         if self.runtime.shutting_down:
             return "CANCELLED_BY_SHUTDOWN"
@@ -163,7 +168,7 @@ class RequestScope:
                 "duration_ms": round((time.monotonic() - self.started) * 1000, 1),
                 "outcome": outcome,
                 "detail": detail,
-                "peer": self.context.peer(),
+                "peer": self.peer,
             }
         )
 
@@ -216,6 +221,7 @@ def make_wrap(runtime: Runtime):
             async def streaming(raw: bytes, context: Any):
                 scope: Optional[RequestScope] = None
                 outcome, detail = "OK", None
+                runtime.in_flight += 1
                 try:
                     scope = RequestScope(runtime, path, context)
                     request = _parse(request_class, raw)
@@ -232,12 +238,14 @@ def make_wrap(runtime: Runtime):
                     if scope is not None:
                         scope.log(outcome, detail)
                     runtime.budgets.flush()
+                    runtime.in_flight -= 1
 
             return streaming
 
         async def unary(raw: bytes, context: Any):
             scope: Optional[RequestScope] = None
             outcome, detail = "OK", None
+            runtime.in_flight += 1
             try:
                 scope = RequestScope(runtime, path, context)
                 request = _parse(request_class, raw)
@@ -253,6 +261,7 @@ def make_wrap(runtime: Runtime):
                 if scope is not None:
                     scope.log(outcome, detail)
                 runtime.budgets.flush()
+                runtime.in_flight -= 1
 
         return unary
 

@@ -20,7 +20,7 @@ from .._proto.convert import (
 from ..budget import BudgetUpdate
 from ..stub import Finished
 from ..token import Token
-from .scope import RequestScope
+from .scope import RequestScope, RpcFailure
 
 
 # -- the service ---------------------------------------------------------------------
@@ -46,7 +46,12 @@ class SamplerService:
             try:
                 async for event in call:
                     if isinstance(event, Token):
-                        scope.charge(1)
+                        try:
+                            scope.charge(1)
+                        except RpcFailure:
+                            # Tell the caller where the budget stands before failing.
+                            yield pb.SampleResponse(budget=budget_to_proto(scope.budget_update()))
+                            raise
                         yield pb.SampleResponse(token=token_to_proto(event))
                         if scope.reports_budget and scope.key.token_budget is not None and scope.sampled_tokens % every == 0:
                             yield pb.SampleResponse(budget=budget_to_proto(scope.budget_update()))
