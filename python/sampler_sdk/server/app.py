@@ -107,12 +107,18 @@ class SamplerServer:
         self.health = health.aio.HealthServicer()
         self._server: Optional[grpc.aio.Server] = None
         self.port: Optional[int] = None
-        self._stopped = asyncio.Event() if _running_loop() else None
+        self._stopped: Optional[asyncio.Event] = None
 
     def _services(self) -> List[tuple]:
         services: List[tuple] = [(SAMPLER_SERVICE, SamplerService(self.stub))]
         if hasattr(self.stub, "model"):  # the xAI calls need the loaded models themselves
-            from .xai_compat import ChatService, ModelsService, SampleService, TokenizeService, XaiCompat
+            from .xai_compat import (
+                ChatService,
+                ModelsService,
+                SampleService,
+                TokenizeService,
+                XaiCompat,
+            )
 
             compat = XaiCompat(self.stub)
             services += [
@@ -190,14 +196,6 @@ class SamplerServer:
             await self._stopped.wait()
 
 
-def _running_loop() -> bool:
-    try:
-        asyncio.get_running_loop()
-        return True
-    except RuntimeError:
-        return False
-
-
 async def serve(config: ServerConfig, stub: Any = None) -> int:
     """Runs a server until SIGTERM/SIGINT, then shuts it down gracefully."""
     server = SamplerServer(config, stub)
@@ -245,7 +243,9 @@ def parse_model_args(values: Sequence[str]) -> Dict[str, Optional[str]]:
             path = Path(value).expanduser()
             if not path.is_file():
                 known = ", ".join(sorted(registry.KNOWN_MODELS))
-                raise FileNotFoundError(f"--model: {value!r} is neither a GGUF file nor a known model ({known})")
+                raise FileNotFoundError(
+                    f"--model: {value!r} is neither a GGUF file nor a known model ({known})"
+                )
             name, source = path.stem, str(path)
         if name in models:
             raise ValueError(f"--model: the name {name!r} is given twice")
@@ -253,7 +253,9 @@ def parse_model_args(values: Sequence[str]) -> Dict[str, Optional[str]]:
     return models
 
 
-def default_budget_db(api_keys_file: Union[str, Path, None], keys: Sequence[ApiKey]) -> Optional[Path]:
+def default_budget_db(
+    api_keys_file: Union[str, Path, None], keys: Sequence[ApiKey]
+) -> Optional[Path]:
     """Budgets persist beside the keys file (``KEYS.usage.sqlite``) when any key has one."""
     if api_keys_file is None or not any(k.token_budget is not None for k in keys):
         return None

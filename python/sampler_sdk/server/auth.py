@@ -59,20 +59,26 @@ def parse_api_keys(text: str, source: str = "<api keys>") -> List[ApiKey]:
         where = f"{source}:{number}"
         fields = content.split()
         if len(fields) not in (2, 3):
-            raise ValueError(f"{where}: expected 'KEY NAME [TOKEN_BUDGET]', got {len(fields)} fields")
+            raise ValueError(
+                f"{where}: expected 'KEY NAME [TOKEN_BUDGET]', got {len(fields)} fields"
+            )
         key, name = fields[0], fields[1]
         budget: Optional[int] = None
         if len(fields) == 3:
             try:
                 budget = int(fields[2])
             except ValueError:
-                raise ValueError(f"{where}: TOKEN_BUDGET must be an integer, got {fields[2]!r}") from None
+                raise ValueError(
+                    f"{where}: TOKEN_BUDGET must be an integer, got {fields[2]!r}"
+                ) from None
             if budget < 0:
                 raise ValueError(f"{where}: TOKEN_BUDGET must be >= 0, got {budget}")
         if key in seen_keys:
             raise ValueError(f"{where}: this key is already given on line {seen_keys[key]}")
         if name in seen_names:
-            raise ValueError(f"{where}: key name {name!r} is already used on line {seen_names[name]}")
+            raise ValueError(
+                f"{where}: key name {name!r} is already used on line {seen_names[name]}"
+            )
         seen_keys[key] = seen_names[name] = number
         keys.append(ApiKey(key=key, name=name, token_budget=budget))
     return keys
@@ -153,7 +159,9 @@ class BudgetStore:
         self.path = Path(path) if path is not None else None
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+            self._db = sqlite3.connect(
+                str(self.path), check_same_thread=False, isolation_level=None
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
             self._db.execute(

@@ -108,7 +108,10 @@ class RequestScope:
         self.deadline = None if remaining is None else time.monotonic() + remaining
         key = runtime.keyring.identify(context.invocation_metadata())
         if key is None:  # the interceptor already refused it; defence in depth
-            raise RpcFailure(grpc.StatusCode.UNAUTHENTICATED, runtime.keyring.rejection(context.invocation_metadata()))
+            raise RpcFailure(
+                grpc.StatusCode.UNAUTHENTICATED,
+                runtime.keyring.rejection(context.invocation_metadata()),
+            )
         self.key: ApiKey = key
         self.model: Optional[str] = None
         self.prompt_tokens = 0

@@ -22,7 +22,6 @@ from ..stub import Finished
 from ..token import Token
 from .scope import RequestScope, RpcFailure
 
-
 # -- the service ---------------------------------------------------------------------
 
 
@@ -53,7 +52,11 @@ class SamplerService:
                             yield pb.SampleResponse(budget=budget_to_proto(scope.budget_update()))
                             raise
                         yield pb.SampleResponse(token=token_to_proto(event))
-                        if scope.reports_budget and scope.key.token_budget is not None and scope.sampled_tokens % every == 0:
+                        if (
+                            scope.reports_budget
+                            and scope.key.token_budget is not None
+                            and scope.sampled_tokens % every == 0
+                        ):
                             yield pb.SampleResponse(budget=budget_to_proto(scope.budget_update()))
                     elif isinstance(event, Finished):
                         finished = True

@@ -77,9 +77,11 @@ def _fingerprint() -> str:
 class StopTrimmer:
     """Assembles streamed text that must end before the first stop string.
 
-    ``feed`` returns the text that can be shown now: everything except a suffix that
-    could still grow into a stop string. Once a stop string appears, ``cut`` is where
-    it starts and nothing after it is ever returned.
+    ``feed`` takes one token's text and returns what can be shown now: everything but a
+    suffix that could still grow into a stop string. The first token that completes a
+    stop string ends the text (generation stops at that token too); the cut is at the
+    earliest start among the stop strings present then, and nothing after it is ever
+    returned.
     """
 
     def __init__(self, stops: Sequence[str]):
@@ -181,7 +183,9 @@ class ChatTemplates:
         def special(token_id: Optional[int]) -> str:
             if token_id is None:
                 return ""
-            return engine.token_bytes(token_id, render_special=True).decode("utf-8", errors="replace")
+            return engine.token_bytes(token_id, render_special=True).decode(
+                "utf-8", errors="replace"
+            )
 
         try:
             return template.render(
@@ -246,7 +250,11 @@ def _sampling_settings(request: Any, context_length: int) -> Dict[str, Any]:
         raise invalid("top_logprobs: requires logprobs to be true")
     for name in ("frequency_penalty", "presence_penalty"):
         _check_unsupported_penalty(request, name)
-    seed = (request.seed & _MAX_SEED) if request.HasField("seed") else random.SystemRandom().randrange(0, _MAX_SEED)
+    seed = (
+        (request.seed & _MAX_SEED)
+        if request.HasField("seed")
+        else random.SystemRandom().randrange(0, _MAX_SEED)
+    )
     return dict(
         temperature=temperature,
         top_p=top_p,
@@ -277,7 +285,9 @@ def _log_prob(token: Token, top_n: int) -> Any:
     logprob = token.logprob if token.logprob is not None else _safe_log(token.prob)
     entry = xai.LogProb(token=token.token_str, logprob=logprob, bytes=token.token_bytes)
     for alt in token.top_k[:top_n]:
-        entry.top_logprobs.add(token=alt.token_str, logprob=_safe_log(alt.prob), bytes=alt.token_bytes)
+        entry.top_logprobs.add(
+            token=alt.token_str, logprob=_safe_log(alt.prob), bytes=alt.token_bytes
+        )
     return entry
 
 
@@ -306,7 +316,9 @@ class XaiCompat:
         try:
             return self.stub.model(name)
         except ValueError as exc:
-            raise RpcFailure(grpc.StatusCode.NOT_FOUND, str(exc).replace("model_name: ", "model: ", 1)) from None
+            raise RpcFailure(
+                grpc.StatusCode.NOT_FOUND, str(exc).replace("model_name: ", "model: ", 1)
+            ) from None
 
     def _check_prompt(self, model: Any, ids: List[int], where: str) -> None:
         context = model.engine.n_ctx_train
@@ -319,7 +331,7 @@ class XaiCompat:
     def plan(self, model: Any, prompts: List[List[int]], settings: Dict[str, Any]) -> SamplingPlan:
         choices: List[SampleRequest] = []
         for prompt in prompts:
-            for j in range(settings["n"]):
+            for _ in range(settings["n"]):
                 choices.append(
                     SampleRequest(
                         inputs=(prompt,),
@@ -340,7 +352,9 @@ class XaiCompat:
             top_logprobs=settings["top_logprobs"],
         )
 
-    async def run_choice(self, plan: SamplingPlan, index: int, scope: RequestScope) -> AsyncIterator[ChoiceEvent]:
+    async def run_choice(
+        self, plan: SamplingPlan, index: int, scope: RequestScope
+    ) -> AsyncIterator[ChoiceEvent]:
         """One choice's visible text, as it becomes known, then its finish."""
         async with scope.slot():
             call = self.stub.sample(plan.choices[index])
@@ -367,7 +381,9 @@ class XaiCompat:
                     call.cancel()
         yield ChoiceEvent(trimmer.finish(), pending, _finish_reason(finished, trimmer))
 
-    async def events(self, plan: SamplingPlan, scope: RequestScope) -> AsyncIterator[Tuple[int, ChoiceEvent]]:
+    async def events(
+        self, plan: SamplingPlan, scope: RequestScope
+    ) -> AsyncIterator[Tuple[int, ChoiceEvent]]:
         """The events of all choices, interleaved as they happen."""
         scope.model = plan.model.name
         scope.prompt_tokens = plan.prompt_tokens
@@ -376,7 +392,9 @@ class XaiCompat:
             async for event in self.run_choice(plan, 0, scope):
                 yield 0, event
             return
-        queue: "asyncio.Queue[Tuple[int, Optional[ChoiceEvent], Optional[BaseException]]]" = asyncio.Queue()
+        queue: "asyncio.Queue[Tuple[int, Optional[ChoiceEvent], Optional[BaseException]]]" = (
+            asyncio.Queue()
+        )
 
         async def pump(index: int) -> None:
             try:
@@ -441,7 +459,9 @@ class ChatService:
                 if kind == "text":
                     parts.append(content.text)
                 elif kind is not None:
-                    raise invalid(f"messages[{i}].content[{j}]: model {model.name!r} is text-only and cannot take {kind}")
+                    raise invalid(
+                        f"messages[{i}].content[{j}]: model {model.name!r} is text-only and cannot take {kind}"
+                    )
             entry = {"role": role, "content": "".join(parts)}
             if message.name:
                 entry["name"] = message.name
@@ -453,7 +473,12 @@ class ChatService:
         return compat.plan(model, [ids], settings)
 
     def _header(self, plan: SamplingPlan, created: Any) -> Dict[str, Any]:
-        return dict(id=plan.response_id, model=plan.model.name, created=created, system_fingerprint=_fingerprint())
+        return dict(
+            id=plan.response_id,
+            model=plan.model.name,
+            created=created,
+            system_fingerprint=_fingerprint(),
+        )
 
     async def GetCompletion(self, request: Any, scope: RequestScope) -> Any:
         plan = await self._plan(request)
@@ -466,7 +491,9 @@ class ChatService:
             logprobs[index].extend(event.logprobs)
             if event.finish_reason is not None:
                 reasons[index] = event.finish_reason
-        response = xai.GetChatCompletionResponse(usage=self._compat.usage(plan, scope), **self._header(plan, created))
+        response = xai.GetChatCompletionResponse(
+            usage=self._compat.usage(plan, scope), **self._header(plan, created)
+        )
         for index in range(len(plan.choices)):
             output = response.outputs.add(
                 index=index,
@@ -491,7 +518,9 @@ class ChatService:
                 output.logprobs.content.extend(event.logprobs)
             if event.finish_reason is not None:
                 output.finish_reason = event.finish_reason
-            yield xai.GetChatCompletionChunk(outputs=[output], usage=self._compat.usage(plan, scope), **header)
+            yield xai.GetChatCompletionChunk(
+                outputs=[output], usage=self._compat.usage(plan, scope), **header
+            )
 
 
 class SampleService:
@@ -508,7 +537,9 @@ class SampleService:
             raise invalid("prompt: at least one prompt is needed")
         settings = _sampling_settings(request, model.engine.n_ctx_train)
         if len(request.prompt) * settings["n"] > MAX_CHOICES:
-            raise invalid(f"prompt, n: at most {MAX_CHOICES} completions per request, got {len(request.prompt) * settings['n']}")
+            raise invalid(
+                f"prompt, n: at most {MAX_CHOICES} completions per request, got {len(request.prompt) * settings['n']}"
+            )
         prompts = []
         for i, text in enumerate(request.prompt):
             ids = await asyncio.to_thread(model.context_ids, [text])
@@ -536,7 +567,11 @@ class SampleService:
                 reasons[index] = event.finish_reason
         response = self._response(plan, scope, created)
         for index in range(len(plan.choices)):
-            response.choices.add(index=index, text="".join(texts[index]), finish_reason=reasons.get(index, REASON_STOP))
+            response.choices.add(
+                index=index,
+                text="".join(texts[index]),
+                finish_reason=reasons.get(index, REASON_STOP),
+            )
         return response
 
     async def SampleTextStreaming(self, request: Any, scope: RequestScope) -> AsyncIterator[Any]:
@@ -568,7 +603,11 @@ class TokenizeService:
         response = xai.TokenizeTextResponse(model=model.name)
         for token_id in ids:
             raw = engine.token_bytes(token_id)
-            response.tokens.add(token_id=token_id, string_token=raw.decode("utf-8", errors="replace"), token_bytes=raw)
+            response.tokens.add(
+                token_id=token_id,
+                string_token=raw.decode("utf-8", errors="replace"),
+                token_bytes=raw,
+            )
         return response
 
 
@@ -607,4 +646,7 @@ class ModelsService:
                 scope.model = info.name
                 return self._language_model(info)
         known = ", ".join(i.name for i in infos)
-        raise RpcFailure(grpc.StatusCode.NOT_FOUND, f"name: no model {request.name!r}; this server serves: {known}")
+        raise RpcFailure(
+            grpc.StatusCode.NOT_FOUND,
+            f"name: no model {request.name!r}; this server serves: {known}",
+        )
