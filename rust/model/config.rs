@@ -7,15 +7,17 @@ use crate::gguf::Metadata;
 #[derive(Copy, Clone, Debug, PartialEq, Eq)]
 pub enum Architecture {
     Llama,
+    Gemma3,
 }
 
 impl Architecture {
     pub fn from_name(name: &str) -> Result<Self> {
         match name {
             "llama" => Ok(Self::Llama),
+            "gemma3" => Ok(Self::Gemma3),
             other => Err(EngineError::unsupported(
                 "architecture",
-                format!("'{other}' (general.architecture); supported: llama"),
+                format!("'{other}' (general.architecture); supported: llama, gemma3"),
             )),
         }
     }
@@ -23,8 +25,18 @@ impl Architecture {
     pub fn name(self) -> &'static str {
         match self {
             Self::Llama => "llama",
+            Self::Gemma3 => "gemma3",
         }
     }
+}
+
+/// The gate nonlinearity of the gated feed-forward block.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum FfnActivation {
+    /// silu(gate) * up (llama, qwen2, mixtral).
+    Silu,
+    /// gelu_tanh(gate) * up (gemma, grok).
+    GeluTanh,
 }
 
 /// How RoPE pairs dimensions: adjacent (x[2i], x[2i+1]) or split halves (x[i], x[i+d/2]).
@@ -53,6 +65,18 @@ pub struct ModelConfig {
     pub rope_style: RopeStyle,
     /// Multiplies q·k before the softmax.
     pub attn_scale: f32,
+    pub ffn_activation: FfnActivation,
+    /// Gemma multiplies the token embeddings by sqrt(n_embd).
+    pub embedding_scale: Option<f32>,
+    /// RMS norms on each head's query and key (gemma3).
+    pub qk_norm: bool,
+    /// Extra RMS norms on the attention and feed-forward outputs (gemma3).
+    pub post_norms: bool,
+    /// Per layer: `Some(window)` when the layer attends only to the last `window`
+    /// positions (itself included), None for global attention.
+    pub layer_window: Vec<Option<usize>>,
+    /// RoPE base of sliding-window layers (gemma3 uses a smaller one than global layers).
+    pub rope_base_local: f32,
 }
 
 /// Upper bounds that keep a hostile file from making the loader allocate absurd buffers;
@@ -172,7 +196,35 @@ impl ModelConfig {
         }
         let rope_style = match arch {
             Architecture::Llama => RopeStyle::AdjacentPairs,
+            Architecture::Gemma3 => RopeStyle::SplitHalves,
         };
+        let mut attn_scale = 1.0 / (head_dim as f32).sqrt();
+        let mut ffn_activation = FfnActivation::Silu;
+        let mut embedding_scale = None;
+        let (mut qk_norm, mut post_norms) = (false, false);
+        let mut layer_window = vec![None; n_layer];
+        let mut rope_base_local = rope_base;
+        if arch == Architecture::Gemma3 {
+            ffn_activation = FfnActivation::GeluTanh;
+            embedding_scale = Some((n_embd as f32).sqrt());
+            qk_norm = true;
+            post_norms = true;
+            // Gemma 3 27B scales queries by the model width per head, the others by the
+            // head size (llama.cpp: LLM_TYPE_27B, the 62-layer model).
+            if n_layer == 62 {
+                attn_scale = 1.0 / ((n_embd / n_head) as f32).sqrt();
+            }
+            // Five sliding-window layers, then one global layer, repeating; local layers
+            // use RoPE base 10000 whatever the file says for the global ones.
+            let window = optional_bounded(md, &key(a, "attention.sliding_window"), u32::MAX)?
+                .unwrap_or(4096);
+            for (il, w) in layer_window.iter_mut().enumerate() {
+                if il % 6 < 5 {
+                    *w = Some(window);
+                }
+            }
+            rope_base_local = 10_000.0;
+        }
         Ok(Self {
             arch,
             n_vocab,
@@ -188,7 +240,13 @@ impl ModelConfig {
             rope_freq_scale,
             n_rot,
             rope_style,
-            attn_scale: 1.0 / (head_dim as f32).sqrt(),
+            attn_scale,
+            ffn_activation,
+            embedding_scale,
+            qk_norm,
+            post_norms,
+            layer_window,
+            rope_base_local,
         })
     }
 

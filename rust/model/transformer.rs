@@ -7,7 +7,7 @@ use crate::error::{EngineError, Result};
 use crate::kernels::matmul::{matmul, ActivationBatch};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
-use crate::model::config::RopeStyle;
+use crate::model::config::{FfnActivation, RopeStyle};
 use crate::model::Model;
 
 /// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
@@ -152,6 +152,9 @@ impl Model {
             w.token_embd
                 .dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
         }
+        if let Some(scale) = cfg.embedding_scale {
+            s.x.iter_mut().for_each(|v| *v *= scale);
+        }
 
         let group = cfg.n_head / cfg.n_head_kv;
         let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
@@ -185,13 +188,24 @@ impl Model {
                 &mut s.v,
             );
 
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                s.q.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, qn, cfg.rms_eps));
+                s.k.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, kn, cfg.rms_eps));
+            }
+            let window = cfg.layer_window[li];
+            let (rope_base, rope_freq_scale) = match window {
+                Some(_) => (cfg.rope_base_local, 1.0),
+                None => (cfg.rope_base, cfg.rope_freq_scale),
+            };
             for t in 0..n {
                 let pos = start + t;
                 ops::rope_angles(
                     pos,
                     cfg.n_rot,
-                    cfg.rope_base,
-                    cfg.rope_freq_scale,
+                    rope_base,
+                    rope_freq_scale,
                     w.rope_freq_factors.as_deref(),
                     &mut s.cos,
                     &mut s.sin,
@@ -220,22 +234,24 @@ impl Model {
 
             for t in 0..n {
                 let pos = start + t;
+                // Sliding-window layers see the last `window` positions, this one included.
+                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
                 for h in 0..cfg.n_head {
                     let kv_off = (h / group) * hd;
                     let q = &s.q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                    let scores = &mut s.scores[..=pos];
+                    let scores = &mut s.scores[first..=pos];
                     for (j, score) in scores.iter_mut().enumerate() {
-                        let k = &seq.kv.key(li, j)[kv_off..kv_off + hd];
+                        let k = &seq.kv.key(li, first + j)[kv_off..kv_off + hd];
                         *score = ops::dot_f32(q, k) * cfg.attn_scale;
                     }
                     ops::softmax_in_place(scores);
                     if let (Some(sum), true) = (attention_sum.as_mut(), t + 1 == n) {
-                        ops::add_in_place(sum, scores);
+                        ops::add_in_place(&mut sum[first..=pos], scores);
                     }
                     let out = &mut s.attn[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
                     out.fill(0.0);
                     for (j, &p) in scores.iter().enumerate() {
-                        let v = &seq.kv.value(li, j)[kv_off..kv_off + hd];
+                        let v = &seq.kv.value(li, first + j)[kv_off..kv_off + hd];
                         for (o, &vv) in out.iter_mut().zip(v) {
                             *o += p * vv;
                         }
@@ -249,6 +265,11 @@ impl Model {
                 s.acts.for_weight(layer.wo.ty, &s.attn)?,
                 &mut s.proj,
             );
+            if let Some(norm) = &layer.attn_post_norm {
+                s.proj
+                    .chunks_exact_mut(d)
+                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+            }
             ops::add_in_place(&mut s.x, &s.proj);
 
             // Feed-forward block (SwiGLU).
@@ -273,8 +294,17 @@ impl Model {
                 s.acts.for_weight(layer.w_up.ty, &s.normed)?,
                 &mut s.up,
             );
-            for (g, &u) in s.gate.iter_mut().zip(&s.up) {
-                *g = ops::silu(*g) * u;
+            match cfg.ffn_activation {
+                FfnActivation::Silu => s
+                    .gate
+                    .iter_mut()
+                    .zip(&s.up)
+                    .for_each(|(g, &u)| *g = ops::silu(*g) * u),
+                FfnActivation::GeluTanh => s
+                    .gate
+                    .iter_mut()
+                    .zip(&s.up)
+                    .for_each(|(g, &u)| *g = ops::gelu_tanh_f16_rounded(*g) * u),
             }
             s.ffn_acts.set_input(n, cfg.n_ff);
             matmul(
@@ -283,6 +313,11 @@ impl Model {
                 s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?,
                 &mut s.proj,
             );
+            if let Some(norm) = &layer.ffn_post_norm {
+                s.proj
+                    .chunks_exact_mut(d)
+                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+            }
             ops::add_in_place(&mut s.x, &s.proj);
         }
         seq.kv.set_len(end);

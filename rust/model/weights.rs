@@ -17,6 +17,12 @@ pub struct LayerWeights {
     pub w_gate: WeightMatrix,
     pub w_up: WeightMatrix,
     pub w_down: WeightMatrix,
+    /// Per-head query/key RMS-norm weights (gemma3), length head_dim.
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    /// Norms applied to the attention and feed-forward outputs before the residual add.
+    pub attn_post_norm: Option<Vec<f32>>,
+    pub ffn_post_norm: Option<Vec<f32>>,
 }
 
 pub struct ModelWeights {
@@ -73,6 +79,22 @@ impl ModelWeights {
                 w_gate: matrix(file, &t("ffn_gate"), d, cfg.n_ff)?,
                 w_up: matrix(file, &t("ffn_up"), d, cfg.n_ff)?,
                 w_down: matrix(file, &t("ffn_down"), cfg.n_ff, d)?,
+                q_norm: cfg
+                    .qk_norm
+                    .then(|| vector(file, &t("attn_q_norm"), cfg.head_dim))
+                    .transpose()?,
+                k_norm: cfg
+                    .qk_norm
+                    .then(|| vector(file, &t("attn_k_norm"), cfg.head_dim))
+                    .transpose()?,
+                attn_post_norm: cfg
+                    .post_norms
+                    .then(|| vector(file, &t("post_attention_norm"), d))
+                    .transpose()?,
+                ffn_post_norm: cfg
+                    .post_norms
+                    .then(|| vector(file, &t("post_ffw_norm"), d))
+                    .transpose()?,
             });
         }
         let output_norm = vector(file, "output_norm.weight", d)?;
