@@ -10,7 +10,6 @@ import grpc
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from sampler_sdk import _proto
 from sampler_sdk._proto import convert
 from sampler_sdk.grpc_stub import GrpcStub, parse_target, translate_error
@@ -23,17 +22,29 @@ from sampler_sdk.token import Token, TokenType
 
 
 def test_method_paths_are_the_xai_ones():
-    assert _proto.method_path("xai_api.Chat", "GetCompletionChunk") == "/xai_api.Chat/GetCompletionChunk"
-    assert _proto.method_path("xai_api.Models", "ListLanguageModels") == "/xai_api.Models/ListLanguageModels"
-    assert _proto.method_path("xai_api.Tokenize", "TokenizeText") == "/xai_api.Tokenize/TokenizeText"
-    assert _proto.method_path("sampler_sdk.v1.Sampler", "Sample") == "/sampler_sdk.v1.Sampler/Sample"
+    assert (
+        _proto.method_path("xai_api.Chat", "GetCompletionChunk")
+        == "/xai_api.Chat/GetCompletionChunk"
+    )
+    assert (
+        _proto.method_path("xai_api.Models", "ListLanguageModels")
+        == "/xai_api.Models/ListLanguageModels"
+    )
+    assert (
+        _proto.method_path("xai_api.Tokenize", "TokenizeText") == "/xai_api.Tokenize/TokenizeText"
+    )
+    assert (
+        _proto.method_path("sampler_sdk.v1.Sampler", "Sample") == "/sampler_sdk.v1.Sampler/Sample"
+    )
     assert _proto.service("xai_api.Chat").methods_by_name["GetCompletionChunk"].server_streaming
 
 
 def test_optional_fields_have_presence():
     request = _proto.xai.GetCompletionsRequest(temperature=0)
     assert request.HasField("temperature") and not request.HasField("top_p")
-    assert _proto.xai.GetCompletionsRequest.FromString(request.SerializeToString()).HasField("temperature")
+    assert _proto.xai.GetCompletionsRequest.FromString(request.SerializeToString()).HasField(
+        "temperature"
+    )
 
 
 def test_compiled_descriptor_set_is_cached(tmp_path, monkeypatch):
@@ -42,6 +53,25 @@ def test_compiled_descriptor_set_is_cached(tmp_path, monkeypatch):
     cached = list((tmp_path / "protos").glob("descriptors-*.binpb"))
     assert len(cached) == 1 and cached[0].read_bytes() == first
     assert _proto._descriptor_set_bytes() == first
+
+
+def test_unwritable_cache_still_compiles(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    monkeypatch.setenv("SAMPLER_SDK_CACHE", str(blocker))
+    data = _proto._descriptor_set_bytes()
+    assert b"xai/api/v1/chat.proto" in data and b"sampler_sdk/v1/sampler.proto" in data
+
+
+def test_server_transport_options_follow_the_xai_client():
+    """XAI-API.md section 7: tolerate 30 s pings without calls, 20 MiB messages."""
+    from sampler_sdk.server.app import SERVER_OPTIONS
+
+    options = dict(SERVER_OPTIONS)
+    assert options["grpc.keepalive_permit_without_calls"] == 1
+    assert options["grpc.http2.max_ping_strikes"] == 0
+    assert options["grpc.http2.min_recv_ping_interval_without_data_ms"] <= 30_000
+    assert options["grpc.max_receive_message_length"] == options["grpc.max_send_message_length"] == 20 * 2**20
 
 
 def _official_pool():
@@ -121,14 +151,23 @@ def test_sample_request_round_trip():
         allowed_tokens=(5, "Yes"),
         augment_tokens=False,
     )
-    message = _proto.sampler.SampleRequest.FromString(convert.request_to_proto(request).SerializeToString())
+    message = _proto.sampler.SampleRequest.FromString(
+        convert.request_to_proto(request).SerializeToString()
+    )
     assert convert.request_from_proto(message) == request
 
 
 def test_unset_fields_take_the_sampler_defaults():
     parsed = convert.request_from_proto(_proto.sampler.SampleRequest())
     defaults = SampleRequest(inputs=())
-    for name in ("max_len", "temperature", "nucleus_p", "augment_tokens", "allowed_tokens", "disallowed_tokens"):
+    for name in (
+        "max_len",
+        "temperature",
+        "nucleus_p",
+        "augment_tokens",
+        "allowed_tokens",
+        "disallowed_tokens",
+    ):
         assert getattr(parsed, name) == getattr(defaults, name), name
     assert 0 <= parsed.rng_seed < 2**64
 
@@ -182,10 +221,18 @@ def test_token_round_trip_keeps_every_field():
         token_bytes=b"\xa9",
         logprob=-1.5,
     )
-    back = Token.from_proto(_proto.sampler.Token.FromString(convert.token_to_proto(token).SerializeToString()))
+    back = Token.from_proto(
+        _proto.sampler.Token.FromString(convert.token_to_proto(token).SerializeToString())
+    )
     assert back.token_id == 3 and back.token_str == "é" and back.prob == token.prob
-    assert back.token_bytes == b"\xa9" and back.logprob == -1.5 and back.token_type == TokenType.SAMPLED
-    assert back.top_k[0].token_id == 9 and back.top_k[0].prob == 0.25 and back.top_k[0].logprob is None
+    assert (
+        back.token_bytes == b"\xa9"
+        and back.logprob == -1.5
+        and back.token_type == TokenType.SAMPLED
+    )
+    assert (
+        back.top_k[0].token_id == 9 and back.top_k[0].prob == 0.25 and back.top_k[0].logprob is None
+    )
     assert back.attention.dtype == np.float32 and back.attention.tolist() == [0.5, 0.25, 0.25]
 
 
@@ -355,17 +402,41 @@ class _FakeRpcError(grpc.RpcError):
 
 def test_error_translation():
     from sampler_sdk import ContextOverflowError
-    from sampler_sdk.grpc_stub import AuthenticationError, DeadlineExceededError, RemoteError, ResourceExhaustedError
+    from sampler_sdk.grpc_stub import (
+        AuthenticationError,
+        DeadlineExceededError,
+        RemoteError,
+        ResourceExhaustedError,
+    )
 
     invalid = grpc.StatusCode.INVALID_ARGUMENT
     assert type(translate_error(_FakeRpcError(invalid, "x"))) is ValueError
-    assert type(translate_error(_FakeRpcError(invalid, "x", (("sampler-sdk-error-type", "TypeError"),)))) is TypeError
-    overflow = translate_error(_FakeRpcError(invalid, "long", (("sampler-sdk-error-type", "ContextOverflowError"),)))
+    assert (
+        type(
+            translate_error(_FakeRpcError(invalid, "x", (("sampler-sdk-error-type", "TypeError"),)))
+        )
+        is TypeError
+    )
+    overflow = translate_error(
+        _FakeRpcError(invalid, "long", (("sampler-sdk-error-type", "ContextOverflowError"),))
+    )
     assert isinstance(overflow, ContextOverflowError)
-    assert isinstance(translate_error(_FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "k")), AuthenticationError)
-    assert isinstance(translate_error(_FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "k")), PermissionError)
-    assert isinstance(translate_error(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "b")), ResourceExhaustedError)
-    assert isinstance(translate_error(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "d")), TimeoutError)
-    assert isinstance(translate_error(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "d")), DeadlineExceededError)
+    assert isinstance(
+        translate_error(_FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "k")), AuthenticationError
+    )
+    assert isinstance(
+        translate_error(_FakeRpcError(grpc.StatusCode.UNAUTHENTICATED, "k")), PermissionError
+    )
+    assert isinstance(
+        translate_error(_FakeRpcError(grpc.StatusCode.RESOURCE_EXHAUSTED, "b")),
+        ResourceExhaustedError,
+    )
+    assert isinstance(
+        translate_error(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "d")), TimeoutError
+    )
+    assert isinstance(
+        translate_error(_FakeRpcError(grpc.StatusCode.DEADLINE_EXCEEDED, "d")),
+        DeadlineExceededError,
+    )
     internal = translate_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "boom"))
     assert isinstance(internal, RemoteError) and internal.code == grpc.StatusCode.INTERNAL
