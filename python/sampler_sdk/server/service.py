@@ -7,6 +7,8 @@ same seed, the same stop semantics, the same Finished event.
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 from typing import Any, AsyncIterator
 
 from .._proto import sampler as pb
@@ -18,7 +20,7 @@ from .._proto.convert import (
     token_to_proto,
 )
 from ..budget import BudgetUpdate
-from ..stub import Finished
+from ..stub import Finished, SampleRequest
 from ..token import Token
 from .scope import RequestScope, RpcFailure
 
@@ -34,10 +36,32 @@ class SamplerService:
     def _model_name(self, name: str) -> str:
         return name or getattr(self._stub, "default", "")
 
+    async def _tokenized(self, request: SampleRequest) -> SampleRequest:
+        """The request with its context already tokenized, off the event loop.
+
+        The in-process stub tokenizes text inputs when a call starts, on the calling
+        thread; for a server that is the event loop, which a long prompt (messages may
+        be 20 MiB) would stall for every other call. Same function, same ids: the stub
+        then sees token ids it only checks.
+        """
+        if not hasattr(self._stub, "model") or not any(isinstance(s, str) for s in request.inputs):
+            return request
+        model = self._stub.model(request.model_name)
+        ids = await asyncio.to_thread(model.context_ids, list(request.inputs))
+        limit = model.engine.n_ctx_train
+        if len(ids) >= limit:  # the engine's own rule and message, without the id checks
+            from .._engine import ContextOverflowError
+
+            raise ContextOverflowError(
+                f"prompt of {len(ids)} tokens does not fit the context of {limit} tokens"
+            )
+        return dataclasses.replace(request, inputs=(ids,))
+
     async def Sample(self, request: Any, scope: RequestScope) -> AsyncIterator[Any]:
         sample_request = request_from_proto(request)
         scope.model = self._model_name(sample_request.model_name)
         scope.check_budget()
+        sample_request = await self._tokenized(sample_request)
         every = scope.runtime.budget_update_every
         async with scope.slot():
             call = self._stub.sample(sample_request)
