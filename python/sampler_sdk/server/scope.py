@@ -199,8 +199,6 @@ def _failure_from(exc: BaseException) -> RpcFailure:
         return exc
     if isinstance(exc, (ValueError, TypeError)):
         return RpcFailure(grpc.StatusCode.INVALID_ARGUMENT, str(exc), _error_type(exc))
-    if isinstance(exc, LookupError):
-        return RpcFailure(grpc.StatusCode.NOT_FOUND, str(exc))
     logger.exception("internal error")
     return RpcFailure(grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}): {exc}")
 
