@@ -113,14 +113,21 @@ def parse_target(api_host: str) -> Tuple[str, Optional[bool]]:
         raise ValueError(f"api_host: expected 'host:port', got {api_host!r}")
     target = api_host.strip()
     tls: Optional[bool] = None
-    for prefix, value in (("https://", True), ("http://", False), ("grpcs://", True), ("grpc://", False)):
+    for prefix, value in (
+        ("https://", True),
+        ("http://", False),
+        ("grpcs://", True),
+        ("grpc://", False),
+    ):
         if target.lower().startswith(prefix):
             target, tls = target[len(prefix) :], value
             break
     target = target.rstrip("/")
     host, sep, port = target.rpartition(":")
     if not sep or not host or not port.isdigit():
-        raise ValueError(f"api_host: expected 'host:port' (e.g. 'localhost:50051'), got {api_host!r}")
+        raise ValueError(
+            f"api_host: expected 'host:port' (e.g. 'localhost:50051'), got {api_host!r}"
+        )
     return target, tls
 
 
@@ -159,12 +166,17 @@ class GrpcSampleCall:
         if kind == "finished":
             self._done = True
             return convert.finished_from_proto(response.finished)
-        raise RemoteError(grpc.StatusCode.UNKNOWN, f"unexpected sample event {kind!r} (a newer server?)")
+        raise RemoteError(
+            grpc.StatusCode.UNKNOWN, f"unexpected sample event {kind!r} (a newer server?)"
+        )
 
     def cancel(self) -> None:
         if not self._done:
             self._done = True
-            self._call.cancel()
+            try:
+                self._call.cancel()
+            except RuntimeError:  # its event loop is already closed: nothing left to stop
+                pass
 
 
 class GrpcStub:
@@ -194,7 +206,9 @@ class GrpcStub:
         self.tls = tls
         self.timeout = timeout
         self._root_certificates = root_certificates
-        self._metadata: Tuple[Tuple[str, str], ...] = (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        self._metadata: Tuple[Tuple[str, str], ...] = (
+            (("authorization", f"Bearer {api_key}"),) if api_key else ()
+        )
         self._options = list(CHANNEL_OPTIONS) + list(options)
         self._channels: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, grpc.aio.Channel]" = (
             weakref.WeakKeyDictionary()
@@ -207,8 +221,12 @@ class GrpcStub:
             channel = self._channels.get(loop)
             if channel is None:
                 if self.tls:
-                    credentials = grpc.ssl_channel_credentials(root_certificates=self._root_certificates)
-                    channel = grpc.aio.secure_channel(self.target, credentials, options=self._options)
+                    credentials = grpc.ssl_channel_credentials(
+                        root_certificates=self._root_certificates
+                    )
+                    channel = grpc.aio.secure_channel(
+                        self.target, credentials, options=self._options
+                    )
                 else:
                     channel = grpc.aio.insecure_channel(self.target, options=self._options)
                 self._channels[loop] = channel
@@ -220,7 +238,9 @@ class GrpcStub:
 
     async def _unary(self, method: str, request: Any) -> Any:
         try:
-            return await self._callable(method, streaming=False)(request, metadata=self._metadata, timeout=self.timeout)
+            return await self._callable(method, streaming=False)(
+                request, metadata=self._metadata, timeout=self.timeout
+            )
         except grpc.RpcError as error:
             raise translate_error(error) from None
 
@@ -229,7 +249,9 @@ class GrpcStub:
         return GrpcSampleCall(self, request)
 
     async def tokenize(self, text: str, model_name: str = "") -> List[Token]:
-        response = await self._unary("Tokenize", _proto.sampler.TokenizeRequest(text=text, model_name=model_name))
+        response = await self._unary(
+            "Tokenize", _proto.sampler.TokenizeRequest(text=text, model_name=model_name)
+        )
         return [Token.from_proto(t) for t in response.tokens]
 
     async def list_models(self) -> List[ModelInfo]:
@@ -243,7 +265,9 @@ class GrpcStub:
 
         stub = health_pb2_grpc.HealthStub(self._channel())
         try:
-            response = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 10)
+            response = await stub.Check(
+                health_pb2.HealthCheckRequest(service=service), timeout=self.timeout or 10
+            )
         except grpc.RpcError as error:
             raise translate_error(error) from None
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
@@ -274,4 +298,3 @@ class GrpcStub:
                 asyncio.run_coroutine_threadsafe(channel.close(), loop)
             else:
                 loop.run_until_complete(channel.close())
-
