@@ -45,7 +45,7 @@ def _token_args(values):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .client import Client
 
-    client = Client(args.model, initial_rng_seed=args.seed)
+    client = Client(args.model, initial_rng_seed=args.seed, threads=args.threads)
     sampler = client.sync_sampler
     stream = sampler.sample(
         prompt="",
@@ -121,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--nucleus-p", type=float, default=0.95, help="top-p threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="initial RNG seed (default: random)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     p.add_argument("--stop-token", action="append", default=[], help="stop when this token is sampled")
     p.add_argument("--stop-string", action="append", default=[], help="stop once the output contains this")
     p.add_argument("--allowed-token", action="append", default=[], help="only sample these tokens")

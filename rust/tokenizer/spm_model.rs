@@ -28,7 +28,7 @@ use crate::error::{EngineError, Result};
 
 use super::index::TokenTable;
 use super::special::{Fragment, SpecialMatcher, SpecialToken};
-use super::{Attr, Model, Tokenizer, TokenKind, Vocab};
+use super::{Attr, Model, TokenKind, Tokenizer, Vocab};
 use normalizer::{Normalizer, PrefixMatcher, SPACE_MARK};
 use proto::ProtoReader;
 use segment::{Pieces, Segments, UnigramParams};
@@ -248,7 +248,9 @@ fn parse_trainer_spec(data: &[u8], base: usize, spec: &mut TrainerSpec) -> Resul
                 }
             }
             4 => spec.vocab_size = field.int32(MSG, "vocab_size")?,
-            24 => spec.treat_whitespace_as_suffix = field.bool(MSG, "treat_whitespace_as_suffix")?,
+            24 => {
+                spec.treat_whitespace_as_suffix = field.bool(MSG, "treat_whitespace_as_suffix")?
+            }
             35 => spec.byte_fallback = field.bool(MSG, "byte_fallback")?,
             40 => spec.unk_id = field.int32(MSG, "unk_id")?,
             41 => spec.bos_id = field.int32(MSG, "bos_id")?,
@@ -288,7 +290,11 @@ fn parse_normalizer_spec(
 /// The byte of a byte piece: exactly SentencePiece's `<0x%02X>`.
 fn byte_of_piece(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+    if hex.len() != 2
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    {
         return None;
     }
     u8::from_str_radix(hex, 16).ok()
@@ -397,8 +403,7 @@ impl SentencePieceEncoder {
         let mut expect_leading_space = true;
         let mut leading_space_seen = false;
         for &id in ids {
-            let (Some(&kind), Some(piece)) =
-                (self.kinds.get(id as usize), tokens.get(id as usize))
+            let (Some(&kind), Some(piece)) = (self.kinds.get(id as usize), tokens.get(id as usize))
             else {
                 continue;
             };
@@ -539,7 +544,9 @@ pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
         .and_then(|i| u32::try_from(i).ok())
         .ok_or_else(|| EngineError::malformed("SentencePiece model", "no unknown piece"))?;
     let find = |text: &str, kind: PieceType| -> Option<u32> {
-        let id = pieces.iter().position(|p| p.text == text && p.kind == kind)?;
+        let id = pieces
+            .iter()
+            .position(|p| p.text == text && p.kind == kind)?;
         u32::try_from(id).ok()
     };
     let or_default = |text: &str, default: &'static str| -> String {
@@ -547,9 +554,18 @@ pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
     };
     // As SentencePieceProcessor::bos_id() and friends: the id of the named piece, if it has
     // the right type.
-    let bos = find(&or_default(&trainer_spec.bos_piece, "<s>"), PieceType::Control);
-    let eos = find(&or_default(&trainer_spec.eos_piece, "</s>"), PieceType::Control);
-    let pad = find(&or_default(&trainer_spec.pad_piece, "<pad>"), PieceType::Control);
+    let bos = find(
+        &or_default(&trainer_spec.bos_piece, "<s>"),
+        PieceType::Control,
+    );
+    let eos = find(
+        &or_default(&trainer_spec.eos_piece, "</s>"),
+        PieceType::Control,
+    );
+    let pad = find(
+        &or_default(&trainer_spec.pad_piece, "<pad>"),
+        PieceType::Control,
+    );
 
     let mut unigram = UnigramParams {
         min_score: f32::MAX,

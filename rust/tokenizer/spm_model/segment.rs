@@ -95,7 +95,12 @@ impl Ord for Pair {
 /// SentencePiece BPE: start from characters (a user-defined piece is one frozen symbol), merge
 /// the adjacent pair with the best-scoring piece (leftmost on ties) until none is left, then
 /// split any merge that produced an unused piece back into the pair it came from.
-pub(super) fn bpe(text: &str, pieces: Pieces<'_>, user_defined: &PrefixMatcher, out: &mut Segments) {
+pub(super) fn bpe(
+    text: &str,
+    pieces: Pieces<'_>,
+    user_defined: &PrefixMatcher,
+    out: &mut Segments,
+) {
     let mut symbols: Vec<Symbol> = Vec::with_capacity(text.len());
     let mut pos = 0;
     while pos < text.len() {
@@ -121,7 +126,15 @@ pub(super) fn bpe(text: &str, pieces: Pieces<'_>, user_defined: &PrefixMatcher, 
     let mut unused_merges = UnusedMerges::new();
     let mut queue = BinaryHeap::new();
     for right in 1..symbols.len() {
-        push_pair(text, pieces, &symbols, &mut queue, &mut unused_merges, right - 1, right);
+        push_pair(
+            text,
+            pieces,
+            &symbols,
+            &mut queue,
+            &mut unused_merges,
+            right - 1,
+            right,
+        );
     }
     while let Some(pair) = queue.pop() {
         let (l, r) = (symbols[pair.left], symbols[pair.right]);
@@ -136,10 +149,26 @@ pub(super) fn bpe(text: &str, pieces: Pieces<'_>, user_defined: &PrefixMatcher, 
             symbols[next].prev = Some(pair.left);
         }
         if let Some(prev) = l.prev {
-            push_pair(text, pieces, &symbols, &mut queue, &mut unused_merges, prev, pair.left);
+            push_pair(
+                text,
+                pieces,
+                &symbols,
+                &mut queue,
+                &mut unused_merges,
+                prev,
+                pair.left,
+            );
         }
         if let Some(next) = r.next {
-            push_pair(text, pieces, &symbols, &mut queue, &mut unused_merges, pair.left, next);
+            push_pair(
+                text,
+                pieces,
+                &symbols,
+                &mut queue,
+                &mut unused_merges,
+                pair.left,
+                next,
+            );
         }
     }
 
