@@ -235,6 +235,7 @@ impl Kernels {
         let mut r = rows.start;
         let mut quads = dst.chunks_exact_mut(4);
         for quad in quads.by_ref() {
+            prefetch_rows(w, file, r + PREFETCH_ROWS_AHEAD, 4);
             let rows4 = [
                 w.row(file, r),
                 w.row(file, r + 1),
@@ -250,6 +251,40 @@ impl Kernels {
             r += 1;
         }
     }
+}
+
+/// How far ahead of the rows being dotted their successors are requested from memory.
+/// The hardware prefetchers do not follow four interleaved row streams that each last a
+/// few hundred bytes; without this, a matrix that does not fit in cache (the vocabulary
+/// projection) ran at a fifth of the memory bandwidth, stalled on the weight loads.
+const PREFETCH_ROWS_AHEAD: usize = 8;
+
+/// Asks for the bytes of rows `first..first + count` of `w` (clamped to the matrix) to be
+/// brought into cache; a hint only, never a fault.
+#[inline]
+fn prefetch_rows(w: &WeightMatrix, file: &[u8], first: usize, count: usize) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        let end_row = (first + count).min(w.n_rows);
+        if first >= end_row {
+            return;
+        }
+        let start = w.offset + first * w.row_bytes;
+        let end = (w.offset + end_row * w.row_bytes).min(file.len());
+        let base = file.as_ptr();
+        let mut at = start;
+        while at < end {
+            // SAFETY: `at < file.len()`, so the address is inside the mapping; prefetch
+            // reads nothing architecturally and cannot fault.
+            unsafe {
+                use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+                _mm_prefetch::<_MM_HINT_T0>(base.add(at).cast());
+            }
+            at += 64;
+        }
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (w, file, first, count);
 }
 
 /// For rows `rows` of `w` and every token `t`: `out[t * w.n_rows + r] = W[r] · acts[t]`,
