@@ -1,16 +1,23 @@
 //! AVX2 + FMA + F16C twins of the `dot_scalar` kernels and of the activation quantisers.
 //!
-//! Every kernel is a `#[target_feature]` function generic over `R`, the number of weight
-//! rows dotted with one activation row: `R = 1` is the [`DotFn`], `R = 4` the [`Dot4Fn`],
-//! which loads each activation block once for four rows. Both run the same per-row
-//! operations in the same order, so the four-row kernel returns exactly the bits of four
-//! single-row calls (a matmul may mix them freely).
+//! Each weight type has a single-row kernel (the [`DotFn`]) and a four-row kernel (the
+//! [`Dot4Fn`]). The four-row kernels of the 32-element formats load each activation block
+//! once for four rows: Q8_0's is the single-row function instantiated for four rows (same
+//! per-row operations), the 4/5-bit formats pack two rows per register and their
+//! single-row kernel builds the same lanes in 128-bit registers. For the K-quants and the
+//! float formats four single-row calls are faster (see `RowKernel::FUSED_FOUR`).
+//! Either way a four-row result has exactly the bits of a single-row call (tested), so a
+//! matmul may mix them freely and its output does not depend on how rows are split.
 //!
-//! Within a block the integer sum of products is exact, as in the scalar kernels; only the
-//! f32 arithmetic after it differs: the scalar kernels add one f32 per block (or per lane)
-//! in element order, these add eight lanes per block and sum the lanes at the end. Both are
-//! within `(blocks + 8) * 2^-24 * sum |block term|` of the exact sum of the block terms, so
-//! they differ by at most twice that (see `tests::check_against_scalar`).
+//! Accuracy: within a block the integer sum of products is exact, as in the scalar kernels;
+//! only the f32 arithmetic after it differs. The scalar kernels add one f32 term per block
+//! (per lane for K-quants) in element order; these add four or eight lanes per block and sum
+//! the lanes at the end. Each is within `(terms + 8) * 2^-24 * M` of the exact sum of the
+//! block terms, where `terms` is the number of blocks (or `n / 8` for the float formats,
+//! whose scalar kernels sum in f64) and `M = sum |w_i| |x_i|` plus the magnitudes of the
+//! `min` parts; so they differ by at most `2 * (terms + 8) * 2^-24 * M`. That is the bound
+//! `kernel_tests` checks; the largest difference seen on random rows is about a tenth of it.
+//! Activation quantisation is bit-identical to the scalar quantisers.
 //!
 //! Memory is read through raw pointers, but only below `blocks * block_size` for the
 //! block count [`common_blocks`] takes from the slice lengths: a short row or activation
@@ -31,6 +38,10 @@ use super::GgmlType;
 /// bits of four `one` calls when all rows hold the same number of blocks.
 pub(super) trait RowKernel {
     const TY: GgmlType;
+    /// Whether `four` beats four `one` calls. It does not for the K-quant and float
+    /// kernels: their per-row state is large, and sharing a 256-element activation block
+    /// (already in L1) saves little next to the register spills of four rows.
+    const FUSED_FOUR: bool = true;
     /// # Safety
     /// The CPU must support the instruction set of the module that installs the kernel.
     unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32;
@@ -64,14 +75,15 @@ pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
     }
     fn four<K: RowKernel>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
         let blocks = common_blocks(K::TY, &[rows[0]], act, n);
-        if rows
-            .iter()
-            .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
+        if K::FUSED_FOUR
+            && rows
+                .iter()
+                .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
         {
             // SAFETY: as in `single`.
             unsafe { K::four(rows, act, n) }
         } else {
-            // Rows of different lengths: each row gets its own block count.
+            // Also for rows of different lengths: each row gets its own block count.
             rows.map(|row| single::<K>(row, act, n))
         }
     }
@@ -95,6 +107,19 @@ macro_rules! row_kernel {
             }
             unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
                 $f::<4>(rows, act, n)
+            }
+        }
+    };
+    ($name:ident, $ty:expr, $f:ident, single_rows) => {
+        pub(super) struct $name;
+        impl RowKernel for $name {
+            const TY: GgmlType = $ty;
+            const FUSED_FOUR: bool = false;
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $f::<1>([row], act, n)[0]
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                rows.map(|row| $f::<1>([row], act, n)[0])
             }
         }
     };
@@ -138,16 +163,16 @@ row_kernel!(
     small_four::<Q5_1Format>
 );
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_q8_0);
-row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1);
-row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
-row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
-row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
-row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
-row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k);
-row_kernel!(F32, GgmlType::F32, f32_f32);
-row_kernel!(F16, GgmlType::F16, f16_f16);
-row_kernel!(BF16, GgmlType::BF16, bf16_bf16);
+row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1, single_rows);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
+row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k, single_rows);
+row_kernel!(F32, GgmlType::F32, f32_f32, single_rows);
+row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
+row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
 pub(super) fn install(table: &mut Kernels, _proof: Avx2Checked) {
@@ -1134,8 +1159,8 @@ unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 
 // ---- Activation quantisation ------------------------------------------------------------
 //
-// Bit-identical to `activation::quantize_q8_*` for finite input (NaN may quantise
-// differently; C leaves it undefined too).
+// Bit-identical to `activation::quantize_q8_*` for finite input. A block holding NaN or
+// infinity quantises differently (C leaves the conversion undefined there too).
 
 /// Largest of the eight lanes.
 #[inline]

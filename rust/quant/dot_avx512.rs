@@ -3,7 +3,8 @@
 //!   four rows' blocks of a 4/5-bit format or two rows' Q8_0 blocks and `vpdpbusd` (u8 x i8
 //!   products summed in fours into i32 lanes) replaces AVX2's `vpmaddubsw` + `vpmaddwd`;
 //!   their single-row kernels stay the AVX2 ones;
-//! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (32 registers, VNNI fusion).
+//! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (VNNI fuses `vpmaddwd` +
+//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls.
 //!
 //! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
 //! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
@@ -48,11 +49,11 @@ row_kernel!(
     small_four::<Q5_1Format>
 );
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_one, q8_0_four);
-row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
-row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
-row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
-row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
 pub(super) fn install(table: &mut Kernels, _proof: Avx512Checked) {
@@ -68,9 +69,8 @@ pub(super) fn install(table: &mut Kernels, _proof: Avx512Checked) {
     set::<Q6K>(table);
 }
 
-/// The AVX2 K-quant kernels compiled for this level: 32 vector registers instead of 16 keep
-/// the four-row kernels' per-row state out of memory, and LLVM fuses `vpmaddwd` + `vpaddd`
-/// into VNNI's `vpdpwssd`. Same arithmetic, so the same bits as the AVX2 level.
+/// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
+/// `vpaddd` into VNNI's `vpdpwssd`. Same arithmetic, so the same bits as the AVX2 level.
 macro_rules! k_quant_kernel {
     ($name:ident, $body:ident) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
