@@ -103,14 +103,17 @@ fn bench_decode_step(c: &mut Criterion) {
             eprintln!("skipped: prefill failed");
             return;
         }
-        group.bench_function(BenchmarkId::new("smollm2_q4_1_ctx256", format!("{threads}t")), |b| {
-            b.iter(|| {
-                // Decode the same position again and again: drop it, then recompute it.
-                seq.truncate(prompt.len());
-                let logits = model.forward_logits(&mut seq, &[42], 1);
-                black_box(logits.map(|l| l[0]).ok())
-            });
-        });
+        group.bench_function(
+            BenchmarkId::new("smollm2_q4_1_ctx256", format!("{threads}t")),
+            |b| {
+                b.iter(|| {
+                    // Decode the same position again and again: drop it, then recompute it.
+                    seq.truncate(prompt.len());
+                    let logits = model.forward_logits(&mut seq, &[42], 1);
+                    black_box(logits.map(|l| l[0]).ok())
+                });
+            },
+        );
     }
     group.finish();
 }
