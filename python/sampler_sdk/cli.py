@@ -105,6 +105,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         shutdown_grace=args.shutdown_grace,
+        threads=args.threads,
     )
     app.configure_logging()
     return asyncio.run(app.serve(config))
@@ -156,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, how long in-flight calls may finish")
+    p.add_argument("--threads", type=int, default=None, help="compute threads per model (default: physical cores)")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("models", help="list or pull known models")
