@@ -1,13 +1,17 @@
 //! The forward pass, top to bottom like llama2.c's `forward`: embed, then per layer
 //! norm → Q/K/V → RoPE → cache → attention → output projection → residual → norm →
-//! gated FFN → residual, then the final norm and the vocabulary projection.
+//! feed-forward (dense or experts, `ffn.rs`) → residual, then the final norm and the
+//! vocabulary projection. Architecture differences are config switches read here in
+//! order: embedding scale, Q/K/V biases, Q/K norms, attention scale and soft-cap, post
+//! norms, logit scale and soft-cap.
 //! A call processes a batch of consecutive tokens of one sequence (prefill or one step).
 
 use crate::error::{EngineError, Result};
 use crate::kernels::matmul::{matmul, ActivationBatch};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
-use crate::model::config::{FfnActivation, RopeStyle};
+use crate::model::config::RopeStyle;
+use crate::model::ffn::{feed_forward, FfnScratch};
 use crate::model::Model;
 
 /// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
@@ -30,18 +34,27 @@ struct Scratch {
     v: Vec<f32>,
     attn: Vec<f32>,
     proj: Vec<f32>,
-    gate: Vec<f32>,
-    up: Vec<f32>,
     scores: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     acts: ActivationBatch,
-    ffn_acts: ActivationBatch,
+    ffn: FfnScratch,
 }
 
 fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.clear();
     buf.resize(len, 0.0);
+}
+
+/// `cap · tanh(x / cap)`: squashes `x` smoothly into (-cap, cap).
+fn soft_cap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
+}
+
+/// Adds `bias` to each `bias.len()`-wide row of `rows`.
+fn add_bias_to_rows(rows: &mut [f32], bias: &[f32]) {
+    rows.chunks_exact_mut(bias.len())
+        .for_each(|row| ops::add_in_place(row, bias));
 }
 
 impl SequenceState {
@@ -142,8 +155,6 @@ impl Model {
         resize(&mut s.v, n * kv_dim);
         resize(&mut s.attn, n * q_dim);
         resize(&mut s.proj, n * d);
-        resize(&mut s.gate, n * cfg.n_ff);
-        resize(&mut s.up, n * cfg.n_ff);
         resize(&mut s.scores, end);
         resize(&mut s.cos, cfg.n_rot / 2);
         resize(&mut s.sin, cfg.n_rot / 2);
@@ -187,6 +198,15 @@ impl Model {
                 s.acts.for_weight(layer.wv.ty, &s.normed)?,
                 &mut s.v,
             );
+            for (rows, bias) in [
+                (&mut s.q, &layer.q_bias),
+                (&mut s.k, &layer.k_bias),
+                (&mut s.v, &layer.v_bias),
+            ] {
+                if let Some(bias) = bias {
+                    add_bias_to_rows(rows, bias);
+                }
+            }
 
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 s.q.chunks_exact_mut(hd)
@@ -244,6 +264,9 @@ impl Model {
                         let k = &seq.kv.key(li, first + j)[kv_off..kv_off + hd];
                         *score = ops::dot_f32(q, k) * cfg.attn_scale;
                     }
+                    if let Some(cap) = cfg.attn_logit_softcap {
+                        scores.iter_mut().for_each(|v| *v = soft_cap(*v, cap));
+                    }
                     ops::softmax_in_place(scores);
                     if let (Some(sum), true) = (attention_sum.as_mut(), t + 1 == n) {
                         ops::add_in_place(&mut sum[first..=pos], scores);
@@ -272,7 +295,7 @@ impl Model {
             }
             ops::add_in_place(&mut s.x, &s.proj);
 
-            // Feed-forward block (SwiGLU).
+            // Feed-forward block.
             for t in 0..n {
                 ops::rms_norm(
                     &s.x[t * d..(t + 1) * d],
@@ -281,38 +304,16 @@ impl Model {
                     &mut s.normed[t * d..(t + 1) * d],
                 );
             }
-            s.acts.set_input(n, d);
-            matmul(
-                &layer.w_gate,
+            feed_forward(
+                &layer.ffn,
+                cfg.ffn_activation,
                 file,
-                s.acts.for_weight(layer.w_gate.ty, &s.normed)?,
-                &mut s.gate,
-            );
-            matmul(
-                &layer.w_up,
-                file,
-                s.acts.for_weight(layer.w_up.ty, &s.normed)?,
-                &mut s.up,
-            );
-            match cfg.ffn_activation {
-                FfnActivation::Silu => s
-                    .gate
-                    .iter_mut()
-                    .zip(&s.up)
-                    .for_each(|(g, &u)| *g = ops::silu(*g) * u),
-                FfnActivation::GeluTanh => s
-                    .gate
-                    .iter_mut()
-                    .zip(&s.up)
-                    .for_each(|(g, &u)| *g = ops::gelu_tanh_f16_rounded(*g) * u),
-            }
-            s.ffn_acts.set_input(n, cfg.n_ff);
-            matmul(
-                &layer.w_down,
-                file,
-                s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?,
+                &s.normed,
+                n,
+                d,
+                &mut s.ffn,
                 &mut s.proj,
-            );
+            )?;
             if let Some(norm) = &layer.ffn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
@@ -341,6 +342,12 @@ impl Model {
             s.acts.for_weight(w.output.ty, &s.x[first * d..])?,
             &mut logits,
         );
+        if let Some(scale) = cfg.logit_scale {
+            logits.iter_mut().for_each(|v| *v *= scale);
+        }
+        if let Some(cap) = cfg.final_logit_softcap {
+            logits.iter_mut().for_each(|v| *v = soft_cap(*v, cap));
+        }
         Ok(logits)
     }
 }
