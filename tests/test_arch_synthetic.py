@@ -680,3 +680,41 @@ def test_engine_names_grok_keys_and_refuses_grok2_dense_ffn(engine_model_class, 
     write_with(path, "grok", add_dense_ffn, **{k: v for k, v in GROK.items() if k != "arch"})
     with pytest.raises(ValueError, match="blk.0.ffn_up.weight"):
         engine_model_class(os.fspath(path))
+
+
+# ----------------------------------------------------------------------------
+# `sampler-sdk models info`
+
+
+def test_models_info_reports_architecture_size_and_quantization_mix(
+    engine_model_class, synthetic_models, capsys
+) -> None:
+    from sampler_sdk import cli
+
+    path, weights, config = synthetic_models["mixtral-8x2-Q8_0"]
+    info = cli.model_info(path)
+    assert info["architecture"] == "llama"
+    assert (info["experts"], info["experts_used"]) == (8, 2)
+    assert info["parameters"] == sum(w.size for w in weights.values())
+    assert info["context_length"] == config.context_length
+    assert info["vocabulary_size"] == info["tokenizer_tokens"] == config.n_vocab
+    types = tensor_types(path)
+    mix = {q["type"]: q["tensors"] for q in info["quantization"]}
+    assert mix == {ty: list(types.values()).count(ty) for ty in set(types.values())}
+    assert sum(q["bytes"] for q in info["quantization"]) == info["file_bytes"]
+    # Q8_0 stores 34 bytes per 32 weights: the experts and attention; F32 the rest.
+    q8_elements = sum(weights[n].size for n, ty in types.items() if ty == "Q8_0")
+    assert next(q for q in info["quantization"] if q["type"] == "Q8_0")["bytes"] == q8_elements // 32 * 34
+
+    assert cli.main(["models", "info", os.fspath(path)]) == 0
+    out = capsys.readouterr().out
+    assert "architecture:   llama (mixture of experts: 2 of 8 per token)" in out
+    assert f"({info['parameters']:,})" in out and "Q8_0" in out and "F32" in out
+
+    grok_path = synthetic_models["grok-F32"][0]
+    assert cli.main(["models", "info", "--json", os.fspath(grok_path), os.fspath(path)]) == 0
+    both = __import__("json").loads(capsys.readouterr().out)
+    assert [i["architecture"] for i in both] == ["grok", "llama"]
+
+    assert cli.main(["models", "info", os.fspath(path) + ".missing"]) == 2
+    assert "neither an existing file nor a known model" in capsys.readouterr().err
