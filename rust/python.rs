@@ -222,13 +222,20 @@ impl PyModel {
         Ok(PyArray1::from_vec(py, logits))
     }
 
-    /// Logits at every position of `token_ids`, shape (len(token_ids), n_vocab).
-    fn logits_all<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
+    /// Logits at the last `n_last` positions of `token_ids` (default: every position),
+    /// shape (n_last, n_vocab).
+    #[pyo3(signature = (token_ids, n_last = None))]
+    fn logits_all<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+        n_last: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let model = Arc::clone(&self.inner);
-        let n = token_ids.len();
+        let n = n_last.unwrap_or(token_ids.len());
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
-            model.forward(&mut seq, &token_ids, token_ids.len())
+            model.forward(&mut seq, &token_ids, n)
         })?;
         let array = PyArray1::from_vec(py, logits);
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())
