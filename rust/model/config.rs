@@ -347,7 +347,7 @@ impl ModelConfig {
             // 0 means "off" in llama.cpp's convention.
             let final_cap_key = key(a, "final_logit_softcapping");
             final_logit_softcap = match md.get_f32(&final_cap_key)? {
-                Some(v) if v == 0.0 => None,
+                Some(0.0) => None,
                 _ => optional_positive(md, &final_cap_key)?,
             };
             // `grok.router_logit_softcapping` is deliberately not applied: neither
@@ -410,5 +410,152 @@ impl ModelConfig {
 
     pub fn kv_dim(&self) -> usize {
         self.n_head_kv * self.head_dim
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+    use crate::gguf::MetadataValue;
+
+    fn metadata(arch: &str, extra: &[(&str, MetadataValue)]) -> Metadata {
+        let mut md = Metadata::default();
+        let mut put = |k: String, v: MetadataValue| md.insert(k, v).unwrap();
+        put(
+            "general.architecture".into(),
+            MetadataValue::String(arch.into()),
+        );
+        for (suffix, v) in [
+            ("embedding_length", 64),
+            ("block_count", 2),
+            ("attention.head_count", 4),
+            ("attention.head_count_kv", 2),
+            ("feed_forward_length", 96),
+        ] {
+            put(format!("{arch}.{suffix}"), MetadataValue::U32(v));
+        }
+        for (k, v) in extra {
+            put(k.replace("{arch}", arch), v.clone());
+        }
+        md
+    }
+
+    fn config(arch: &str, extra: &[(&str, MetadataValue)]) -> Result<ModelConfig> {
+        ModelConfig::from_metadata(&metadata(arch, extra), 64)
+    }
+
+    fn experts(count: u32, used: u32) -> [(&'static str, MetadataValue); 2] {
+        [
+            ("{arch}.expert_count", MetadataValue::U32(count)),
+            ("{arch}.expert_used_count", MetadataValue::U32(used)),
+        ]
+    }
+
+    #[test]
+    fn unsupported_architecture_is_named_with_the_supported_ones() {
+        let message = config("mamba", &[]).unwrap_err().to_string();
+        assert!(message.contains("'mamba'"), "{message}");
+        assert!(message.contains("llama, qwen2, gemma3, grok"), "{message}");
+    }
+
+    #[test]
+    fn qwen2_has_biases_and_rotates_halves() {
+        let c = config("qwen2", &[]).unwrap();
+        assert!(c.qkv_bias && c.moe.is_none());
+        assert_eq!(c.rope_style, RopeStyle::SplitHalves);
+        assert_eq!(c.ffn_activation, FfnActivation::Silu);
+        let llama = config("llama", &[]).unwrap();
+        assert!(!llama.qkv_bias && llama.moe.is_none());
+        assert_eq!(llama.rope_style, RopeStyle::AdjacentPairs);
+    }
+
+    #[test]
+    fn llama_with_experts_is_a_renormalising_mixture() {
+        let moe = config("llama", &experts(8, 2)).unwrap().moe.unwrap();
+        assert_eq!(
+            moe,
+            MoeConfig {
+                n_expert: 8,
+                n_expert_used: 2,
+                n_ff_expert: 96,
+                renormalize_gates: true
+            }
+        );
+        let mut extra = experts(4, 1).to_vec();
+        extra.push(("{arch}.expert_weights_norm", MetadataValue::Bool(false)));
+        extra.push(("{arch}.expert_feed_forward_length", MetadataValue::U32(32)));
+        let moe = config("llama", &extra).unwrap().moe.unwrap();
+        assert!(!moe.renormalize_gates);
+        assert_eq!(
+            (moe.n_expert, moe.n_expert_used, moe.n_ff_expert),
+            (4, 1, 32)
+        );
+        assert!(config("llama", &experts(0, 0)).unwrap().moe.is_none());
+    }
+
+    #[test]
+    fn expert_counts_are_checked_and_named() {
+        let used_too_many = config("llama", &experts(4, 5)).unwrap_err().to_string();
+        assert!(
+            used_too_many.contains("llama.expert_used_count"),
+            "{used_too_many}"
+        );
+        let too_many = config("llama", &experts(MAX_EXPERTS + 1, 2))
+            .unwrap_err()
+            .to_string();
+        assert!(too_many.contains("llama.expert_count"), "{too_many}");
+        let missing = config("grok", &[("{arch}.expert_count", MetadataValue::U32(8))])
+            .unwrap_err()
+            .to_string();
+        assert!(missing.contains("grok.expert_used_count"), "{missing}");
+        let no_experts = config("grok", &[]).unwrap_err().to_string();
+        assert!(no_experts.contains("grok.expert_count"), "{no_experts}");
+    }
+
+    #[test]
+    fn grok_takes_llama_cpp_defaults_when_the_file_is_silent() {
+        let c = config("grok", &experts(8, 2)).unwrap();
+        assert_eq!(c.embedding_scale, Some(78.383_67));
+        assert_eq!(c.attn_scale, 0.088_388_35);
+        assert_eq!(c.attn_logit_softcap, Some(30.0));
+        assert_eq!(c.logit_scale, Some(0.577_350_26));
+        assert_eq!(c.final_logit_softcap, None);
+        assert!(c.post_norms && !c.qkv_bias && !c.qk_norm);
+        assert_eq!(c.rope_style, RopeStyle::SplitHalves);
+        assert_eq!(c.ffn_activation, FfnActivation::GeluTanh);
+        assert!(!c.moe.unwrap().renormalize_gates);
+    }
+
+    #[test]
+    fn grok_reads_every_multiplier_from_the_file() {
+        let mut extra = experts(8, 2).to_vec();
+        extra.extend([
+            ("{arch}.embedding_scale", MetadataValue::F32(3.0)),
+            ("{arch}.attention.output_scale", MetadataValue::F32(0.2)),
+            ("{arch}.attn_logit_softcapping", MetadataValue::F64(5.0)),
+            ("{arch}.logit_scale", MetadataValue::F32(1.7)),
+            ("{arch}.final_logit_softcapping", MetadataValue::F32(0.0)),
+        ]);
+        let c = config("grok", &extra).unwrap();
+        assert_eq!(c.embedding_scale, Some(3.0));
+        assert_eq!(c.attn_scale, 0.2);
+        assert_eq!(c.attn_logit_softcap, Some(5.0));
+        assert_eq!(c.logit_scale, Some(1.7));
+        assert_eq!(c.final_logit_softcap, None, "0 means no cap");
+        extra.push(("{arch}.expert_weights_norm", MetadataValue::Bool(true)));
+        extra.retain(|(k, _)| !k.ends_with("final_logit_softcapping"));
+        extra.push(("{arch}.final_logit_softcapping", MetadataValue::F32(50.0)));
+        let c = config("grok", &extra).unwrap();
+        assert!(c.moe.unwrap().renormalize_gates);
+        assert_eq!(c.final_logit_softcap, Some(50.0));
+    }
+
+    #[test]
+    fn grok_multipliers_must_be_positive() {
+        let mut extra = experts(8, 2).to_vec();
+        extra.push(("{arch}.logit_scale", MetadataValue::F32(-1.0)));
+        let message = config("grok", &extra).unwrap_err().to_string();
+        assert!(message.contains("grok.logit_scale"), "{message}");
     }
 }
