@@ -14,22 +14,31 @@ Three groups of tests:
 Tolerances (`worst_difference`, relative = max |engine - reference| / max |reference|):
 
 - F32 weights: max |engine - reference| <= 1e-3 absolute (the acceptance bar), and 1e-4
-  relative as for llama. A float32 engine lands near 1e-6 relative on these models (measured:
-  see `test_engine_logits_match_reference` output with -s); every architecture mistake tried
-  (RoPE pairing, missing biases, renormalising grok's gates or not Mixtral's, SiLU for GELU, a
-  forgotten soft-cap or multiplier) moves the logits by 1e-1 relative or more.
-- Q8_0 weights: 5e-2 relative against the reference on the dequantised weights, the llama bound
-  and for the same reason: llama.cpp rounds activations to 8-bit blocks before quantised dot
+  relative as for llama. Measured (`-s` prints every comparison): at most 7.8e-6 absolute and
+  3.4e-7 relative over all F32 models and sequences, i.e. float32 rounding. Every architecture
+  mistake tried (RoPE pairing, missing biases, renormalising Mixtral's gates or not, SiLU for
+  GELU, 1/sqrt(d) for grok's output scale, a forgotten soft-cap or multiplier) moves the logits
+  by more than twice each bound (checked below). The default-multiplier grok model has small
+  logits (|logit| < 0.4: tied embeddings stored 1/78 as large, see the writer), so there the
+  relative bound is the one that bites.
+- Q8_0 weights: 5e-2 relative against the reference on the dequantised weights (measured up to
+  2.2e-2), the llama bound and for the same reason: llama.cpp rounds activations to 8-bit blocks before quantised dot
   products. For a mixture of experts that bound only holds while every token picks the same
   experts in both computations (a different expert is a different function, not a small
   error). `test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs` therefore also checks,
   for every MoE model and sequence used, that the smallest router margin (k-th minus (k+1)-th
-  probability) exceeds twice the largest router-probability change the rounding causes.
+  probability) exceeds, token by token, the router-probability change the rounding causes by 25 %,
+  and that the rounded model routes every token as the exact reference does. Separately, the
+  engine must match a float32 model of its own Q8_0 numerics to float32 precision on nearly every
+  token (`test_engine_matches_a_float32_model_of_its_numerics`, measured 3e-7).
 - The router (`ffn_gate_inp`) stays F32 in quantised files, as llama.cpp's quantiser leaves it.
 - Grok's GELU is the tanh form in f32 (`jax.nn.gelu` as xAI's model.py calls it), not gemma's
-  imitation of ggml's f16 table: the table version moves these grok logits by up to ~1e-2
-  relative (printed by the tolerance test), which would break the 1e-3 F32 bar on a grok model
-  for no benefit, since no llama.cpp golden file exists for grok.
+  imitation of ggml's f16 table: the table version moves these grok logits by 2.1e-4 relative
+  and 5.2e-3 absolute (printed by the tolerance test), beyond both F32 bounds, for no benefit:
+  the reference for grok is xAI's code, not a llama.cpp golden file.
+- Grok's gates are not renormalised (model.py) while llama.cpp's grok graph renormalises them;
+  the RMS post-norm that follows the expert mixture removes any per-token factor, so the two
+  agree on logits up to the norm's epsilon, and the choice is tested on the routing itself.
 """
 
 from __future__ import annotations
@@ -72,12 +81,18 @@ MODELS: dict[str, dict] = {
     # No multiplier keys: llama.cpp's Grok-1 defaults apply.
     "grok-F32": {**GROK, "seed": 7},
     "grok-F32-declared": {
-        **GROK, "grok_multipliers": DECLARED_GROK, "grok_ffn_post_norm": "post_ffw_norm", "seed": 8,
-    },  # fmt: skip
+        **GROK,
+        "grok_multipliers": DECLARED_GROK,
+        "grok_ffn_post_norm": "post_ffw_norm",
+        "seed": 8,
+    },
     "grok-Q8_0": {**GROK, "weight_type": "Q8_0", "seed": 9},
     "grok-Q8_0-declared": {
-        **GROK, "weight_type": "Q8_0", "grok_multipliers": DECLARED_GROK, "seed": 0,
-    },  # fmt: skip
+        **GROK,
+        "weight_type": "Q8_0",
+        "grok_multipliers": DECLARED_GROK,
+        "seed": 0,
+    },
 }
 
 
@@ -150,7 +165,11 @@ def naive_forward(weights: dict[str, np.ndarray], config: ModelConfig, ids: list
             for i in range(n_rot // 2):
                 angle = pos * base ** (-2 * i / n_rot)
                 # llama: dims (2i, 2i+1) turn together; qwen2 and grok: dims (i, i + n_rot/2).
-                a, b = (o + 2 * i, o + 2 * i + 1) if config.arch == "llama" else (o + i, o + i + n_rot // 2)
+                a, b = (
+                    (o + 2 * i, o + 2 * i + 1)
+                    if config.arch == "llama"
+                    else (o + i, o + i + n_rot // 2)
+                )
                 out[a] = vector[a] * math.cos(angle) - vector[b] * math.sin(angle)
                 out[b] = vector[a] * math.sin(angle) + vector[b] * math.cos(angle)
         return out
@@ -162,7 +181,12 @@ def naive_forward(weights: dict[str, np.ndarray], config: ModelConfig, ids: list
 
     def ffn(p: str, h: list) -> list:
         if config.n_expert == 0:
-            hidden = [act(g) * u for g, u in zip(matvec(w(p + "ffn_gate.weight"), h), matvec(w(p + "ffn_up.weight"), h))]
+            hidden = [
+                act(g) * u
+                for g, u in zip(
+                    matvec(w(p + "ffn_gate.weight"), h), matvec(w(p + "ffn_up.weight"), h)
+                )
+            ]
             return matvec(w(p + "ffn_down.weight"), hidden)
         logits = matvec(w(p + "ffn_gate_inp.weight"), h)
         top = max(logits)
@@ -208,14 +232,19 @@ def naive_forward(weights: dict[str, np.ndarray], config: ModelConfig, ids: list
                 kv = (head // group) * head_dim
                 scores = []
                 for t in range(pos + 1):
-                    s = sum(q[head * head_dim + d] * keys[t][kv + d] for d in range(head_dim)) * scale
+                    s = (
+                        sum(q[head * head_dim + d] * keys[t][kv + d] for d in range(head_dim))
+                        * scale
+                    )
                     if config.attn_logit_softcap is not None:
                         s = config.attn_logit_softcap * math.tanh(s / config.attn_logit_softcap)
                     scores.append(s)
                 top = max(scores)
                 exps = [math.exp(s - top) for s in scores]
                 for d in range(head_dim):
-                    attended.append(sum(exps[t] / sum(exps) * values[t][kv + d] for t in range(pos + 1)))
+                    attended.append(
+                        sum(exps[t] / sum(exps) * values[t][kv + d] for t in range(pos + 1))
+                    )
             out = matvec(w(p + "attn_output.weight"), attended)
             if grok:
                 out = norm(out, w(p + "attn_output_norm.weight"))
@@ -227,7 +256,10 @@ def naive_forward(weights: dict[str, np.ndarray], config: ModelConfig, ids: list
             residual[pos] = [a + b for a, b in zip(x, out)]
     output = w("output.weight") if "output.weight" in weights else embedding
     logit_scale = config.logit_scale if config.logit_scale is not None else 1.0
-    return [[v * logit_scale for v in matvec(output, norm(x, w("output_norm.weight")))] for x in residual]
+    return [
+        [v * logit_scale for v in matvec(output, norm(x, w("output_norm.weight")))]
+        for x in residual
+    ]
 
 
 @pytest.mark.parametrize(
@@ -242,8 +274,16 @@ def naive_forward(weights: dict[str, np.ndarray], config: ModelConfig, ids: list
         {**GROK, "grok_multipliers": DECLARED_GROK, "grok_ffn_post_norm": "post_ffw_norm"},
         {**GROK, "expert_weights_norm": True},
     ],
-    ids=["qwen2", "qwen2-tied", "mixtral-8x2", "mixtral-4x1", "mixtral-unnormalised", "grok",
-         "grok-declared", "grok-renormalised"],  # fmt: skip
+    ids=[
+        "qwen2",
+        "qwen2-tied",
+        "mixtral-8x2",
+        "mixtral-4x1",
+        "mixtral-unnormalised",
+        "grok",
+        "grok-declared",
+        "grok-renormalised",
+    ],
 )
 def test_reference_matches_naive_scalar_forward(tmp_path: Path, arguments: dict) -> None:
     path = tmp_path / "tiny.gguf"
@@ -295,7 +335,7 @@ def test_synthetic_gguf_reads_back_as_written(synthetic_models, model_name: str)
         post = arguments.get("grok_ffn_post_norm", "layer_output_norm")
         assert dims[f"blk.1.{post}.weight"] == [64]
         declared = arguments.get("grok_multipliers", {})
-        for key, default in nf.GROK_DEFAULTS.items():
+        for key in nf.GROK_DEFAULTS:
             field = reader.get_field(f"grok.{key}")
             assert (field is None) == (key not in declared), key
         assert config.renormalize_gates is False
@@ -346,7 +386,9 @@ def test_reference_is_causal(synthetic_models) -> None:
         ids = SEQUENCES["thirty-three-tokens"]
         full = forward(weights, config, ids)
         for n in (1, 2, 17):
-            np.testing.assert_allclose(forward(weights, config, ids[:n]), full[:n], rtol=0, atol=1e-10)
+            np.testing.assert_allclose(
+                forward(weights, config, ids[:n]), full[:n], rtol=0, atol=1e-10
+            )
 
 
 # ----------------------------------------------------------------------------
@@ -411,9 +453,14 @@ def mistakes(weights: dict[str, np.ndarray], config: ModelConfig) -> dict[str, I
     # gates are renormalised cannot show in its logits (only through the norm's epsilon): the
     # choice is tested on the routing itself (Rust unit tests in model/moe.rs) and on Mixtral.
     if config.n_expert and config.arch != "grok":
-        found["gates renormalised the other way"] = altered(renormalize_gates=not config.renormalize_gates)
+        found["gates renormalised the other way"] = altered(
+            renormalize_gates=not config.renormalize_gates
+        )
     if config.arch == "grok":
-        found["SiLU experts"] = lambda patch: (patch.setattr(nf, "gelu_tanh", nf.silu), (weights, config))[1]
+        found["SiLU experts"] = lambda patch: (
+            patch.setattr(nf, "gelu_tanh", nf.silu),
+            (weights, config),
+        )[1]
         found["1/sqrt(d) instead of the output scale"] = altered(attn_scale=None)
         found["no logit scale"] = altered(logit_scale=None)
         found["no embedding scale"] = altered(embedding_scale=None)
@@ -464,7 +511,9 @@ def check_routing_is_robust(
             )
 
 
-def test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs(synthetic_models, monkeypatch) -> None:
+def test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs(
+    synthetic_models, monkeypatch
+) -> None:
     for name, (path, weights, config) in synthetic_models.items():
         matmul = llama_cpp_like_matmul(weights, is_quantised(name))
         for sequence_name, ids in SEQUENCES.items():
@@ -473,9 +522,13 @@ def test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs(synthetic_model
             engine_like = forward(weights, config, ids, matmul=matmul, trace=rounded_trace)
             difference = worst_difference(engine_like, exact)
             # A faithful engine must pass with a margin of at least 2x.
-            assert difference.relative <= tolerance(name) / 2, f"{name} {sequence_name}: {difference}"
+            assert difference.relative <= tolerance(name) / 2, (
+                f"{name} {sequence_name}: {difference}"
+            )
             if not is_quantised(name):
-                assert difference.max_abs <= F32_ABSOLUTE_TOLERANCE / 2, f"{name} {sequence_name}: {difference}"
+                assert difference.max_abs <= F32_ABSOLUTE_TOLERANCE / 2, (
+                    f"{name} {sequence_name}: {difference}"
+                )
             if config.n_expert:
                 check_routing_is_robust(name, sequence_name, config, exact_trace, rounded_trace)
             print(f"{name:20s} {sequence_name:20s} engine-like vs exact: {difference}")
@@ -497,7 +550,11 @@ def test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs(synthetic_model
         with monkeypatch.context() as patch:
             patch.setattr(nf, "gelu_tanh", gelu_f16_table)
             table = forward(weights, config, ids)
-        print(f"{name}: f16-table GELU vs tanh GELU: {worst_difference(table, exact)}")
+        difference = worst_difference(table, exact)
+        print(f"{name}: f16-table GELU vs tanh GELU: {difference}")
+        if name == "grok-F32-declared":
+            # The imitation would by itself break the F32 bound this file holds the engine to.
+            assert difference.relative > F32_RELATIVE_TOLERANCE, str(difference)
 
 
 # ----------------------------------------------------------------------------
@@ -571,7 +628,9 @@ CONSISTENCY_TOLERANCE = {"F32": 1e-5, "quantised": 1e-2}
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-def test_engine_full_pass_equals_pass_per_prefix(engine_model_class, synthetic_models, model_name) -> None:
+def test_engine_full_pass_equals_pass_per_prefix(
+    engine_model_class, synthetic_models, model_name
+) -> None:
     path, _, _ = synthetic_models[model_name]
     ids = SEQUENCES["thirty-three-tokens"][:20]
     model = engine_model_class(os.fspath(path))
@@ -606,12 +665,20 @@ def test_engine_greedy_decode_one_token_at_a_time_equals_full_passes(
 # Errors name what is wrong
 
 
-def write_with(path: Path, arch: str, mutate: Callable[[gguf.GGUFWriter, dict[str, np.ndarray]], None], **arguments) -> None:
+def write_with(
+    path: Path,
+    arch: str,
+    mutate: Callable[[gguf.GGUFWriter, dict[str, np.ndarray]], None],
+    **arguments,
+) -> None:
     """Writes a synthetic model of `arch`, then rewrites it with `mutate` applied to the writer
     (already holding every key) and the tensor dict (to drop or add tensors)."""
     write_model_gguf(path, arch=arch, **arguments)
     reader = gguf.GGUFReader(os.fspath(path))
-    tensors = {t.name: np.asarray(t.data).reshape(tuple(int(d) for d in reversed(t.shape))) for t in reader.tensors}
+    tensors = {
+        t.name: np.asarray(t.data).reshape(tuple(int(d) for d in reversed(t.shape)))
+        for t in reader.tensors
+    }
     out = gguf.GGUFWriter(os.fspath(path) + ".tmp", arch)
     for field in reader.fields.values():
         if field.name.startswith("GGUF.") or field.name == "general.architecture":
@@ -638,7 +705,9 @@ def write_with(path: Path, arch: str, mutate: Callable[[gguf.GGUFWriter, dict[st
         ("grok", GROK, "blk.1.layer_output_norm.weight"),
     ],
 )
-def test_engine_names_a_missing_tensor(engine_model_class, tmp_path, arch, arguments, missing) -> None:
+def test_engine_names_a_missing_tensor(
+    engine_model_class, tmp_path, arch, arguments, missing
+) -> None:
     arguments = {k: v for k, v in arguments.items() if k != "arch"}
     path = tmp_path / "broken.gguf"
     write_with(path, arch, lambda writer, tensors: tensors.pop(missing), n_layer=2, **arguments)
@@ -663,7 +732,9 @@ def test_engine_names_an_unsupported_architecture(engine_model_class, tmp_path) 
 
 def test_engine_names_grok_keys_and_refuses_grok2_dense_ffn(engine_model_class, tmp_path) -> None:
     path = tmp_path / "grok.gguf"
-    write_with(path, "grok", lambda writer, tensors: None, **{k: v for k, v in GROK.items() if k != "arch"})
+    write_with(
+        path, "grok", lambda writer, tensors: None, **{k: v for k, v in GROK.items() if k != "arch"}
+    )
     engine_model_class(os.fspath(path))  # the rewrite itself loads
 
     def drop_expert_count(writer: gguf.GGUFWriter, tensors: dict) -> None:
@@ -704,7 +775,10 @@ def test_models_info_reports_architecture_size_and_quantization_mix(
     assert sum(q["bytes"] for q in info["quantization"]) == info["file_bytes"]
     # Q8_0 stores 34 bytes per 32 weights: the experts and attention; F32 the rest.
     q8_elements = sum(weights[n].size for n, ty in types.items() if ty == "Q8_0")
-    assert next(q for q in info["quantization"] if q["type"] == "Q8_0")["bytes"] == q8_elements // 32 * 34
+    assert (
+        next(q for q in info["quantization"] if q["type"] == "Q8_0")["bytes"]
+        == q8_elements // 32 * 34
+    )
 
     assert cli.main(["models", "info", os.fspath(path)]) == 0
     out = capsys.readouterr().out

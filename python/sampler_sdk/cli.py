@@ -26,7 +26,7 @@ def _info_path(model: str) -> Path:
     return registry.resolve(model)
 
 
-def _array_length(value: Any) -> Optional[int]:
+def _array_length(value: Any) -> int | None:
     """Length of a metadata array as `inspect_gguf` reports it (a list, or a summary string
     such as "<array of 49152 values>" for long arrays)."""
     if isinstance(value, list):
@@ -119,8 +119,9 @@ def _print_info(info: dict[str, Any]) -> None:
     for q in info["quantization"]:
         share = 100 * q["bytes"] / info["file_bytes"] if info["file_bytes"] else 0.0
         noun = "tensor " if q["tensors"] == 1 else "tensors"
+        megabytes = q["bytes"] / 1e6
         lines.append(
-            f"    {q['type']:<6} {q['tensors']:>5} {noun} {q['bytes'] / 1e6:>10.2f} MB  {share:5.1f}%"
+            f"    {q['type']:<6} {q['tensors']:>5} {noun} {megabytes:>10.2f} MB  {share:5.1f}%"
         )
     print("\n".join(lines))
 

@@ -129,7 +129,9 @@ def config_from_gguf(reader: gguf.GGUFReader) -> ModelConfig:
 
     arch = value("general.architecture")
     if arch not in ARCHITECTURES:
-        raise ValueError(f"general.architecture is {arch!r}, this reference implements {ARCHITECTURES}")
+        raise ValueError(
+            f"general.architecture is {arch!r}, this reference implements {ARCHITECTURES}"
+        )
     n_head = int(value(f"{arch}.attention.head_count"))  # type: ignore[arg-type]
     n_embd = int(value(f"{arch}.embedding_length"))  # type: ignore[arg-type]
     tokens = reader.get_field("tokenizer.ggml.tokens")
@@ -192,7 +194,9 @@ def read_llama_gguf(path: str | os.PathLike[str]) -> tuple[dict[str, np.ndarray]
     """`read_gguf` for a llama-architecture file."""
     weights, config = read_gguf(path)
     if config.arch != "llama":
-        raise ValueError(f"general.architecture is {config.arch!r}, this reference implements 'llama'")
+        raise ValueError(
+            f"general.architecture is {config.arch!r}, this reference implements 'llama'"
+        )
     return weights, config
 
 
@@ -393,9 +397,7 @@ def forward(
         v = project(h, p + "attn_v", config.n_head_kv)
         q = rope(q, positions, config.rope_dims, config.rope_base)
         k = rope(k, positions, config.rope_dims, config.rope_base)
-        a = causal_attention(
-            q, k, v, scale=config.attn_scale, softcap=config.attn_logit_softcap
-        )
+        a = causal_attention(q, k, v, scale=config.attn_scale, softcap=config.attn_logit_softcap)
         attn_out = matmul(a, weights[p + "attn_output.weight"])
         if grok:
             attn_out = rmsnorm(attn_out, weights[p + "attn_output_norm.weight"], eps)

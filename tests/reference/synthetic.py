@@ -239,9 +239,9 @@ def write_model_gguf(
             (grok_multipliers or {}).get("embedding_scale", GROK_DEFAULT_EMBEDDING_SCALE)
         )
     values: dict[str, np.ndarray] = {
-        "token_embd.weight": (
-            rng.standard_normal((n_vocab, n_embd)) * embedding_std
-        ).astype(np.float32),
+        "token_embd.weight": (rng.standard_normal((n_vocab, n_embd)) * embedding_std).astype(
+            np.float32
+        ),
     }
     for layer in range(n_layer):
         prefix = f"blk.{layer}."
