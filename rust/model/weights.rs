@@ -152,12 +152,7 @@ pub fn vector(file: &GgufFile, name: &str, len: usize) -> Result<Vec<f32>> {
 }
 
 pub fn matrix(file: &GgufFile, name: &str, row_len: usize, n_rows: usize) -> Result<WeightMatrix> {
-    let info = file
-        .tensor(name)
-        .ok_or_else(|| EngineError::MissingTensor {
-            name: name.to_string(),
-        })?;
-    WeightMatrix::from_tensor(info, row_len, n_rows)
+    WeightMatrix::from_tensor(tensor(file, name)?, row_len, n_rows)
 }
 
 fn tensor<'a>(file: &'a GgufFile, name: &str) -> Result<&'a TensorInfo> {
@@ -216,8 +211,8 @@ fn load_ffn(file: &GgufFile, cfg: &ModelConfig, layer: usize) -> Result<FfnWeigh
         })),
         Some(moe) => {
             let (n_expert, ff) = (moe.n_expert, moe.n_ff_expert);
-            // Grok-2 adds a dense FFN beside the experts and averages the two; Grok-1 has
-            // none. Refuse rather than silently drop half the block.
+            // Grok-2 adds a dense FFN beside the experts and averages the two; Grok-1 and
+            // Mixtral have none. Refuse rather than silently drop half the block.
             if let Some(dense) = ["ffn_up", "ffn_gate", "ffn_down"]
                 .iter()
                 .map(|s| t(s))
@@ -226,8 +221,8 @@ fn load_ffn(file: &GgufFile, cfg: &ModelConfig, layer: usize) -> Result<FfnWeigh
                 return Err(EngineError::unsupported(
                     "feed-forward layout",
                     format!(
-                        "tensor {dense} is a dense feed-forward beside the experts \
-                         (grok-2 style); only routed experts are implemented"
+                        "tensor {dense} is a dense feed-forward beside the routed experts \
+                         (as in grok-2); only routed experts are implemented"
                     ),
                 ));
             }
