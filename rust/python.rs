@@ -78,9 +78,13 @@ struct PyModel {
 #[pymethods]
 impl PyModel {
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = None))]
+    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyResult<Self> {
         let p = path.clone();
-        let model = run_detached(py, move || Model::load(&p))?;
+        let model = run_detached(py, move || match threads {
+            Some(n) => Model::load_with_threads(&p, n),
+            None => Model::load(&p),
+        })?;
         Ok(Self {
             inner: Arc::new(model),
             path,
@@ -90,6 +94,12 @@ impl PyModel {
     #[getter]
     fn path(&self) -> PathBuf {
         self.path.clone()
+    }
+
+    /// Threads the forward pass runs on.
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.inner.n_threads()
     }
 
     #[getter]

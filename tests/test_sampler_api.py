@@ -19,11 +19,20 @@ from sampler_sdk import Client, Token, TokenType
 PROMPT = "The answer to life and the universe is"
 
 
-@pytest.fixture(scope="module", params=["local"])
-def client(request, smollm_path):
-    c = Client(str(smollm_path), initial_rng_seed=1234)
+@pytest.fixture(scope="module", params=["local", "grpc"])
+def client(request, smollm_path, tmp_path_factory):
+    if request.param == "local":
+        c = Client(str(smollm_path), initial_rng_seed=1234)
+        yield c
+        c.close()
+        return
+    from grpc_testing import ServerProcess
+
+    server = ServerProcess(smollm_path, log_dir=tmp_path_factory.mktemp("grpc"))
+    c = Client(api_host=server.address, api_key="any", initial_rng_seed=1234)
     yield c
     c.close()
+    assert server.stop() == 0
 
 
 @pytest.fixture(scope="module")

@@ -2,11 +2,12 @@
 //! gated experts (Mixtral, Grok-1; the routing rules are in `moe`).
 
 use crate::error::Result;
-use crate::kernels::matmul::{matmul, ActivationBatch, WeightMatrix};
+use crate::kernels::matmul::{matmul, matmul_gated, ActivationBatch, WeightMatrix};
 use crate::kernels::ops;
 use crate::model::config::FfnActivation;
 use crate::model::moe::{self, ExpertGroups, Route};
 use crate::model::weights::{FfnWeights, MoeFfn};
+use crate::threads::ThreadPool;
 
 /// Buffers reused from call to call so the decode loop does not allocate.
 #[derive(Default)]
@@ -19,8 +20,8 @@ pub(crate) struct FfnScratch {
 struct GatedScratch {
     acts: ActivationBatch,
     hidden_acts: ActivationBatch,
-    gate: Vec<f32>,
-    up: Vec<f32>,
+    /// `act(gate · x) * (up · x)`, the input of the down projection.
+    hidden: Vec<f32>,
 }
 
 #[derive(Default)]
@@ -42,6 +43,7 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
 /// `out = FFN(x)` for `n` tokens: `x` and `out` are `n × d` row-major.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn feed_forward(
+    pool: &ThreadPool,
     ffn: &FfnWeights,
     activation: FfnActivation,
     file: &[u8],
@@ -53,6 +55,7 @@ pub(crate) fn feed_forward(
 ) -> Result<()> {
     match ffn {
         FfnWeights::Dense(f) => gated_ffn(
+            pool,
             [&f.gate, &f.up, &f.down],
             activation,
             file,
@@ -62,13 +65,14 @@ pub(crate) fn feed_forward(
             &mut s.gated,
             out,
         ),
-        FfnWeights::Moe(m) => experts_ffn(m, activation, file, x, n, d, s, out),
+        FfnWeights::Moe(m) => experts_ffn(pool, m, activation, file, x, n, d, s, out),
     }
 }
 
 /// `down(act(gate·x) * (up·x))` for `n` rows of width `d`.
 #[allow(clippy::too_many_arguments)]
 fn gated_ffn(
+    pool: &ThreadPool,
     [gate, up, down]: [&WeightMatrix; 3],
     activation: FfnActivation,
     file: &[u8],
@@ -79,26 +83,30 @@ fn gated_ffn(
     out: &mut [f32],
 ) -> Result<()> {
     let n_ff = gate.n_rows;
-    resize(&mut s.gate, n * n_ff);
-    resize(&mut s.up, n * n_ff);
+    resize(&mut s.hidden, n * n_ff);
     s.acts.set_input(n, d);
-    matmul(gate, file, s.acts.for_weight(gate.ty, x)?, &mut s.gate);
-    matmul(up, file, s.acts.for_weight(up.ty, x)?, &mut s.up);
-    apply_activation(activation, &mut s.gate, &s.up);
+    s.acts.prepare(pool, gate.ty, x)?;
+    s.acts.prepare(pool, up.ty, x)?;
+    matmul_gated(
+        pool,
+        file,
+        gate,
+        s.acts.get(gate.ty)?,
+        up,
+        s.acts.get(up.ty)?,
+        activation_function(activation),
+        &mut s.hidden,
+    )?;
     s.hidden_acts.set_input(n, n_ff);
-    matmul(down, file, s.hidden_acts.for_weight(down.ty, &s.gate)?, out);
-    Ok(())
+    s.hidden_acts.prepare(pool, down.ty, &s.hidden)?;
+    matmul(pool, down, file, s.hidden_acts.get(down.ty)?, out)
 }
 
-/// `gate[i] = act(gate[i]) * up[i]`.
-fn apply_activation(activation: FfnActivation, gate: &mut [f32], up: &[f32]) {
-    let pairs = gate.iter_mut().zip(up);
+fn activation_function(activation: FfnActivation) -> fn(f32) -> f32 {
     match activation {
-        FfnActivation::Silu => pairs.for_each(|(g, &u)| *g = ops::silu(*g) * u),
-        FfnActivation::GeluTanh => pairs.for_each(|(g, &u)| *g = ops::gelu_tanh(*g) * u),
-        FfnActivation::GeluTanhF16Table => {
-            pairs.for_each(|(g, &u)| *g = ops::gelu_tanh_f16_rounded(*g) * u)
-        }
+        FfnActivation::Silu => ops::silu,
+        FfnActivation::GeluTanh => ops::gelu_tanh,
+        FfnActivation::GeluTanhF16Table => ops::gelu_tanh_f16_rounded,
     }
 }
 
@@ -106,6 +114,7 @@ fn apply_activation(activation: FfnActivation, gate: &mut [f32], up: &[f32]) {
 /// and adds `gate × expert output` into those tokens' rows of `out`.
 #[allow(clippy::too_many_arguments)]
 fn experts_ffn(
+    pool: &ThreadPool,
     m: &MoeFfn,
     activation: FfnActivation,
     file: &[u8],
@@ -119,12 +128,14 @@ fn experts_ffn(
     let ms = &mut s.moe;
     resize(&mut ms.router_logits, n * n_expert);
     s.gated.acts.set_input(n, d);
+    s.gated.acts.prepare(pool, m.router.ty, x)?;
     matmul(
+        pool,
         &m.router,
         file,
-        s.gated.acts.for_weight(m.router.ty, x)?,
+        s.gated.acts.get(m.router.ty)?,
         &mut ms.router_logits,
-    );
+    )?;
     ms.groups.reset(n_expert);
     for (t, logits) in ms.router_logits.chunks_exact(n_expert).enumerate() {
         ms.routes.clear();
@@ -146,6 +157,7 @@ fn experts_ffn(
         }
         resize(&mut ms.expert_out, members.len() * d);
         gated_ffn(
+            pool,
             [m.gate.expert(e), m.up.expert(e), m.down.expert(e)],
             activation,
             file,

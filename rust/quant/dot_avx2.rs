@@ -27,12 +27,16 @@ use super::GgmlType;
 
 // ---- Entry points ---------------------------------------------------------------------
 
-/// A kernel computing `R` weight rows of type `TY` against one activation row.
+/// The single-row and four-row kernels of weight type `TY`. `four` must return exactly the
+/// bits of four `one` calls when all rows hold the same number of blocks.
 pub(super) trait RowKernel {
     const TY: GgmlType;
     /// # Safety
     /// The CPU must support the instruction set of the module that installs the kernel.
-    unsafe fn rows<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R];
+    unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32;
+    /// # Safety
+    /// As for [`Self::one`].
+    unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
 }
 
 /// Whole blocks of `ty` that `n` elements, every row and the activations all contain.
@@ -56,7 +60,7 @@ pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
     fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
         // SAFETY: `entry_points` is only called by `install` functions holding a proof of
         // the CPU features (dispatch::Avx2Checked / Avx512Checked).
-        unsafe { K::rows::<1>([row], act, n)[0] }
+        unsafe { K::one(row, act, n) }
     }
     fn four<K: RowKernel>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
         let blocks = common_blocks(K::TY, &[rows[0]], act, n);
@@ -65,7 +69,7 @@ pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
             .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
         {
             // SAFETY: as in `single`.
-            unsafe { K::rows::<4>(rows, act, n) }
+            unsafe { K::four(rows, act, n) }
         } else {
             // Rows of different lengths: each row gets its own block count.
             rows.map(|row| single::<K>(row, act, n))
@@ -74,28 +78,65 @@ pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
     (single::<K>, four::<K>)
 }
 
-fn set<K: RowKernel>(table: &mut Kernels) {
+pub(super) fn set<K: RowKernel>(table: &mut Kernels) {
     let (single, four) = entry_points::<K>();
     table.set_dot(K::TY, single, four);
 }
 
-/// Declares a [`RowKernel`] named `$name` for `$ty` running the AVX2 function `$f`.
+/// Declares a [`RowKernel`] named `$name` for `$ty`, either from one `#[target_feature]`
+/// function generic over the row count, or from separate single- and four-row functions.
 macro_rules! row_kernel {
     ($name:ident, $ty:expr, $f:ident) => {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
-            unsafe fn rows<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-                $f::<R>(rows, act, n)
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $f::<1>([row], act, n)[0]
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                $f::<4>(rows, act, n)
+            }
+        }
+    };
+    ($name:ident, $ty:expr, $one:expr, $four:expr) => {
+        pub(super) struct $name;
+        impl RowKernel for $name {
+            const TY: GgmlType = $ty;
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $one(row, act, n)
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                $four(rows, act, n)
             }
         }
     };
 }
+pub(super) use row_kernel;
 
-row_kernel!(Q4_0, GgmlType::Q4_0, q4_0_q8_0);
-row_kernel!(Q4_1, GgmlType::Q4_1, q4_1_q8_1);
-row_kernel!(Q5_0, GgmlType::Q5_0, q5_0_q8_0);
-row_kernel!(Q5_1, GgmlType::Q5_1, q5_1_q8_1);
+row_kernel!(
+    Q4_0,
+    GgmlType::Q4_0,
+    small_one::<Q4_0Format>,
+    small_four::<Q4_0Format>
+);
+row_kernel!(
+    Q4_1,
+    GgmlType::Q4_1,
+    small_one::<Q4_1Format>,
+    small_four::<Q4_1Format>
+);
+row_kernel!(
+    Q5_0,
+    GgmlType::Q5_0,
+    small_one::<Q5_0Format>,
+    small_four::<Q5_0Format>
+);
+row_kernel!(
+    Q5_1,
+    GgmlType::Q5_1,
+    small_one::<Q5_1Format>,
+    small_four::<Q5_1Format>
+);
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_q8_0);
 row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1);
 row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
@@ -168,11 +209,15 @@ pub(super) unsafe fn f16_splat(p: *const u8) -> __m256 {
     _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
 }
 
-/// The two adjacent f16 at `p`, widened exactly: lanes `[a, b, a, b, a, b, a, b]`.
+/// The f16 at each of `ptrs`, widened exactly, in lanes 0..4: one conversion serves the
+/// block scales of four rows. The four 16-bit fields are combined in a general register,
+/// which costs no vector shuffles (`vpinsrw` would take one each).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn f16_pair_splat(p: *const u8) -> __m256 {
-    _mm256_cvtph_ps(_mm_set1_epi32(p.cast::<i32>().read_unaligned()))
+pub(super) unsafe fn f16_gather4(ptrs: [*const u8; 4]) -> __m128 {
+    let at = |k: usize| u64::from(ptrs[k].cast::<u16>().read_unaligned()) << (16 * k);
+    let bits = at(0) | at(1) | at(2) | at(3);
+    _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
 }
 
 /// Sum of the eight lanes, in a fixed order.
@@ -203,18 +248,10 @@ pub(super) fn dot_i8_i8(x: __m256i, y: __m256i) -> __m256i {
     dot_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
 }
 
-/// The 32 4-bit values of 16 packed bytes in element order: low nibbles, then high ones.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn nibbles(q: __m128i) -> __m256i {
-    let both = _mm256_set_m128i(_mm_srli_epi16::<4>(q), q);
-    _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
-}
-
 // ---- 32-element formats ---------------------------------------------------------------
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+pub(super) unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 34;
     let blocks = common_blocks(GgmlType::Q8_0, &rows, act, n);
     let a = act.as_ptr();
@@ -234,38 +271,6 @@ unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     let mut out = [0f32; R];
     for r in 0..R {
         out[r] = hsum(acc[r]);
-    }
-    out
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-    const SIZE: usize = 20;
-    const ACT: usize = 36;
-    let blocks = common_blocks(GgmlType::Q4_1, &rows, act, n);
-    let a = act.as_ptr();
-    let w = rows.map(<[u8]>::as_ptr);
-    let mut acc = [_mm256_setzero_ps(); R];
-    // Odd lanes: the minimum's share, m * s per block, summed apart from the products.
-    let mut min_part = [_mm256_setzero_ps(); R];
-    for b in 0..blocks {
-        let y = a.add(b * ACT);
-        let qy = load256(y.add(4));
-        let ds_y = f16_pair_splat(y);
-        for r in 0..R {
-            let x = w[r].add(b * SIZE);
-            let sums = dot_u8_i8(nibbles(load128(x.add(4))), qy);
-            // [d * dy, m * s] four times
-            let scales = _mm256_mul_ps(f16_pair_splat(x), ds_y);
-            let d = _mm256_moveldup_ps(scales);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
-            min_part[r] = _mm256_add_ps(min_part[r], scales);
-        }
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let m = _mm_movehdup_ps(_mm256_castps256_ps128(min_part[r]));
-        out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
     }
     out
 }
@@ -295,50 +300,93 @@ unsafe fn q8_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     out
 }
 
-/// `offset * (sum of each four quants of y)`: what the products of unsigned values
-/// `u = w + offset` with `y` exceed those of the signed weights `w`, lane by lane.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn offset_sums(offset: i8, qy: __m256i) -> __m256i {
-    dot_u8_i8(_mm256_set1_epi8(offset), qy)
+// ---- 4- and 5-bit formats: Q4_0, Q4_1, Q5_0, Q5_1 ------------------------------------
+//
+// A block's 16 bytes of nibbles fill half a 256-bit register once widened, so the four-row
+// kernel packs two rows per register (four per 512-bit register at the AVX-512 level): the
+// low nibbles (elements 0..16) meet a register holding activations 0..16 in every 128-bit
+// lane, the high nibbles (16..32) one holding activations 16..32. Each row then has four
+// i32 lanes per block, lane k summing elements 4k..4k+4 and 16+4k..16+4k+4; the single-row
+// kernel builds exactly these lanes in 128-bit registers, and both apply the same f32
+// operations to them, so the two agree to the bit (and with the AVX-512 four-row kernel).
+// Unsigned values `u = w + OFFSET` meet the activations; `OFFSET * sum(y)` is subtracted
+// per lane, exactly, before the conversion to f32.
+
+/// Layout of a 32-element 4/5-bit format and of its activation block (Q8_0 or Q8_1).
+pub(super) trait SmallFormat {
+    const TY: GgmlType;
+    /// Bytes per weight block.
+    const SIZE: usize;
+    /// Whether the block has a minimum `m` after `d` (Q4_1, Q5_1; activations are Q8_1).
+    const HAS_MIN: bool;
+    /// Offset of the 32 high bits of 5-bit formats, if any.
+    const QH: Option<usize>;
+    /// Offset of the 16 bytes of nibbles.
+    const QS: usize;
+    /// What the stored (unsigned) values exceed the weights by.
+    const OFFSET: i8;
+    /// Bytes per activation block and the offset of its quants.
+    const ACT: usize = if Self::HAS_MIN { 36 } else { 34 };
+    const ACT_QS: usize = if Self::HAS_MIN { 4 } else { 2 };
 }
 
-/// Q4_0 weights `q - 8` as unsigned `q` times y, minus `8 * sum(y)` (shared by the rows).
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+pub(super) struct Q4_0Format;
+pub(super) struct Q4_1Format;
+pub(super) struct Q5_0Format;
+pub(super) struct Q5_1Format;
+
+impl SmallFormat for Q4_0Format {
+    const TY: GgmlType = GgmlType::Q4_0;
     const SIZE: usize = 18;
-    const ACT: usize = 34;
-    let blocks = common_blocks(GgmlType::Q4_0, &rows, act, n);
-    let a = act.as_ptr();
-    let w = rows.map(<[u8]>::as_ptr);
-    let mut acc = [_mm256_setzero_ps(); R];
-    for b in 0..blocks {
-        let y = a.add(b * ACT);
-        let qy = load256(y.add(2));
-        let excess = offset_sums(8, qy);
-        let dy = f16_splat(y);
-        for r in 0..R {
-            let x = w[r].add(b * SIZE);
-            let sums = _mm256_sub_epi32(dot_u8_i8(nibbles(load128(x.add(2))), qy), excess);
-            let d = _mm256_mul_ps(f16_splat(x), dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
-        }
-    }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]);
-    }
-    out
+    const HAS_MIN: bool = false;
+    const QH: Option<usize> = None;
+    const QS: usize = 2;
+    const OFFSET: i8 = 8;
 }
 
-/// Byte `j` is 0xFF where bit `j` of the little-endian 32 bits at `p` is set, else 0.
+impl SmallFormat for Q4_1Format {
+    const TY: GgmlType = GgmlType::Q4_1;
+    const SIZE: usize = 20;
+    const HAS_MIN: bool = true;
+    const QH: Option<usize> = None;
+    const QS: usize = 4;
+    const OFFSET: i8 = 0;
+}
+
+impl SmallFormat for Q5_0Format {
+    const TY: GgmlType = GgmlType::Q5_0;
+    const SIZE: usize = 22;
+    const HAS_MIN: bool = false;
+    const QH: Option<usize> = Some(2);
+    const QS: usize = 6;
+    const OFFSET: i8 = 16;
+}
+
+impl SmallFormat for Q5_1Format {
+    const TY: GgmlType = GgmlType::Q5_1;
+    const SIZE: usize = 24;
+    const HAS_MIN: bool = true;
+    const QH: Option<usize> = Some(4);
+    const QS: usize = 8;
+    const OFFSET: i8 = 0;
+}
+
+/// The 32 high bits of a 5-bit block at `x` (0 for 4-bit formats).
+#[inline(always)]
+pub(super) unsafe fn high_bits<F: SmallFormat>(x: *const u8) -> u32 {
+    match F::QH {
+        Some(at) => x.add(at).cast::<u32>().read_unaligned(),
+        None => 0,
+    }
+}
+
+/// Byte `j` is 0x10 where bit `j` of `bits` is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn bit_mask_32(p: *const u8) -> __m256i {
-    let bits = _mm256_set1_epi32(p.cast::<i32>().read_unaligned());
+fn bit4_from_bits_32(bits: u32) -> __m256i {
     // Byte j takes byte j / 8 of the 32 bits, then tests bit j % 8 of it.
     let spread = _mm256_shuffle_epi8(
-        bits,
+        _mm256_set1_epi32(bits as i32),
         _mm256_set_epi64x(
             0x0303_0303_0303_0303,
             0x0202_0202_0202_0202,
@@ -347,71 +395,198 @@ pub(super) unsafe fn bit_mask_32(p: *const u8) -> __m256i {
         ),
     );
     let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select)
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// The 5-bit values (0..=31) of a Q5_0/Q5_1 block: nibbles at `qs`, bit 4 from `qh`.
+/// [`bit4_from_bits_32`] for 16 bits and 16 bytes.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_values(qh: *const u8, qs: *const u8) -> __m256i {
-    let high = _mm256_and_si256(bit_mask_32(qh), _mm256_set1_epi8(0x10));
-    _mm256_or_si256(nibbles(load128(qs)), high)
+fn bit4_from_bits_16(bits: u32) -> __m128i {
+    let spread = _mm_shuffle_epi8(
+        _mm_set1_epi32(bits as i32),
+        _mm_set_epi64x(0x0101_0101_0101_0101, 0),
+    );
+    let select = _mm_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
+    _mm_and_si128(set, _mm_set1_epi8(0x10))
+}
+
+/// The activation block's lane excess `OFFSET * (sum y[4k..4k+4] + sum y[16+4k..16+4k+4])`
+/// from its quants split in halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn small_excess(offset: i8, y_lo: __m128i, y_hi: __m128i) -> __m128i {
+    let offset = _mm_set1_epi8(offset);
+    let pairs = _mm_add_epi16(
+        _mm_maddubs_epi16(offset, y_lo),
+        _mm_maddubs_epi16(offset, y_hi),
+    );
+    _mm_madd_epi16(pairs, _mm_set1_epi16(1))
+}
+
+/// Sum of four lanes as `(v0 + v2) + (v1 + v3)`, the order every small-format kernel uses.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum4(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `[d * dy, m * s]` of the block at `x` and activation block `y` in lanes 0 and 1 (m and s
+/// only for formats with a minimum).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_scales<F: SmallFormat>(x: *const u8, y: *const u8) -> __m128 {
+    let read = |p: *const u8| -> i32 {
+        if F::HAS_MIN {
+            p.cast::<i32>().read_unaligned()
+        } else {
+            i32::from(p.cast::<u16>().read_unaligned())
+        }
+    };
+    let wx = _mm_cvtph_ps(_mm_cvtsi32_si128(read(x)));
+    let wy = _mm_cvtph_ps(_mm_cvtsi32_si128(read(y)));
+    _mm_mul_ps(wx, wy)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-    const SIZE: usize = 22;
-    const ACT: usize = 34;
-    let blocks = common_blocks(GgmlType::Q5_0, &rows, act, n);
-    let a = act.as_ptr();
-    let w = rows.map(<[u8]>::as_ptr);
-    let mut acc = [_mm256_setzero_ps(); R];
+pub(super) unsafe fn small_one<F: SmallFormat>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let blocks = common_blocks(F::TY, &[row], act, n);
+    let (w, a) = (row.as_ptr(), act.as_ptr());
+    let low4 = _mm_set1_epi8(0x0F);
+    let mut acc = _mm_setzero_ps();
+    let mut min_part = 0f32;
     for b in 0..blocks {
-        let y = a.add(b * ACT);
-        let qy = load256(y.add(2));
-        let excess = offset_sums(16, qy);
-        let dy = f16_splat(y);
-        for r in 0..R {
-            let x = w[r].add(b * SIZE);
-            let values = q5_values(x.add(2), x.add(6));
-            let sums = _mm256_sub_epi32(dot_u8_i8(values, qy), excess);
-            let d = _mm256_mul_ps(f16_splat(x), dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        let y = a.add(b * F::ACT);
+        let x = w.add(b * F::SIZE);
+        let y_lo = load128(y.add(F::ACT_QS));
+        let y_hi = load128(y.add(F::ACT_QS + 16));
+        let q = load128(x.add(F::QS));
+        let mut lo = _mm_and_si128(q, low4);
+        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
+        if F::QH.is_some() {
+            let bits = high_bits::<F>(x);
+            lo = _mm_or_si128(lo, bit4_from_bits_16(bits & 0xFFFF));
+            hi = _mm_or_si128(hi, bit4_from_bits_16(bits >> 16));
+        }
+        let pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, y_lo), _mm_maddubs_epi16(hi, y_hi));
+        let mut sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+        if F::OFFSET != 0 {
+            sums = _mm_sub_epi32(sums, small_excess(F::OFFSET, y_lo, y_hi));
+        }
+        let scales = small_scales::<F>(x, y);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_broadcastss_ps(scales), acc);
+        if F::HAS_MIN {
+            min_part += _mm_cvtss_f32(_mm_movehdup_ps(scales));
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]);
+    hsum4(acc) + min_part
+}
+
+/// The block scale products of four rows: `d * dy` in lanes 0..4 and, for formats with a
+/// minimum, `m * s` in lanes 4..8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn small_scales4<F: SmallFormat>(x: [*const u8; 4], y: *const u8) -> __m256 {
+    if F::HAS_MIN {
+        let read = |k: usize| u64::from(x[k].cast::<u32>().read_unaligned());
+        // [d0, m0, d1, m1, d2, m2, d3, m3] * [dy, s, dy, s, ...], then d's first.
+        let pairs = _mm_set_epi64x(
+            (read(2) | (read(3) << 32)) as i64,
+            (read(0) | (read(1) << 32)) as i64,
+        );
+        let wx = _mm256_cvtph_ps(pairs);
+        let wy = _mm256_cvtph_ps(_mm_set1_epi32(y.cast::<i32>().read_unaligned()));
+        let products = _mm256_mul_ps(wx, wy);
+        _mm256_permutevar8x32_ps(products, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
+    } else {
+        let d = _mm_mul_ps(
+            f16_gather4(x),
+            _mm_cvtph_ps(_mm_set1_epi16(y.cast::<i16>().read_unaligned())),
+        );
+        _mm256_castps128_ps256(d)
     }
-    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-    const SIZE: usize = 24;
-    const ACT: usize = 36;
-    let blocks = common_blocks(GgmlType::Q5_1, &rows, act, n);
-    let a = act.as_ptr();
+unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+    let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut min_part = [_mm256_setzero_ps(); R];
+    let a = act.as_ptr();
+    let low4 = _mm256_set1_epi8(0x0F);
+    // acc[p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
-        let y = a.add(b * ACT);
-        let qy = load256(y.add(4));
-        let ds_y = f16_pair_splat(y);
-        for r in 0..R {
-            let x = w[r].add(b * SIZE);
-            let sums = dot_u8_i8(q5_values(x.add(4), x.add(8)), qy);
-            let scales = _mm256_mul_ps(f16_pair_splat(x), ds_y);
-            let d = _mm256_moveldup_ps(scales);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
-            min_part[r] = _mm256_add_ps(min_part[r], scales);
+        let y = a.add(b * F::ACT);
+        let x = w.map(|w| w.add(b * F::SIZE));
+        let y_lo = load128(y.add(F::ACT_QS));
+        let y_hi = load128(y.add(F::ACT_QS + 16));
+        let excess = if F::OFFSET != 0 {
+            let e = small_excess(F::OFFSET, y_lo, y_hi);
+            _mm256_set_m128i(e, e)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let (y_lo, y_hi) = (_mm256_set_m128i(y_lo, y_lo), _mm256_set_m128i(y_hi, y_hi));
+        let scales = small_scales4::<F>(x, y);
+        if F::HAS_MIN {
+            min_part = _mm256_add_ps(min_part, scales);
+        }
+        for p in 0..2 {
+            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
+            let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
+            let mut lo = _mm256_and_si256(q, low4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            if F::QH.is_some() {
+                let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
+                lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
+                hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+            }
+            let pairs = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, y_lo),
+                _mm256_maddubs_epi16(hi, y_hi),
+            );
+            let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), excess);
+            let lane = (2 * p) as i32;
+            let d = _mm256_permutevar8x32_ps(
+                scales,
+                _mm256_setr_epi32(
+                    lane,
+                    lane,
+                    lane,
+                    lane,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                ),
+            );
+            acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[p]);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        let m = _mm_movehdup_ps(_mm256_castps256_ps128(min_part[r]));
-        out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
+    small_finish::<F>(
+        [
+            _mm256_castps256_ps128(acc[0]),
+            _mm256_extractf128_ps::<1>(acc[0]),
+            _mm256_castps256_ps128(acc[1]),
+            _mm256_extractf128_ps::<1>(acc[1]),
+        ],
+        _mm256_extractf128_ps::<1>(min_part),
+    )
+}
+
+/// Per-row results from the four rows' lane sums and (lane r) minimum shares.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -> [f32; 4] {
+    let mut mins = [0f32; 4];
+    // SAFETY: `mins` holds four f32.
+    unsafe { _mm_storeu_ps(mins.as_mut_ptr(), min_part) };
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        out[r] = hsum4(acc[r]) + if F::HAS_MIN { mins[r] } else { 0.0 };
     }
     out
 }
@@ -423,6 +598,31 @@ unsafe fn q5_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 // with `madd` and summed in eight i32 lanes per block; offsets and minimums are applied
 // through the activation's group sums.
 
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q2_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q3_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q4_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q5_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q6_k_body::<R>(rows, act, n)
+}
+
 const Q8K_SIZE: usize = 292;
 const Q8K_QS: usize = 4;
 const Q8K_BSUMS: usize = 260;
@@ -433,90 +633,44 @@ unsafe fn f32_splat(p: *const u8) -> __m256 {
     _mm256_set1_ps(p.cast::<f32>().read_unaligned())
 }
 
-/// `[s[2k] x 8 | s[2k+1] x 8]`: the scales of a 32-element chunk's two 16-element groups
-/// (`k` counts chunks), from eight i16 scales `s` held in both halves of `scales`.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn scale_pair(scales: __m256i, k: usize) -> __m256i {
-    // Byte pattern selecting i16 element `2k` in the low half and `2k + 1` in the high half.
-    let lo = (4 * k) as i8;
-    let hi = (4 * k + 2) as i8;
-    let select = _mm256_setr_epi8(
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-        hi,
-        hi + 1,
-    );
-    _mm256_shuffle_epi8(scales, select)
+/// `vpshufb` patterns over eight i16 held in both 128-bit halves of a register:
+/// `SELECT_ONE[g]` puts element `g` in all sixteen i16 lanes, `SELECT_PAIR[k]` element `2k`
+/// in the low half and `2k + 1` in the high half (the two 16-element groups of chunk `k`).
+/// Tables in memory rather than `_mm256_setr_epi8` calls, which LLVM rebuilds byte by byte
+/// when the index is a loop variable.
+static SELECT_ONE: [[u8; 32]; 8] = select_table(false);
+static SELECT_PAIR: [[u8; 32]; 8] = select_table(true);
+
+const fn select_table(pair: bool) -> [[u8; 32]; 8] {
+    let mut table = [[0u8; 32]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let mut i = 0;
+        while i < 32 {
+            let element = if pair { 2 * (g % 4) + i / 16 } else { g };
+            table[g][i] = (2 * element + i % 2) as u8;
+            i += 1;
+        }
+        g += 1;
+    }
+    table
 }
 
-/// Scale `g` of eight i16 scales held in both halves of `scales`, in all sixteen i16 lanes.
+/// See [`SELECT_ONE`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 fn scale_one(scales: __m256i, g: usize) -> __m256i {
-    let lo = (2 * g) as i8;
-    let select = _mm256_setr_epi8(
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-        lo,
-        lo + 1,
-    );
+    // SAFETY: SELECT_ONE[g] is 32 bytes.
+    let select = unsafe { load256(SELECT_ONE[g].as_ptr()) };
+    _mm256_shuffle_epi8(scales, select)
+}
+
+/// See [`SELECT_PAIR`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair(scales: __m256i, k: usize) -> __m256i {
+    // SAFETY: SELECT_PAIR[k] is 32 bytes.
+    let select = unsafe { load256(SELECT_PAIR[k].as_ptr()) };
     _mm256_shuffle_epi8(scales, select)
 }
 
@@ -552,8 +706,11 @@ pub(super) unsafe fn q3k_scales_i8(p: *const u8) -> __m128i {
     _mm_sub_epi8(unsigned, _mm_set1_epi8(32))
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q4_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 144;
     let blocks = common_blocks(GgmlType::Q4K, &rows, act, n);
     let a = act.as_ptr();
@@ -600,8 +757,11 @@ unsafe fn q4_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     out
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q5_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q5_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 176;
     let blocks = common_blocks(GgmlType::Q5K, &rows, act, n);
     let a = act.as_ptr();
@@ -655,8 +815,11 @@ unsafe fn q5_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 
 /// Q6_K: unsigned 6-bit values `u = w + 32`; `32 * sum(scale * bsum)` is taken off the
 /// products before they become floats.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 210;
     let blocks = common_blocks(GgmlType::Q6K, &rows, act, n);
     let a = act.as_ptr();
@@ -719,8 +882,11 @@ unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     out
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q2_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q2_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 84;
     let blocks = common_blocks(GgmlType::Q2K, &rows, act, n);
     let a = act.as_ptr();
@@ -770,8 +936,11 @@ unsafe fn q2_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 }
 
 /// Q3_K: unsigned 3-bit values `u = w + 4`; `4 * sum(scale * bsum)` is taken off.
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q3_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q3_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     const SIZE: usize = 110;
     let blocks = common_blocks(GgmlType::Q3K, &rows, act, n);
     let a = act.as_ptr();
@@ -871,7 +1040,8 @@ struct Bf16Elements;
 impl FloatElements for F32Elements {
     const TY: GgmlType = GgmlType::F32;
     const BYTES: usize = 4;
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const u8) -> __m256 {
         _mm256_loadu_ps(p.cast())
     }
@@ -884,7 +1054,8 @@ impl FloatElements for F32Elements {
 impl FloatElements for F16Elements {
     const TY: GgmlType = GgmlType::F16;
     const BYTES: usize = 2;
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const u8) -> __m256 {
         _mm256_cvtph_ps(load128(p))
     }
@@ -897,7 +1068,8 @@ impl FloatElements for F16Elements {
 impl FloatElements for Bf16Elements {
     const TY: GgmlType = GgmlType::BF16;
     const BYTES: usize = 2;
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn load8(p: *const u8) -> __m256 {
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(load128(p))))
     }

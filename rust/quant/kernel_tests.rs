@@ -235,3 +235,30 @@ fn simd_quantisers_are_bit_identical_to_scalar() {
         }
     }
 }
+
+#[test]
+fn avx512_level_gives_the_avx2_bits() {
+    let (Some(avx2), Some(avx512)) = (kernels_for(SimdLevel::Avx2), kernels_for(SimdLevel::Avx512))
+    else {
+        eprintln!("this CPU lacks AVX2 or AVX-512: nothing to compare");
+        return;
+    };
+    let mut rng = Rng(41);
+    let mut acts = QuantizedActivations::new();
+    for ty in GgmlType::ALL {
+        let block = ty.block_size().max(activation_type(ty).block_size());
+        for blocks in [1, 3, 18] {
+            let n = blocks * block;
+            let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
+            let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+            acts.quantize(ty, &rng.activations(n))
+                .expect("whole blocks");
+            let (a, n) = (acts.bytes(), acts.len());
+            let bits = |k: &Kernels| {
+                let one = rows.map(|row| k.dot(ty)(row, a, n).to_bits());
+                (one, k.dot4(ty)(rows, a, n).map(f32::to_bits))
+            };
+            assert_eq!(bits(avx512), bits(avx2), "{ty} with {blocks} blocks");
+        }
+    }
+}

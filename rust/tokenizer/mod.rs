@@ -6,6 +6,8 @@
 //! - `pretokenize`: the regex word splitting of each `tokenizer.ggml.pre`, and GPT-2's byte map;
 //! - `bpe`: byte-level BPE over ranked merges (`tokenizer.ggml.model = gpt2`);
 //! - `spm`: SentencePiece's score-ordered merges with byte fallback (`model = llama`);
+//! - `spm_model`: SentencePiece `.model` files, tokenized exactly as the `sentencepiece`
+//!   library does ([`Tokenizer::from_sentencepiece_file`]);
 //! - `gguf_vocab`: reading a [`Vocab`] from GGUF metadata with llama.cpp's defaults.
 //!
 //! [`Tokenizer::new`] also applies llama.cpp's load-time rules that are keyed on token text
@@ -18,9 +20,11 @@ mod index;
 mod pretokenize;
 mod special;
 mod spm;
+mod spm_model;
 pub mod vocab;
 
 use std::collections::HashSet;
+use std::path::Path;
 
 use crate::error::{EngineError, Result};
 
@@ -86,6 +90,8 @@ enum Model {
     Spm {
         byte_tokens: Box<[Option<u32>; 256]>,
     },
+    /// Read from a SentencePiece `.model` file: encodes and decodes as `sentencepiece` does.
+    SentencePiece(Box<spm_model::SentencePieceEncoder>),
 }
 
 /// A tokenizer for one vocabulary; immutable once built, so one instance serves any number
@@ -438,15 +444,49 @@ impl Tokenizer {
         Tokenizer::new(Vocab::from_gguf_metadata(md)?)
     }
 
+    /// Reads a SentencePiece `.model` file (e.g. Grok-1's `tokenizer.model`). The tokenizer's
+    /// `encode` and `decode` then give the ids and text of `sentencepiece`'s
+    /// `SentencePieceProcessor.encode`/`decode`; it adds no BOS or EOS.
+    pub fn from_sentencepiece_file(path: &Path) -> Result<Tokenizer> {
+        let data = std::fs::read(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                EngineError::FileNotFound {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                EngineError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        Tokenizer::from_sentencepiece_bytes(&data).map_err(|e| match e {
+            EngineError::MalformedFile { context, message } => EngineError::MalformedFile {
+                context: format!("{}: {context}", path.display()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// [`Tokenizer::from_sentencepiece_file`] for the file's bytes.
+    pub fn from_sentencepiece_bytes(data: &[u8]) -> Result<Tokenizer> {
+        spm_model::tokenizer_from_model(data)
+    }
+
     /// llama.cpp's `llama_tokenize(text, add_special, parse_special)`: `add_special` adds BOS
     /// and EOS as the vocabulary's flags say; `parse_special` turns control-token text such
-    /// as "<|im_start|>" into its id (user-defined tokens are matched either way).
+    /// as "<|im_start|>" into its id (user-defined tokens are matched either way). A tokenizer
+    /// read from a `.model` file encodes as `sentencepiece` does instead (see `spm_model`).
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        let fragments = self.special.partition(text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
+        let fragments = match &self.model {
+            Model::SentencePiece(_) => Vec::new(),
+            _ => self.special.partition(text, parse_special),
+        };
         match &self.model {
             Model::Bpe(bpe) => {
                 for fragment in fragments {
@@ -488,6 +528,9 @@ impl Tokenizer {
                     }
                 }
             }
+            Model::SentencePiece(spm) => {
+                spm.encode(text, parse_special, &self.table, &self.scores, &mut out)
+            }
         }
         if add_special && self.add_eos {
             out.extend(self.eos);
@@ -511,7 +554,12 @@ impl Tokenizer {
 
     /// The bytes of `ids` concatenated, without the space SentencePiece's prefix rule added
     /// before the first token (llama.cpp's `llama_detokenize` with `remove_special = false`).
+    /// A tokenizer read from a `.model` file gives `sentencepiece`'s `decode` text instead
+    /// (UTF-8, an invalid byte piece as U+FFFD, the unknown piece as its surface text).
     pub fn decode(&self, ids: &[u32], render_special: bool) -> Vec<u8> {
+        if let Model::SentencePiece(spm) = &self.model {
+            return spm.decode(ids, render_special, &self.table);
+        }
         let mut out = Vec::with_capacity(ids.len() * 4);
         for (i, &id) in ids.iter().enumerate() {
             let bytes = self.token_bytes(id, render_special);
