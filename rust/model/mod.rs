@@ -2,6 +2,8 @@
 //! into the mapping (nothing is dequantized at load), and its tokenizer.
 
 pub mod config;
+mod ffn;
+pub mod moe;
 pub mod transformer;
 pub mod weights;
 
