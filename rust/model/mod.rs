@@ -27,7 +27,17 @@ impl Model {
         Self::from_gguf(GgufFile::open(path)?)
     }
 
+    /// Loads the model with `tokenizer` in place of the file's vocabulary (e.g. a
+    /// SentencePiece `.model` for a GGUF without one); `None` reads the file's.
+    pub fn load_with_tokenizer(path: &Path, tokenizer: Option<Tokenizer>) -> Result<Self> {
+        Self::from_gguf_with_tokenizer(GgufFile::open(path)?, tokenizer)
+    }
+
     pub fn from_gguf(file: GgufFile) -> Result<Self> {
+        Self::from_gguf_with_tokenizer(file, None)
+    }
+
+    pub fn from_gguf_with_tokenizer(file: GgufFile, tokenizer: Option<Tokenizer>) -> Result<Self> {
         let md = file.metadata();
         let embd = file
             .tensor("token_embd.weight")
@@ -37,10 +47,13 @@ impl Model {
         let n_vocab = usize::try_from(embd.n_rows())
             .map_err(|_| EngineError::malformed("tensor token_embd.weight", "too many rows"))?;
         let config = ModelConfig::from_metadata(md, n_vocab)?;
-        let tokenizer = Tokenizer::from_gguf_metadata(md)?;
+        let (tokenizer, vocab_source) = match tokenizer {
+            Some(tokenizer) => (tokenizer, "the tokenizer file"),
+            None => (file_tokenizer(md)?, "tokenizer.ggml.tokens"),
+        };
         if tokenizer.n_vocab() > n_vocab {
             return Err(EngineError::malformed(
-                "tokenizer.ggml.tokens",
+                vocab_source,
                 format!(
                     "{} tokens but the embedding has only {n_vocab} rows",
                     tokenizer.n_vocab()
@@ -76,6 +89,21 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// The tokenizer the file's metadata describes; a file without a vocabulary (Grok-1 GGUFs
+/// may have none) gets an error that says how to supply one.
+fn file_tokenizer(md: &crate::gguf::Metadata) -> Result<Tokenizer> {
+    let model = md.get_str("tokenizer.ggml.model")?;
+    let no_vocab = matches!(model, Some("no_vocab" | "none"));
+    if no_vocab || md.get("tokenizer.ggml.tokens").is_none() {
+        return Err(EngineError::malformed(
+            "tokenizer.ggml.tokens",
+            "the model file has no vocabulary; pass a tokenizer file \
+             (a SentencePiece .model, e.g. Model(path, tokenizer=PATH))",
+        ));
+    }
+    Tokenizer::from_gguf_metadata(md)
 }
 
 /// Index of the largest value; the lowest index wins ties, as llama.cpp's greedy sampler.
