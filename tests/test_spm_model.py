@@ -324,6 +324,14 @@ def test_trained_model_decode_equals_sentencepiece_for_any_ids(trained, name: st
     check()
 
 
+def test_trained_unigram_parity_on_long_text(trained) -> None:
+    """Long enough (about 100k score units) for the Viterbi's running-score rebasing."""
+    for name in ("unigram-nfkc", "unigram-bytes-identity"):
+        tokenizer, processor = _pair(trained[name])
+        text = "\n".join(_corpus()) * 40
+        _assert_parity(tokenizer, processor, text)
+
+
 def test_unused_pieces_are_split_back(trained, tmp_path: Path) -> None:
     """Mark some merged pieces UNUSED (type 5) in a trained BPE model, as `spm` users do to
     retire pieces: BPE must re-split them into the pieces they were merged from."""
