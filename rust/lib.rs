@@ -5,7 +5,8 @@
 //! - [`quant`]: ggml's tensor block formats, dequantisation and dot products;
 //! - [`kernels`]: matrix-vector products and the small ops of a transformer;
 //! - [`tokenizer`]: byte-level BPE and SentencePiece tokenizers built from GGUF metadata;
-//! - [`model`]: hyperparameters, weights and the forward pass with its KV cache.
+//! - [`model`]: hyperparameters, weights and the forward pass with its KV cache;
+//! - [`threads`]: the persistent worker pool the kernels split their work over.
 //!
 //! Nothing here names Python; the `python` feature adds the one binding module.
 
@@ -18,6 +19,7 @@ pub mod model;
 pub mod quant;
 pub mod sampling;
 pub mod text;
+pub mod threads;
 pub mod tokenizer;
 
 #[cfg(feature = "python")]

@@ -78,16 +78,22 @@ struct PyModel {
 
 #[pymethods]
 impl PyModel {
-    /// `tokenizer`: a SentencePiece `.model` file to use instead of the GGUF's vocabulary.
+    /// `threads`: forward-pass threads (default: physical cores); `tokenizer`: a SentencePiece
+    /// `.model` file to use instead of the GGUF's vocabulary.
     #[new]
-    #[pyo3(signature = (path, tokenizer = None))]
-    fn new(py: Python<'_>, path: PathBuf, tokenizer: Option<PathBuf>) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = None, tokenizer = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: Option<usize>,
+        tokenizer: Option<PathBuf>,
+    ) -> PyResult<Self> {
         let p = path.clone();
         let model = run_detached(py, move || {
             let tokenizer = tokenizer
                 .map(|t| Tokenizer::from_sentencepiece_file(&t))
                 .transpose()?;
-            Model::load_with_tokenizer(&p, tokenizer)
+            Model::load_with(&p, threads, tokenizer)
         })?;
         Ok(Self {
             inner: Arc::new(model),
@@ -98,6 +104,12 @@ impl PyModel {
     #[getter]
     fn path(&self) -> PathBuf {
         self.path.clone()
+    }
+
+    /// Threads the forward pass runs on.
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.inner.n_threads()
     }
 
     #[getter]
@@ -230,13 +242,20 @@ impl PyModel {
         Ok(PyArray1::from_vec(py, logits))
     }
 
-    /// Logits at every position of `token_ids`, shape (len(token_ids), n_vocab).
-    fn logits_all<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
+    /// Logits at the last `n_last` positions of `token_ids` (default: every position),
+    /// shape (n_last, n_vocab).
+    #[pyo3(signature = (token_ids, n_last = None))]
+    fn logits_all<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+        n_last: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let model = Arc::clone(&self.inner);
-        let n = token_ids.len();
+        let n = n_last.unwrap_or(token_ids.len());
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
-            model.forward(&mut seq, &token_ids, token_ids.len())
+            model.forward(&mut seq, &token_ids, n)
         })?;
         let array = PyArray1::from_vec(py, logits);
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())

@@ -144,7 +144,7 @@ def test_teacher_forced_argmax_is_one_llama_cpp_ranks_near_its_best(model_and_na
         if not gen:
             continue
         seq = p["prompt_ids"] + gen[:-1]
-        logits = model.logits_all(seq)[len(p["prompt_ids"]) - 1 :]
+        logits = model.logits_all(seq, n_last=len(gen))
         for i, (row, step) in enumerate(zip(logits, p["steps"])):
             top = dict((t, v) for t, v in step["top"])
             best = max(top.values())

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from . import registry
@@ -44,7 +45,7 @@ def _token_args(values):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .client import Client
 
-    client = Client(args.model, initial_rng_seed=args.seed)
+    client = Client(args.model, initial_rng_seed=args.seed, threads=args.threads)
     sampler = client.sync_sampler
     stream = sampler.sample(
         prompt="",
@@ -83,6 +84,32 @@ def _cmd_sample(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from .server import app
+    from .server.auth import ApiKey, load_api_keys
+
+    keys = [ApiKey(key=k, name=f"key{i + 1}") for i, k in enumerate(args.api_key)]
+    if args.api_keys:
+        keys += load_api_keys(args.api_keys)
+    budget_db = args.budget_db or app.default_budget_db(args.api_keys, keys)
+    config = app.ServerConfig(
+        models=app.parse_model_args(args.model or [registry.DEFAULT_MODEL]),
+        port=args.port,
+        host=args.host,
+        api_keys=keys,
+        budget_db=budget_db,
+        max_concurrent=args.max_concurrent,
+        max_queue=args.max_queue,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        shutdown_grace=args.shutdown_grace,
+    )
+    app.configure_logging()
+    return asyncio.run(app.serve(config))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sampler-sdk", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -94,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
     p.add_argument("--nucleus-p", type=float, default=0.95, help="top-p threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="initial RNG seed (default: random)")
+    p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
     p.add_argument("--stop-token", action="append", default=[], help="stop when this token is sampled")
     p.add_argument("--stop-string", action="append", default=[], help="stop once the output contains this")
     p.add_argument("--allowed-token", action="append", default=[], help="only sample these tokens")
@@ -109,6 +137,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-special", action="store_true", help="do not add BOS/EOS")
     p.add_argument("--parse-special", action="store_true", help="turn special-token text into ids")
     p.set_defaults(func=_cmd_tokenize)
+
+    p = sub.add_parser("serve", help="serve models over gRPC (own protocol and the xAI API)")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME|PATH|NAME=PATH",
+        help="a model to serve (repeatable; the first is the default; default: the default model)",
+    )
+    p.add_argument("--port", type=int, default=50051, help="port to listen on (0 = any free port)")
+    p.add_argument("--host", default="[::]", help="address to bind (default: all, IPv6 and IPv4)")
+    p.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accept this key (repeatable; no budget)")
+    p.add_argument("--api-keys", type=Path, default=None, metavar="FILE", help="keys file: one 'KEY NAME [TOKEN_BUDGET]' per line")
+    p.add_argument("--budget-db", type=Path, default=None, metavar="FILE", help="SQLite file for token budgets (default: FILE.usage.sqlite beside --api-keys)")
+    p.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="generations running at once (others wait)")
+    p.add_argument("--max-queue", type=int, default=256, metavar="N", help="generations waiting at most (beyond: RESOURCE_EXHAUSTED)")
+    p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
+    p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
+    p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, how long in-flight calls may finish")
+    p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("models", help="list or pull known models")
     p.add_argument("action", nargs="?", choices=["list", "pull"], default="list")

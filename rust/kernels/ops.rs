@@ -136,10 +136,14 @@ mod tests {
 
     #[test]
     fn softmax_sums_to_one_and_keeps_order() {
-        let mut x = [1.0f32, 2.0, 3.0, 10.0];
+        let mut x = [1.0f32, 2.0, 3.0, 50.0];
         softmax_in_place(&mut x);
         assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(x[3] > x[2] && x[2] > x[1]);
+        assert!(x[3] > x[2] && x[2] > x[1] && x[1] > 0.0);
+        // A large score does not overflow; the others underflow to zero.
+        let mut x = [1.0f32, 1000.0];
+        softmax_in_place(&mut x);
+        assert_eq!(x, [0.0, 1.0]);
     }
 
     #[test]

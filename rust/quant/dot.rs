@@ -1,37 +1,33 @@
-//! Choosing the dot-product kernel for a weight type. Today every type has one portable
-//! kernel in `dot_scalar`; SIMD twins with the same names will be chosen per CPU by a
-//! runtime table (dispatch.rs) behind [`kernel_for`], without callers changing.
+//! The dot-product entry points: the kernel for a weight type comes from the table
+//! `dispatch` chose for this CPU (scalar, AVX2 or AVX-512).
 
 use super::activation::{activation_type, QuantizedActivations};
-use super::dot_scalar as scalar;
+use super::dispatch::kernels;
 use super::GgmlType;
 
 /// A dot product of `n` elements: one weight row's bytes with quantised activation bytes.
 pub type DotFn = fn(row: &[u8], act: &[u8], n: usize) -> f32;
 
-/// The kernel for weight rows of type `ty` against activations in `activation_type(ty)`.
+/// Four weight rows dotted with the same activations, sharing the activation loads.
+/// Element `i` of the result is bit-identical to `DotFn(rows[i], act, n)` of the same level.
+pub type Dot4Fn = fn(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
+
+/// The kernel for weight rows of type `ty` against activations in `activation_type(ty)`,
+/// from the kernel set chosen for this CPU (see [`super::simd_level`]). Look it up once
+/// per matrix, not per row.
 pub fn kernel_for(ty: GgmlType) -> DotFn {
-    match ty {
-        GgmlType::F32 => scalar::dot_f32_f32,
-        GgmlType::F16 => scalar::dot_f16_f16,
-        GgmlType::BF16 => scalar::dot_bf16_bf16,
-        GgmlType::Q4_0 => scalar::dot_q4_0_q8_0,
-        GgmlType::Q4_1 => scalar::dot_q4_1_q8_1,
-        GgmlType::Q5_0 => scalar::dot_q5_0_q8_0,
-        GgmlType::Q5_1 => scalar::dot_q5_1_q8_1,
-        GgmlType::Q8_0 => scalar::dot_q8_0_q8_0,
-        GgmlType::Q8_1 => scalar::dot_q8_1_q8_1,
-        GgmlType::Q2K => scalar::dot_q2_k_q8_k,
-        GgmlType::Q3K => scalar::dot_q3_k_q8_k,
-        GgmlType::Q4K => scalar::dot_q4_k_q8_k,
-        GgmlType::Q5K => scalar::dot_q5_k_q8_k,
-        GgmlType::Q6K => scalar::dot_q6_k_q8_k,
-        GgmlType::Q8K => scalar::dot_q8_k_q8_k,
-    }
+    kernels().dot(ty)
+}
+
+/// The four-row kernel for `ty` (see [`Dot4Fn`]). Every type has one; types without a
+/// fused SIMD version make four single-row calls.
+pub fn kernel4_for(ty: GgmlType) -> Dot4Fn {
+    kernels().dot4(ty)
 }
 
 /// Dot product of one weight row of type `ty` (the bytes of `act.len()` elements) with
-/// activations quantised for `ty`, computed as ggml's reference `ggml_vec_dot_*` does.
+/// activations quantised for `ty`. The scalar level does ggml's reference `ggml_vec_dot_*`
+/// arithmetic; SIMD levels agree with it to f32 summation order (see `dot_avx2`).
 ///
 /// Shapes are the caller's contract (matvec checks them once at model load), so they are
 /// only debug-asserted. In release a mismatch cannot read out of bounds: a row of the wrong

@@ -6,19 +6,29 @@
 //! - `dequant`: [`dequantize`], bit-exact with ggml's `dequantize_row_*`;
 //! - `activation`: [`QuantizedActivations`], ggml's `quantize_row_q8_*_ref` rounding;
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
-//! - `dot`: [`dot_row`] and the per-type kernel choice SIMD variants will plug into.
+//! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
+//! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
+//! - `dot`: [`dot_row`], [`kernel_for`] and [`kernel4_for`].
 
 mod activation;
 mod blocks;
 mod dequant;
+mod dispatch;
 mod dot;
+#[cfg(target_arch = "x86_64")]
+mod dot_avx2;
+#[cfg(target_arch = "x86_64")]
+mod dot_avx512;
 mod dot_scalar;
 pub mod types;
 
+#[cfg(test)]
+mod kernel_tests;
 #[cfg(test)]
 mod tests;
 
 pub use activation::{activation_type, QuantizedActivations};
 pub use dequant::dequantize;
-pub use dot::{dot_row, kernel_for, DotFn};
+pub use dispatch::{kernels, kernels_for, simd_level, Kernels, QuantizeFn, SimdLevel, SIMD_ENV};
+pub use dot::{dot_row, kernel4_for, kernel_for, Dot4Fn, DotFn};
 pub use types::{GgmlType, QK_K};

@@ -16,32 +16,32 @@ use super::blocks::{
 };
 use super::*;
 
-fn fixture_dir() -> PathBuf {
+pub(super) fn fixture_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests")
         .join("quant_fixtures")
 }
 
-fn read_fixture(name: &str) -> Vec<u8> {
+pub(super) fn read_fixture(name: &str) -> Vec<u8> {
     let path = fixture_dir().join(name);
     std::fs::read(&path).unwrap_or_else(|e| panic!("cannot read fixture {}: {e}", path.display()))
 }
 
-fn f32s_from(bytes: &[u8]) -> Vec<f32> {
+pub(super) fn f32s_from(bytes: &[u8]) -> Vec<f32> {
     bytes
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
         .collect()
 }
 
-struct Case {
-    kind: String,
-    name: String,
-    ty: GgmlType,
-    n: usize,
+pub(super) struct Case {
+    pub(super) kind: String,
+    pub(super) name: String,
+    pub(super) ty: GgmlType,
+    pub(super) n: usize,
 }
 
-fn manifest() -> Vec<Case> {
+pub(super) fn manifest() -> Vec<Case> {
     let text = String::from_utf8(read_fixture("manifest.txt")).expect("manifest is UTF-8");
     text.lines()
         .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
@@ -62,7 +62,7 @@ fn manifest() -> Vec<Case> {
         .collect()
 }
 
-fn dequantized(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
+pub(super) fn dequantized(ty: GgmlType, bytes: &[u8], n: usize) -> Vec<f32> {
     let mut out = vec![0f32; n];
     dequantize(ty, bytes, &mut out).expect("valid lengths");
     out
@@ -130,10 +130,10 @@ fn activation_quantisation_is_bit_exact_with_ggml_reference() {
 }
 
 /// splitmix64: a fixed, dependency-free source of test data.
-struct Rng(u64);
+pub(super) struct Rng(pub(super) u64);
 
 impl Rng {
-    fn next_u64(&mut self) -> u64 {
+    pub(super) fn next_u64(&mut self) -> u64 {
         self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
         let mut z = self.0;
         z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
@@ -142,12 +142,12 @@ impl Rng {
     }
 
     /// Uniform in [-1, 1).
-    fn signed_unit(&mut self) -> f32 {
+    pub(super) fn signed_unit(&mut self) -> f32 {
         (self.next_u64() >> 40) as f32 / (1u64 << 23) as f32 - 1.0
     }
 
     /// Activations whose magnitude changes from block to block, as hidden states do.
-    fn activations(&mut self, n: usize) -> Vec<f32> {
+    pub(super) fn activations(&mut self, n: usize) -> Vec<f32> {
         let mut scale = 1.0f32;
         (0..n)
             .map(|i| {
@@ -163,7 +163,7 @@ impl Rng {
 /// |min part| of each dequantised weight, for the formats whose values are `d * q - min`
 /// (Q4_1/Q5_1 store `+m`): the kernels compute the two parts separately, so their sizes,
 /// not just the size of their difference, bound the f32 rounding.
-fn min_parts(ty: GgmlType, row: &[u8], n: usize) -> Vec<f64> {
+pub(super) fn min_parts(ty: GgmlType, row: &[u8], n: usize) -> Vec<f64> {
     // One |min| per group of `group` elements.
     let (group, mins): (usize, Vec<f64>) = match ty {
         GgmlType::Q4_1 => (
@@ -363,7 +363,7 @@ fn dot_row_matches_dequantised_dot_on_random_blocks() {
 
 /// Overwrites the floating-point fields of random block bytes with ordinary finite values:
 /// block scales of either sign between 1e-5 and 1e-1, elements of F32/F16/BF16 in [-1, 1).
-fn sanitise_floats(ty: GgmlType, row: &mut [u8], rng: &mut Rng) {
+pub(super) fn sanitise_floats(ty: GgmlType, row: &mut [u8], rng: &mut Rng) {
     let mut scale = || {
         let magnitude = 10f32.powf(-3.0 + 2.0 * rng.signed_unit());
         if rng.next_u64() & 1 == 0 {

@@ -28,7 +28,7 @@ use crate::error::{EngineError, Result};
 
 use super::index::TokenTable;
 use super::special::{Fragment, SpecialMatcher, SpecialToken};
-use super::{Attr, Model, Tokenizer, TokenKind, Vocab};
+use super::{Attr, Model, TokenKind, Tokenizer, Vocab};
 use normalizer::{Normalizer, PrefixMatcher, SPACE_MARK};
 use proto::ProtoReader;
 use segment::{Pieces, Segments, UnigramParams};
@@ -248,7 +248,9 @@ fn parse_trainer_spec(data: &[u8], base: usize, spec: &mut TrainerSpec) -> Resul
                 }
             }
             4 => spec.vocab_size = field.int32(MSG, "vocab_size")?,
-            24 => spec.treat_whitespace_as_suffix = field.bool(MSG, "treat_whitespace_as_suffix")?,
+            24 => {
+                spec.treat_whitespace_as_suffix = field.bool(MSG, "treat_whitespace_as_suffix")?
+            }
             35 => spec.byte_fallback = field.bool(MSG, "byte_fallback")?,
             40 => spec.unk_id = field.int32(MSG, "unk_id")?,
             41 => spec.bos_id = field.int32(MSG, "bos_id")?,
@@ -288,7 +290,11 @@ fn parse_normalizer_spec(
 /// The byte of a byte piece: exactly SentencePiece's `<0x%02X>`.
 fn byte_of_piece(piece: &str) -> Option<u8> {
     let hex = piece.strip_prefix("<0x")?.strip_suffix('>')?;
-    if hex.len() != 2 || !hex.bytes().all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b)) {
+    if hex.len() != 2
+        || !hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'A'..=b'F').contains(&b))
+    {
         return None;
     }
     u8::from_str_radix(hex, 16).ok()
@@ -405,8 +411,7 @@ impl SentencePieceEncoder {
         // Whether the next piece's leading "▁" is the dummy prefix, to be dropped.
         let mut at_start = true;
         for &id in ids {
-            let (Some(&kind), Some(piece)) =
-                (self.kinds.get(id as usize), tokens.get(id as usize))
+            let (Some(&kind), Some(piece)) = (self.kinds.get(id as usize), tokens.get(id as usize))
             else {
                 continue;
             };

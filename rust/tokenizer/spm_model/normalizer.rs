@@ -422,7 +422,9 @@ mod tests {
             precompiled_charsmap: blob,
             ..spec(false, false, true)
         };
-        let err = Normalizer::new(&wild, false, "normalizer_spec").unwrap_err().to_string();
+        let err = Normalizer::new(&wild, false, "normalizer_spec")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("inconsistent"), "{err}");
         // Replacement strings must end with NUL.
         let mut unterminated = tiny_charsmap();

@@ -314,9 +314,18 @@ mod tests {
         write::tag(&mut data, 1, 2);
         write::varint(&mut data, u64::MAX);
         assert!(fields(&data).unwrap_err().to_string().contains("runs past"));
-        assert!(fields(&[0x0b]).unwrap_err().to_string().contains("wire type 3"));
-        assert!(fields(&[0x00]).unwrap_err().to_string().contains("field number"));
-        assert!(fields(&[0xff; 11]).unwrap_err().to_string().contains("longer than 10"));
+        assert!(fields(&[0x0b])
+            .unwrap_err()
+            .to_string()
+            .contains("wire type 3"));
+        assert!(fields(&[0x00])
+            .unwrap_err()
+            .to_string()
+            .contains("field number"));
+        assert!(fields(&[0xff; 11])
+            .unwrap_err()
+            .to_string()
+            .contains("longer than 10"));
     }
 
     #[test]
@@ -325,7 +334,13 @@ mod tests {
         write::uint(&mut data, 2, 1);
         let mut reader = ProtoReader::new(&data, 100, "ModelProto.pieces[3]");
         let field = reader.next_field().unwrap().unwrap();
-        let err = field.float("ModelProto.pieces[3]", "score").unwrap_err().to_string();
-        assert!(err.contains("pieces[3]") && err.contains("score") && err.contains("byte 100"), "{err}");
+        let err = field
+            .float("ModelProto.pieces[3]", "score")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("pieces[3]") && err.contains("score") && err.contains("byte 100"),
+            "{err}"
+        );
     }
 }

@@ -133,10 +133,7 @@ fn push_pair<'t>(
         size,
     });
     if pieces.kind(id) == PieceType::Unused {
-        unused_merges.insert(
-            merged,
-            (l.start..l.start + l.len, r.start..r.start + r.len),
-        );
+        unused_merges.insert(merged, (l.start..l.start + l.len, r.start..r.start + r.len));
     }
 }
 

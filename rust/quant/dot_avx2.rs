@@ -1,0 +1,1277 @@
+//! AVX2 + FMA + F16C twins of the `dot_scalar` kernels and of the activation quantisers.
+//!
+//! Every kernel is a `#[target_feature]` function generic over `R`, the number of weight
+//! rows dotted with one activation row: `R = 1` is the [`DotFn`], `R = 4` the [`Dot4Fn`],
+//! which loads each activation block once for four rows. Both run the same per-row
+//! operations in the same order, so the four-row kernel returns exactly the bits of four
+//! single-row calls (a matmul may mix them freely).
+//!
+//! Within a block the integer sum of products is exact, as in the scalar kernels; only the
+//! f32 arithmetic after it differs: the scalar kernels add one f32 per block (or per lane)
+//! in element order, these add eight lanes per block and sum the lanes at the end. Both are
+//! within `(blocks + 8) * 2^-24 * sum |block term|` of the exact sum of the block terms, so
+//! they differ by at most twice that (see `tests::check_against_scalar`).
+//!
+//! Memory is read through raw pointers, but only below `blocks * block_size` for the
+//! block count [`common_blocks`] takes from the slice lengths: a short row or activation
+//! gives a wrong number, never a read past the slice, exactly as in `dot_scalar`.
+
+#![allow(clippy::needless_range_loop)] // `for r in 0..R` indexes several per-row arrays.
+
+use std::arch::x86_64::*;
+
+use super::activation::activation_type;
+use super::dispatch::{Avx2Checked, Kernels};
+use super::dot::{Dot4Fn, DotFn};
+use super::GgmlType;
+
+// ---- Entry points ---------------------------------------------------------------------
+
+/// The single-row and four-row kernels of weight type `TY`. `four` must return exactly the
+/// bits of four `one` calls when all rows hold the same number of blocks.
+pub(super) trait RowKernel {
+    const TY: GgmlType;
+    /// # Safety
+    /// The CPU must support the instruction set of the module that installs the kernel.
+    unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32;
+    /// # Safety
+    /// As for [`Self::one`].
+    unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
+}
+
+/// Whole blocks of `ty` that `n` elements, every row and the activations all contain.
+#[inline(always)]
+pub(super) fn common_blocks<const R: usize>(
+    ty: GgmlType,
+    rows: &[&[u8]; R],
+    act: &[u8],
+    n: usize,
+) -> usize {
+    let mut blocks = (n / ty.block_size()).min(act.len() / activation_type(ty).type_size());
+    for row in rows {
+        blocks = blocks.min(row.len() / ty.type_size());
+    }
+    blocks
+}
+
+/// The kernel set's [`DotFn`] and [`Dot4Fn`] for `K`. The caller vouches that the CPU runs
+/// `K`'s instructions; the functions are only reachable through the table it fills.
+pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
+    fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
+        // SAFETY: `entry_points` is only called by `install` functions holding a proof of
+        // the CPU features (dispatch::Avx2Checked / Avx512Checked).
+        unsafe { K::one(row, act, n) }
+    }
+    fn four<K: RowKernel>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+        let blocks = common_blocks(K::TY, &[rows[0]], act, n);
+        if rows
+            .iter()
+            .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
+        {
+            // SAFETY: as in `single`.
+            unsafe { K::four(rows, act, n) }
+        } else {
+            // Rows of different lengths: each row gets its own block count.
+            rows.map(|row| single::<K>(row, act, n))
+        }
+    }
+    (single::<K>, four::<K>)
+}
+
+pub(super) fn set<K: RowKernel>(table: &mut Kernels) {
+    let (single, four) = entry_points::<K>();
+    table.set_dot(K::TY, single, four);
+}
+
+/// Declares a [`RowKernel`] named `$name` for `$ty`, either from one `#[target_feature]`
+/// function generic over the row count, or from separate single- and four-row functions.
+macro_rules! row_kernel {
+    ($name:ident, $ty:expr, $f:ident) => {
+        pub(super) struct $name;
+        impl RowKernel for $name {
+            const TY: GgmlType = $ty;
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $f::<1>([row], act, n)[0]
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                $f::<4>(rows, act, n)
+            }
+        }
+    };
+    ($name:ident, $ty:expr, $one:expr, $four:expr) => {
+        pub(super) struct $name;
+        impl RowKernel for $name {
+            const TY: GgmlType = $ty;
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $one(row, act, n)
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                $four(rows, act, n)
+            }
+        }
+    };
+}
+pub(super) use row_kernel;
+
+row_kernel!(
+    Q4_0,
+    GgmlType::Q4_0,
+    small_one::<Q4_0Format>,
+    small_four::<Q4_0Format>
+);
+row_kernel!(
+    Q4_1,
+    GgmlType::Q4_1,
+    small_one::<Q4_1Format>,
+    small_four::<Q4_1Format>
+);
+row_kernel!(
+    Q5_0,
+    GgmlType::Q5_0,
+    small_one::<Q5_0Format>,
+    small_four::<Q5_0Format>
+);
+row_kernel!(
+    Q5_1,
+    GgmlType::Q5_1,
+    small_one::<Q5_1Format>,
+    small_four::<Q5_1Format>
+);
+row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_q8_0);
+row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
+row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k);
+row_kernel!(F32, GgmlType::F32, f32_f32);
+row_kernel!(F16, GgmlType::F16, f16_f16);
+row_kernel!(BF16, GgmlType::BF16, bf16_bf16);
+
+/// Replaces the scalar kernels of `table` with the AVX2 ones.
+pub(super) fn install(table: &mut Kernels, _proof: Avx2Checked) {
+    set::<Q4_0>(table);
+    set::<Q4_1>(table);
+    set::<Q5_0>(table);
+    set::<Q5_1>(table);
+    set::<Q8_0>(table);
+    set::<Q8_1>(table);
+    set::<Q2K>(table);
+    set::<Q3K>(table);
+    set::<Q4K>(table);
+    set::<Q5K>(table);
+    set::<Q6K>(table);
+    set::<Q8K>(table);
+    set::<F32>(table);
+    set::<F16>(table);
+    set::<BF16>(table);
+    table.quantize_q8_0 = quantize_q8_0;
+    table.quantize_q8_1 = quantize_q8_1;
+    table.quantize_q8_k = quantize_q8_k;
+}
+
+fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
+    // SAFETY: only reachable through `install`, which holds an `Avx2Checked`.
+    unsafe { quantize_q8_0_or_1::<false>(x, out) }
+}
+
+fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
+    // SAFETY: as above.
+    unsafe { quantize_q8_0_or_1::<true>(x, out) }
+}
+
+fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
+    // SAFETY: as above.
+    unsafe { quantize_q8_k_blocks(x, out) }
+}
+
+// ---- Shared pieces --------------------------------------------------------------------
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn load256(p: *const u8) -> __m256i {
+    _mm256_loadu_si256(p.cast())
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn load128(p: *const u8) -> __m128i {
+    _mm_loadu_si128(p.cast())
+}
+
+/// The f16 at `p`, widened exactly, in all eight lanes. (Broadcasting before the
+/// conversion writes the whole register: a scalar conversion lets LLVM insert the 16 bits
+/// into a register that is still in use, and the kernel then waits on that register.)
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_splat(p: *const u8) -> __m256 {
+    _mm256_cvtph_ps(_mm_set1_epi16(p.cast::<i16>().read_unaligned()))
+}
+
+/// The f16 at each of `ptrs`, widened exactly, in lanes 0..4: one conversion serves the
+/// block scales of four rows. The four 16-bit fields are combined in a general register,
+/// which costs no vector shuffles (`vpinsrw` would take one each).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn f16_gather4(ptrs: [*const u8; 4]) -> __m128 {
+    let at = |k: usize| u64::from(ptrs[k].cast::<u16>().read_unaligned()) << (16 * k);
+    let bits = at(0) | at(1) | at(2) | at(3);
+    _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
+}
+
+/// Sum of the eight lanes, in a fixed order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum(v: __m256) -> f32 {
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    _mm_cvtss_f32(s)
+}
+
+/// Products of unsigned bytes `x` (at most 255; here at most 63) and signed bytes `y`
+/// summed in fours: eight i32 lanes. Exact: a pair of products is at most 2 * 63 * 128 in
+/// magnitude, inside `maddubs`' saturation limit.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dot_u8_i8(x: __m256i, y: __m256i) -> __m256i {
+    _mm256_madd_epi16(_mm256_maddubs_epi16(x, y), _mm256_set1_epi16(1))
+}
+
+/// Products of signed bytes summed in fours. `maddubs` wants one unsigned operand, so the
+/// sign of `x` moves onto `y`: |x| * (y * sign x). Exact unless `y` holds -128 (the
+/// quantisers never write it: their quants are within ±127).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn dot_i8_i8(x: __m256i, y: __m256i) -> __m256i {
+    dot_u8_i8(_mm256_sign_epi8(x, x), _mm256_sign_epi8(y, x))
+}
+
+// ---- 32-element formats ---------------------------------------------------------------
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 34;
+    let blocks = common_blocks(GgmlType::Q8_0, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * SIZE);
+        let qy = load256(y.add(2));
+        let dy = f16_splat(y);
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let sums = dot_i8_i8(load256(x.add(2)), qy);
+            let d = _mm256_mul_ps(f16_splat(x), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 36;
+    let blocks = common_blocks(GgmlType::Q8_1, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * SIZE);
+        let qy = load256(y.add(4));
+        let dy = f16_splat(y);
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let sums = dot_i8_i8(load256(x.add(4)), qy);
+            let d = _mm256_mul_ps(f16_splat(x), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+// ---- 4- and 5-bit formats: Q4_0, Q4_1, Q5_0, Q5_1 ------------------------------------
+//
+// A block's 16 bytes of nibbles fill half a 256-bit register once widened, so the four-row
+// kernel packs two rows per register (four per 512-bit register at the AVX-512 level): the
+// low nibbles (elements 0..16) meet a register holding activations 0..16 in every 128-bit
+// lane, the high nibbles (16..32) one holding activations 16..32. Each row then has four
+// i32 lanes per block, lane k summing elements 4k..4k+4 and 16+4k..16+4k+4; the single-row
+// kernel builds exactly these lanes in 128-bit registers, and both apply the same f32
+// operations to them, so the two agree to the bit (and with the AVX-512 four-row kernel).
+// Unsigned values `u = w + OFFSET` meet the activations; `OFFSET * sum(y)` is subtracted
+// per lane, exactly, before the conversion to f32.
+
+/// Layout of a 32-element 4/5-bit format and of its activation block (Q8_0 or Q8_1).
+pub(super) trait SmallFormat {
+    const TY: GgmlType;
+    /// Bytes per weight block.
+    const SIZE: usize;
+    /// Whether the block has a minimum `m` after `d` (Q4_1, Q5_1; activations are Q8_1).
+    const HAS_MIN: bool;
+    /// Offset of the 32 high bits of 5-bit formats, if any.
+    const QH: Option<usize>;
+    /// Offset of the 16 bytes of nibbles.
+    const QS: usize;
+    /// What the stored (unsigned) values exceed the weights by.
+    const OFFSET: i8;
+    /// Bytes per activation block and the offset of its quants.
+    const ACT: usize = if Self::HAS_MIN { 36 } else { 34 };
+    const ACT_QS: usize = if Self::HAS_MIN { 4 } else { 2 };
+}
+
+pub(super) struct Q4_0Format;
+pub(super) struct Q4_1Format;
+pub(super) struct Q5_0Format;
+pub(super) struct Q5_1Format;
+
+impl SmallFormat for Q4_0Format {
+    const TY: GgmlType = GgmlType::Q4_0;
+    const SIZE: usize = 18;
+    const HAS_MIN: bool = false;
+    const QH: Option<usize> = None;
+    const QS: usize = 2;
+    const OFFSET: i8 = 8;
+}
+
+impl SmallFormat for Q4_1Format {
+    const TY: GgmlType = GgmlType::Q4_1;
+    const SIZE: usize = 20;
+    const HAS_MIN: bool = true;
+    const QH: Option<usize> = None;
+    const QS: usize = 4;
+    const OFFSET: i8 = 0;
+}
+
+impl SmallFormat for Q5_0Format {
+    const TY: GgmlType = GgmlType::Q5_0;
+    const SIZE: usize = 22;
+    const HAS_MIN: bool = false;
+    const QH: Option<usize> = Some(2);
+    const QS: usize = 6;
+    const OFFSET: i8 = 16;
+}
+
+impl SmallFormat for Q5_1Format {
+    const TY: GgmlType = GgmlType::Q5_1;
+    const SIZE: usize = 24;
+    const HAS_MIN: bool = true;
+    const QH: Option<usize> = Some(4);
+    const QS: usize = 8;
+    const OFFSET: i8 = 0;
+}
+
+/// The 32 high bits of a 5-bit block at `x` (0 for 4-bit formats).
+#[inline(always)]
+pub(super) unsafe fn high_bits<F: SmallFormat>(x: *const u8) -> u32 {
+    match F::QH {
+        Some(at) => x.add(at).cast::<u32>().read_unaligned(),
+        None => 0,
+    }
+}
+
+/// Byte `j` is 0x10 where bit `j` of `bits` is set, else 0.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bit4_from_bits_32(bits: u32) -> __m256i {
+    // Byte j takes byte j / 8 of the 32 bits, then tests bit j % 8 of it.
+    let spread = _mm256_shuffle_epi8(
+        _mm256_set1_epi32(bits as i32),
+        _mm256_set_epi64x(
+            0x0303_0303_0303_0303,
+            0x0202_0202_0202_0202,
+            0x0101_0101_0101_0101,
+            0,
+        ),
+    );
+    let select = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm256_cmpeq_epi8(_mm256_and_si256(spread, select), select);
+    _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+}
+
+/// [`bit4_from_bits_32`] for 16 bits and 16 bytes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn bit4_from_bits_16(bits: u32) -> __m128i {
+    let spread = _mm_shuffle_epi8(
+        _mm_set1_epi32(bits as i32),
+        _mm_set_epi64x(0x0101_0101_0101_0101, 0),
+    );
+    let select = _mm_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+    let set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
+    _mm_and_si128(set, _mm_set1_epi8(0x10))
+}
+
+/// The activation block's lane excess `OFFSET * (sum y[4k..4k+4] + sum y[16+4k..16+4k+4])`
+/// from its quants split in halves.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn small_excess(offset: i8, y_lo: __m128i, y_hi: __m128i) -> __m128i {
+    let offset = _mm_set1_epi8(offset);
+    let pairs = _mm_add_epi16(
+        _mm_maddubs_epi16(offset, y_lo),
+        _mm_maddubs_epi16(offset, y_hi),
+    );
+    _mm_madd_epi16(pairs, _mm_set1_epi16(1))
+}
+
+/// Sum of four lanes as `(v0 + v2) + (v1 + v3)`, the order every small-format kernel uses.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn hsum4(v: __m128) -> f32 {
+    let s = _mm_add_ps(v, _mm_movehl_ps(v, v));
+    _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+}
+
+/// `[d * dy, m * s]` of the block at `x` and activation block `y` in lanes 0 and 1 (m and s
+/// only for formats with a minimum).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_scales<F: SmallFormat>(x: *const u8, y: *const u8) -> __m128 {
+    let read = |p: *const u8| -> i32 {
+        if F::HAS_MIN {
+            p.cast::<i32>().read_unaligned()
+        } else {
+            i32::from(p.cast::<u16>().read_unaligned())
+        }
+    };
+    let wx = _mm_cvtph_ps(_mm_cvtsi32_si128(read(x)));
+    let wy = _mm_cvtph_ps(_mm_cvtsi32_si128(read(y)));
+    _mm_mul_ps(wx, wy)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn small_one<F: SmallFormat>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let blocks = common_blocks(F::TY, &[row], act, n);
+    let (w, a) = (row.as_ptr(), act.as_ptr());
+    let low4 = _mm_set1_epi8(0x0F);
+    let mut acc = _mm_setzero_ps();
+    let mut min_part = 0f32;
+    for b in 0..blocks {
+        let y = a.add(b * F::ACT);
+        let x = w.add(b * F::SIZE);
+        let y_lo = load128(y.add(F::ACT_QS));
+        let y_hi = load128(y.add(F::ACT_QS + 16));
+        let q = load128(x.add(F::QS));
+        let mut lo = _mm_and_si128(q, low4);
+        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
+        if F::QH.is_some() {
+            let bits = high_bits::<F>(x);
+            lo = _mm_or_si128(lo, bit4_from_bits_16(bits & 0xFFFF));
+            hi = _mm_or_si128(hi, bit4_from_bits_16(bits >> 16));
+        }
+        let pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, y_lo), _mm_maddubs_epi16(hi, y_hi));
+        let mut sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+        if F::OFFSET != 0 {
+            sums = _mm_sub_epi32(sums, small_excess(F::OFFSET, y_lo, y_hi));
+        }
+        let scales = small_scales::<F>(x, y);
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_broadcastss_ps(scales), acc);
+        if F::HAS_MIN {
+            min_part += _mm_cvtss_f32(_mm_movehdup_ps(scales));
+        }
+    }
+    hsum4(acc) + min_part
+}
+
+/// The block scale products of four rows: `d * dy` in lanes 0..4 and, for formats with a
+/// minimum, `m * s` in lanes 4..8.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn small_scales4<F: SmallFormat>(x: [*const u8; 4], y: *const u8) -> __m256 {
+    if F::HAS_MIN {
+        let read = |k: usize| u64::from(x[k].cast::<u32>().read_unaligned());
+        // [d0, m0, d1, m1, d2, m2, d3, m3] * [dy, s, dy, s, ...], then d's first.
+        let pairs = _mm_set_epi64x(
+            (read(2) | (read(3) << 32)) as i64,
+            (read(0) | (read(1) << 32)) as i64,
+        );
+        let wx = _mm256_cvtph_ps(pairs);
+        let wy = _mm256_cvtph_ps(_mm_set1_epi32(y.cast::<i32>().read_unaligned()));
+        let products = _mm256_mul_ps(wx, wy);
+        _mm256_permutevar8x32_ps(products, _mm256_setr_epi32(0, 2, 4, 6, 1, 3, 5, 7))
+    } else {
+        let d = _mm_mul_ps(
+            f16_gather4(x),
+            _mm_cvtph_ps(_mm_set1_epi16(y.cast::<i16>().read_unaligned())),
+        );
+        _mm256_castps128_ps256(d)
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+    let blocks = common_blocks(F::TY, &rows, act, n);
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = act.as_ptr();
+    let low4 = _mm256_set1_epi8(0x0F);
+    // acc[p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
+    let mut acc = [_mm256_setzero_ps(); 2];
+    let mut min_part = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let y = a.add(b * F::ACT);
+        let x = w.map(|w| w.add(b * F::SIZE));
+        let y_lo = load128(y.add(F::ACT_QS));
+        let y_hi = load128(y.add(F::ACT_QS + 16));
+        let excess = if F::OFFSET != 0 {
+            let e = small_excess(F::OFFSET, y_lo, y_hi);
+            _mm256_set_m128i(e, e)
+        } else {
+            _mm256_setzero_si256()
+        };
+        let (y_lo, y_hi) = (_mm256_set_m128i(y_lo, y_lo), _mm256_set_m128i(y_hi, y_hi));
+        let scales = small_scales4::<F>(x, y);
+        if F::HAS_MIN {
+            min_part = _mm256_add_ps(min_part, scales);
+        }
+        for p in 0..2 {
+            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
+            let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
+            let mut lo = _mm256_and_si256(q, low4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            if F::QH.is_some() {
+                let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
+                lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
+                hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+            }
+            let pairs = _mm256_add_epi16(
+                _mm256_maddubs_epi16(lo, y_lo),
+                _mm256_maddubs_epi16(hi, y_hi),
+            );
+            let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), excess);
+            let lane = (2 * p) as i32;
+            let d = _mm256_permutevar8x32_ps(
+                scales,
+                _mm256_setr_epi32(
+                    lane,
+                    lane,
+                    lane,
+                    lane,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                    lane + 1,
+                ),
+            );
+            acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[p]);
+        }
+    }
+    small_finish::<F>(
+        [
+            _mm256_castps256_ps128(acc[0]),
+            _mm256_extractf128_ps::<1>(acc[0]),
+            _mm256_castps256_ps128(acc[1]),
+            _mm256_extractf128_ps::<1>(acc[1]),
+        ],
+        _mm256_extractf128_ps::<1>(min_part),
+    )
+}
+
+/// Per-row results from the four rows' lane sums and (lane r) minimum shares.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -> [f32; 4] {
+    let mut mins = [0f32; 4];
+    // SAFETY: `mins` holds four f32.
+    unsafe { _mm_storeu_ps(mins.as_mut_ptr(), min_part) };
+    let mut out = [0f32; 4];
+    for r in 0..4 {
+        out[r] = hsum4(acc[r]) + if F::HAS_MIN { mins[r] } else { 0.0 };
+    }
+    out
+}
+
+// ---- K-quants -------------------------------------------------------------------------
+//
+// A Q8_K activation block: f32 scale at 0, 256 quants at 4, sixteen i16 sums of 16 quants
+// at 260. The weights' integer products are formed unsigned (`maddubs`), scaled per group
+// with `madd` and summed in eight i32 lanes per block; offsets and minimums are applied
+// through the activation's group sums.
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q2_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q2_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q3_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q3_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q4_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q5_k_body::<R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    q6_k_body::<R>(rows, act, n)
+}
+
+const Q8K_SIZE: usize = 292;
+const Q8K_QS: usize = 4;
+const Q8K_BSUMS: usize = 260;
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_splat(p: *const u8) -> __m256 {
+    _mm256_set1_ps(p.cast::<f32>().read_unaligned())
+}
+
+/// `vpshufb` patterns over eight i16 held in both 128-bit halves of a register:
+/// `SELECT_ONE[g]` puts element `g` in all sixteen i16 lanes, `SELECT_PAIR[k]` element `2k`
+/// in the low half and `2k + 1` in the high half (the two 16-element groups of chunk `k`).
+/// Tables in memory rather than `_mm256_setr_epi8` calls, which LLVM rebuilds byte by byte
+/// when the index is a loop variable.
+static SELECT_ONE: [[u8; 32]; 8] = select_table(false);
+static SELECT_PAIR: [[u8; 32]; 8] = select_table(true);
+
+const fn select_table(pair: bool) -> [[u8; 32]; 8] {
+    let mut table = [[0u8; 32]; 8];
+    let mut g = 0;
+    while g < 8 {
+        let mut i = 0;
+        while i < 32 {
+            let element = if pair { 2 * (g % 4) + i / 16 } else { g };
+            table[g][i] = (2 * element + i % 2) as u8;
+            i += 1;
+        }
+        g += 1;
+    }
+    table
+}
+
+/// See [`SELECT_ONE`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_one(scales: __m256i, g: usize) -> __m256i {
+    // SAFETY: SELECT_ONE[g] is 32 bytes.
+    let select = unsafe { load256(SELECT_ONE[g].as_ptr()) };
+    _mm256_shuffle_epi8(scales, select)
+}
+
+/// See [`SELECT_PAIR`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn scale_pair(scales: __m256i, k: usize) -> __m256i {
+    // SAFETY: SELECT_PAIR[k] is 32 bytes.
+    let select = unsafe { load256(SELECT_PAIR[k].as_ptr()) };
+    _mm256_shuffle_epi8(scales, select)
+}
+
+/// Q4_K/Q5_K's twelve scale bytes as (eight scales, eight minimums), one byte each,
+/// packed in u64s (the layout of `blocks::k4_scales_mins`, four groups per 32-bit word).
+#[inline(always)]
+pub(super) unsafe fn k4_scales_mins_packed(p: *const u8) -> (u64, u64) {
+    let a = p.cast::<u32>().read_unaligned();
+    let b = p.add(4).cast::<u32>().read_unaligned();
+    let c = p.add(8).cast::<u32>().read_unaligned();
+    let scales_lo = a & 0x3F3F_3F3F;
+    let mins_lo = b & 0x3F3F_3F3F;
+    let scales_hi = (c & 0x0F0F_0F0F) | (((a >> 6) & 0x0303_0303) << 4);
+    let mins_hi = ((c >> 4) & 0x0F0F_0F0F) | (((b >> 6) & 0x0303_0303) << 4);
+    (
+        u64::from(scales_lo) | (u64::from(scales_hi) << 32),
+        u64::from(mins_lo) | (u64::from(mins_hi) << 32),
+    )
+}
+
+/// Q3_K's twelve scale bytes as sixteen 6-bit scales minus 32 (see `blocks::q3k_scales`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn q3k_scales_i8(p: *const u8) -> __m128i {
+    let a = p.cast::<u32>().read_unaligned();
+    let b = p.add(4).cast::<u32>().read_unaligned();
+    let c = p.add(8).cast::<u32>().read_unaligned();
+    let s0 = (a & 0x0F0F_0F0F) | ((c & 0x0303_0303) << 4);
+    let s1 = (b & 0x0F0F_0F0F) | (((c >> 2) & 0x0303_0303) << 4);
+    let s2 = ((a >> 4) & 0x0F0F_0F0F) | (((c >> 4) & 0x0303_0303) << 4);
+    let s3 = ((b >> 4) & 0x0F0F_0F0F) | (((c >> 6) & 0x0303_0303) << 4);
+    let unsigned = _mm_setr_epi32(s0 as i32, s1 as i32, s2 as i32, s3 as i32);
+    _mm_sub_epi8(unsigned, _mm_set1_epi8(32))
+}
+
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q4_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 144;
+    let blocks = common_blocks(GgmlType::Q4K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut min_acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        let qy = y.add(Q8K_QS);
+        let bsums = load256(y.add(Q8K_BSUMS));
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let (scales, mins) = k4_scales_mins_packed(x.add(4));
+            // Minimum `g` covers bsums 2g and 2g + 1.
+            let mins = _mm_cvtsi64_si128(mins as i64);
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+            let min_sums = _mm256_madd_epi16(mins, bsums);
+            let dmin = _mm256_mul_ps(f16_splat(x.add(2)), dy);
+            min_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[r]);
+
+            let scales =
+                _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+            let mut sums = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = load256(x.add(16 + 32 * j));
+                let lo = _mm256_and_si256(q, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
+                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
+                let p_lo = _mm256_madd_epi16(p_lo, scale_one(scales, 2 * j));
+                let p_hi = _mm256_madd_epi16(p_hi, scale_one(scales, 2 * j + 1));
+                sums = _mm256_add_epi32(sums, _mm256_add_epi32(p_lo, p_hi));
+            }
+            let d = _mm256_mul_ps(f16_splat(x), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) - hsum(min_acc[r]);
+    }
+    out
+}
+
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q5_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 176;
+    let blocks = common_blocks(GgmlType::Q5K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut min_acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        let qy = y.add(Q8K_QS);
+        let bsums = load256(y.add(Q8K_BSUMS));
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let (scales, mins) = k4_scales_mins_packed(x.add(4));
+            let mins = _mm_cvtsi64_si128(mins as i64);
+            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+            let min_sums = _mm256_madd_epi16(mins, bsums);
+            let dmin = _mm256_mul_ps(f16_splat(x.add(2)), dy);
+            min_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[r]);
+
+            let scales =
+                _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+            // Bit 2j of qh[l] is bit 4 of element 64j + l, bit 2j + 1 that of 64j + 32 + l.
+            let mut qh = load256(x.add(16));
+            let mut sums = _mm256_setzero_si256();
+            for j in 0..4 {
+                let q = load256(x.add(48 + 32 * j));
+                let lo = _mm256_and_si256(q, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                let lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bit4));
+                let hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16::<3>(qh), bit4));
+                qh = _mm256_srli_epi16::<2>(qh);
+                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
+                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
+                let p_lo = _mm256_madd_epi16(p_lo, scale_one(scales, 2 * j));
+                let p_hi = _mm256_madd_epi16(p_hi, scale_one(scales, 2 * j + 1));
+                sums = _mm256_add_epi32(sums, _mm256_add_epi32(p_lo, p_hi));
+            }
+            let d = _mm256_mul_ps(f16_splat(x), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) - hsum(min_acc[r]);
+    }
+    out
+}
+
+/// Q6_K: unsigned 6-bit values `u = w + 32`; `32 * sum(scale * bsum)` is taken off the
+/// products before they become floats.
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 210;
+    let blocks = common_blocks(GgmlType::Q6K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        let qy = y.add(Q8K_QS);
+        let bsums = load256(y.add(Q8K_BSUMS));
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let scales = _mm256_cvtepi8_epi16(load128(x.add(192)));
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales, bsums));
+            let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+            for h in 0..2 {
+                // Both halves of `half_scales` hold the eight scales of this half.
+                let half_scales = if h == 0 {
+                    _mm256_permute2x128_si256::<0x00>(scales, scales)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(scales, scales)
+                };
+                let ql_a = load256(x.add(64 * h));
+                let ql_b = load256(x.add(64 * h + 32));
+                let qh = load256(x.add(128 + 32 * h));
+                let values = [
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql_a, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(ql_b, low4),
+                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
+                        _mm256_and_si256(qh, bits45),
+                    ),
+                    _mm256_or_si256(
+                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
+                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+                    ),
+                ];
+                for (k, u) in values.into_iter().enumerate() {
+                    let p = _mm256_maddubs_epi16(u, load256(qy.add(128 * h + 32 * k)));
+                    let p = _mm256_madd_epi16(p, scale_pair(half_scales, k));
+                    sums = _mm256_add_epi32(sums, p);
+                }
+            }
+            let d = _mm256_mul_ps(f16_splat(x.add(208)), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q2_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 84;
+    let blocks = common_blocks(GgmlType::Q2K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let low2 = _mm256_set1_epi8(3);
+    let low4 = _mm_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); R];
+    let mut min_acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        let qy = y.add(Q8K_QS);
+        let bsums = load256(y.add(Q8K_BSUMS));
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let packed = load128(x);
+            let mins = _mm256_cvtepu8_epi16(_mm_and_si128(_mm_srli_epi16::<4>(packed), low4));
+            let min_sums = _mm256_madd_epi16(mins, bsums);
+            let dmin = _mm256_mul_ps(f16_splat(x.add(82)), dy);
+            min_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[r]);
+
+            let scales = _mm256_cvtepu8_epi16(_mm_and_si128(packed, low4));
+            let mut sums = _mm256_setzero_si256();
+            for h in 0..2 {
+                let half_scales = if h == 0 {
+                    _mm256_permute2x128_si256::<0x00>(scales, scales)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(scales, scales)
+                };
+                let mut q = load256(x.add(16 + 32 * h));
+                for k in 0..4 {
+                    let u = _mm256_and_si256(q, low2);
+                    q = _mm256_srli_epi16::<2>(q);
+                    let p = _mm256_maddubs_epi16(u, load256(qy.add(128 * h + 32 * k)));
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p, scale_pair(half_scales, k)));
+                }
+            }
+            let d = _mm256_mul_ps(f16_splat(x.add(80)), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]) - hsum(min_acc[r]);
+    }
+    out
+}
+
+/// Q3_K: unsigned 3-bit values `u = w + 4`; `4 * sum(scale * bsum)` is taken off.
+/// # Safety
+/// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
+/// registers and instruction selection, not in arithmetic).
+#[inline(always)]
+pub(super) unsafe fn q3_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    const SIZE: usize = 110;
+    let blocks = common_blocks(GgmlType::Q3K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let low2 = _mm256_set1_epi8(3);
+    let bit2 = _mm256_set1_epi8(4);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        let qy = y.add(Q8K_QS);
+        let bsums = load256(y.add(Q8K_BSUMS));
+        for r in 0..R {
+            let x = w[r].add(b * SIZE);
+            let scales = _mm256_cvtepi8_epi16(q3k_scales_i8(x.add(96)));
+            let offset = _mm256_slli_epi32::<2>(_mm256_madd_epi16(scales, bsums));
+            let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+            // Bit 4h + k of hmask[l] is the high bit of element 128h + 32k + l.
+            let mut hmask = load256(x);
+            for h in 0..2 {
+                let half_scales = if h == 0 {
+                    _mm256_permute2x128_si256::<0x00>(scales, scales)
+                } else {
+                    _mm256_permute2x128_si256::<0x11>(scales, scales)
+                };
+                let mut q = load256(x.add(32 + 32 * h));
+                for k in 0..4 {
+                    let high = _mm256_and_si256(_mm256_slli_epi16::<2>(hmask), bit2);
+                    hmask = _mm256_srli_epi16::<1>(hmask);
+                    let u = _mm256_or_si256(_mm256_and_si256(q, low2), high);
+                    q = _mm256_srli_epi16::<2>(q);
+                    let p = _mm256_maddubs_epi16(u, load256(qy.add(128 * h + 32 * k)));
+                    sums = _mm256_add_epi32(sums, _mm256_madd_epi16(p, scale_pair(half_scales, k)));
+                }
+            }
+            let d = _mm256_mul_ps(f16_splat(x.add(108)), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    let blocks = common_blocks(GgmlType::Q8K, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let mut acc = [_mm256_setzero_ps(); R];
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let dy = f32_splat(y);
+        for r in 0..R {
+            let x = w[r].add(b * Q8K_SIZE);
+            let mut sums = _mm256_setzero_si256();
+            for j in 0..8 {
+                let qx = load256(x.add(Q8K_QS + 32 * j));
+                let qy = load256(y.add(Q8K_QS + 32 * j));
+                sums = _mm256_add_epi32(sums, dot_i8_i8(qx, qy));
+            }
+            let d = _mm256_mul_ps(f32_splat(x), dy);
+            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+        }
+    }
+    let mut out = [0f32; R];
+    for r in 0..R {
+        out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+// ---- Float formats ----------------------------------------------------------------------
+//
+// Products summed in four f32 accumulators of eight lanes (32 elements per step), the
+// remainder of fewer than 32 elements in eight-lane steps and then one by one. The scalar
+// kernels sum in f64, so these agree with them to `(n / 8 + 8) * 2^-24 * sum |x y|`.
+
+/// Widens eight elements at `p` to f32.
+trait FloatElements {
+    const TY: GgmlType;
+    const BYTES: usize;
+    /// # Safety
+    /// `p` must be readable for eight elements; the CPU must run AVX2/FMA/F16C.
+    unsafe fn load8(p: *const u8) -> __m256;
+    /// # Safety
+    /// `p` must be readable for one element.
+    unsafe fn load1(p: *const u8) -> f32;
+}
+
+struct F32Elements;
+struct F16Elements;
+struct Bf16Elements;
+
+impl FloatElements for F32Elements {
+    const TY: GgmlType = GgmlType::F32;
+    const BYTES: usize = 4;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_loadu_ps(p.cast())
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        p.cast::<f32>().read_unaligned()
+    }
+}
+
+impl FloatElements for F16Elements {
+    const TY: GgmlType = GgmlType::F16;
+    const BYTES: usize = 2;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_cvtph_ps(load128(p))
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        super::blocks::f16_bits_to_f32(p.cast::<u16>().read_unaligned())
+    }
+}
+
+impl FloatElements for Bf16Elements {
+    const TY: GgmlType = GgmlType::BF16;
+    const BYTES: usize = 2;
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn load8(p: *const u8) -> __m256 {
+        _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(load128(p))))
+    }
+    #[inline(always)]
+    unsafe fn load1(p: *const u8) -> f32 {
+        super::blocks::bf16_bits_to_f32(p.cast::<u16>().read_unaligned())
+    }
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn float_dot<E: FloatElements, const R: usize>(
+    rows: [&[u8]; R],
+    act: &[u8],
+    n: usize,
+) -> [f32; R] {
+    let len = common_blocks(E::TY, &rows, act, n);
+    let a = act.as_ptr();
+    let w = rows.map(<[u8]>::as_ptr);
+    let mut out = [0f32; R];
+    for r in 0..R {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i + 32 <= len {
+            for (k, acc) in acc.iter_mut().enumerate() {
+                let at = (i + 8 * k) * E::BYTES;
+                *acc = _mm256_fmadd_ps(E::load8(w[r].add(at)), E::load8(a.add(at)), *acc);
+            }
+            i += 32;
+        }
+        while i + 8 <= len {
+            let at = i * E::BYTES;
+            acc[0] = _mm256_fmadd_ps(E::load8(w[r].add(at)), E::load8(a.add(at)), acc[0]);
+            i += 8;
+        }
+        let total = _mm256_add_ps(_mm256_add_ps(acc[0], acc[1]), _mm256_add_ps(acc[2], acc[3]));
+        let mut tail = 0f32;
+        while i < len {
+            let at = i * E::BYTES;
+            tail += E::load1(w[r].add(at)) * E::load1(a.add(at));
+            i += 1;
+        }
+        out[r] = hsum(total) + tail;
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f32_f32<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    float_dot::<F32Elements, R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_f16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    float_dot::<F16Elements, R>(rows, act, n)
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+    float_dot::<Bf16Elements, R>(rows, act, n)
+}
+
+// ---- Activation quantisation ------------------------------------------------------------
+//
+// Bit-identical to `activation::quantize_q8_*` for finite input (NaN may quantise
+// differently; C leaves it undefined too).
+
+/// Largest of the eight lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hmax(v: __m256) -> f32 {
+    let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+    let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+    let m = _mm_max_ss(m, _mm_movehdup_ps(m));
+    _mm_cvtss_f32(m)
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn abs(v: __m256) -> __m256 {
+    _mm256_andnot_ps(_mm256_set1_ps(-0.0), v)
+}
+
+/// C's `roundf`: to nearest, halves away from zero (the rounding mode does not matter).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn round_half_away(v: __m256) -> __m256 {
+    let truncated = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
+    // Exact: |v| < 2^23 here, so v and its truncation share an exponent range.
+    let fraction = abs(_mm256_sub_ps(v, truncated));
+    let carry = _mm256_cmp_ps::<_CMP_GE_OQ>(fraction, _mm256_set1_ps(0.5));
+    let one = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0)), _mm256_set1_ps(1.0));
+    _mm256_add_ps(truncated, _mm256_and_ps(carry, one))
+}
+
+/// Four vectors of eight i32 (each within i8 range) as 32 bytes in element order.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn pack_i32_to_i8(q: [__m256i; 4]) -> __m256i {
+    // The packs interleave the 128-bit halves; the permutation puts them back in order.
+    let ab = _mm256_packs_epi32(q[0], q[1]);
+    let cd = _mm256_packs_epi32(q[2], q[3]);
+    let bytes = _mm256_packs_epi16(ab, cd);
+    _mm256_permutevar8x32_epi32(bytes, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7))
+}
+
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn hsum_i32(v: __m256i) -> i32 {
+    let s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+    let s = _mm_add_epi32(s, _mm_unpackhi_epi64(s, s));
+    let s = _mm_add_epi32(s, _mm_shuffle_epi32::<0b01>(s));
+    _mm_cvtsi128_si32(s)
+}
+
+/// f32 -> f16 bits, rounding to nearest even (as `half::f16::from_f32`).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+fn f16_bits(v: f32) -> u16 {
+    let h = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(v));
+    _mm_extract_epi16::<0>(h) as u16
+}
+
+/// Q8_0 (`WITH_SUM = false`) or Q8_1 blocks of `x` into `out`.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_0_or_1<const WITH_SUM: bool>(x: &[f32], out: &mut [u8]) {
+    let size = if WITH_SUM { 36 } else { 34 };
+    let quants_at = size - 32;
+    let blocks = (x.len() / 32).min(out.len() / size);
+    let src = x.as_ptr();
+    let dst = out.as_mut_ptr();
+    for b in 0..blocks {
+        let v: [__m256; 4] = std::array::from_fn(|k| _mm256_loadu_ps(src.add(32 * b + 8 * k)));
+        let amax = hmax(_mm256_max_ps(
+            _mm256_max_ps(abs(v[0]), abs(v[1])),
+            _mm256_max_ps(abs(v[2]), abs(v[3])),
+        ));
+        let d = amax / 127.0;
+        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
+        let q = v.map(|v| _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(v, id))));
+        let block = dst.add(b * size);
+        block.cast::<u16>().write_unaligned(f16_bits(d));
+        if WITH_SUM {
+            let sum = hsum_i32(_mm256_add_epi32(
+                _mm256_add_epi32(q[0], q[1]),
+                _mm256_add_epi32(q[2], q[3]),
+            ));
+            block
+                .add(2)
+                .cast::<u16>()
+                .write_unaligned(f16_bits(sum as f32 * d));
+        }
+        _mm256_storeu_si256(block.add(quants_at).cast(), pack_i32_to_i8(q));
+    }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn quantize_q8_k_blocks(x: &[f32], out: &mut [u8]) {
+    let blocks = (x.len() / 256).min(out.len() / Q8K_SIZE);
+    for b in 0..blocks {
+        let src = x.as_ptr().add(256 * b);
+        let block = out.as_mut_ptr().add(b * Q8K_SIZE);
+        let mut m = _mm256_setzero_ps();
+        for k in 0..32 {
+            m = _mm256_max_ps(m, abs(_mm256_loadu_ps(src.add(8 * k))));
+        }
+        let amax = hmax(m);
+        if amax == 0.0 {
+            std::ptr::write_bytes(block, 0, Q8K_SIZE);
+            continue;
+        }
+        // The signed value of the first element of largest magnitude sets the scale's sign.
+        let target = _mm256_set1_ps(amax);
+        let mut max = amax;
+        for k in 0..32 {
+            let v = _mm256_loadu_ps(src.add(8 * k));
+            let hits = _mm256_movemask_ps(_mm256_cmp_ps::<_CMP_EQ_OQ>(abs(v), target));
+            if hits != 0 {
+                max = *src.add(8 * k + hits.trailing_zeros() as usize);
+                break;
+            }
+        }
+        let iscale = -127.0 / max;
+        let scale = _mm256_set1_ps(iscale);
+        let cap = _mm256_set1_epi32(127);
+        for g in 0..8 {
+            let q: [__m256i; 4] = std::array::from_fn(|k| {
+                let v = _mm256_mul_ps(scale, _mm256_loadu_ps(src.add(32 * g + 8 * k)));
+                let rounded =
+                    _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                _mm256_min_epi32(_mm256_cvtps_epi32(rounded), cap)
+            });
+            _mm256_storeu_si256(block.add(Q8K_QS + 32 * g).cast(), pack_i32_to_i8(q));
+            let sums = [
+                hsum_i32(_mm256_add_epi32(q[0], q[1])),
+                hsum_i32(_mm256_add_epi32(q[2], q[3])),
+            ];
+            for (i, sum) in sums.into_iter().enumerate() {
+                let at = block.add(Q8K_BSUMS + 2 * (2 * g + i));
+                at.cast::<i16>().write_unaligned(sum as i16);
+            }
+        }
+        block.cast::<f32>().write_unaligned(1.0 / iscale);
+    }
+}

@@ -1,0 +1,226 @@
+//! The AVX-512 (F, BW, VL) + VNNI level. It installs the AVX2 kernels first, then:
+//! - four-row kernels for Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0, where a 512-bit register holds
+//!   four rows' blocks of a 4/5-bit format or two rows' Q8_0 blocks and `vpdpbusd` (u8 x i8
+//!   products summed in fours into i32 lanes) replaces AVX2's `vpmaddubsw` + `vpmaddwd`;
+//!   their single-row kernels stay the AVX2 ones;
+//! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (32 registers, VNNI fusion).
+//!
+//! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
+//! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
+//! `dot_avx2` for the lane layouts), and four-row results to single-row calls.
+
+// The AVX-512 intrinsics are stable since Rust 1.89 and safe `#[target_feature]` functions
+// since 1.86; Cargo.toml's `rust-version` (1.80) predates both and needs raising to 1.89.
+#![allow(clippy::incompatible_msrv)]
+
+use std::arch::x86_64::*;
+
+use super::dispatch::{Avx512Checked, Kernels};
+use super::dot_avx2::{
+    common_blocks, f16_gather4, high_bits, hsum, load128, load256, q8_0_q8_0, row_kernel, set,
+    small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format,
+    RowKernel, SmallFormat,
+};
+use super::GgmlType;
+
+row_kernel!(
+    Q4_0,
+    GgmlType::Q4_0,
+    small_one::<Q4_0Format>,
+    small_four::<Q4_0Format>
+);
+row_kernel!(
+    Q4_1,
+    GgmlType::Q4_1,
+    small_one::<Q4_1Format>,
+    small_four::<Q4_1Format>
+);
+row_kernel!(
+    Q5_0,
+    GgmlType::Q5_0,
+    small_one::<Q5_0Format>,
+    small_four::<Q5_0Format>
+);
+row_kernel!(
+    Q5_1,
+    GgmlType::Q5_1,
+    small_one::<Q5_1Format>,
+    small_four::<Q5_1Format>
+);
+row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_one, q8_0_four);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
+
+/// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
+pub(super) fn install(table: &mut Kernels, _proof: Avx512Checked) {
+    set::<Q4_0>(table);
+    set::<Q4_1>(table);
+    set::<Q5_0>(table);
+    set::<Q5_1>(table);
+    set::<Q8_0>(table);
+    set::<Q2K>(table);
+    set::<Q3K>(table);
+    set::<Q4K>(table);
+    set::<Q5K>(table);
+    set::<Q6K>(table);
+}
+
+/// The AVX2 K-quant kernels compiled for this level: 32 vector registers instead of 16 keep
+/// the four-row kernels' per-row state out of memory, and LLVM fuses `vpmaddwd` + `vpaddd`
+/// into VNNI's `vpdpwssd`. Same arithmetic, so the same bits as the AVX2 level.
+macro_rules! k_quant_kernel {
+    ($name:ident, $body:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+            super::dot_avx2::$body::<R>(rows, act, n)
+        }
+    };
+}
+
+k_quant_kernel!(q2_k_q8_k, q2_k_body);
+k_quant_kernel!(q3_k_q8_k, q3_k_body);
+k_quant_kernel!(q4_k_q8_k, q4_k_body);
+k_quant_kernel!(q5_k_q8_k, q5_k_body);
+k_quant_kernel!(q6_k_q8_k, q6_k_body);
+
+/// Lanes `4k..4k+4` take lane `k` of `v`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn spread4(v: __m128) -> __m512 {
+    let index = _mm512_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3);
+    _mm512_permutexvar_ps(index, _mm512_castps128_ps512(v))
+}
+
+/// `bits` (16 per row, row k at bit 16k) as 0x10 bytes: byte `j` of the result is 0x10
+/// where bit `j` is set.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn bit4_from_mask(bits: u64) -> __m512i {
+    _mm512_maskz_mov_epi8(bits, _mm512_set1_epi8(0x10))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+    let blocks = common_blocks(F::TY, &rows, act, n);
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = act.as_ptr();
+    let low4 = _mm512_set1_epi8(0x0F);
+    // Row k in lanes 4k..4k+4.
+    let mut acc = _mm512_setzero_ps();
+    let mut min_part = _mm256_setzero_ps();
+    for b in 0..blocks {
+        let y = a.add(b * F::ACT);
+        let x = w.map(|w| w.add(b * F::SIZE));
+        let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
+        let y_hi = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS + 16)));
+        // The sums start from minus the offset's share, so `vpdpbusd` leaves w * y.
+        let start = if F::OFFSET != 0 {
+            let offset = _mm512_set1_epi8(F::OFFSET);
+            let zero = _mm512_setzero_si512();
+            let excess = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, offset, y_lo), offset, y_hi);
+            _mm512_sub_epi32(zero, excess)
+        } else {
+            _mm512_setzero_si512()
+        };
+        let scales = small_scales4::<F>(x, y);
+        if F::HAS_MIN {
+            min_part = _mm256_add_ps(min_part, scales);
+        }
+        let q = _mm512_inserti32x4::<3>(
+            _mm512_inserti32x4::<2>(
+                _mm512_inserti32x4::<1>(
+                    _mm512_castsi128_si512(load128(x[0].add(F::QS))),
+                    load128(x[1].add(F::QS)),
+                ),
+                load128(x[2].add(F::QS)),
+            ),
+            load128(x[3].add(F::QS)),
+        );
+        let mut lo = _mm512_and_si512(q, low4);
+        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
+        if F::QH.is_some() {
+            let bits = x.map(|x| u64::from(high_bits::<F>(x)));
+            let lo_bits = bits
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (k, b)| m | ((b & 0xFFFF) << (16 * k)));
+            let hi_bits = bits
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (k, b)| m | ((b >> 16) << (16 * k)));
+            lo = _mm512_or_si512(lo, bit4_from_mask(lo_bits));
+            hi = _mm512_or_si512(hi, bit4_from_mask(hi_bits));
+        }
+        let sums = _mm512_dpbusd_epi32(start, lo, y_lo);
+        let sums = _mm512_dpbusd_epi32(sums, hi, y_hi);
+        let d = spread4(_mm256_castps256_ps128(scales));
+        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc);
+    }
+    small_finish::<F>(
+        [
+            _mm512_extractf32x4_ps::<0>(acc),
+            _mm512_extractf32x4_ps::<1>(acc),
+            _mm512_extractf32x4_ps::<2>(acc),
+            _mm512_extractf32x4_ps::<3>(acc),
+        ],
+        _mm256_extractf128_ps::<1>(min_part),
+    )
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_one(row: &[u8], act: &[u8], n: usize) -> f32 {
+    q8_0_q8_0::<1>([row], act, n)[0]
+}
+
+/// Q8_0, two rows per register, with the AVX2 kernel's lanes: lane k of a row sums
+/// elements 4k..4k+4 of each block and is scaled by `d * dy`. `vpdpbusd` wants unsigned
+/// weights, so it gets `x + 128` (the sign bit flipped) and starts from `-128 * y`, which
+/// the four rows share.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+    const SIZE: usize = 34;
+    let blocks = common_blocks(GgmlType::Q8_0, &rows, act, n);
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = act.as_ptr();
+    let flip = _mm512_set1_epi8(-128);
+    let mut acc = [_mm512_setzero_ps(); 2];
+    for b in 0..blocks {
+        let y = a.add(b * SIZE);
+        let x = w.map(|w| w.add(b * SIZE));
+        let qy = _mm512_broadcast_i64x4(load256(y.add(2)));
+        let zero = _mm512_setzero_si512();
+        let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qy));
+        let dy = _mm_cvtph_ps(_mm_set1_epi16(y.cast::<i16>().read_unaligned()));
+        let d = _mm512_castps128_ps512(_mm_mul_ps(f16_gather4(x), dy));
+        for p in 0..2 {
+            let qx = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(load256(x[2 * p].add(2))),
+                load256(x[2 * p + 1].add(2)),
+            );
+            let sums = _mm512_dpbusd_epi32(start, _mm512_xor_si512(qx, flip), qy);
+            let lane = (2 * p) as i32;
+            let (l0, l1) = (lane, lane + 1);
+            let index = _mm512_setr_epi32(
+                l0, l0, l0, l0, l0, l0, l0, l0, l1, l1, l1, l1, l1, l1, l1, l1,
+            );
+            let scale = _mm512_permutexvar_ps(index, d);
+            acc[p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[p]);
+        }
+    }
+    [
+        hsum(_mm512_castps512_ps256(acc[0])),
+        hsum(upper256(acc[0])),
+        hsum(_mm512_castps512_ps256(acc[1])),
+        hsum(upper256(acc[1])),
+    ]
+}
+
+/// Lanes 8..16.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn upper256(v: __m512) -> __m256 {
+    _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}

@@ -1,0 +1,264 @@
+//! Every SIMD kernel set this CPU runs, checked against the scalar kernels: dot products
+//! within the f32 summation-order bound, four-row kernels bit-identical to single rows,
+//! activation quantisers bit-identical.
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use super::tests::{dequantized, manifest, min_parts, read_fixture, sanitise_floats, Rng};
+use super::*;
+
+/// The SIMD levels this machine can run (the scalar level is the reference).
+fn simd_levels() -> Vec<&'static Kernels> {
+    let levels: Vec<_> = SimdLevel::ALL[1..]
+        .iter()
+        .filter_map(|&l| kernels_for(l))
+        .collect();
+    if levels.is_empty() {
+        eprintln!("no SIMD level runs on this CPU: only the scalar kernels are tested");
+    }
+    levels
+}
+
+fn scalar() -> &'static Kernels {
+    kernels_for(SimdLevel::Scalar).expect("the scalar level always builds")
+}
+
+/// Largest `|simd - scalar|` the summation orders allow, from the magnitude
+/// `M = sum (|w_i| + 2 |min_i|) |xq_i|` (dequantised weights, their min parts, dequantised
+/// activations). Each kernel rounds every block's (or lane's) term a few times and adds the
+/// terms one by one, so it is within `(additions + 8) * 2^-24 * M` of the exact sum; two
+/// kernels differ by at most twice that. The scalar float kernels sum in f64; the SIMD ones
+/// accumulate `n / 8` products per f32 lane.
+fn order_bound(ty: GgmlType, row: &[u8], act: &QuantizedActivations) -> f64 {
+    let n = act.len();
+    let w = dequantized(ty, row, n);
+    let xq = dequantized(act.format(), act.bytes(), n);
+    let mins = min_parts(ty, row, n);
+    let magnitude: f64 = (0..n)
+        .map(|i| (f64::from(w[i]).abs() + 2.0 * mins[i]) * f64::from(xq[i]).abs())
+        .sum();
+    let additions = match ty {
+        GgmlType::F32 | GgmlType::F16 | GgmlType::BF16 => n / 8,
+        _ => n / ty.block_size(),
+    };
+    2.0 * (additions + 8) as f64 * 2f64.powi(-24) * magnitude + 1e-30
+}
+
+/// Checks one row against the scalar kernel; returns the error as a fraction of the bound.
+fn check_against_scalar(
+    label: &str,
+    kernels: &Kernels,
+    ty: GgmlType,
+    row: &[u8],
+    act: &QuantizedActivations,
+) -> f64 {
+    let want = scalar().dot(ty)(row, act.bytes(), act.len());
+    let got = kernels.dot(ty)(row, act.bytes(), act.len());
+    let bound = order_bound(ty, row, act);
+    let error = (f64::from(got) - f64::from(want)).abs();
+    assert!(
+        error <= bound,
+        "{label} ({}): {got:e}, scalar {want:e}, difference {error:e} exceeds {bound:e}",
+        kernels.level().name()
+    );
+    error / bound
+}
+
+/// Four rows through the fused kernel give the bits of four single-row calls.
+fn check_four_rows(
+    label: &str,
+    kernels: &Kernels,
+    ty: GgmlType,
+    rows: [&[u8]; 4],
+    act: &QuantizedActivations,
+) {
+    let single = rows.map(|row| kernels.dot(ty)(row, act.bytes(), act.len()).to_bits());
+    let four = kernels.dot4(ty)(rows, act.bytes(), act.len()).map(f32::to_bits);
+    assert_eq!(
+        four,
+        single,
+        "{label} ({}): four-row kernel",
+        kernels.level().name()
+    );
+}
+
+fn random_row(ty: GgmlType, n: usize, rng: &mut Rng) -> Vec<u8> {
+    let size = ty.bytes_for(n as u64).expect("whole blocks") as usize;
+    let mut row: Vec<u8> = (0..size).map(|_| rng.next_u64() as u8).collect();
+    sanitise_floats(ty, &mut row, rng);
+    row
+}
+
+#[test]
+fn simd_dots_match_scalar_on_random_blocks() {
+    let mut rng = Rng(23);
+    let mut acts = QuantizedActivations::new();
+    for kernels in simd_levels() {
+        for ty in GgmlType::ALL {
+            let block = ty.block_size().max(activation_type(ty).block_size());
+            // Odd block counts exercise every tail path; 18 and 48 are SmolLM2's row lengths.
+            let mut lengths: Vec<usize> = [1, 2, 3, 5, 7, 18, 48].map(|b| b * block).to_vec();
+            if block == 1 {
+                lengths.extend([1, 3, 7, 13, 31, 33, 65, 127, 576 + 5]);
+            }
+            let mut worst = 0f64;
+            for n in lengths {
+                for trial in 0..4 {
+                    let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
+                    acts.quantize(ty, &rng.activations(n))
+                        .expect("whole blocks");
+                    let label = format!("random {ty} n={n} trial {trial}");
+                    for row in &rows {
+                        worst = worst.max(check_against_scalar(&label, kernels, ty, row, &acts));
+                    }
+                    let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+                    check_four_rows(&label, kernels, ty, rows, &acts);
+                }
+            }
+            eprintln!(
+                "{} {ty}: worst |simd - scalar| / bound {worst:.2e}",
+                kernels.level().name()
+            );
+        }
+    }
+}
+
+#[test]
+fn simd_dots_match_scalar_on_fixture_rows() {
+    let mut rng = Rng(29);
+    let mut acts = QuantizedActivations::new();
+    let cases: Vec<_> = manifest()
+        .into_iter()
+        .filter(|c| c.kind == "dequant")
+        .collect();
+    for kernels in simd_levels() {
+        for case in &cases {
+            let row = read_fixture(&format!("{}.bin", case.name));
+            if dequantized(case.ty, &row, case.n)
+                .iter()
+                .any(|w| w.abs() > 1e30)
+            {
+                continue; // products overflow f32 in every kernel; see tests.rs
+            }
+            acts.quantize(case.ty, &rng.activations(case.n))
+                .expect("whole blocks");
+            check_against_scalar(&case.name, kernels, case.ty, &row, &acts);
+            // The fixture's rows split in four (real models' rows are this short and shorter).
+            let block = case
+                .ty
+                .block_size()
+                .max(activation_type(case.ty).block_size());
+            let n = case.n / 4 / block * block;
+            let bytes = case.ty.bytes_for(n as u64).expect("whole blocks") as usize;
+            let rows = [0, 1, 2, 3].map(|i| &row[i * bytes..(i + 1) * bytes]);
+            acts.quantize(case.ty, &rng.activations(n))
+                .expect("whole blocks");
+            check_four_rows(&case.name, kernels, case.ty, rows, &acts);
+        }
+    }
+}
+
+#[test]
+fn four_row_kernels_handle_rows_of_different_lengths() {
+    let mut rng = Rng(31);
+    let mut acts = QuantizedActivations::new();
+    for kernels in simd_levels().into_iter().chain([scalar()]) {
+        for ty in GgmlType::ALL {
+            let block = ty.block_size().max(activation_type(ty).block_size());
+            let n = 3 * block;
+            let row = random_row(ty, n, &mut rng);
+            acts.quantize(ty, &rng.activations(n))
+                .expect("whole blocks");
+            let size = row.len() / 3;
+            // Short rows are truncated to whole blocks, as by the single-row kernels.
+            let rows = [&row[..], &row[..size], &row[..2 * size + 1], &[][..]];
+            check_four_rows(&format!("uneven {ty}"), kernels, ty, rows, &acts);
+        }
+    }
+}
+
+/// Inputs that stress the quantisers: ordinary rows, all-zero blocks, exact ties of the
+/// rounding (a block whose largest magnitude is 127 has scale 1), a negative extreme, and
+/// the same magnitude with both signs (the first one decides the Q8_K scale's sign).
+fn quantiser_inputs(rng: &mut Rng) -> Vec<Vec<f32>> {
+    let mut inputs: Vec<Vec<f32>> = (1..=6)
+        .map(|blocks| rng.activations(blocks * 256))
+        .collect();
+    inputs.push(vec![0.0; 512]);
+    let mut ties: Vec<f32> = (0..512).map(|i| (i % 255) as f32 - 127.0 + 0.5).collect();
+    for block in ties.chunks_mut(32) {
+        block[0] = 127.0;
+    }
+    inputs.push(ties);
+    let mut negative = rng.activations(256);
+    negative[77] = -1e4;
+    negative[200] = 1e4;
+    inputs.push(negative);
+    let mut mixed = rng.activations(512);
+    mixed[256..288].fill(0.0);
+    inputs.push(mixed);
+    inputs
+}
+
+#[test]
+fn simd_quantisers_are_bit_identical_to_scalar() {
+    let mut rng = Rng(37);
+    let inputs = quantiser_inputs(&mut rng);
+    for kernels in simd_levels() {
+        for (format, block_bytes) in [
+            (GgmlType::Q8_0, 34),
+            (GgmlType::Q8_1, 36),
+            (GgmlType::Q8K, 292),
+        ] {
+            let pick = |k: &Kernels| match format {
+                GgmlType::Q8_0 => k.quantize_q8_0,
+                GgmlType::Q8_1 => k.quantize_q8_1,
+                _ => k.quantize_q8_k,
+            };
+            for (i, x) in inputs.iter().enumerate() {
+                let size = format.bytes_for(x.len() as u64).expect("whole blocks") as usize;
+                let mut want = vec![0u8; size];
+                let mut got = vec![0xAAu8; size];
+                pick(scalar())(x, &mut want);
+                pick(kernels)(x, &mut got);
+                if let Some(b) = (0..size).find(|&b| got[b] != want[b]) {
+                    panic!(
+                        "{} {format} input {i}: byte {b} (block {}, offset {}) is {:#04x}, scalar {:#04x}",
+                        kernels.level().name(),
+                        b / block_bytes,
+                        b % block_bytes,
+                        got[b],
+                        want[b]
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn avx512_level_gives_the_avx2_bits() {
+    let (Some(avx2), Some(avx512)) = (kernels_for(SimdLevel::Avx2), kernels_for(SimdLevel::Avx512))
+    else {
+        eprintln!("this CPU lacks AVX2 or AVX-512: nothing to compare");
+        return;
+    };
+    let mut rng = Rng(41);
+    let mut acts = QuantizedActivations::new();
+    for ty in GgmlType::ALL {
+        let block = ty.block_size().max(activation_type(ty).block_size());
+        for blocks in [1, 3, 18] {
+            let n = blocks * block;
+            let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
+            let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+            acts.quantize(ty, &rng.activations(n))
+                .expect("whole blocks");
+            let (a, n) = (acts.bytes(), acts.len());
+            let bits = |k: &Kernels| {
+                let one = rows.map(|row| k.dot(ty)(row, a, n).to_bits());
+                (one, k.dot4(ty)(rows, a, n).map(f32::to_bits))
+            };
+            assert_eq!(bits(avx512), bits(avx2), "{ty} with {blocks} blocks");
+        }
+    }
+}
