@@ -18,6 +18,7 @@ use crate::generate::{generate, GenerateRequest, GeneratedToken, Outcome, StopRe
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
 use crate::model::Model;
 use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
+use crate::tokenizer::Tokenizer;
 
 create_exception!(
     sampler_sdk._engine,
@@ -77,13 +78,22 @@ struct PyModel {
 
 #[pymethods]
 impl PyModel {
+    /// `threads`: forward-pass threads (default: physical cores); `tokenizer`: a SentencePiece
+    /// `.model` file to use instead of the GGUF's vocabulary.
     #[new]
-    #[pyo3(signature = (path, threads = None))]
-    fn new(py: Python<'_>, path: PathBuf, threads: Option<usize>) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = None, tokenizer = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: Option<usize>,
+        tokenizer: Option<PathBuf>,
+    ) -> PyResult<Self> {
         let p = path.clone();
-        let model = run_detached(py, move || match threads {
-            Some(n) => Model::load_with_threads(&p, n),
-            None => Model::load(&p),
+        let model = run_detached(py, move || {
+            let tokenizer = tokenizer
+                .map(|t| Tokenizer::from_sentencepiece_file(&t))
+                .transpose()?;
+            Model::load_with(&p, threads, tokenizer)
         })?;
         Ok(Self {
             inner: Arc::new(model),
@@ -623,10 +633,87 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
+    m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(load_sentencepiece, m)?)?;
     m.add("ModelFormatError", m.py().get_type::<ModelFormatError>())?;
     m.add(
         "ContextOverflowError",
         m.py().get_type::<ContextOverflowError>(),
     )?;
     Ok(())
+}
+
+// ---- SentencePiece tokenizer files (.model) ---------------------------------------------------
+
+/// A tokenizer read from a SentencePiece `.model` file; `encode` and `decode` give the ids
+/// and text of the `sentencepiece` package.
+#[pyclass(name = "Tokenizer", module = "sampler_sdk._engine", frozen)]
+struct PyTokenizer {
+    inner: Arc<Tokenizer>,
+}
+
+#[pymethods]
+impl PyTokenizer {
+    #[pyo3(signature = (text, add_special = false, parse_special = false))]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> PyResult<Vec<u32>> {
+        let tokenizer = Arc::clone(&self.inner);
+        run_detached(py, move || {
+            Ok(tokenizer.encode(&text, add_special, parse_special))
+        })
+    }
+
+    fn decode(&self, py: Python<'_>, token_ids: Vec<u32>) -> PyResult<String> {
+        self.check_ids(&token_ids)?;
+        let tokenizer = Arc::clone(&self.inner);
+        let bytes = run_detached(py, move || Ok(tokenizer.decode(&token_ids, false)))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[pyo3(signature = (token_id, render_special = false))]
+    fn token_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        token_id: u32,
+        render_special: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_ids(&[token_id])?;
+        Ok(PyBytes::new(
+            py,
+            self.inner.token_bytes(token_id, render_special),
+        ))
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+}
+
+impl PyTokenizer {
+    fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
+        let n = self.inner.n_vocab();
+        match ids.iter().find(|&&id| id as usize >= n) {
+            Some(id) => Err(EngineError::invalid(
+                "token_ids",
+                format!("token id {id} is out of range for a vocabulary of {n}"),
+            )
+            .into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads a SentencePiece `.model` file.
+#[pyfunction]
+fn load_sentencepiece(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
+    let tokenizer = run_detached(py, move || Tokenizer::from_sentencepiece_file(&path))?;
+    Ok(PyTokenizer {
+        inner: Arc::new(tokenizer),
+    })
 }

@@ -318,7 +318,8 @@ pub(crate) struct SentencePieceEncoder {
     normalizer: Normalizer,
     denormalizer: Option<Normalizer>,
     user_defined: PrefixMatcher,
-    unk: u32,
+    /// The unknown piece; a model with byte fallback may have none.
+    unk: Option<u32>,
     /// The piece of each byte, when unknown pieces fall back to bytes.
     byte_pieces: Option<Box<[u32; 256]>>,
     unk_surface: String,
@@ -381,15 +382,22 @@ impl SentencePieceEncoder {
         }
         let mut prev_unknown = false;
         for (range, id) in segments {
-            let unknown = self.kinds.get(id as usize) == Some(&PieceType::Unknown);
-            match (&self.byte_pieces, unknown) {
-                (Some(byte_pieces), true) => {
+            let kind = id.and_then(|id| self.kinds.get(id as usize).copied());
+            if let (Some(id), Some(PieceType::Control)) = (id, kind) {
+                out.push(id);
+                prev_unknown = false;
+                continue;
+            }
+            let unknown = matches!(kind, None | Some(PieceType::Unknown));
+            match &self.byte_pieces {
+                Some(byte_pieces) if unknown => {
                     let bytes = normalized.as_bytes().get(range).unwrap_or_default();
                     out.extend(bytes.iter().map(|&b| byte_pieces[usize::from(b)]));
                 }
-                // A run of unknown pieces is one unknown token.
-                (None, true) if prev_unknown => {}
-                _ => out.push(id),
+                // A run of unknown pieces is one unknown token. (Only a model with byte
+                // fallback may lack the unknown piece, so `id` is set here.)
+                _ if unknown && prev_unknown => {}
+                _ => out.extend(id),
             }
             prev_unknown = unknown;
         }
@@ -400,8 +408,8 @@ impl SentencePieceEncoder {
         let tokens = table.tokens();
         let mut text = String::with_capacity(ids.len() * 4);
         let mut byte_run: Vec<u8> = Vec::new();
-        let mut expect_leading_space = true;
-        let mut leading_space_seen = false;
+        // Whether the next piece's leading "▁" is the dummy prefix, to be dropped.
+        let mut at_start = true;
         for &id in ids {
             let (Some(&kind), Some(piece)) = (self.kinds.get(id as usize), tokens.get(id as usize))
             else {
@@ -413,30 +421,33 @@ impl SentencePieceEncoder {
             }
             push_bytes_replacing_invalid(&byte_run, &mut text);
             byte_run.clear();
-            if leading_space_seen || !text.is_empty() {
-                expect_leading_space = false;
+            if !text.is_empty() {
+                at_start = false;
             }
-            leading_space_seen = false;
-            match kind {
-                PieceType::Control => {
-                    if render_special {
-                        text.push_str(piece);
-                    }
+            if kind == PieceType::Control {
+                if render_special {
+                    text.push_str(piece);
                 }
-                PieceType::Unknown => text.push_str(&self.unk_surface),
-                _ => {
-                    let mut piece = piece.as_str();
-                    if expect_leading_space && self.strip_leading_space {
-                        if let Some(rest) = piece.strip_prefix(SPACE_MARK) {
-                            piece = rest;
-                            // With extra whitespace removed, every leading space goes.
-                            leading_space_seen = !self.remove_extra_whitespaces;
-                        }
-                    }
-                    for c in piece.chars() {
-                        text.push(if c == SPACE_MARK { ' ' } else { c });
-                    }
+                continue;
+            }
+            let mut rest = piece.as_str();
+            let mut dropped_prefix = false;
+            if at_start && self.strip_leading_space {
+                if let Some(stripped) = rest.strip_prefix(SPACE_MARK) {
+                    rest = stripped;
+                    // With extra whitespace removed, every leading space goes.
+                    dropped_prefix = !self.remove_extra_whitespaces;
                 }
+            }
+            if kind == PieceType::Unknown {
+                text.push_str(&self.unk_surface);
+            } else {
+                for c in rest.chars() {
+                    text.push(if c == SPACE_MARK { ' ' } else { c });
+                }
+            }
+            if dropped_prefix || !text.is_empty() {
+                at_start = false;
             }
         }
         push_bytes_replacing_invalid(&byte_run, &mut text);
@@ -466,35 +477,60 @@ fn push_bytes_replacing_invalid(mut bytes: &[u8], text: &mut String) {
     }
 }
 
-/// Checks the rules SentencePiece's `InitializePieces` enforces when it loads a model.
-fn validate(model: &ModelProto) -> Result<()> {
+/// SentencePiece rejects pieces this long (bytes).
+const MAX_PIECE_BYTES: usize = 8000;
+
+/// Applies the load-time rewrite of `SentencePieceProcessor::Load` (with byte fallback, a
+/// "\0" piece that converters sometimes add is unused) and checks the rules its
+/// `InitializePieces` and model constructors enforce.
+fn prepare(model: &mut ModelProto) -> Result<()> {
     let context = "SentencePiece model, ModelProto.pieces";
     if model.pieces.is_empty() {
         return Err(EngineError::malformed(context, "the model has no pieces"));
     }
+    let byte_fallback = model.trainer_spec.byte_fallback;
     let mut unk: Option<usize> = None;
     let mut bytes_found = [false; 256];
-    for (id, piece) in model.pieces.iter().enumerate() {
-        if piece.text.is_empty() {
+    for (id, piece) in model.pieces.iter_mut().enumerate() {
+        let at = || format!("{context}[{id}]");
+        if piece.text.len() >= MAX_PIECE_BYTES {
             return Err(EngineError::malformed(
-                format!("{context}[{id}]"),
-                "piece must not be empty",
+                at(),
+                format!("piece of {} bytes is too long", piece.text.len()),
+            ));
+        }
+        if piece.text.is_empty() {
+            return Err(EngineError::malformed(at(), "piece must not be empty"));
+        }
+        if piece.text == "\0" && byte_fallback {
+            piece.kind = PieceType::Unused;
+        }
+        if piece.text.contains('\0') && !(piece.text == "\0" && piece.kind == PieceType::Unused) {
+            return Err(EngineError::malformed(
+                at(),
+                "piece must not contain a NUL character",
+            ));
+        }
+        if model.trainer_spec.model_type == ModelType::Unigram && !piece.score.is_finite() {
+            return Err(EngineError::malformed(
+                at(),
+                format!("score {} is not finite", piece.score),
             ));
         }
         match piece.kind {
             PieceType::Unknown => {
                 if let Some(first) = unk {
                     return Err(EngineError::malformed(
-                        format!("{context}[{id}]"),
+                        at(),
                         format!("a second unknown piece (the first is {first})"),
                     ));
                 }
                 unk = Some(id);
             }
             PieceType::Byte => {
-                if !model.trainer_spec.byte_fallback {
+                if !byte_fallback {
                     return Err(EngineError::malformed(
-                        format!("{context}[{id}]"),
+                        at(),
                         format!(
                             "byte piece {:?} found although trainer_spec.byte_fallback is false",
                             piece.text
@@ -503,7 +539,7 @@ fn validate(model: &ModelProto) -> Result<()> {
                 }
                 let byte = byte_of_piece(&piece.text).ok_or_else(|| {
                     EngineError::malformed(
-                        format!("{context}[{id}]"),
+                        at(),
                         format!("byte piece {:?} is not of the form <0xNN>", piece.text),
                     )
                 })?;
@@ -512,14 +548,19 @@ fn validate(model: &ModelProto) -> Result<()> {
             _ => {}
         }
     }
-    if unk.is_none() {
-        return Err(EngineError::malformed(context, "no piece has type UNKNOWN"));
+    if unk.is_none() && !byte_fallback {
+        return Err(EngineError::malformed(
+            context,
+            "no piece has type UNKNOWN (required without byte_fallback)",
+        ));
     }
-    if model.trainer_spec.byte_fallback {
+    if byte_fallback {
         if let Some(missing) = bytes_found.iter().position(|&found| !found) {
             return Err(EngineError::malformed(
                 context,
-                format!("trainer_spec.byte_fallback is true but there is no byte piece <0x{missing:02X}>"),
+                format!(
+                    "trainer_spec.byte_fallback is true but there is no byte piece <0x{missing:02X}>"
+                ),
             ));
         }
     }
@@ -528,8 +569,8 @@ fn validate(model: &ModelProto) -> Result<()> {
 
 /// Builds the tokenizer for the `.model` file in `data`.
 pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
-    let model = ModelProto::parse(data)?;
-    validate(&model)?;
+    let mut model = ModelProto::parse(data)?;
+    prepare(&mut model)?;
     let ModelProto {
         pieces,
         trainer_spec,
@@ -538,47 +579,30 @@ pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
     } = model;
 
     let kinds: Vec<PieceType> = pieces.iter().map(|p| p.kind).collect();
+    let id_of = |i: usize| u32::try_from(i).ok();
     let unk = kinds
         .iter()
         .position(|&k| k == PieceType::Unknown)
-        .and_then(|i| u32::try_from(i).ok())
-        .ok_or_else(|| EngineError::malformed("SentencePiece model", "no unknown piece"))?;
-    let find = |text: &str, kind: PieceType| -> Option<u32> {
-        let id = pieces
-            .iter()
-            .position(|p| p.text == text && p.kind == kind)?;
-        u32::try_from(id).ok()
-    };
-    let or_default = |text: &str, default: &'static str| -> String {
-        if text.is_empty() { default } else { text }.to_string()
-    };
-    // As SentencePieceProcessor::bos_id() and friends: the id of the named piece, if it has
+        .and_then(id_of);
+    // As SentencePieceProcessor's bos_id() and friends: the id of the named piece, if it has
     // the right type.
-    let bos = find(
-        &or_default(&trainer_spec.bos_piece, "<s>"),
-        PieceType::Control,
-    );
-    let eos = find(
-        &or_default(&trainer_spec.eos_piece, "</s>"),
-        PieceType::Control,
-    );
-    let pad = find(
-        &or_default(&trainer_spec.pad_piece, "<pad>"),
-        PieceType::Control,
-    );
+    let find = |name: &str, default: &str, kind: PieceType| -> Option<u32> {
+        let name = if name.is_empty() { default } else { name };
+        let id = pieces.iter().position(|p| p.text == name)?;
+        (pieces[id].kind == kind).then(|| id_of(id)).flatten()
+    };
+    let bos = find(&trainer_spec.bos_piece, "<s>", PieceType::Control);
+    let eos = find(&trainer_spec.eos_piece, "</s>", PieceType::Control);
+    let pad = find(&trainer_spec.pad_piece, "<pad>", PieceType::Control);
 
     let mut unigram = UnigramParams {
         min_score: f32::MAX,
-        max_score: f32::MIN_POSITIVE,
         max_piece_bytes: 0,
     };
     let mut user_defined = Vec::new();
     for piece in &pieces {
         match piece.kind {
-            PieceType::Normal => {
-                unigram.min_score = unigram.min_score.min(piece.score);
-                unigram.max_score = unigram.max_score.max(piece.score);
-            }
+            PieceType::Normal => unigram.min_score = unigram.min_score.min(piece.score),
             PieceType::UserDefined => user_defined.push(piece.text.as_str()),
             _ => {}
         }
@@ -595,7 +619,7 @@ pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
         let mut table = Box::new([0u32; 256]);
         for (id, piece) in pieces.iter().enumerate() {
             if piece.kind == PieceType::Byte {
-                if let (Some(byte), Ok(id)) = (byte_of_piece(&piece.text), u32::try_from(id)) {
+                if let (Some(byte), Some(id)) = (byte_of_piece(&piece.text), id_of(id)) {
                     table[usize::from(byte)] = id;
                 }
             }
@@ -632,7 +656,7 @@ pub(super) fn tokenizer_from_model(data: &[u8]) -> Result<Tokenizer> {
         scores: pieces.iter().map(|p| p.score).collect(),
         bos,
         eos,
-        unk: Some(unk),
+        unk,
         pad,
         add_space_prefix: normalizer_spec.add_dummy_prefix,
         ..Vocab::default()

@@ -76,49 +76,95 @@ impl PrefixMatcher {
 #[derive(Debug, Clone)]
 struct CharsMap {
     units: Vec<u32>,
+    /// NUL-terminated replacement strings; trie values are offsets into this.
     replacements: Vec<u8>,
 }
 
+/// SentencePiece keeps at most this many prefix matches per position and takes the longest.
+const MAX_TRIE_RESULTS: usize = 32;
+
+fn has_leaf(unit: u32) -> bool {
+    (unit >> 8) & 1 == 1
+}
+
+fn value(unit: u32) -> u32 {
+    unit & 0x7fff_ffff
+}
+
+/// A leaf unit (bit 31 set) has a label no byte can equal.
+fn label(unit: u32) -> u32 {
+    unit & 0x8000_00ff
+}
+
+fn offset(unit: u32) -> usize {
+    ((unit >> 10) << ((unit & (1 << 9)) >> 6)) as usize
+}
+
 impl CharsMap {
+    /// Parses and validates the blob with the checks `sentencepiece` 0.2.3 makes at load.
     fn parse(blob: &[u8], field: &str) -> Result<CharsMap> {
-        let header = blob
-            .get(..4)
-            .filter(|_| blob.len() > 4)
-            .ok_or_else(|| malformed(field, 0, "precompiled_charsmap is too short"))?;
-        let trie_size = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let trie_end = trie_size
-            .checked_add(4)
-            .filter(|&end| end <= blob.len() && trie_size % 4 == 0)
-            .ok_or_else(|| {
-                malformed(
-                    field,
-                    0,
-                    format!(
-                        "precompiled_charsmap trie of {trie_size} bytes does not fit a blob of {} bytes in whole 4-byte units",
-                        blob.len()
-                    ),
-                )
-            })?;
-        let units = blob[4..trie_end]
+        let bad = |what: String| malformed(field, 0, format!("precompiled_charsmap: {what}"));
+        if blob.len() <= 4 {
+            return Err(bad(format!("{} bytes is too short", blob.len())));
+        }
+        let trie_size = u32::from_le_bytes([blob[0], blob[1], blob[2], blob[3]]) as usize;
+        if trie_size >= blob.len() - 4 {
+            return Err(bad(format!(
+                "trie of {trie_size} bytes does not fit the {}-byte blob",
+                blob.len()
+            )));
+        }
+        if trie_size < 1024 || trie_size % 1024 != 0 {
+            return Err(bad(format!(
+                "trie of {trie_size} bytes is not a positive multiple of 1024"
+            )));
+        }
+        let units: Vec<u32> = blob[4..4 + trie_size]
             .chunks_exact(4)
             .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect();
-        Ok(CharsMap {
+        let replacements = blob[4 + trie_size..].to_vec();
+        if replacements.last() != Some(&0) {
+            return Err(bad("replacement strings are not NUL-terminated".into()));
+        }
+        let map = CharsMap {
             units,
-            replacements: blob[trie_end..].to_vec(),
+            replacements,
+        };
+        if !map.is_valid() {
+            return Err(bad("the double-array trie is inconsistent".into()));
+        }
+        Ok(map)
+    }
+
+    /// Darts-clone's `validate`: every transition and leaf value stays inside the arrays, so
+    /// lookups need no further checks (they are still bounds-checked).
+    fn is_valid(&self) -> bool {
+        let size = self.units.len();
+        let Some(&root) = self.units.first() else {
+            return false;
+        };
+        if label(root) != 0 || has_leaf(root) || offset(root) == 0 || (offset(root) | 0xff) >= size
+        {
+            return false;
+        }
+        self.units.iter().enumerate().skip(1).all(|(i, &unit)| {
+            if label(unit) <= 0xff {
+                let child = i ^ offset(unit);
+                (child | 0xff) < size
+                    && !(has_leaf(unit) && self.units.get(child).is_some_and(|&c| label(c) <= 0xff))
+            } else {
+                (value(unit) as usize) < self.replacements.len()
+            }
         })
     }
 
-    /// Darts-clone `commonPrefixSearch`, keeping the longest match: (bytes matched, value).
-    /// A unit index outside the array ends the search (a malformed trie matches less).
+    /// Darts-clone `commonPrefixSearch` keeping the first `MAX_TRIE_RESULTS` matches, of
+    /// which the longest wins: (bytes matched, value).
     fn longest_prefix(&self, key: &[u8]) -> Option<(usize, u32)> {
-        let has_leaf = |unit: u32| (unit >> 8) & 1 == 1;
-        let value = |unit: u32| unit & 0x7fff_ffff;
-        let label = |unit: u32| unit & 0x8000_00ff;
-        let offset = |unit: u32| ((unit >> 10) << ((unit & (1 << 9)) >> 6)) as usize;
-
         let mut node = offset(*self.units.first()?);
         let mut longest = None;
+        let mut found = 0;
         for (i, &byte) in key.iter().enumerate() {
             node ^= usize::from(byte);
             let unit = *self.units.get(node)?;
@@ -127,23 +173,23 @@ impl CharsMap {
             }
             node ^= offset(unit);
             if has_leaf(unit) {
-                match self.units.get(node) {
-                    Some(&leaf) => longest = Some((i + 1, value(leaf))),
-                    None => break,
+                let leaf = *self.units.get(node)?;
+                found += 1;
+                if found > MAX_TRIE_RESULTS {
+                    break;
                 }
+                longest = Some((i + 1, value(leaf)));
             }
         }
         longest
     }
 
-    /// The NUL-terminated replacement at `value`. A value outside the table or text that is
-    /// not UTF-8 (only a malformed file has either) becomes U+FFFD.
-    fn replacement(&self, value: u32) -> &str {
-        let Some(tail) = self.replacements.get(value as usize..) else {
-            return "\u{fffd}";
-        };
+    /// The NUL-terminated replacement at `value`, if it lies in the table and is UTF-8
+    /// (validation guarantees the first; only a malformed file breaks the second).
+    fn replacement(&self, value: u32) -> Option<&str> {
+        let tail = self.replacements.get(value as usize..)?;
         let end = tail.iter().position(|&b| b == 0).unwrap_or(tail.len());
-        std::str::from_utf8(&tail[..end]).unwrap_or("\u{fffd}")
+        std::str::from_utf8(&tail[..end]).ok()
     }
 }
 
@@ -186,14 +232,12 @@ impl Normalizer {
         if let Some(len) = user_defined.and_then(|m| m.longest_match(input)) {
             return (&input[..len], len);
         }
-        if let Some((len, value)) = self
-            .charsmap
-            .as_ref()
-            .and_then(|map| map.longest_prefix(input.as_bytes()))
-        {
-            if let Some(map) = &self.charsmap {
-                return (map.replacement(value), len);
-            }
+        let rule = self.charsmap.as_ref().and_then(|map| {
+            let (len, value) = map.longest_prefix(input.as_bytes())?;
+            Some((map.replacement(value)?, len))
+        });
+        if let Some((replacement, len)) = rule.filter(|&(_, len)| len <= input.len()) {
+            return (replacement, len);
         }
         let len = input.chars().next().map_or(0, char::len_utf8);
         (&input[..len], len)
@@ -354,28 +398,41 @@ mod tests {
     }
 
     #[test]
-    fn malformed_charsmaps_are_errors_or_match_less() {
+    fn malformed_charsmaps_are_load_errors() {
         let short = NormalizerSpec {
             precompiled_charsmap: vec![1, 0, 0, 0],
             ..NormalizerSpec::default()
         };
         assert!(Normalizer::new(&short, false, "normalizer_spec").is_err());
         let oversized = NormalizerSpec {
-            precompiled_charsmap: vec![200, 0, 0, 0, 1, 2, 3, 4],
+            precompiled_charsmap: vec![0, 4, 0, 0, 1, 2, 3, 4],
             ..NormalizerSpec::default()
         };
         let err = Normalizer::new(&oversized, false, "normalizer_spec")
             .unwrap_err()
             .to_string();
         assert!(err.contains("normalizer_spec"), "{err}");
-        // A trie whose offsets point outside the array finds nothing.
+        // A trie whose transitions leave the array is rejected at load, as sentencepiece does.
         let mut blob = Vec::new();
-        blob.extend_from_slice(&4u32.to_le_bytes());
+        blob.extend_from_slice(&1024u32.to_le_bytes());
         blob.extend_from_slice(&(0xffff_ffffu32 & !0x1ff).to_le_bytes());
+        blob.extend_from_slice(&[0; 1020]);
+        blob.extend_from_slice(b"a\0");
         let wild = NormalizerSpec {
             precompiled_charsmap: blob,
             ..spec(false, false, true)
         };
-        assert_eq!(normalize(&wild, false, "abc"), "abc");
+        let err = Normalizer::new(&wild, false, "normalizer_spec")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("inconsistent"), "{err}");
+        // Replacement strings must end with NUL.
+        let mut unterminated = tiny_charsmap();
+        unterminated.pop();
+        let spec = NormalizerSpec {
+            precompiled_charsmap: unterminated,
+            ..NormalizerSpec::default()
+        };
+        assert!(Normalizer::new(&spec, false, "normalizer_spec").is_err());
     }
 }

@@ -1,6 +1,7 @@
-//! The four SentencePiece segmenters over normalized text. Each appends `(piece range, id)`
-//! pairs covering the text in order; `id` is the unknown piece's when the piece is not in the
-//! vocabulary (the caller turns those into byte pieces or one merged unknown).
+//! The four SentencePiece segmenters over normalized text, as `sentencepiece` 0.2.3 runs
+//! them. Each appends `(piece range, id)` pairs covering the text in order; the id is `None`
+//! or the unknown piece's when the piece is not in the vocabulary (the caller turns those into
+//! byte pieces or one merged unknown).
 
 use std::cmp::Ordering;
 use std::collections::{BinaryHeap, HashMap};
@@ -16,7 +17,8 @@ pub(super) struct Pieces<'a> {
     pub table: &'a TokenTable,
     pub kinds: &'a [PieceType],
     pub scores: &'a [f32],
-    pub unk: u32,
+    /// The unknown piece; a model with byte fallback may have none.
+    pub unk: Option<u32>,
 }
 
 impl Pieces<'_> {
@@ -31,13 +33,8 @@ impl Pieces<'_> {
         self.scores.get(id as usize).copied().unwrap_or(0.0)
     }
 
-    /// SentencePiece's `PieceToId`: any piece, else the unknown piece.
-    fn piece_to_id(&self, piece: &str) -> u32 {
-        self.table.get(piece).unwrap_or(self.unk)
-    }
-
     /// A piece the segmenters may produce: normal, user-defined or unused (control, unknown
-    /// and byte pieces are reserved and only ever looked up whole).
+    /// and byte pieces are reserved).
     fn segment_id(&self, piece: &str) -> Option<u32> {
         self.table.get(piece).filter(|&id| {
             matches!(
@@ -46,9 +43,17 @@ impl Pieces<'_> {
             )
         })
     }
+
+    /// A whole word or character: its piece, with unused and reserved pieces unknown.
+    fn lookup_or_unknown(&self, piece: &str) -> Option<u32> {
+        match self.segment_id(piece) {
+            Some(id) if self.kind(id) != PieceType::Unused => Some(id),
+            _ => self.unk,
+        }
+    }
 }
 
-pub(super) type Segments = Vec<(Range<usize>, u32)>;
+pub(super) type Segments = Vec<(Range<usize>, Option<u32>)>;
 
 #[derive(Debug, Clone, Copy)]
 struct Symbol {
@@ -83,12 +88,52 @@ impl PartialOrd for Pair {
 }
 
 impl Ord for Pair {
-    /// The heap's maximum is merged first: highest score, then leftmost.
+    /// The heap's maximum is merged first: highest score (SentencePiece orders scores by their
+    /// bits, which is `total_cmp`), then leftmost.
     fn cmp(&self, other: &Self) -> Ordering {
         self.score
             .total_cmp(&other.score)
             .then_with(|| other.left.cmp(&self.left))
             .then_with(|| other.right.cmp(&self.right))
+    }
+}
+
+/// Merged text -> the two texts it was made of, for merges into unused pieces.
+type UnusedMerges<'t> = HashMap<&'t str, (Range<usize>, Range<usize>)>;
+
+/// How deep SentencePiece splits unused pieces back before giving up.
+const MAX_RESEGMENT_DEPTH: usize = 100;
+
+/// Queues the merge of `left` and `right` if their concatenation is a piece.
+fn push_pair<'t>(
+    text: &'t str,
+    pieces: Pieces<'_>,
+    symbols: &[Symbol],
+    queue: &mut BinaryHeap<Pair>,
+    unused_merges: &mut UnusedMerges<'t>,
+    left: usize,
+    right: usize,
+) {
+    let (l, r) = (symbols[left], symbols[right]);
+    if l.frozen || r.frozen {
+        return;
+    }
+    let size = l.len + r.len;
+    // Live symbols are contiguous in `text`, so the pair's text is one slice.
+    let Some(merged) = text.get(l.start..l.start + size) else {
+        return;
+    };
+    let Some(id) = pieces.segment_id(merged) else {
+        return;
+    };
+    queue.push(Pair {
+        score: pieces.score(id),
+        left,
+        right,
+        size,
+    });
+    if pieces.kind(id) == PieceType::Unused {
+        unused_merges.insert(merged, (l.start..l.start + l.len, r.start..r.start + r.len));
     }
 }
 
@@ -122,7 +167,6 @@ pub(super) fn bpe(
         pos += len;
     }
 
-    // Merged text -> the two texts it was made of, for merges into unused pieces.
     let mut unused_merges = UnusedMerges::new();
     let mut queue = BinaryHeap::new();
     for right in 1..symbols.len() {
@@ -172,88 +216,73 @@ pub(super) fn bpe(
         }
     }
 
-    let mut pending: Vec<Range<usize>> = Vec::new();
+    // Depth-first, left before right, without recursion.
+    let mut pending: Vec<(Range<usize>, usize)> = Vec::new();
     let mut index = if symbols.is_empty() { None } else { Some(0) };
     while let Some(i) = index {
         let symbol = symbols[i];
         index = symbol.next;
-        // Depth-first, left before right, without recursion (a hostile vocabulary could
-        // chain unused merges as deep as the text is long).
-        pending.push(symbol.start..symbol.start + symbol.len);
-        while let Some(range) = pending.pop() {
+        pending.push((symbol.start..symbol.start + symbol.len, 0));
+        while let Some((range, depth)) = pending.pop() {
             let piece = &text[range.clone()];
-            let id = pieces.piece_to_id(piece);
+            let id = pieces.table.get(piece);
+            if depth > MAX_RESEGMENT_DEPTH {
+                out.push((range, id.or(pieces.unk)));
+                continue;
+            }
+            let Some(id) = pieces.segment_id(piece) else {
+                out.push((range, pieces.unk));
+                continue;
+            };
+            if pieces.kind(id) != PieceType::Unused {
+                out.push((range, Some(id)));
+                continue;
+            }
             match unused_merges.get(piece) {
-                Some((left, right)) if pieces.kind(id) == PieceType::Unused => {
-                    pending.push(right.clone());
-                    pending.push(left.clone());
+                Some((left, right)) => {
+                    pending.push((right.clone(), depth + 1));
+                    pending.push((left.clone(), depth + 1));
                 }
-                _ => out.push((range, id)),
+                None => out.push((range, pieces.unk)),
             }
         }
-    }
-}
-
-type UnusedMerges<'t> = HashMap<&'t str, (Range<usize>, Range<usize>)>;
-
-/// Queues the merge of `left` and `right` if their concatenation is a piece.
-fn push_pair<'t>(
-    text: &'t str,
-    pieces: Pieces<'_>,
-    symbols: &[Symbol],
-    queue: &mut BinaryHeap<Pair>,
-    unused_merges: &mut UnusedMerges<'t>,
-    left: usize,
-    right: usize,
-) {
-    let (l, r) = (symbols[left], symbols[right]);
-    if l.frozen || r.frozen {
-        return;
-    }
-    let size = l.len + r.len;
-    // Live symbols are contiguous in `text`, so the pair's text is one slice.
-    let Some(merged) = text.get(l.start..l.start + size) else {
-        return;
-    };
-    let Some(id) = pieces.segment_id(merged) else {
-        return;
-    };
-    queue.push(Pair {
-        score: pieces.score(id),
-        left,
-        right,
-        size,
-    });
-    if pieces.kind(id) == PieceType::Unused {
-        unused_merges.insert(merged, (l.start..l.start + l.len, r.start..r.start + r.len));
     }
 }
 
 /// Parameters of the unigram model that SentencePiece derives from the whole vocabulary.
 #[derive(Debug, Clone, Copy)]
 pub(super) struct UnigramParams {
-    /// Lowest and highest score of a normal piece (`FLT_MAX` and `FLT_MIN` when there is none).
+    /// Lowest score of a normal piece (`f32::MAX` when there is none).
     pub min_score: f32,
-    pub max_score: f32,
     /// Longest piece the lattice can contain, in bytes.
     pub max_piece_bytes: usize,
 }
 
 /// Penalty SentencePiece gives an unknown character below the lowest piece score.
 const UNK_PENALTY: f32 = 10.0;
+/// Running scores beyond this are rebased to zero, to keep f32 sums precise on long inputs.
+const SCORE_RESET_THRESHOLD: f32 = 100_000.0;
 
 #[derive(Debug, Clone, Copy)]
 struct BestPath {
-    id: u32,
+    id: Option<u32>,
     score: f32,
     starts_at: Option<usize>,
 }
 
-/// Unigram Viterbi as SentencePiece's optimized encoder runs it: for each position, the best
-/// path ending there; a piece extends the best path ending at its start. A user-defined piece
-/// scores `bytes * max_score - 0.1` so that it always wins; a character no piece starts with
-/// becomes one unknown node. Ties keep the first candidate found (earlier start, then shorter).
-/// The arithmetic follows the C++ types: scores are summed in double and stored in float.
+/// A user-defined piece's score: `0.1 * (bytes - 1)`, which makes the longest user-defined
+/// match win (computed in double and stored as float, as the C++ does).
+fn user_defined_score(bytes: usize) -> f32 {
+    (0.1 * (bytes as f64 - 1.0)) as f32
+}
+
+/// Unigram Viterbi as SentencePiece's optimized encoder runs it: for each byte position, the
+/// best path ending there; a piece extends the best path ending at its start. A character no
+/// piece starts with becomes one unknown node scoring 10 below the lowest piece. Ties keep
+/// the first candidate found (earlier start, then shorter piece). Everything is `f32`, and a
+/// running score past ±100,000 is rebased to 0 along with the paths it can still reach: the
+/// rounding of these sums decides ties between equal-scoring arrangements of repeated pieces,
+/// so it must be the library's.
 pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out: &mut Segments) {
     let size = text.len();
     if size == 0 {
@@ -262,15 +291,25 @@ pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out
     let unk_score = params.min_score - UNK_PENALTY;
     let mut best = vec![
         BestPath {
-            id: pieces.unk,
+            id: None,
             score: 0.0,
             starts_at: None,
         };
         size + 1
     ];
+    let mut max_frontier = 0usize;
     let mut starts_at = 0;
     while starts_at < size {
-        let best_here = best[starts_at].score;
+        let mut best_here = best[starts_at].score;
+        if best_here < -SCORE_RESET_THRESHOLD || best_here > SCORE_RESET_THRESHOLD {
+            let offset = best_here;
+            for i in starts_at..=max_frontier.min(size) {
+                if i == starts_at || best[i].starts_at.is_some() {
+                    best[i].score -= offset;
+                }
+            }
+            best_here = 0.0;
+        }
         let rest = &text[starts_at..];
         let char_len = rest.chars().next().map_or(1, char::len_utf8);
         let mut has_single_char_piece = false;
@@ -287,17 +326,18 @@ pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out
             if kind == PieceType::Unused {
                 continue;
             }
+            max_frontier = max_frontier.max(starts_at + end);
             let score = if kind == PieceType::UserDefined {
-                f64::from(end as f32 * params.max_score) - 0.1
+                user_defined_score(end)
             } else {
-                f64::from(pieces.score(id))
+                pieces.score(id)
             };
-            let candidate = score + f64::from(best_here);
+            let candidate = score + best_here;
             let target = &mut best[starts_at + end];
-            if target.starts_at.is_none() || candidate > f64::from(target.score) {
+            if target.starts_at.is_none() || candidate > target.score {
                 *target = BestPath {
-                    id,
-                    score: candidate as f32,
+                    id: Some(id),
+                    score: candidate,
                     starts_at: Some(starts_at),
                 };
             }
@@ -306,6 +346,7 @@ pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out
             }
         }
         if !has_single_char_piece {
+            max_frontier = max_frontier.max(starts_at + char_len);
             let candidate = unk_score + best_here;
             let target = &mut best[starts_at + char_len];
             if target.starts_at.is_none() || candidate > target.score {
@@ -340,12 +381,12 @@ pub(super) fn word(text: &str, pieces: Pieces<'_>, out: &mut Segments) {
     let mut start = 0;
     for (i, c) in text.char_indices() {
         if c == SPACE_MARK && i > start {
-            out.push((start..i, pieces.piece_to_id(&text[start..i])));
+            out.push((start..i, pieces.lookup_or_unknown(&text[start..i])));
             start = i;
         }
     }
     if start < text.len() {
-        out.push((start..text.len(), pieces.piece_to_id(&text[start..])));
+        out.push((start..text.len(), pieces.lookup_or_unknown(&text[start..])));
     }
 }
 
@@ -362,7 +403,10 @@ pub(super) fn character(
         if len == 0 {
             break;
         }
-        out.push((pos..pos + len, pieces.piece_to_id(&text[pos..pos + len])));
+        out.push((
+            pos..pos + len,
+            pieces.lookup_or_unknown(&text[pos..pos + len]),
+        ));
         pos += len;
     }
 }
