@@ -18,9 +18,9 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    common_blocks, f16_gather4, high_bits, hsum, load128, load256, q8_0_q8_0, row_kernel, set,
-    small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format,
-    RowKernel, SmallFormat,
+    common_blocks, f16_gather4, high_bits, hsum, load128, load256, next_rows, prefetch, q8_0_q8_0,
+    row_kernel, set, small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format,
+    Q5_1Format, RowKernel, SmallFormat,
 };
 use super::GgmlType;
 
@@ -107,11 +107,15 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
+    let next = next_rows(&rows);
     let low4 = _mm512_set1_epi8(0x0F);
     // Row k in lanes 4k..4k+4.
     let mut acc = _mm512_setzero_ps();
     let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let y = a.add(b * F::ACT);
         let x = w.map(|w| w.add(b * F::SIZE));
         let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
@@ -186,8 +190,12 @@ unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
     let flip = _mm512_set1_epi8(-128);
+    let next = next_rows(&rows);
     let mut acc = [_mm512_setzero_ps(); 2];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * SIZE), 4 * SIZE);
+        }
         let y = a.add(b * SIZE);
         let x = w.map(|w| w.add(b * SIZE));
         let qy = _mm512_broadcast_i64x4(load256(y.add(2)));
