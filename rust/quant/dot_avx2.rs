@@ -38,6 +38,8 @@ use super::GgmlType;
 /// bits of four `one` calls when all rows hold the same number of blocks.
 pub(super) trait RowKernel {
     const TY: GgmlType;
+    /// The proof of CPU support [`set`] demands before it installs the kernel.
+    type Proof: Copy;
     /// Whether `four` beats four `one` calls. It does not for the K-quant and float
     /// kernels: their per-row state is large, and sharing a 256-element activation block
     /// (already in L1) saves little next to the register spills of four rows.
@@ -65,12 +67,12 @@ pub(super) fn common_blocks<const R: usize>(
     blocks
 }
 
-/// The kernel set's [`DotFn`] and [`Dot4Fn`] for `K`. The caller vouches that the CPU runs
-/// `K`'s instructions; the functions are only reachable through the table it fills.
-pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
+/// Safe [`DotFn`] and [`Dot4Fn`] for `K`, given the proof that the CPU runs `K`'s
+/// instructions.
+fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn) {
     fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
-        // SAFETY: `entry_points` is only called by `install` functions holding a proof of
-        // the CPU features (dispatch::Avx2Checked / Avx512Checked).
+        // SAFETY: these functions only leave `entry_points`, which demands a `K::Proof`,
+        // and a proof only exists once the CPU has been found to run `K`'s instructions.
         unsafe { K::one(row, act, n) }
     }
     fn four<K: RowKernel>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
@@ -90,18 +92,21 @@ pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
     (single::<K>, four::<K>)
 }
 
-pub(super) fn set<K: RowKernel>(table: &mut Kernels) {
-    let (single, four) = entry_points::<K>();
+/// Installs `K` in `table`.
+pub(super) fn set<K: RowKernel>(table: &mut Kernels, proof: K::Proof) {
+    let (single, four) = entry_points::<K>(proof);
     table.set_dot(K::TY, single, four);
 }
 
-/// Declares a [`RowKernel`] named `$name` for `$ty`, either from one `#[target_feature]`
+/// Declares a [`RowKernel`] named `$name` for `$ty` (requiring the `Proof` type in scope
+/// where it is invoked), either from one `#[target_feature]`
 /// function generic over the row count, or from separate single- and four-row functions.
 macro_rules! row_kernel {
     ($name:ident, $ty:expr, $f:ident) => {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
+            type Proof = Proof;
             unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
                 $f::<1>([row], act, n)[0]
             }
@@ -114,6 +119,7 @@ macro_rules! row_kernel {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
+            type Proof = Proof;
             const FUSED_FOUR: bool = false;
             unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
                 $f::<1>([row], act, n)[0]
@@ -127,6 +133,7 @@ macro_rules! row_kernel {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
+            type Proof = Proof;
             unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
                 $one(row, act, n)
             }
@@ -175,26 +182,29 @@ row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
 row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
-pub(super) fn install(table: &mut Kernels, _proof: Avx2Checked) {
-    set::<Q4_0>(table);
-    set::<Q4_1>(table);
-    set::<Q5_0>(table);
-    set::<Q5_1>(table);
-    set::<Q8_0>(table);
-    set::<Q8_1>(table);
-    set::<Q2K>(table);
-    set::<Q3K>(table);
-    set::<Q4K>(table);
-    set::<Q5K>(table);
-    set::<Q6K>(table);
-    set::<Q8K>(table);
-    set::<F32>(table);
-    set::<F16>(table);
-    set::<BF16>(table);
+pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
+    set::<Q4_0>(table, proof);
+    set::<Q4_1>(table, proof);
+    set::<Q5_0>(table, proof);
+    set::<Q5_1>(table, proof);
+    set::<Q8_0>(table, proof);
+    set::<Q8_1>(table, proof);
+    set::<Q2K>(table, proof);
+    set::<Q3K>(table, proof);
+    set::<Q4K>(table, proof);
+    set::<Q5K>(table, proof);
+    set::<Q6K>(table, proof);
+    set::<Q8K>(table, proof);
+    set::<F32>(table, proof);
+    set::<F16>(table, proof);
+    set::<BF16>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     table.quantize_q8_k = quantize_q8_k;
 }
+
+/// The proof the kernels of this module need.
+type Proof = Avx2Checked;
 
 fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     // SAFETY: only reachable through `install`, which holds an `Avx2Checked`.
@@ -249,7 +259,7 @@ pub(super) unsafe fn f16_gather4(ptrs: [*const u8; 4]) -> __m128 {
 /// in memory (rows of one matrix), so a matvec's next four-row call reads there. The
 /// multi-row kernels prefetch those bytes block by block: reading four rows side by side
 /// makes four short streams, which the hardware prefetcher does not follow, and without the
-/// prefetch a four-row matvec streams from DRAM at half the rate of a single-row one.
+/// prefetch a four-row matvec streams from DRAM at a quarter to half the rate of a single-row one.
 #[inline(always)]
 pub(super) fn next_rows<const R: usize>(rows: &[&[u8]; R]) -> Option<*const u8> {
     // (Prefetching two calls ahead instead was measured slower.)

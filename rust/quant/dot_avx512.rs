@@ -24,6 +24,9 @@ use super::dot_avx2::{
 };
 use super::GgmlType;
 
+/// The proof the kernels of this module need.
+type Proof = Avx512Checked;
+
 row_kernel!(
     Q4_0,
     GgmlType::Q4_0,
@@ -56,17 +59,17 @@ row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
-pub(super) fn install(table: &mut Kernels, _proof: Avx512Checked) {
-    set::<Q4_0>(table);
-    set::<Q4_1>(table);
-    set::<Q5_0>(table);
-    set::<Q5_1>(table);
-    set::<Q8_0>(table);
-    set::<Q2K>(table);
-    set::<Q3K>(table);
-    set::<Q4K>(table);
-    set::<Q5K>(table);
-    set::<Q6K>(table);
+pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
+    set::<Q4_0>(table, proof);
+    set::<Q4_1>(table, proof);
+    set::<Q5_0>(table, proof);
+    set::<Q5_1>(table, proof);
+    set::<Q8_0>(table, proof);
+    set::<Q2K>(table, proof);
+    set::<Q3K>(table, proof);
+    set::<Q4K>(table, proof);
+    set::<Q5K>(table, proof);
+    set::<Q6K>(table, proof);
 }
 
 /// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
