@@ -334,12 +334,17 @@ def test_client_cancel_stops_the_engine(smollm_path, local_stub):
 def test_sigterm_ends_streams_cleanly_and_exits_zero(smollm_path, tmp_path):
     proc = ServerProcess(smollm_path, ["--shutdown-grace", "1"], log_dir=tmp_path)
     outcome = {}
+    # Long enough that no engine finishes it within the grace period, and with the
+    # end-of-generation tokens banned so the stream cannot end early on its own.
+    max_len = 4000
 
     async def stream_until_shutdown(stub):
         sampler = AsyncSampler(stub, initial_rng_seed=1)
         tokens = 0
         try:
-            async for _ in sampler.sample(inputs=("Tell me a long story:",), max_len=400):
+            async for _ in sampler.sample(
+                inputs=("Tell me a long story:",), max_len=max_len, disallowed_tokens=[0, 2, 4]
+            ):
                 tokens += 1
                 if tokens == 1:
                     proc.process.send_signal(signal.SIGTERM)
@@ -347,15 +352,17 @@ def test_sigterm_ends_streams_cleanly_and_exits_zero(smollm_path, tmp_path):
             outcome["error"] = exc
         outcome["tokens"] = tokens
 
-    start = time.monotonic()
-    run(GrpcStub(proc.address), stream_until_shutdown)
-    assert proc.process.wait(30) == 0
-    assert time.monotonic() - start < 30
-    assert 1 <= outcome["tokens"] < 400
-    events = [line["event"] for line in proc.log_lines()]
-    assert events.index("shutting_down") < events.index("stopped") == len(events) - 1
-    assert proc.requests("/Sample")[-1]["outcome"] == "CANCELLED_BY_SHUTDOWN"
-    proc.stop()
+    try:
+        start = time.monotonic()
+        run(GrpcStub(proc.address), stream_until_shutdown)
+        assert proc.process.wait(30) == 0
+        assert time.monotonic() - start < 30
+        assert 1 <= outcome["tokens"] < max_len
+        events = [line["event"] for line in proc.log_lines()]
+        assert events.index("shutting_down") < events.index("stopped") == len(events) - 1
+        assert proc.requests("/Sample")[-1]["outcome"] == "CANCELLED_BY_SHUTDOWN"
+    finally:
+        proc.stop()
 
 
 def test_budgets_persist_and_are_charged_once_under_concurrency(smollm_path, tmp_path):
