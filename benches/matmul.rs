@@ -122,5 +122,27 @@ fn bench_decode_step(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_products, bench_decode_step);
+/// The fixed cost of one parallel region: a decode step runs about 150 of them.
+fn bench_pool(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pool");
+    for threads in THREADS {
+        let Ok(pool) = ThreadPool::new(threads) else {
+            continue;
+        };
+        group.bench_function(
+            BenchmarkId::new("empty_region", format!("{threads}t")),
+            |b| {
+                // Two chunks' worth of trivial items, so the region is really shared.
+                b.iter(|| {
+                    pool.parallel_for(2 * threads, 1, |r| {
+                        black_box(r);
+                    })
+                });
+            },
+        );
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_pool, bench_products, bench_decode_step);
 criterion_main!(benches);

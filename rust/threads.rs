@@ -4,22 +4,27 @@
 //! attention of every layer), each lasting tens of microseconds, so starting threads per
 //! region or queueing boxed tasks would cost as much as the work. The pool instead keeps
 //! `n - 1` threads waiting for a new *region*: the calling thread publishes one borrowed
-//! closure, every thread (the caller included, as thread 0) runs it with its own index, and
-//! the caller returns once all have finished. Waiting threads spin briefly, then yield,
-//! then sleep on a condition variable, so back-to-back regions cost well under a
-//! microsecond while an idle pool costs no CPU.
+//! closure and starts on it at once; workers join as they notice it. Waiting threads spin
+//! briefly, then yield, then sleep on a condition variable, so back-to-back regions cost
+//! well under a microsecond while an idle pool costs no CPU.
 //!
-//! **Determinism.** Work is split statically ([`split_range`]): which thread computes an
-//! output depends on the thread count, but how it is computed does not, so every kernel
-//! built on the pool gives bit-identical results for any thread count.
+//! **Work sharing.** [`ThreadPool::parallel_for`] cuts the items into chunks (multiples of
+//! a grain) that threads claim from a shared counter. When the machine is busy and a worker
+//! is not running, the caller simply takes its chunks: a region never waits for a thread
+//! that has not started (the region is *closed* once every chunk is claimed, and a worker
+//! arriving later leaves without touching it). A fixed split would instead stall every
+//! region until the descheduled thread got a time slice.
 //!
-//! **Concurrency policy.** One region runs at a time per pool: [`ThreadPool::run`] takes a
-//! lock, so several sequences generating on their own threads share the pool region by
-//! region, and at most `n_threads` threads compute at any moment (no oversubscription).
-//! Pools are shared process-wide by thread count ([`ThreadPool::shared`]), so two models
-//! loaded with the same thread count do not double the number of busy threads either.
-//! A region started from inside another region of the same pool runs serially on the
-//! calling thread instead of deadlocking.
+//! **Determinism.** Kernels built on the pool compute every output (a row of a matrix
+//! product, an attention head of one token) entirely within one chunk, the same way
+//! whichever thread claims it, so results are bit-identical for any thread count.
+//!
+//! **Concurrency policy.** One region runs at a time per pool: regions take a lock, so
+//! several sequences generating on their own threads share the pool region by region, and
+//! at most `n_threads` threads compute at any moment (no oversubscription). Pools are
+//! shared process-wide by thread count ([`ThreadPool::shared`]), so two models loaded with
+//! the same thread count do not double the number of busy threads either. A region started
+//! from inside a region runs serially on the calling thread instead of deadlocking.
 
 use std::cell::{Cell, UnsafeCell};
 use std::collections::HashMap;
@@ -108,18 +113,6 @@ fn parse_thread_count(what: &str, text: &str) -> Result<usize> {
     }
 }
 
-/// The part of `0..n_items` that part `part` of `n_parts` handles: contiguous, in order,
-/// boundaries on multiples of `grain` (except the end), sizes differing by at most one
-/// grain. The same arguments always give the same range.
-pub fn split_range(n_items: usize, grain: usize, n_parts: usize, part: usize) -> Range<usize> {
-    let grain = grain.max(1);
-    let n_parts = n_parts.max(1);
-    let chunks = n_items.div_ceil(grain);
-    let first = chunks * part / n_parts;
-    let last = chunks * (part + 1) / n_parts;
-    (first * grain).min(n_items)..(last * grain).min(n_items)
-}
-
 /// A borrowed closure with its lifetime erased, as the workers see it.
 #[derive(Clone, Copy)]
 struct Job {
@@ -127,27 +120,37 @@ struct Job {
     call: unsafe fn(*const (), usize),
 }
 
-/// Calls the closure behind `data`, which `publish` created from a `&F`.
-unsafe fn call_job<F: Fn(usize) + Sync>(data: *const (), thread: usize) {
-    // SAFETY: `data` came from `&F` in `ThreadPool::run`, which does not return (nor unwind)
-    // before every worker has finished calling it.
+/// Calls the closure behind `data`, which `ThreadPool::region` created from a `&F`.
+unsafe fn call_job<F: Fn(usize) + Sync>(data: *const (), slot: usize) {
+    // SAFETY: `data` came from `&F` in `ThreadPool::region`, which does not return (nor
+    // unwind) while a worker that joined the region is still inside it.
     let work = unsafe { &*data.cast::<F>() };
-    work(thread);
+    work(slot);
+}
+
+/// `Shared::state` packs the region's tag (low 32 bits of its epoch), a closed flag and the
+/// number of workers inside it, so joining is one compare-and-swap that fails for a closed
+/// or already-replaced region.
+const TAG_SHIFT: u32 = 32;
+const CLOSED: u64 = 1 << 31;
+const ACTIVE_MASK: u64 = CLOSED - 1;
+
+fn tag_of(epoch: u64) -> u64 {
+    (epoch & 0xFFFF_FFFF) << TAG_SHIFT
 }
 
 /// State shared between the caller of a region and the workers.
 struct Shared {
-    /// Bumped once per region (and once at shutdown); a worker runs the job when it sees a
-    /// value it has not run yet.
+    /// Bumped once per region (and once at shutdown); workers wait for it to change.
     epoch: CachePadded<AtomicU64>,
-    /// Workers that have not finished the current region.
-    remaining: CachePadded<AtomicUsize>,
-    /// Written only by the thread holding `ThreadPool::region`, while no worker is running.
+    /// Tag | CLOSED | workers inside the current region (see `TAG_SHIFT`).
+    state: CachePadded<AtomicU64>,
+    /// Written only by the thread holding `ThreadPool::region`, while no worker is inside.
     job: UnsafeCell<Job>,
     shutdown: AtomicBool,
     worker_panicked: AtomicBool,
     /// Sleeping is the slow path: workers waiting for a region, or the caller waiting for
-    /// workers, announce themselves here before blocking on `sleep`.
+    /// workers to leave one, announce themselves here before blocking on `sleep`.
     sleep: Mutex<()>,
     workers_sleeping: AtomicUsize,
     wake_workers: Condvar,
@@ -155,10 +158,10 @@ struct Shared {
     wake_caller: Condvar,
 }
 
-// SAFETY: `job` is the only non-Sync field. It is written by the region's caller before the
-// epoch is published (Release) and read by workers after they observe it (Acquire); no
-// worker reads it after decrementing `remaining`, and the caller writes it again only after
-// seeing `remaining == 0` (Acquire). The pointer inside is only dereferenced by `call_job`.
+// SAFETY: `job` is the only non-Sync field. The caller writes it before publishing the
+// region's state and epoch (SeqCst); a worker reads it only after joining that region
+// (a successful compare-and-swap on `state` with the region's tag, not closed), and the
+// caller writes it again only after closing the region and seeing no worker inside.
 unsafe impl Sync for Shared {}
 unsafe impl Send for Shared {}
 
@@ -221,20 +224,43 @@ impl Shared {
         self.epoch.load(Ordering::Acquire)
     }
 
-    fn publish(&self, job: Job, workers: usize) {
-        // SAFETY: the caller holds the region lock and every worker has finished the
-        // previous region (remaining == 0 was observed), so nobody reads `job` now.
+    /// Opens a new region running `job`; the caller holds the region lock and the previous
+    /// region is closed with no worker inside.
+    fn publish(&self, job: Job) {
+        // SAFETY: see `Shared`: no worker is inside a region, so nobody reads `job` now.
         unsafe { *self.job.get() = job };
-        self.remaining.store(workers, Ordering::Relaxed);
-        self.epoch.fetch_add(1, Ordering::SeqCst);
+        let epoch = self.epoch.load(Ordering::Relaxed) + 1;
+        self.state.store(tag_of(epoch), Ordering::SeqCst);
+        self.epoch.store(epoch, Ordering::SeqCst);
         if self.workers_sleeping.load(Ordering::SeqCst) > 0 {
             let _guard = lock(&self.sleep);
             self.wake_workers.notify_all();
         }
     }
 
-    fn finish_one(&self) {
-        if self.remaining.fetch_sub(1, Ordering::SeqCst) == 1
+    /// Enters the region of `epoch` if it is still open; false if it closed or moved on.
+    fn try_join(&self, epoch: u64) -> bool {
+        let mut state = self.state.load(Ordering::Acquire);
+        loop {
+            if state & !(CLOSED | ACTIVE_MASK) != tag_of(epoch) || state & CLOSED != 0 {
+                return false;
+            }
+            match self.state.compare_exchange_weak(
+                state,
+                state + 1,
+                Ordering::SeqCst,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return true,
+                Err(now) => state = now,
+            }
+        }
+    }
+
+    fn leave(&self) {
+        let before = self.state.fetch_sub(1, Ordering::SeqCst);
+        if before & ACTIVE_MASK == 1
+            && before & CLOSED != 0
             && self.caller_sleeping.load(Ordering::SeqCst)
         {
             let _guard = lock(&self.sleep);
@@ -242,14 +268,19 @@ impl Shared {
         }
     }
 
-    fn wait_for_workers(&self) {
-        let done = || self.remaining.load(Ordering::Acquire) == 0;
-        if wait_briefly(done) {
+    /// Closes the current region to late workers and waits for those inside to leave.
+    fn close_and_wait(&self) {
+        let before = self.state.fetch_or(CLOSED, Ordering::SeqCst);
+        if before & ACTIVE_MASK == 0 {
+            return;
+        }
+        let empty = || self.state.load(Ordering::Acquire) & ACTIVE_MASK == 0;
+        if wait_briefly(empty) {
             return;
         }
         let mut guard = lock(&self.sleep);
         self.caller_sleeping.store(true, Ordering::SeqCst);
-        while self.remaining.load(Ordering::SeqCst) != 0 {
+        while self.state.load(Ordering::SeqCst) & ACTIVE_MASK != 0 {
             guard = self
                 .wake_caller
                 .wait(guard)
@@ -259,7 +290,7 @@ impl Shared {
     }
 }
 
-fn worker_loop(shared: &Shared, index: usize) {
+fn worker_loop(shared: &Shared, slot: usize) {
     // A worker only ever runs parts of regions: a region it starts must run inline.
     IN_REGION.with(|flag| flag.set(true));
     let mut seen = 0;
@@ -268,14 +299,17 @@ fn worker_loop(shared: &Shared, index: usize) {
         if shared.shutdown.load(Ordering::Acquire) {
             return;
         }
-        // SAFETY: see `Shared`; the epoch was observed with Acquire after the write.
+        if !shared.try_join(seen) {
+            continue;
+        }
+        // SAFETY: see `Shared`: this worker joined the region whose job this is.
         let job = unsafe { *shared.job.get() };
-        // SAFETY: `job` was built by `ThreadPool::run` for a closure that outlives the region.
-        let outcome = catch_unwind(|| unsafe { (job.call)(job.data, index) });
+        // SAFETY: `job` was built by `ThreadPool::region` for a closure that outlives it.
+        let outcome = catch_unwind(|| unsafe { (job.call)(job.data, slot) });
         if outcome.is_err() {
             shared.worker_panicked.store(true, Ordering::Relaxed);
         }
-        shared.finish_one();
+        shared.leave();
     }
 }
 
@@ -288,7 +322,9 @@ struct InRegion;
 
 impl InRegion {
     fn enter() -> Option<Self> {
-        IN_REGION.with(|flag| (!flag.replace(true)).then_some(Self))
+        // Lazily: an eagerly built guard would be dropped on the nested path and clear the
+        // flag of the region this thread is in.
+        IN_REGION.with(|flag| (!flag.replace(true)).then(|| Self))
     }
 }
 
@@ -297,6 +333,10 @@ impl Drop for InRegion {
         IN_REGION.with(|flag| flag.set(false));
     }
 }
+
+/// Chunks per thread a region is cut into: enough that a thread finishing early (or
+/// joining late) finds work left, few enough that claiming them costs nothing.
+const CHUNKS_PER_THREAD: usize = 4;
 
 /// A fixed set of threads that run parallel regions; see the module documentation.
 pub struct ThreadPool {
@@ -327,7 +367,7 @@ impl ThreadPool {
         }
         let shared = Arc::new(Shared {
             epoch: CachePadded(AtomicU64::new(0)),
-            remaining: CachePadded(AtomicUsize::new(0)),
+            state: CachePadded(AtomicU64::new(CLOSED)),
             job: UnsafeCell::new(Job {
                 data: std::ptr::null(),
                 call: call_job::<fn(usize)>,
@@ -346,13 +386,13 @@ impl ThreadPool {
             region: Mutex::new(()),
             workers: Vec::with_capacity(n_threads - 1),
         };
-        for index in 1..n_threads {
+        for slot in 1..n_threads {
             let shared = Arc::clone(&pool.shared);
             let handle = std::thread::Builder::new()
-                .name(format!("sampler-sdk-worker-{index}"))
-                .spawn(move || worker_loop(&shared, index))
+                .name(format!("sampler-sdk-worker-{slot}"))
+                .spawn(move || worker_loop(&shared, slot))
                 .map_err(|e| {
-                    EngineError::Internal(format!("cannot start worker thread {index}: {e}"))
+                    EngineError::Internal(format!("cannot start worker thread {slot}: {e}"))
                 })?;
             // On an error above, dropping `pool` stops the workers started so far.
             pool.workers.push(handle);
@@ -383,25 +423,19 @@ impl ThreadPool {
         self.n_threads
     }
 
-    /// Runs `work(thread)` once for every `thread` in `0..n_threads()`, in parallel, and
-    /// returns when all have finished. Thread 0 is the calling thread.
-    ///
-    /// A panic in `work` on any thread is re-raised here after every thread has finished.
-    pub fn run<F: Fn(usize) + Sync>(&self, work: F) {
-        let Some(_in_region) = (self.n_threads > 1).then(InRegion::enter).flatten() else {
-            // One thread, or a region nested in a region: run every part here, in order.
-            (0..self.n_threads).for_each(&work);
-            return;
-        };
+    /// Runs `work(slot)` on the calling thread (slot 0) and on every worker that joins
+    /// before the caller's own call returns; returns once all of them have finished.
+    /// `work` must itself share out the region's items (see `parallel_for_slots`).
+    fn region<F: Fn(usize) + Sync>(&self, work: F) {
         let _region = lock(&self.region);
-        let job = Job {
+        self.shared.publish(Job {
             data: std::ptr::from_ref(&work).cast(),
             call: call_job::<F>,
-        };
-        self.shared.publish(job, self.n_threads - 1);
-        // Workers borrow `work` until they finish: wait for them even if part 0 panics.
+        });
+        // Workers that joined borrow `work` until they leave: close and wait even if the
+        // caller's part panics.
         let own = catch_unwind(AssertUnwindSafe(|| work(0)));
-        self.shared.wait_for_workers();
+        self.shared.close_and_wait();
         if let Err(panic) = own {
             resume_unwind(panic);
         }
@@ -411,24 +445,48 @@ impl ThreadPool {
         }
     }
 
-    /// Splits `0..n_items` into one contiguous range per thread ([`split_range`] with
-    /// `grain`) and runs `work(range)` on each non-empty one in parallel. Work too small to
-    /// fill two grains runs on the calling thread alone.
-    pub fn parallel_for<F: Fn(Range<usize>) + Sync>(&self, n_items: usize, grain: usize, work: F) {
+    /// Runs `work(slot, range)` over chunks of `0..n_items` (multiples of `grain`, except
+    /// the last) in parallel, each chunk exactly once. `slot` identifies the thread
+    /// (`0..n_threads()`): no two threads run with the same slot at the same time, so it
+    /// can index per-thread scratch buffers. Work too small to fill two grains runs on the
+    /// calling thread alone.
+    ///
+    /// A panic in `work` is re-raised here once no thread is running `work` any more.
+    pub fn parallel_for_slots<F: Fn(usize, Range<usize>) + Sync>(
+        &self,
+        n_items: usize,
+        grain: usize,
+        work: F,
+    ) {
+        let grain = grain.max(1);
         if n_items == 0 {
             return;
         }
-        if n_items <= grain.max(1) || self.n_threads == 1 {
-            work(0..n_items);
+        let guard = (self.n_threads > 1 && n_items > grain)
+            .then(InRegion::enter)
+            .flatten();
+        if guard.is_none() {
+            // One thread, little work, or a region nested in a region: all here, in order.
+            work(0, 0..n_items);
             return;
         }
-        let n_parts = self.n_threads;
-        self.run(|thread| {
-            let range = split_range(n_items, grain, n_parts, thread);
-            if !range.is_empty() {
-                work(range);
+        let target = n_items.div_ceil(self.n_threads * CHUNKS_PER_THREAD);
+        let chunk = target.div_ceil(grain).max(1) * grain;
+        let n_chunks = n_items.div_ceil(chunk);
+        let next = AtomicUsize::new(0);
+        self.region(|slot| loop {
+            let c = next.fetch_add(1, Ordering::Relaxed);
+            if c >= n_chunks {
+                break;
             }
+            work(slot, c * chunk..((c + 1) * chunk).min(n_items));
         });
+        drop(guard);
+    }
+
+    /// [`Self::parallel_for_slots`] for work that needs no per-thread state.
+    pub fn parallel_for<F: Fn(Range<usize>) + Sync>(&self, n_items: usize, grain: usize, work: F) {
+        self.parallel_for_slots(n_items, grain, |_, range| work(range));
     }
 }
 
@@ -505,25 +563,41 @@ mod tests {
     use super::*;
     use std::sync::atomic::AtomicU32;
 
+    /// Runs `parallel_for_slots` and checks every item is handled exactly once, in chunks
+    /// on grain boundaries, with no slot used by two threads at once.
+    fn check_cover(pool: &ThreadPool, n_items: usize, grain: usize) {
+        let hits: Vec<AtomicU32> = (0..n_items).map(|_| AtomicU32::new(0)).collect();
+        let busy: Vec<AtomicBool> = (0..pool.n_threads())
+            .map(|_| AtomicBool::new(false))
+            .collect();
+        pool.parallel_for_slots(n_items, grain, |slot, range| {
+            assert!(
+                !busy[slot].swap(true, Ordering::SeqCst),
+                "slot {slot} shared"
+            );
+            assert!(range.start % grain.max(1) == 0 && !range.is_empty());
+            for i in range {
+                hits[i].fetch_add(1, Ordering::Relaxed);
+            }
+            busy[slot].store(false, Ordering::SeqCst);
+        });
+        assert!(
+            hits.iter().all(|h| h.load(Ordering::Relaxed) == 1),
+            "{n_items} / {grain}"
+        );
+    }
+
     #[test]
-    fn split_covers_everything_once_in_order_on_grain_boundaries() {
-        for n_items in [0, 1, 5, 16, 17, 100, 961, 49152] {
-            for grain in [1, 4, 16] {
-                for n_parts in 1..=7 {
-                    let mut next = 0;
-                    for part in 0..n_parts {
-                        let r = split_range(n_items, grain, n_parts, part);
-                        assert_eq!(r.start, next, "{n_items} {grain} {n_parts} {part}");
-                        assert!(r.start % grain == 0 || r.start == n_items);
-                        next = r.end;
-                    }
-                    assert_eq!(next, n_items);
-                    let sizes: Vec<usize> = (0..n_parts)
-                        .map(|p| split_range(n_items, grain, n_parts, p).len())
-                        .collect();
-                    let (min, max) = (sizes.iter().min(), sizes.iter().max());
-                    assert!(max.zip(min).is_some_and(|(a, b)| a - b <= grain));
+    fn every_item_is_handled_once_for_any_thread_count() {
+        for n in [1, 2, 3, 4] {
+            let pool = ThreadPool::new(n).unwrap();
+            for n_items in [0, 1, 5, 16, 17, 100, 961, 49152] {
+                for grain in [1, 4, 16] {
+                    check_cover(&pool, n_items, grain);
                 }
+            }
+            for _ in 0..2000 {
+                check_cover(&pool, 37, 1);
             }
         }
     }
@@ -555,20 +629,6 @@ mod tests {
     }
 
     #[test]
-    fn every_thread_runs_each_region_once() {
-        for n in [1, 2, 3, 4] {
-            let pool = ThreadPool::new(n).unwrap();
-            let counts: Vec<AtomicU32> = (0..n).map(|_| AtomicU32::new(0)).collect();
-            for _ in 0..1000 {
-                pool.run(|t| {
-                    counts[t].fetch_add(1, Ordering::Relaxed);
-                });
-            }
-            assert!(counts.iter().all(|c| c.load(Ordering::Relaxed) == 1000));
-        }
-    }
-
-    #[test]
     fn parallel_for_writes_disjoint_parts() {
         let pool = ThreadPool::new(3).unwrap();
         let mut out = vec![0usize; 1000];
@@ -584,17 +644,28 @@ mod tests {
     }
 
     #[test]
-    fn workers_that_slept_wake_up() {
+    fn workers_join_and_sleeping_workers_wake_up() {
         let pool = ThreadPool::new(2).unwrap();
-        let hits = AtomicU32::new(0);
-        pool.run(|_| {
-            hits.fetch_add(1, Ordering::Relaxed);
-        });
-        std::thread::sleep(SPIN_FOR + YIELD_FOR + Duration::from_millis(20));
-        pool.run(|_| {
-            hits.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(hits.load(Ordering::Relaxed), 4);
+        // Chunks slow enough that the worker joins before the caller has taken them all.
+        let slots_seen: Vec<AtomicU32> = (0..2).map(|_| AtomicU32::new(0)).collect();
+        for round in 0..3 {
+            if round > 0 {
+                std::thread::sleep(SPIN_FOR + YIELD_FOR + Duration::from_millis(20));
+            }
+            pool.parallel_for_slots(64, 1, |slot, _| {
+                slots_seen[slot].fetch_add(1, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(1));
+            });
+        }
+        assert!(
+            slots_seen[1].load(Ordering::Relaxed) > 0,
+            "the worker never joined"
+        );
+        let total: u32 = slots_seen.iter().map(|s| s.load(Ordering::Relaxed)).sum();
+        assert_eq!(
+            total as usize,
+            3 * 64usize.div_ceil(64usize.div_ceil(2 * CHUNKS_PER_THREAD))
+        );
     }
 
     #[test]
@@ -623,28 +694,26 @@ mod tests {
     fn nested_regions_run_inline() {
         let pool = ThreadPool::new(2).unwrap();
         let hits = AtomicU32::new(0);
-        pool.run(|_| {
-            pool.run(|_| {
-                hits.fetch_add(1, Ordering::Relaxed);
-            });
+        pool.parallel_for(8, 1, |outer| {
+            for _ in outer {
+                pool.parallel_for(10, 1, |inner| {
+                    hits.fetch_add(inner.len() as u32, Ordering::Relaxed);
+                });
+            }
         });
-        assert_eq!(hits.load(Ordering::Relaxed), 4);
+        assert_eq!(hits.load(Ordering::Relaxed), 80);
     }
 
     #[test]
-    fn a_panicking_part_is_reported_and_the_pool_survives() {
+    fn a_panicking_chunk_is_reported_and_the_pool_survives() {
         let pool = ThreadPool::new(2).unwrap();
-        for bad in [0, 1] {
+        for bad in [0, 63] {
             let outcome = catch_unwind(AssertUnwindSafe(|| {
-                pool.run(|t| assert_ne!(t, bad, "part {t} fails"));
+                pool.parallel_for(64, 1, |range| assert!(!range.contains(&bad), "item {bad}"));
             }));
-            assert!(outcome.is_err(), "part {bad}");
+            assert!(outcome.is_err(), "item {bad}");
         }
-        let hits = AtomicU32::new(0);
-        pool.run(|_| {
-            hits.fetch_add(1, Ordering::Relaxed);
-        });
-        assert_eq!(hits.load(Ordering::Relaxed), 2);
+        check_cover(&pool, 100, 1);
     }
 
     #[test]

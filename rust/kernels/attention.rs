@@ -1,11 +1,10 @@
 //! Causal self-attention over the KV cache, split across the thread pool.
 //!
 //! The unit of work is one (token, query head) pair: its scores against every visible key,
-//! a softmax, and the probability-weighted sum of values. Pairs are dealt to threads
-//! round-robin (pair `i` to thread `i % n_threads`), which balances causal prefill, where
-//! later tokens see more positions, and decode, where each thread takes every n-th head.
-//! A pair is always computed the same way, whichever thread takes it, so the output is
-//! bit-identical for any thread count.
+//! a softmax, and the probability-weighted sum of values. Threads claim chunks of pairs as
+//! they go, which balances causal prefill (later tokens see more positions) and decode
+//! (a few heads per thread). A pair is always computed the same way, whichever thread
+//! takes it, so the output is bit-identical for any thread count.
 //!
 //! The two inner loops (scores of many keys against one query, and the weighted sum of
 //! many value rows) run over contiguous per-head runs of the cache (see
@@ -106,10 +105,11 @@ pub fn attention(
     let out = DisjointSlice::new(out);
     let last_probs = last_probs.map(DisjointSlice::new);
     let n_pairs = n_tokens * n_head;
-    pool.run(|thread| {
-        // SAFETY: thread `thread` alone uses score buffer `thread`.
-        let scores = unsafe { scores.part(thread * per_thread..(thread + 1) * per_thread) };
-        for pair in (thread..n_pairs).step_by(n_threads) {
+    pool.parallel_for_slots(n_pairs, 1, |slot, pairs| {
+        // SAFETY: a slot is used by one thread at a time, and slot `slot` alone uses score
+        // buffer `slot`.
+        let scores = unsafe { scores.part(slot * per_thread..(slot + 1) * per_thread) };
+        for pair in pairs {
             let (t, h) = (pair / n_head, pair % n_head);
             let pos = start + t;
             let visible = shape.visible(pos);

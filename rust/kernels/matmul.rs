@@ -1,8 +1,8 @@
 //! Quantized weight matrices times a batch of activation rows, split across the thread pool.
 //!
-//! Every thread computes a contiguous range of output rows ([`threads::split_range`] on
-//! multiples of [`ROW_GRAIN`]) for every token, with the same kernels in the same order
-//! whatever the thread count, so outputs are bit-identical for any number of threads.
+//! Threads claim chunks of output rows (multiples of [`ROW_GRAIN`]) and compute them for
+//! every token; a row is computed by the same kernels in the same order whichever thread
+//! claims it, so outputs are bit-identical for any number of threads.
 //!
 //! Within a thread, rows are taken in tiles of [`TILE_ROWS`]: a tile of weight rows is read
 //! from memory once and stays in L1 while it is dotted with every token's activations
@@ -21,7 +21,7 @@ use std::sync::Mutex;
 use crate::error::{EngineError, Result};
 use crate::gguf::TensorInfo;
 use crate::quant::{self, Dot4Fn, DotFn, GgmlType, QuantizedActivations};
-use crate::threads::{self, DisjointSlice, ThreadPool};
+use crate::threads::{DisjointSlice, ThreadPool};
 
 /// Output rows are handed to threads in multiples of this: a multiple of the four-row
 /// kernel, and 64 bytes of f32 output so two threads never write the same cache line.
@@ -459,12 +459,6 @@ pub fn matmul_reference(
             out[t * n_rows + r] = quant::dot_row(w.ty, row, act);
         }
     }
-}
-
-/// The range of rows thread `thread` of `n_threads` computes in a product of `n_rows`
-/// rows (for benches and tests that want to see the split).
-pub fn rows_of_thread(n_rows: usize, n_threads: usize, thread: usize) -> Range<usize> {
-    threads::split_range(n_rows, ROW_GRAIN, n_threads, thread)
 }
 
 #[cfg(test)]

@@ -211,7 +211,11 @@ mod thread_count_tests {
         }
         let model = Arc::new(Model::load_with_threads(path, 2).unwrap());
         let prompts: Vec<Vec<u32>> = (0..3)
-            .map(|s| (0..20).map(|i| 1 + (i * 7919 + s * 104_729) % 40_000).collect())
+            .map(|s| {
+                (0..20)
+                    .map(|i| 1 + (i * 7919 + s * 104_729) % 40_000)
+                    .collect()
+            })
             .collect();
         let alone: Vec<Vec<f32>> = prompts.iter().map(|p| logits_trace(&model, p)).collect();
         let together: Vec<Vec<f32>> = std::thread::scope(|scope| {
