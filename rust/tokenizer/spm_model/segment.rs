@@ -301,11 +301,16 @@ pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out
     let mut starts_at = 0;
     while starts_at < size {
         let mut best_here = best[starts_at].score;
+        // Written as the C++ compares, so a NaN (only from a sum overflowing) is never rebased.
+        #[allow(clippy::manual_range_contains)]
         if best_here < -SCORE_RESET_THRESHOLD || best_here > SCORE_RESET_THRESHOLD {
             let offset = best_here;
-            for i in starts_at..=max_frontier.min(size) {
-                if i == starts_at || best[i].starts_at.is_some() {
-                    best[i].score -= offset;
+            let reachable = best
+                .get_mut(starts_at..=max_frontier.min(size))
+                .unwrap_or_default();
+            for (i, path) in reachable.iter_mut().enumerate() {
+                if i == 0 || path.starts_at.is_some() {
+                    path.score -= offset;
                 }
             }
             best_here = 0.0;
