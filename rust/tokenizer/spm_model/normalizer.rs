@@ -307,7 +307,7 @@ impl Normalizer {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn spec(add_dummy_prefix: bool, remove_extra: bool, escape: bool) -> NormalizerSpec {
@@ -363,7 +363,7 @@ mod tests {
 
     /// A double array for the keys "A" -> "a" and "AB" -> "x y", laid out by hand:
     /// root at 0 with offset 64; 'A' (65) at 64^65 = 1; its children at 1^offset.
-    fn tiny_charsmap() -> Vec<u8> {
+    pub(in crate::tokenizer::spm_model) fn tiny_charsmap() -> Vec<u8> {
         let unit = |label: u32, offset: u32, leaf: bool| -> u32 {
             // Offsets below 2^21 need no extension bit.
             (offset << 10) | (u32::from(leaf) << 8) | label
