@@ -179,7 +179,18 @@ async def main_async(args: argparse.Namespace, address: str, server_pid: Optiona
     eight = report["streams_8"]["tokens_per_s"] or 0
     report["speedup_8_vs_1"] = round(eight / one, 2) if one else None
 
+    samples: List[int] = []
+
+    async def sample_rss() -> None:
+        while server_pid is not None:
+            value = rss_kib(server_pid)
+            if value is not None:
+                samples.append(value)
+            await asyncio.sleep(2.0)
+
+    sampler_task = asyncio.ensure_future(sample_rss())
     tally, seconds = await run_streams(stub, 32, args.requests, args.max_len, references, deadline)
+    sampler_task.cancel()
     report["soak_32_streams"] = {
         "requests_per_stream": args.requests,
         "requests": tally.requests,
@@ -191,6 +202,13 @@ async def main_async(args: argparse.Namespace, address: str, server_pid: Optiona
         "error_samples": tally.error_samples,
         "stopped_by_time_limit": time.monotonic() >= deadline,
     }
+    if len(samples) >= 8:
+        # Memory is flat when the last quarter of the soak peaks no higher than the
+        # second quarter did (the first quarter is the warm-up of 32 KV caches).
+        quarter = len(samples) // 4
+        report["soak_32_streams"]["rss_kib_peak_by_quarter"] = [
+            max(samples[i * quarter : (i + 1) * quarter]) for i in range(4)
+        ]
     mark("after_soak")
     await stub.aclose()
     return report

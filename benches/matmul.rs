@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sampler_sdk::kernels::matmul::{matmul, ActivationBatch, WeightMatrix};
+use sampler_sdk::model::weights::FfnWeights;
 use sampler_sdk::model::Model;
 use sampler_sdk::threads::ThreadPool;
 
@@ -44,10 +45,13 @@ fn activations(n: usize) -> Vec<f32> {
 fn bench_products(c: &mut Criterion) {
     let Some(model) = model(1) else { return };
     let file = model.file().data();
-    let layer = &model.weights.layers[0];
+    let FfnWeights::Dense(ffn) = &model.weights.layers[0].ffn else {
+        eprintln!("skipped: layer 0 has experts, not one dense feed-forward");
+        return;
+    };
     let matrices: [(&str, &WeightMatrix); 3] = [
-        ("ffn_gate", &layer.w_gate),
-        ("ffn_down", &layer.w_down),
+        ("ffn_gate", &ffn.gate),
+        ("ffn_down", &ffn.down),
         ("output", &model.weights.output),
     ];
     for (group_name, n_tokens) in [("matvec", 1usize), ("matmul64", 64)] {
@@ -103,14 +107,17 @@ fn bench_decode_step(c: &mut Criterion) {
             eprintln!("skipped: prefill failed");
             return;
         }
-        group.bench_function(BenchmarkId::new("smollm2_q4_1_ctx256", format!("{threads}t")), |b| {
-            b.iter(|| {
-                // Decode the same position again and again: drop it, then recompute it.
-                seq.truncate(prompt.len());
-                let logits = model.forward_logits(&mut seq, &[42], 1);
-                black_box(logits.map(|l| l[0]).ok())
-            });
-        });
+        group.bench_function(
+            BenchmarkId::new("smollm2_q4_1_ctx256", format!("{threads}t")),
+            |b| {
+                b.iter(|| {
+                    // Decode the same position again and again: drop it, then recompute it.
+                    seq.truncate(prompt.len());
+                    let logits = model.forward_logits(&mut seq, &[42], 1);
+                    black_box(logits.map(|l| l[0]).ok())
+                });
+            },
+        );
     }
     group.finish();
 }

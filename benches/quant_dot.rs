@@ -3,6 +3,9 @@
 //! reported as GB/s of weight bytes. `rows1` calls the single-row kernel per row, `rows4`
 //! the four-row kernel. `quantize` times activation quantisation of a 1536-vector.
 //!
+//! `stream` repeats the four-row product over a ~96 MB matrix (a small model's weights),
+//! which no cache holds: the rate there is what DRAM delivers to one core.
+//!
 //! `cargo bench --bench quant_dot -- 'dot/Q4_1'` runs a subset.
 //!
 //! Times are the benchmark thread's CPU time (`CLOCK_THREAD_CPUTIME_ID`) on Linux, not
@@ -100,9 +103,9 @@ impl Rng {
 }
 
 /// Random block bytes with finite scales (the offsets of each block's f16/f32 fields).
-fn weight_matrix(ty: GgmlType, rng: &mut Rng) -> Vec<u8> {
+fn weight_matrix(ty: GgmlType, rows: usize, rng: &mut Rng) -> Vec<u8> {
     let row_bytes = ty.bytes_for(COLS as u64).unwrap_or(0) as usize;
-    let mut bytes: Vec<u8> = (0..ROWS * row_bytes)
+    let mut bytes: Vec<u8> = (0..rows * row_bytes)
         .map(|_| rng.next_u64() as u8)
         .collect();
     let f16_fields: &[usize] = match ty {
@@ -165,7 +168,7 @@ fn levels() -> Vec<&'static Kernels> {
 
 fn matvec_rows1(k: &Kernels, ty: GgmlType, w: &[u8], act: &QuantizedActivations, out: &mut [f32]) {
     let dot = k.dot(ty);
-    let row_bytes = w.len() / ROWS;
+    let row_bytes = w.len() / out.len();
     for (o, row) in out.iter_mut().zip(w.chunks_exact(row_bytes)) {
         *o = dot(row, act.bytes(), act.len());
     }
@@ -173,7 +176,7 @@ fn matvec_rows1(k: &Kernels, ty: GgmlType, w: &[u8], act: &QuantizedActivations,
 
 fn matvec_rows4(k: &Kernels, ty: GgmlType, w: &[u8], act: &QuantizedActivations, out: &mut [f32]) {
     let dot4 = k.dot4(ty);
-    let row_bytes = w.len() / ROWS;
+    let row_bytes = w.len() / out.len();
     for (o, rows) in out.chunks_exact_mut(4).zip(w.chunks_exact(4 * row_bytes)) {
         let r = |i: usize| &rows[i * row_bytes..(i + 1) * row_bytes];
         o.copy_from_slice(&dot4([r(0), r(1), r(2), r(3)], act.bytes(), act.len()));
@@ -185,7 +188,7 @@ fn bench_dot(c: &mut Bench) {
     let x: Vec<f32> = (0..COLS).map(|_| rng.unit()).collect();
     let mut out = vec![0f32; ROWS];
     for ty in TYPES {
-        let w = weight_matrix(ty, &mut rng);
+        let w = weight_matrix(ty, ROWS, &mut rng);
         let mut group = c.benchmark_group(format!("dot/{ty}"));
         group.throughput(Throughput::Bytes(w.len() as u64));
         for k in levels() {
@@ -199,6 +202,34 @@ fn bench_dot(c: &mut Bench) {
             });
             group.bench_function(format!("{level}/rows4"), |b| {
                 b.iter(|| matvec_rows4(k, ty, black_box(&w), &act, &mut out));
+            });
+        }
+        group.finish();
+    }
+}
+
+fn bench_stream(c: &mut Bench) {
+    const BYTES: usize = 96 << 20;
+    let mut rng = Rng(3);
+    let x: Vec<f32> = (0..COLS).map(|_| rng.unit()).collect();
+    for ty in [GgmlType::Q4_1, GgmlType::Q8_0, GgmlType::Q4K, GgmlType::Q6K] {
+        let row_bytes = ty.bytes_for(COLS as u64).unwrap_or(1) as usize;
+        let rows = BYTES / row_bytes / 4 * 4;
+        let w = weight_matrix(ty, rows, &mut rng);
+        let mut out = vec![0f32; rows];
+        let mut group = c.benchmark_group(format!("stream/{ty}"));
+        group.throughput(Throughput::Bytes(w.len() as u64));
+        group.sample_size(10);
+        for k in levels().into_iter().skip(1) {
+            let mut act = QuantizedActivations::new();
+            if act.quantize_with(k, ty, &x).is_err() {
+                continue;
+            }
+            group.bench_function(format!("{}/rows4", k.level().name()), |b| {
+                b.iter(|| matvec_rows4(k, ty, black_box(&w), &act, &mut out));
+            });
+            group.bench_function(format!("{}/rows1", k.level().name()), |b| {
+                b.iter(|| matvec_rows1(k, ty, black_box(&w), &act, &mut out));
             });
         }
         group.finish();
@@ -236,6 +267,6 @@ fn config() -> Bench {
 criterion_group! {
     name = benches;
     config = config();
-    targets = bench_dot, bench_quantize
+    targets = bench_dot, bench_stream, bench_quantize
 }
 criterion_main!(benches);

@@ -26,8 +26,12 @@ START_TIMEOUT = 120.0
 class ServerProcess:
     """`sampler-sdk serve` in a subprocess; its JSON log lines are read from stderr."""
 
-    def __init__(self, model_path: Path, args: Sequence[str] = (), log_dir: Optional[Path] = None, env=None):
-        self.log_path = Path(log_dir or Path.cwd()) / f"serve-{os.getpid()}-{time.monotonic_ns()}.log"
+    def __init__(
+        self, model_path: Path, args: Sequence[str] = (), log_dir: Optional[Path] = None, env=None
+    ):
+        self.log_path = (
+            Path(log_dir or Path.cwd()) / f"serve-{os.getpid()}-{time.monotonic_ns()}.log"
+        )
         self._log = open(self.log_path, "w")
         command = [
             sys.executable,
@@ -80,16 +84,24 @@ class ServerProcess:
         return lines
 
     def requests(self, method_suffix: str = "") -> List[Dict[str, Any]]:
-        return [r for r in self.log_lines() if r.get("event") == "request" and r.get("method", "").endswith(method_suffix)]
+        return [
+            r
+            for r in self.log_lines()
+            if r.get("event") == "request" and r.get("method", "").endswith(method_suffix)
+        ]
 
-    def wait_for_request(self, method_suffix: str, count: int = 1, timeout: float = 30.0) -> List[Dict[str, Any]]:
+    def wait_for_request(
+        self, method_suffix: str, count: int = 1, timeout: float = 30.0
+    ) -> List[Dict[str, Any]]:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.requests(method_suffix)
             if len(found) >= count:
                 return found
             time.sleep(0.05)
-        raise AssertionError(f"no log line for {method_suffix} after {timeout}s; log:\n{self.log_path.read_text()}")
+        raise AssertionError(
+            f"no log line for {method_suffix} after {timeout}s; log:\n{self.log_path.read_text()}"
+        )
 
     def wait_for_line(self, predicate, timeout: float = 30.0) -> Dict[str, Any]:
         """The first log line satisfying ``predicate`` (lines are written when a call
@@ -100,7 +112,9 @@ class ServerProcess:
                 if predicate(line):
                     return line
             time.sleep(0.05)
-        raise AssertionError(f"no such log line after {timeout}s; log:\n{self.log_path.read_text()}")
+        raise AssertionError(
+            f"no such log line after {timeout}s; log:\n{self.log_path.read_text()}"
+        )
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 60.0) -> int:
         if self.process.poll() is None:
@@ -117,12 +131,18 @@ class ServerProcess:
         return self.process.returncode
 
 
-def health_status(address: str, credentials: Optional[grpc.ChannelCredentials] = None, timeout: float = 10.0) -> str:
+def health_status(
+    address: str, credentials: Optional[grpc.ChannelCredentials] = None, timeout: float = 10.0
+) -> str:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    channel = (
+        grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    )
     with channel:
-        response = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+        response = health_pb2_grpc.HealthStub(channel).Check(
+            health_pb2.HealthCheckRequest(), timeout=timeout
+        )
     return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -134,7 +154,9 @@ class InProcessServer:
         from sampler_sdk.server.app import SamplerServer
 
         self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, name="test-grpc-server", daemon=True)
+        self.thread = threading.Thread(
+            target=self.loop.run_forever, name="test-grpc-server", daemon=True
+        )
         self.thread.start()
         self.server = SamplerServer(config, stub)
         self.port = self._run(self.server.start())

@@ -11,7 +11,6 @@ import asyncio
 
 import numpy as np
 import pytest
-
 from grpc_testing import MODEL_NAME, ServerProcess
 from sampler_sdk import Client, TokenType
 
@@ -20,7 +19,11 @@ KEY = "api-suite-key"
 
 @pytest.fixture(scope="module")
 def grpc_server(smollm_path, tmp_path_factory):
-    proc = ServerProcess(smollm_path, ["--api-key", KEY, "--max-concurrent", "4"], log_dir=tmp_path_factory.mktemp("api"))
+    proc = ServerProcess(
+        smollm_path,
+        ["--api-key", KEY, "--max-concurrent", "4"],
+        log_dir=tmp_path_factory.mktemp("api"),
+    )
     yield proc
     assert proc.stop() == 0
 
@@ -54,12 +57,17 @@ def collect(client, **kwargs):
         stream = client.sampler.sample(**kwargs)
         tokens = [t async for t in stream]
         return tokens, stream
+
     return asyncio.run(main())
 
 
 def test_stream_of_tokens_with_probabilities(sampler_client):
     tokens, stream = collect(
-        sampler_client(1), inputs=("The capital of France is",), max_len=3, temperature=1.0, nucleus_p=1.0
+        sampler_client(1),
+        inputs=("The capital of France is",),
+        max_len=3,
+        temperature=1.0,
+        nucleus_p=1.0,
     )
     assert len(tokens) == 3 and stream.stop_reason == "max_len"
     assert stream.usage.sampled_tokens == 3 and stream.usage.prompt_tokens > 0
@@ -83,7 +91,9 @@ def test_same_seed_same_stream(sampler_client):
 
 
 def test_stop_string_yields_the_completing_token(sampler_client):
-    tokens, stream = collect(sampler_client(1), inputs=("1, 2, 3, 4,",), max_len=8, temperature=0.0, stop_strings=[" 6"])
+    tokens, stream = collect(
+        sampler_client(1), inputs=("1, 2, 3, 4,",), max_len=8, temperature=0.0, stop_strings=[" 6"]
+    )
     text = "".join(t.token_str for t in tokens)
     assert stream.stop_reason == "stop_string" and stream.stop_string == " 6"
     assert " 6" in text
@@ -92,19 +102,35 @@ def test_stop_string_yields_the_completing_token(sampler_client):
 def test_disallowed_tokens_are_never_sampled(sampler_client):
     free, _ = collect(sampler_client(1), inputs=("1, 2, 3,",), max_len=1, temperature=0.0)
     banned = free[0].token_id
-    tokens, _ = collect(sampler_client(1), inputs=("1, 2, 3,",), max_len=1, temperature=0.0, disallowed_tokens=[banned])
+    tokens, _ = collect(
+        sampler_client(1),
+        inputs=("1, 2, 3,",),
+        max_len=1,
+        temperature=0.0,
+        disallowed_tokens=[banned],
+    )
     assert tokens[0].token_id != banned
 
 
 def test_allowed_tokens_only(sampler_client):
     tokens, _ = collect(
-        sampler_client(1), inputs=("Is the sky blue? Answer:",), max_len=1, temperature=1.0, allowed_tokens=["Yes", "No"]
+        sampler_client(1),
+        inputs=("Is the sky blue? Answer:",),
+        max_len=1,
+        temperature=1.0,
+        allowed_tokens=["Yes", "No"],
     )
     assert tokens[0].token_str.strip() in ("Yes", "No")
 
 
 def test_attention_is_returned_per_token(sampler_client):
-    tokens, stream = collect(sampler_client(1), inputs=("Hello there",), max_len=2, temperature=0.0, return_attention=True)
+    tokens, stream = collect(
+        sampler_client(1),
+        inputs=("Hello there",),
+        max_len=2,
+        temperature=0.0,
+        return_attention=True,
+    )
     prompt = stream.usage.prompt_tokens
     for i, token in enumerate(tokens):
         assert isinstance(token.attention, np.ndarray)
@@ -146,7 +172,12 @@ def test_concurrent_samples_match_sequential_ones(sampler_client):
     client = sampler_client()
 
     async def one(seed):
-        return [t.token_id async for t in client.sampler.sample(inputs=("Hi",), max_len=2, temperature=1.0, rng_seed=seed)]
+        return [
+            t.token_id
+            async for t in client.sampler.sample(
+                inputs=("Hi",), max_len=2, temperature=1.0, rng_seed=seed
+            )
+        ]
 
     async def together():
         return await asyncio.gather(one(1), one(2), one(3))
@@ -169,5 +200,7 @@ def test_closing_a_stream_early(sampler_client):
 
 
 def test_sync_sampler(sampler_client):
-    stream = sampler_client(3).sync_sampler.sample(inputs=("The sky is",), max_len=2, temperature=0.0)
+    stream = sampler_client(3).sync_sampler.sample(
+        inputs=("The sky is",), max_len=2, temperature=0.0
+    )
     assert stream.text() and stream.usage.sampled_tokens == 2

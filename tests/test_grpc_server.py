@@ -16,14 +16,13 @@ import time
 
 import grpc
 import pytest
-
 from grpc_testing import MODEL_NAME, InProcessServer, ServerProcess, health_status
-from sampler_sdk import AsyncSampler, Client
-from sampler_sdk import _proto
+from sampler_sdk import AsyncSampler, Client, _proto
 from sampler_sdk.grpc_stub import (
     AuthenticationError,
     DeadlineExceededError,
     GrpcStub,
+    RemoteError,
     ResourceExhaustedError,
 )
 
@@ -38,7 +37,9 @@ def server(smollm_path, tmp_path_factory):
     workdir = tmp_path_factory.mktemp("serve")
     keys = workdir / "keys.txt"
     keys.write_text(f"{GOOD_KEY} alice\n{TINY_KEY} bob 3\n")
-    proc = ServerProcess(smollm_path, ["--api-keys", str(keys), "--max-concurrent", "2"], log_dir=workdir)
+    proc = ServerProcess(
+        smollm_path, ["--api-keys", str(keys), "--max-concurrent", "2"], log_dir=workdir
+    )
     yield proc
     assert proc.stop() == 0
 
@@ -76,7 +77,14 @@ async def _collect(stub, seed=7, **kwargs):
 
 def _fingerprint(tokens):
     return [
-        (t.token_id, t.token_str, t.token_bytes, t.prob, t.logprob, [(a.token_id, a.prob) for a in t.top_k])
+        (
+            t.token_id,
+            t.token_str,
+            t.token_bytes,
+            t.prob,
+            t.logprob,
+            [(a.token_id, a.prob) for a in t.top_k],
+        )
         for t in tokens
     ]
 
@@ -97,7 +105,9 @@ def raw_channel(server, **options):
     "kwargs",
     [
         dict(inputs=("The capital of France is",), max_len=4, temperature=0.0),
-        dict(inputs=("Once upon a time",), max_len=4, temperature=0.9, nucleus_p=0.9, rng_seed=1234),
+        dict(
+            inputs=("Once upon a time",), max_len=4, temperature=0.9, nucleus_p=0.9, rng_seed=1234
+        ),
         dict(inputs=("Count: 1, 2,",), max_len=4, stop_strings=[","]),
     ],
     ids=["greedy", "seeded", "stop-string"],
@@ -117,7 +127,12 @@ def test_seed_derivation_matches_in_process(server, local_stub):
         sampler = AsyncSampler(stub, initial_rng_seed=99)
         out = []
         for _ in range(2):
-            out.append([t.token_id async for t in sampler.sample(inputs=("Hello",), max_len=3, temperature=1.0)])
+            out.append(
+                [
+                    t.token_id
+                    async for t in sampler.sample(inputs=("Hello",), max_len=3, temperature=1.0)
+                ]
+            )
         return out
 
     assert run(remote(server), two_calls) == run(local_stub, two_calls)
@@ -136,8 +151,8 @@ def test_attention_stop_tokens_and_token_sets_round_trip(server, local_stub):
     (local_tokens, local_finished) = run(local_stub, lambda s: _collect(s, **kwargs))
     assert [t.token_id for t in remote_tokens] == [t.token_id for t in local_tokens]
     assert remote_finished == local_finished
-    for r, l in zip(remote_tokens, local_tokens):
-        assert r.attention is not None and r.attention.tolist() == l.attention.tolist()
+    for got, want in zip(remote_tokens, local_tokens):
+        assert got.attention is not None and got.attention.tolist() == want.attention.tolist()
 
 
 def test_tokenize_and_list_models_equal_in_process(server, local_stub):
@@ -187,12 +202,17 @@ def test_unknown_or_missing_key_is_unauthenticated(server):
         run(remote(server, key=None), lambda s: _collect(s, inputs=("hi",), max_len=1))
     with raw_channel(server) as channel:
         call = channel.unary_stream(SAMPLE_PATH)(
-            pb.SampleRequest(max_len=1).SerializeToString(), metadata=[("authorization", "Bearer nope")]
+            pb.SampleRequest(max_len=1).SerializeToString(),
+            metadata=[("authorization", "Bearer nope")],
         )
         with pytest.raises(grpc.RpcError) as info:
             list(call)
         assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED
-    server.wait_for_line(lambda r: r.get("method", "").endswith("/Tokenize") and r.get("outcome") == "UNAUTHENTICATED")
+    server.wait_for_line(
+        lambda r: (
+            r.get("method", "").endswith("/Tokenize") and r.get("outcome") == "UNAUTHENTICATED"
+        )
+    )
     assert_healthy(server)
 
 
@@ -207,16 +227,24 @@ def test_exhausted_budget(server, caplog):
             received.append(token)
 
     with caplog.at_level(logging.INFO, logger="sampler_sdk"):
-        with pytest.raises(ResourceExhaustedError, match="token budget of API key 'bob' is spent") as info:
+        with pytest.raises(
+            ResourceExhaustedError, match="token budget of API key 'bob' is spent"
+        ) as info:
             run(remote(server, key=TINY_KEY), greedy)
     assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
     assert len(received) == 3
-    assert any("budget update: 3 tokens used, 0 remaining" in r.getMessage() for r in caplog.records)
+    assert any(
+        "budget update: 3 tokens used, 0 remaining" in r.getMessage() for r in caplog.records
+    )
     with pytest.raises(ResourceExhaustedError):
         run(remote(server, key=TINY_KEY), greedy)
     assert len(received) == 3
     server.wait_for_line(
-        lambda r: r.get("key") == "bob" and r.get("outcome") == "RESOURCE_EXHAUSTED" and r.get("sampled_tokens") == 0
+        lambda r: (
+            r.get("key") == "bob"
+            and r.get("outcome") == "RESOURCE_EXHAUSTED"
+            and r.get("sampled_tokens") == 0
+        )
     )
     assert_healthy(server)
 
@@ -246,7 +274,9 @@ def test_oversized_request_is_resource_exhausted(server):
 )
 def test_malformed_request_is_invalid_argument(server, payload, named):
     with raw_channel(server) as channel:
-        call = channel.unary_stream(SAMPLE_PATH)(payload, metadata=[("authorization", f"Bearer {GOOD_KEY}")])
+        call = channel.unary_stream(SAMPLE_PATH)(
+            payload, metadata=[("authorization", f"Bearer {GOOD_KEY}")]
+        )
         with pytest.raises(grpc.RpcError) as info:
             list(call)
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -258,7 +288,10 @@ def test_deadline_exceeded_stops_the_generation(server):
     stub = remote(server, timeout=1.5)
     start = time.monotonic()
     with pytest.raises(DeadlineExceededError):
-        run(stub, lambda s: _collect(s, inputs=("Write a long story:",), max_len=400, temperature=0.8))
+        run(
+            stub,
+            lambda s: _collect(s, inputs=("Write a long story:",), max_len=400, temperature=0.8),
+        )
     assert time.monotonic() - start < 10
     line = server.wait_for_line(lambda r: r.get("outcome") == "DEADLINE_EXCEEDED")
     assert line["sampled_tokens"] < 400
@@ -285,7 +318,9 @@ def test_client_cancel_stops_the_engine(smollm_path, local_stub):
 
         run(GrpcStub(server.address), first_token_then_close)
         deadline = time.monotonic() + 10
-        while time.monotonic() < deadline and any(not h.finished for h in list(local._live_generations)):
+        while time.monotonic() < deadline and any(
+            not h.finished for h in list(local._live_generations)
+        ):
             time.sleep(0.05)
         assert all(h.finished for h in list(local._live_generations)), "the engine kept generating"
         assert health_status(server.address) == "SERVING"
@@ -333,7 +368,10 @@ def test_budgets_persist_and_are_charged_once_under_concurrency(smollm_path, tmp
     args = ["--api-keys", str(keys), "--max-concurrent", "3"]
 
     proc = ServerProcess(smollm_path, args, log_dir=tmp_path)
-    tokens, _ = run(GrpcStub(proc.address, api_key="carol-key"), lambda s: _collect(s, inputs=("Hi",), max_len=2))
+    tokens, _ = run(
+        GrpcStub(proc.address, api_key="carol-key"),
+        lambda s: _collect(s, inputs=("Hi",), max_len=2),
+    )
     assert len(tokens) == 2
     assert proc.stop() == 0
     assert (tmp_path / "keys.txt.usage.sqlite").is_file()
@@ -346,7 +384,9 @@ def test_budgets_persist_and_are_charged_once_under_concurrency(smollm_path, tmp
         async def one(i):
             sampler = AsyncSampler(stub, initial_rng_seed=i)
             try:
-                async for token in sampler.sample(inputs=("Count to ten:",), max_len=4, temperature=1.0):
+                async for token in sampler.sample(
+                    inputs=("Count to ten:",), max_len=4, temperature=1.0
+                ):
                     received.append((i, token.token_id))
             except ResourceExhaustedError as exc:
                 errors.append(exc)
@@ -363,7 +403,9 @@ def test_budgets_persist_and_are_charged_once_under_concurrency(smollm_path, tmp
 
 
 def test_busy_server_answers_resource_exhausted(smollm_path, tmp_path):
-    proc = ServerProcess(smollm_path, ["--max-concurrent", "1", "--max-queue", "0"], log_dir=tmp_path)
+    proc = ServerProcess(
+        smollm_path, ["--max-concurrent", "1", "--max-queue", "0"], log_dir=tmp_path
+    )
     try:
 
         async def two_at_once(stub):
@@ -381,24 +423,43 @@ def test_busy_server_answers_resource_exhausted(smollm_path, tmp_path):
         assert proc.stop() == 0
 
 
-@pytest.mark.skipif(shutil.which("openssl") is None, reason="needs the openssl command to make a certificate")
+@pytest.mark.skipif(
+    shutil.which("openssl") is None, reason="needs the openssl command to make a certificate"
+)
 def test_tls(smollm_path, tmp_path):
     cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
     subprocess.run(
         [
-            "openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
-            "-subj", "/CN=localhost", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-            "-keyout", str(key), "-out", str(cert),
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=DNS:localhost,IP:127.0.0.1",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
         ],
         check=True,
         capture_output=True,
     )
-    proc = ServerProcess(smollm_path, ["--tls-cert", str(cert), "--tls-key", str(key)], log_dir=tmp_path)
+    proc = ServerProcess(
+        smollm_path, ["--tls-cert", str(cert), "--tls-key", str(key)], log_dir=tmp_path
+    )
     try:
-        with Client(api_host=proc.address, api_key="any", root_certificates=cert.read_bytes()) as client:
+        with Client(
+            api_host=proc.address, api_key="any", root_certificates=cert.read_bytes()
+        ) as client:
             tokens = client.sync_sampler.tokenize("Hello")
             assert [t.token_str for t in tokens][-1] == "Hello"
-        with pytest.raises(Exception):
+        with pytest.raises(RemoteError):
             run(GrpcStub(f"http://{proc.address}", timeout=5), lambda s: s.tokenize("Hello"))
         credentials = grpc.ssl_channel_credentials(root_certificates=cert.read_bytes())
         assert health_status(proc.address, credentials) == "SERVING"

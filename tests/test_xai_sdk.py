@@ -8,7 +8,6 @@ import asyncio
 
 import grpc
 import pytest
-
 from grpc_testing import MODEL_NAME, ServerProcess, health_status
 
 xai_sdk = pytest.importorskip("xai_sdk")
@@ -71,8 +70,10 @@ def test_blocking_and_streaming_chat_agree(client, server):
     assert blocking.id and blocking.system_fingerprint.startswith("sampler-sdk")
 
     pieces = []
-    for response, chunk in chat(client, **params).stream():
+    response = None
+    for accumulated, chunk in chat(client, **params).stream():
         pieces.append(chunk.content)
+        response = accumulated
     assert "".join(pieces) == response.content == blocking.content
     assert response.finish_reason == blocking.finish_reason
     assert (response.usage.prompt_tokens, response.usage.completion_tokens) == (
@@ -96,7 +97,9 @@ def test_every_chunk_is_an_assistant_chunk_and_the_last_has_finish_and_usage(ser
     )
     with grpc.insecure_channel(server.address) as channel:
         chunks = list(
-            chat_pb2_grpc.ChatStub(channel).GetCompletionChunk(request, metadata=[("authorization", f"Bearer {KEY}")])
+            chat_pb2_grpc.ChatStub(channel).GetCompletionChunk(
+                request, metadata=[("authorization", f"Bearer {KEY}")]
+            )
         )
     assert chunks
     for chunk in chunks:
@@ -116,19 +119,27 @@ def test_seed_reproduces(client):
 
 
 def test_stop_ends_text_before_the_stop_string(client, server):
-    greedy = chat(client, temperature=0, max_tokens=8, messages=[user("Say: the sky is blue")]).sample()
+    greedy = chat(
+        client, temperature=0, max_tokens=8, messages=[user("Say: the sky is blue")]
+    ).sample()
     text = greedy.content
     assert len(text) > 3, text
     stop = text[2:4]  # a string that first appears after some text
     expected = text[: text.index(stop)]
-    stopped = chat(client, temperature=0, max_tokens=8, stop=[stop], messages=[user("Say: the sky is blue")])
+    stopped = chat(
+        client, temperature=0, max_tokens=8, stop=[stop], messages=[user("Say: the sky is blue")]
+    )
     blocking = stopped.sample()
     assert blocking.content == expected
     assert blocking.finish_reason == "REASON_STOP"
     streamed = "".join(
         chunk.content
         for _, chunk in chat(
-            client, temperature=0, max_tokens=8, stop=[stop], messages=[user("Say: the sky is blue")]
+            client,
+            temperature=0,
+            max_tokens=8,
+            stop=[stop],
+            messages=[user("Say: the sky is blue")],
         ).stream()
     )
     assert streamed == expected
@@ -153,9 +164,14 @@ def test_n_choices(client):
 
 def test_system_message_and_async_client(server):
     async def main():
-        client = xai_sdk.AsyncClient(api_key=KEY, api_host=server.address, use_insecure_channel=True, timeout=300)
+        client = xai_sdk.AsyncClient(
+            api_key=KEY, api_host=server.address, use_insecure_channel=True, timeout=300
+        )
         conversation = client.chat.create(
-            model=MODEL_NAME, messages=[system("Answer in one word."), user("Capital of France?")], seed=1, **SHORT
+            model=MODEL_NAME,
+            messages=[system("Answer in one word."), user("Capital of France?")],
+            seed=1,
+            **SHORT,
         )
         response = await conversation.sample()
         return response
@@ -168,12 +184,16 @@ def test_raw_sample_service(server):
     from xai_sdk.proto import sample_pb2, sample_pb2_grpc
 
     metadata = [("authorization", f"Bearer {KEY}")]
-    request = sample_pb2.SampleTextRequest(prompt=["The capital of France is"], model=MODEL_NAME, max_tokens=3, temperature=0)
+    request = sample_pb2.SampleTextRequest(
+        prompt=["The capital of France is"], model=MODEL_NAME, max_tokens=3, temperature=0
+    )
     with grpc.insecure_channel(server.address) as channel:
         stub = sample_pb2_grpc.SampleStub(channel)
         blocking = stub.SampleText(request, metadata=metadata)
         streamed = list(stub.SampleTextStreaming(request, metadata=metadata))
-    assert len(blocking.choices) == 1 and blocking.choices[0].index == 0 and blocking.choices[0].text
+    assert (
+        len(blocking.choices) == 1 and blocking.choices[0].index == 0 and blocking.choices[0].text
+    )
     assert blocking.choices[0].finish_reason == sample_pb2.REASON_MAX_LEN
     assert "".join(r.choices[0].text for r in streamed) == blocking.choices[0].text
     assert streamed[-1].choices[0].finish_reason == sample_pb2.REASON_MAX_LEN
@@ -181,7 +201,9 @@ def test_raw_sample_service(server):
 
 
 def test_bad_key_is_unauthenticated(server):
-    bad = xai_sdk.Client(api_key="wrong", api_host=server.address, use_insecure_channel=True, timeout=30)
+    bad = xai_sdk.Client(
+        api_key="wrong", api_host=server.address, use_insecure_channel=True, timeout=30
+    )
     try:
         with pytest.raises(grpc.RpcError) as info:
             bad.models.list_language_models()

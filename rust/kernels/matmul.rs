@@ -216,7 +216,8 @@ impl Kernels {
         }
     }
 
-    /// `dst[i] = W[rows.start + i] · act` for the rows of one tile.
+    /// `dst[i] = W[rows.start + i] · act` for the rows of one tile; `prefetch` also
+    /// requests the rows that follow (once per tile is enough: later tokens find them).
     #[inline]
     fn dot_rows(
         &self,
@@ -225,6 +226,7 @@ impl Kernels {
         rows: Range<usize>,
         act: &QuantizedActivations,
         dst: &mut [f32],
+        prefetch: bool,
     ) {
         if act.format() != quant::activation_type(self.ty) {
             // Unreachable through `ActivationBatch`; a NaN row, as `quant::dot_row` gives.
@@ -235,7 +237,9 @@ impl Kernels {
         let mut r = rows.start;
         let mut quads = dst.chunks_exact_mut(4);
         for quad in quads.by_ref() {
-            prefetch_rows(w, file, r + PREFETCH_ROWS_AHEAD, 4);
+            if prefetch {
+                prefetch_rows(w, file, r + PREFETCH_ROWS_AHEAD, 4);
+            }
             let rows4 = [
                 w.row(file, r),
                 w.row(file, r + 1),
@@ -305,7 +309,7 @@ fn product_rows(
             // SAFETY: threads own disjoint row ranges, so for a given token their output
             // ranges are disjoint too, and this thread holds one part at a time.
             let dst = unsafe { out.part(base + tile.start..base + tile.end) };
-            kernels.dot_rows(w, file, tile.clone(), act, dst);
+            kernels.dot_rows(w, file, tile.clone(), act, dst, t == 0);
         }
         tile_start = tile.end;
     }
@@ -428,8 +432,8 @@ pub fn matmul_gated(
                 // SAFETY: as in `product_rows`.
                 let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                 let up_values = &mut up_tile[..tile.len()];
-                gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst);
-                up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values);
+                gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst, t == 0);
+                up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values, t == 0);
                 for (g, &u) in dst.iter_mut().zip(up_values.iter()) {
                     *g = activation(*g) * u;
                 }

@@ -2,6 +2,8 @@
 //! into the mapping (nothing is dequantized at load), and its tokenizer.
 
 pub mod config;
+mod ffn;
+pub mod moe;
 pub mod transformer;
 pub mod weights;
 
@@ -198,5 +200,30 @@ mod thread_count_tests {
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same && logits.len() == reference.len(), "{threads} threads");
         }
+    }
+
+    #[test]
+    fn concurrent_sequences_on_one_model_get_their_own_results() {
+        let path = Path::new(SMOLLM2);
+        if !path.exists() {
+            eprintln!("skipped: {SMOLLM2} not present");
+            return;
+        }
+        let model = Arc::new(Model::load_with_threads(path, 2).unwrap());
+        let prompts: Vec<Vec<u32>> = (0..3)
+            .map(|s| (0..20).map(|i| 1 + (i * 7919 + s * 104_729) % 40_000).collect())
+            .collect();
+        let alone: Vec<Vec<f32>> = prompts.iter().map(|p| logits_trace(&model, p)).collect();
+        let together: Vec<Vec<f32>> = std::thread::scope(|scope| {
+            let handles: Vec<_> = prompts
+                .iter()
+                .map(|p| {
+                    let model = Arc::clone(&model);
+                    scope.spawn(move || logits_trace(&model, p))
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(together == alone);
     }
 }

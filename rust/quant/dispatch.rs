@@ -200,6 +200,7 @@ impl Kernels {
         self.dot4[slot(ty)]
     }
 
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) fn set_dot(&mut self, ty: GgmlType, single: DotFn, four: Dot4Fn) {
         self.dot[slot(ty)] = single;
         self.dot4[slot(ty)] = four;
@@ -336,8 +337,10 @@ mod tests {
     #[test]
     #[ignore = "run by environment_override_is_honoured in a child process"]
     fn child_reports_requested_level() {
-        let requested = std::env::var(SIMD_ENV).unwrap_or_default();
-        assert_eq!(simd_level(), requested);
+        // Run directly (`cargo test -- --ignored`) without the variable, there is nothing to check.
+        if let Ok(requested) = std::env::var(SIMD_ENV) {
+            assert_eq!(simd_level(), requested);
+        }
     }
 
     #[test]

@@ -1,16 +1,23 @@
 //! AVX2 + FMA + F16C twins of the `dot_scalar` kernels and of the activation quantisers.
 //!
-//! Every kernel is a `#[target_feature]` function generic over `R`, the number of weight
-//! rows dotted with one activation row: `R = 1` is the [`DotFn`], `R = 4` the [`Dot4Fn`],
-//! which loads each activation block once for four rows. Both run the same per-row
-//! operations in the same order, so the four-row kernel returns exactly the bits of four
-//! single-row calls (a matmul may mix them freely).
+//! Each weight type has a single-row kernel (the [`DotFn`]) and a four-row kernel (the
+//! [`Dot4Fn`]). The four-row kernels of the 32-element formats load each activation block
+//! once for four rows: Q8_0's is the single-row function instantiated for four rows (same
+//! per-row operations), the 4/5-bit formats pack two rows per register and their
+//! single-row kernel builds the same lanes in 128-bit registers. For the K-quants and the
+//! float formats four single-row calls are faster (see `RowKernel::FUSED_FOUR`).
+//! Either way a four-row result has exactly the bits of a single-row call (tested), so a
+//! matmul may mix them freely and its output does not depend on how rows are split.
 //!
-//! Within a block the integer sum of products is exact, as in the scalar kernels; only the
-//! f32 arithmetic after it differs: the scalar kernels add one f32 per block (or per lane)
-//! in element order, these add eight lanes per block and sum the lanes at the end. Both are
-//! within `(blocks + 8) * 2^-24 * sum |block term|` of the exact sum of the block terms, so
-//! they differ by at most twice that (see `tests::check_against_scalar`).
+//! Accuracy: within a block the integer sum of products is exact, as in the scalar kernels;
+//! only the f32 arithmetic after it differs. The scalar kernels add one f32 term per block
+//! (per lane for K-quants) in element order; these add four or eight lanes per block and sum
+//! the lanes at the end. Each is within `(terms + 8) * 2^-24 * M` of the exact sum of the
+//! block terms, where `terms` is the number of blocks (or `n / 8` for the float formats,
+//! whose scalar kernels sum in f64) and `M = sum |w_i| |x_i|` plus the magnitudes of the
+//! `min` parts; so they differ by at most `2 * (terms + 8) * 2^-24 * M`. That is the bound
+//! `kernel_tests` checks; the largest difference seen on random rows is about a tenth of it.
+//! Activation quantisation is bit-identical to the scalar quantisers.
 //!
 //! Memory is read through raw pointers, but only below `blocks * block_size` for the
 //! block count [`common_blocks`] takes from the slice lengths: a short row or activation
@@ -31,6 +38,12 @@ use super::GgmlType;
 /// bits of four `one` calls when all rows hold the same number of blocks.
 pub(super) trait RowKernel {
     const TY: GgmlType;
+    /// The proof of CPU support [`set`] demands before it installs the kernel.
+    type Proof: Copy;
+    /// Whether `four` beats four `one` calls. It does not for the K-quant and float
+    /// kernels: their per-row state is large, and sharing a 256-element activation block
+    /// (already in L1) saves little next to the register spills of four rows.
+    const FUSED_FOUR: bool = true;
     /// # Safety
     /// The CPU must support the instruction set of the module that installs the kernel.
     unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32;
@@ -54,42 +67,46 @@ pub(super) fn common_blocks<const R: usize>(
     blocks
 }
 
-/// The kernel set's [`DotFn`] and [`Dot4Fn`] for `K`. The caller vouches that the CPU runs
-/// `K`'s instructions; the functions are only reachable through the table it fills.
-pub(super) fn entry_points<K: RowKernel>() -> (DotFn, Dot4Fn) {
+/// Safe [`DotFn`] and [`Dot4Fn`] for `K`, given the proof that the CPU runs `K`'s
+/// instructions.
+fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn) {
     fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
-        // SAFETY: `entry_points` is only called by `install` functions holding a proof of
-        // the CPU features (dispatch::Avx2Checked / Avx512Checked).
+        // SAFETY: these functions only leave `entry_points`, which demands a `K::Proof`,
+        // and a proof only exists once the CPU has been found to run `K`'s instructions.
         unsafe { K::one(row, act, n) }
     }
     fn four<K: RowKernel>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
         let blocks = common_blocks(K::TY, &[rows[0]], act, n);
-        if rows
-            .iter()
-            .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
+        if K::FUSED_FOUR
+            && rows
+                .iter()
+                .all(|row| common_blocks(K::TY, &[row], act, n) == blocks)
         {
             // SAFETY: as in `single`.
             unsafe { K::four(rows, act, n) }
         } else {
-            // Rows of different lengths: each row gets its own block count.
+            // Also for rows of different lengths: each row gets its own block count.
             rows.map(|row| single::<K>(row, act, n))
         }
     }
     (single::<K>, four::<K>)
 }
 
-pub(super) fn set<K: RowKernel>(table: &mut Kernels) {
-    let (single, four) = entry_points::<K>();
+/// Installs `K` in `table`.
+pub(super) fn set<K: RowKernel>(table: &mut Kernels, proof: K::Proof) {
+    let (single, four) = entry_points::<K>(proof);
     table.set_dot(K::TY, single, four);
 }
 
-/// Declares a [`RowKernel`] named `$name` for `$ty`, either from one `#[target_feature]`
+/// Declares a [`RowKernel`] named `$name` for `$ty` (requiring the `Proof` type in scope
+/// where it is invoked), either from one `#[target_feature]`
 /// function generic over the row count, or from separate single- and four-row functions.
 macro_rules! row_kernel {
     ($name:ident, $ty:expr, $f:ident) => {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
+            type Proof = Proof;
             unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
                 $f::<1>([row], act, n)[0]
             }
@@ -98,10 +115,25 @@ macro_rules! row_kernel {
             }
         }
     };
+    ($name:ident, $ty:expr, $f:ident, single_rows) => {
+        pub(super) struct $name;
+        impl RowKernel for $name {
+            const TY: GgmlType = $ty;
+            type Proof = Proof;
+            const FUSED_FOUR: bool = false;
+            unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
+                $f::<1>([row], act, n)[0]
+            }
+            unsafe fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                rows.map(|row| $f::<1>([row], act, n)[0])
+            }
+        }
+    };
     ($name:ident, $ty:expr, $one:expr, $four:expr) => {
         pub(super) struct $name;
         impl RowKernel for $name {
             const TY: GgmlType = $ty;
+            type Proof = Proof;
             unsafe fn one(row: &[u8], act: &[u8], n: usize) -> f32 {
                 $one(row, act, n)
             }
@@ -138,38 +170,41 @@ row_kernel!(
     small_four::<Q5_1Format>
 );
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_q8_0);
-row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1);
-row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
-row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
-row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
-row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
-row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k);
-row_kernel!(F32, GgmlType::F32, f32_f32);
-row_kernel!(F16, GgmlType::F16, f16_f16);
-row_kernel!(BF16, GgmlType::BF16, bf16_bf16);
+row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1, single_rows);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
+row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k, single_rows);
+row_kernel!(F32, GgmlType::F32, f32_f32, single_rows);
+row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
+row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
-pub(super) fn install(table: &mut Kernels, _proof: Avx2Checked) {
-    set::<Q4_0>(table);
-    set::<Q4_1>(table);
-    set::<Q5_0>(table);
-    set::<Q5_1>(table);
-    set::<Q8_0>(table);
-    set::<Q8_1>(table);
-    set::<Q2K>(table);
-    set::<Q3K>(table);
-    set::<Q4K>(table);
-    set::<Q5K>(table);
-    set::<Q6K>(table);
-    set::<Q8K>(table);
-    set::<F32>(table);
-    set::<F16>(table);
-    set::<BF16>(table);
+pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
+    set::<Q4_0>(table, proof);
+    set::<Q4_1>(table, proof);
+    set::<Q5_0>(table, proof);
+    set::<Q5_1>(table, proof);
+    set::<Q8_0>(table, proof);
+    set::<Q8_1>(table, proof);
+    set::<Q2K>(table, proof);
+    set::<Q3K>(table, proof);
+    set::<Q4K>(table, proof);
+    set::<Q5K>(table, proof);
+    set::<Q6K>(table, proof);
+    set::<Q8K>(table, proof);
+    set::<F32>(table, proof);
+    set::<F16>(table, proof);
+    set::<BF16>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     table.quantize_q8_k = quantize_q8_k;
 }
+
+/// The proof the kernels of this module need.
+type Proof = Avx2Checked;
 
 fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     // SAFETY: only reachable through `install`, which holds an `Avx2Checked`.
@@ -220,6 +255,35 @@ pub(super) unsafe fn f16_gather4(ptrs: [*const u8; 4]) -> __m128 {
     _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64))
 }
 
+/// Where the caller's next rows probably start: just past `rows` when they are consecutive
+/// in memory (rows of one matrix), so a matvec's next four-row call reads there. The
+/// multi-row kernels prefetch those bytes block by block: reading four rows side by side
+/// makes four short streams, which the hardware prefetcher does not follow, and without the
+/// prefetch a four-row matvec streams from DRAM at a quarter to half the rate of a single-row one.
+#[inline(always)]
+pub(super) fn next_rows<const R: usize>(rows: &[&[u8]; R]) -> Option<*const u8> {
+    // (Prefetching two calls ahead instead was measured slower.)
+    let consecutive = R > 1
+        && rows
+            .windows(2)
+            .all(|pair| pair[0].as_ptr_range().end == pair[1].as_ptr());
+    rows.last()
+        .filter(|_| consecutive)
+        .map(|row| row.as_ptr_range().end)
+}
+
+/// Prefetches the cache lines of `len` bytes from `p` into L1. A prefetch never faults,
+/// so `p` need not be valid (it is never dereferenced).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) fn prefetch(p: *const u8, len: usize) {
+    let mut offset = 0;
+    while offset < len {
+        _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(offset).cast());
+        offset += 64;
+    }
+}
+
 /// Sum of the eight lanes, in a fixed order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -256,8 +320,12 @@ pub(super) unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     let blocks = common_blocks(GgmlType::Q8_0, &rows, act, n);
     let a = act.as_ptr();
     let w = rows.map(<[u8]>::as_ptr);
+    let next = next_rows(&rows);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * R * SIZE), R * SIZE);
+        }
         let y = a.add(b * SIZE);
         let qy = load256(y.add(2));
         let dy = f16_splat(y);
@@ -399,19 +467,6 @@ fn bit4_from_bits_32(bits: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// [`bit4_from_bits_32`] for 16 bits and 16 bytes.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn bit4_from_bits_16(bits: u32) -> __m128i {
-    let spread = _mm_shuffle_epi8(
-        _mm_set1_epi32(bits as i32),
-        _mm_set_epi64x(0x0101_0101_0101_0101, 0),
-    );
-    let select = _mm_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-    let set = _mm_cmpeq_epi8(_mm_and_si128(spread, select), select);
-    _mm_and_si128(set, _mm_set1_epi8(0x10))
-}
-
 /// The activation block's lane excess `OFFSET * (sum y[4k..4k+4] + sum y[16+4k..16+4k+4])`
 /// from its quants split in halves.
 #[inline]
@@ -466,9 +521,9 @@ pub(super) unsafe fn small_one<F: SmallFormat>(row: &[u8], act: &[u8], n: usize)
         let mut lo = _mm_and_si128(q, low4);
         let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
         if F::QH.is_some() {
-            let bits = high_bits::<F>(x);
-            lo = _mm_or_si128(lo, bit4_from_bits_16(bits & 0xFFFF));
-            hi = _mm_or_si128(hi, bit4_from_bits_16(bits >> 16));
+            let high = bit4_from_bits_32(high_bits::<F>(x));
+            lo = _mm_or_si128(lo, _mm256_castsi256_si128(high));
+            hi = _mm_or_si128(hi, _mm256_extracti128_si256::<1>(high));
         }
         let pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, y_lo), _mm_maddubs_epi16(hi, y_hi));
         let mut sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
@@ -514,11 +569,15 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
+    let next = next_rows(&rows);
     let low4 = _mm256_set1_epi8(0x0F);
     // acc[p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
     let mut acc = [_mm256_setzero_ps(); 2];
     let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let y = a.add(b * F::ACT);
         let x = w.map(|w| w.add(b * F::SIZE));
         let y_lo = load128(y.add(F::ACT_QS));
@@ -1134,8 +1193,8 @@ unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 
 // ---- Activation quantisation ------------------------------------------------------------
 //
-// Bit-identical to `activation::quantize_q8_*` for finite input (NaN may quantise
-// differently; C leaves it undefined too).
+// Bit-identical to `activation::quantize_q8_*` for finite input. A block holding NaN or
+// infinity quantises differently (C leaves the conversion undefined there too).
 
 /// Largest of the eight lanes.
 #[inline]

@@ -3,7 +3,8 @@
 //!   four rows' blocks of a 4/5-bit format or two rows' Q8_0 blocks and `vpdpbusd` (u8 x i8
 //!   products summed in fours into i32 lanes) replaces AVX2's `vpmaddubsw` + `vpmaddwd`;
 //!   their single-row kernels stay the AVX2 ones;
-//! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (32 registers, VNNI fusion).
+//! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (VNNI fuses `vpmaddwd` +
+//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls.
 //!
 //! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
 //! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
@@ -17,11 +18,14 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    common_blocks, f16_gather4, high_bits, hsum, load128, load256, q8_0_q8_0, row_kernel, set,
-    small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format,
-    RowKernel, SmallFormat,
+    common_blocks, f16_gather4, high_bits, hsum, load128, load256, next_rows, prefetch, q8_0_q8_0,
+    row_kernel, set, small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format,
+    Q5_1Format, RowKernel, SmallFormat,
 };
 use super::GgmlType;
+
+/// The proof the kernels of this module need.
+type Proof = Avx512Checked;
 
 row_kernel!(
     Q4_0,
@@ -48,29 +52,28 @@ row_kernel!(
     small_four::<Q5_1Format>
 );
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_one, q8_0_four);
-row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k);
-row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
-row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k);
-row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k);
+row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
+row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
+row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
-pub(super) fn install(table: &mut Kernels, _proof: Avx512Checked) {
-    set::<Q4_0>(table);
-    set::<Q4_1>(table);
-    set::<Q5_0>(table);
-    set::<Q5_1>(table);
-    set::<Q8_0>(table);
-    set::<Q2K>(table);
-    set::<Q3K>(table);
-    set::<Q4K>(table);
-    set::<Q5K>(table);
-    set::<Q6K>(table);
+pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
+    set::<Q4_0>(table, proof);
+    set::<Q4_1>(table, proof);
+    set::<Q5_0>(table, proof);
+    set::<Q5_1>(table, proof);
+    set::<Q8_0>(table, proof);
+    set::<Q2K>(table, proof);
+    set::<Q3K>(table, proof);
+    set::<Q4K>(table, proof);
+    set::<Q5K>(table, proof);
+    set::<Q6K>(table, proof);
 }
 
-/// The AVX2 K-quant kernels compiled for this level: 32 vector registers instead of 16 keep
-/// the four-row kernels' per-row state out of memory, and LLVM fuses `vpmaddwd` + `vpaddd`
-/// into VNNI's `vpdpwssd`. Same arithmetic, so the same bits as the AVX2 level.
+/// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
+/// `vpaddd` into VNNI's `vpdpwssd`. Same arithmetic, so the same bits as the AVX2 level.
 macro_rules! k_quant_kernel {
     ($name:ident, $body:ident) => {
         #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -107,11 +110,15 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
+    let next = next_rows(&rows);
     let low4 = _mm512_set1_epi8(0x0F);
     // Row k in lanes 4k..4k+4.
     let mut acc = _mm512_setzero_ps();
     let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let y = a.add(b * F::ACT);
         let x = w.map(|w| w.add(b * F::SIZE));
         let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
@@ -186,8 +193,12 @@ unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
     let flip = _mm512_set1_epi8(-128);
+    let next = next_rows(&rows);
     let mut acc = [_mm512_setzero_ps(); 2];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * SIZE), 4 * SIZE);
+        }
         let y = a.add(b * SIZE);
         let x = w.map(|w| w.add(b * SIZE));
         let qy = _mm512_broadcast_i64x4(load256(y.add(2)));

@@ -29,6 +29,6 @@ mod tests;
 
 pub use activation::{activation_type, QuantizedActivations};
 pub use dequant::dequantize;
-pub use dispatch::{kernels, kernels_for, simd_level, Kernels, QuantizeFn, SimdLevel, SIMD_ENV};
+pub use dispatch::{kernels, kernels_for, simd_level, Kernels, SimdLevel, SIMD_ENV};
 pub use dot::{dot_row, kernel4_for, kernel_for, Dot4Fn, DotFn};
 pub use types::{GgmlType, QK_K};

@@ -45,7 +45,9 @@ _CACHE_FORMAT = b"sampler-sdk descriptor set v1\n"
 def _proto_files() -> List[Path]:
     files = sorted(p for p in PROTO_ROOT.rglob("*.proto") if p.is_file())
     if not files:
-        raise RuntimeError(f"no .proto files under {PROTO_ROOT}: the sampler_sdk install is incomplete")
+        raise RuntimeError(
+            f"no .proto files under {PROTO_ROOT}: the sampler_sdk install is incomplete"
+        )
     return files
 
 
@@ -76,7 +78,9 @@ def _compile(files: List[Path], out: Path) -> None:
     ]
     status = protoc.main(argv)
     if status != 0:
-        raise RuntimeError(f"protoc failed (exit {status}) on {PROTO_ROOT}; its messages are on stderr")
+        raise RuntimeError(
+            f"protoc failed (exit {status}) on {PROTO_ROOT}; its messages are on stderr"
+        )
 
 
 def _cache_dir() -> Path:
@@ -190,8 +194,14 @@ def method_handlers(
             raise NotImplementedError(f"{method.full_name}: client streaming is not supported")
         request_class = message_factory.GetMessageClass(method.input_type)
         behaviour = wrap(method, request_class, function)
-        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
-        handlers[method.name] = make(behaviour, request_deserializer=None, response_serializer=_serialize)
+        make = (
+            grpc.unary_stream_rpc_method_handler
+            if method.server_streaming
+            else grpc.unary_unary_rpc_method_handler
+        )
+        handlers[method.name] = make(
+            behaviour, request_deserializer=None, response_serializer=_serialize
+        )
     return grpc.method_handlers_generic_handler(descriptor.full_name, handlers)
 
 

@@ -7,10 +7,10 @@ import math
 import random
 from typing import Any, List, Optional, Sequence, Union
 
-from . import sampler as pb
 from ..budget import BudgetUpdate
 from ..stub import Finished, InputSegment, ModelInfo, SampleRequest, Usage
 from ..token import Token
+from . import sampler as pb
 
 
 class InvalidRequest(ValueError):
@@ -75,7 +75,9 @@ def request_to_proto(request: SampleRequest) -> Any:
     if request.allowed_tokens is not None:
         message.allowed_tokens.CopyFrom(_token_refs(request.allowed_tokens, "allowed_tokens"))
     if request.disallowed_tokens is not None:
-        message.disallowed_tokens.CopyFrom(_token_refs(request.disallowed_tokens, "disallowed_tokens"))
+        message.disallowed_tokens.CopyFrom(
+            _token_refs(request.disallowed_tokens, "disallowed_tokens")
+        )
     return message
 
 
@@ -157,7 +159,11 @@ def request_from_proto(message: Any) -> SampleRequest:
     has_disallowed = message.HasField("disallowed_tokens")
     if has_allowed and has_disallowed:
         raise InvalidRequest("allowed_tokens, disallowed_tokens: give at most one of the two")
-    seed = message.rng_seed if message.HasField("rng_seed") else random.SystemRandom().randrange(0, _MAX_SEED)
+    seed = (
+        message.rng_seed
+        if message.HasField("rng_seed")
+        else random.SystemRandom().randrange(0, _MAX_SEED)
+    )
     return SampleRequest(
         inputs=tuple(inputs),
         model_name=message.model_name,
@@ -175,7 +181,9 @@ def request_from_proto(message: Any) -> SampleRequest:
 
 
 def _refs_from_proto(token_set: Any) -> tuple:
-    return tuple(ref.text if ref.WhichOneof("kind") == "text" else ref.id for ref in token_set.tokens)
+    return tuple(
+        ref.text if ref.WhichOneof("kind") == "text" else ref.id for ref in token_set.tokens
+    )
 
 
 def token_from_proto(message: Any) -> Token:
@@ -193,7 +201,9 @@ def budget_from_proto(message: Any) -> BudgetUpdate:
 def finished_from_proto(message: Any) -> Finished:
     return Finished(
         stop_reason=STOP_REASON_NAMES.get(message.stop_reason, "unspecified"),
-        usage=Usage(prompt_tokens=message.usage.prompt_tokens, sampled_tokens=message.usage.sampled_tokens),
+        usage=Usage(
+            prompt_tokens=message.usage.prompt_tokens, sampled_tokens=message.usage.sampled_tokens
+        ),
         stop_string=message.stop_string if message.HasField("stop_string") else None,
         stop_token_id=message.stop_token_id if message.HasField("stop_token_id") else None,
     )

@@ -73,6 +73,7 @@ class ServerConfig:
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     shutdown_grace: float = 10.0
+    threads: Optional[int] = None
     extra_options: Sequence[tuple] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -82,6 +83,8 @@ class ServerConfig:
             raise ValueError("--tls-cert, --tls-key: give both or neither")
         if not 0 <= self.port < 65536:
             raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"--threads: must be at least 1, got {self.threads}")
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace: must be >= 0, got {self.shutdown_grace}")
 
@@ -94,7 +97,7 @@ class SamplerServer:
         if stub is None:
             from ..local import LocalStub
 
-            stub = LocalStub(dict(config.models))
+            stub = LocalStub(dict(config.models), threads=config.threads)
         self.stub = stub
         self.keyring = KeyRing(config.api_keys)
         self.budgets = BudgetStore(config.budget_db)
