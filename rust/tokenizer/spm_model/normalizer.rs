@@ -114,7 +114,7 @@ impl CharsMap {
                 blob.len()
             )));
         }
-        if trie_size < 1024 || trie_size % 1024 != 0 {
+        if trie_size < 1024 || !trie_size.is_multiple_of(1024) {
             return Err(bad(format!(
                 "trie of {trie_size} bytes is not a positive multiple of 1024"
             )));
