@@ -1,5 +1,5 @@
 //! Reading SentencePiece `.model` files (a serialized `sentencepiece.ModelProto`, e.g. the
-//! Grok-1 tokenizer) and tokenizing exactly as the `sentencepiece` library does.
+//! Grok-1 tokenizer) and tokenizing exactly as the `sentencepiece` library (0.2.3) does.
 //!
 //! - `proto`: the protobuf wire format, read by hand with every length checked;
 //! - `normalizer`: the precompiled character map and the whitespace rules of `NormalizerSpec`;
@@ -14,11 +14,20 @@
 //! neighbours without, and decoding drops the dummy-prefix space and turns invalid byte
 //! pieces into U+FFFD one byte at a time.
 //!
-//! Two deliberate extensions: `parse_special` cuts control and unknown piece text out of the
-//! input first (each remaining run is normalized on its own, dummy prefix included), and
-//! `render_special` decodes control pieces as their text. Where `sentencepiece` fails with an
-//! internal error (a segment that looks up as a control piece, which only a deliberately odd
-//! model allows), the control id is returned.
+//! Versions: the unigram encoder follows 0.2.3, which sums scores in `f32`, rebases running
+//! scores past ±100,000 and scores a user-defined piece `0.1 * (bytes - 1)`; 0.2.1 and
+//! earlier scored user-defined pieces `bytes * max_score - 0.1` and can break ties between
+//! equal-scoring segmentations differently. BPE (Grok-1's model type) is the same in both.
+//!
+//! Differences, all outside what `sentencepiece` itself accepts or offers:
+//! - two extensions: `parse_special` cuts control and unknown piece text out of the input
+//!   first (each remaining run is normalized on its own, dummy prefix included), and
+//!   `render_special` decodes control pieces as their text;
+//! - piece texts must be unique across all piece types (the engine's token table needs it;
+//!   `sentencepiece` lets a unigram, word or character model reuse a control piece's text for
+//!   a normal piece), else loading fails naming the duplicate;
+//! - a character-map replacement that is not UTF-8 (only a corrupt file has one) leaves the
+//!   character unchanged instead of inserting the raw bytes.
 
 mod normalizer;
 mod proto;

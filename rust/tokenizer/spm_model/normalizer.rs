@@ -114,7 +114,7 @@ impl CharsMap {
                 blob.len()
             )));
         }
-        if trie_size < 1024 || trie_size % 1024 != 0 {
+        if trie_size < 1024 || !trie_size.is_multiple_of(1024) {
             return Err(bad(format!(
                 "trie of {trie_size} bytes is not a positive multiple of 1024"
             )));
@@ -307,7 +307,7 @@ impl Normalizer {
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::expect_used)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
     fn spec(add_dummy_prefix: bool, remove_extra: bool, escape: bool) -> NormalizerSpec {
@@ -363,7 +363,7 @@ mod tests {
 
     /// A double array for the keys "A" -> "a" and "AB" -> "x y", laid out by hand:
     /// root at 0 with offset 64; 'A' (65) at 64^65 = 1; its children at 1^offset.
-    fn tiny_charsmap() -> Vec<u8> {
+    pub(in crate::tokenizer::spm_model) fn tiny_charsmap() -> Vec<u8> {
         let unit = |label: u32, offset: u32, leaf: bool| -> u32 {
             // Offsets below 2^21 need no extension bit.
             (offset << 10) | (u32::from(leaf) << 8) | label
@@ -415,7 +415,7 @@ mod tests {
         // A trie whose transitions leave the array is rejected at load, as sentencepiece does.
         let mut blob = Vec::new();
         blob.extend_from_slice(&1024u32.to_le_bytes());
-        blob.extend_from_slice(&(0xffff_ffffu32 & !0x1ff).to_le_bytes());
+        blob.extend_from_slice(&0xffff_fe00u32.to_le_bytes());
         blob.extend_from_slice(&[0; 1020]);
         blob.extend_from_slice(b"a\0");
         let wild = NormalizerSpec {

@@ -55,27 +55,52 @@ impl Pieces<'_> {
 
 pub(super) type Segments = Vec<(Range<usize>, Option<u32>)>;
 
+/// No symbol (before the first or after the last).
+const NONE: u32 = u32::MAX;
+
+/// A run of normalized text; indices are `u32` to keep the merge loop's memory small (the
+/// priority queue of a long prompt does not fit in cache, and its entries' size is most of
+/// the encoding time).
 #[derive(Debug, Clone, Copy)]
 struct Symbol {
-    start: usize,
-    len: usize,
-    prev: Option<usize>,
-    next: Option<usize>,
+    start: u32,
+    len: u32,
+    prev: u32,
+    next: u32,
     /// A user-defined piece: never merged with its neighbours.
     frozen: bool,
 }
 
+/// A candidate merge of `left` with the symbol after it, into a piece of `size` bytes.
 #[derive(Debug, Clone, Copy)]
 struct Pair {
-    score: f32,
-    left: usize,
-    right: usize,
-    size: usize,
+    /// Orders the heap: the piece's score (as `f32::total_cmp` orders it, which is how
+    /// SentencePiece compares the bits) above the inverted left index, so the maximum is
+    /// the best merge and the leftmost among equals.
+    key: u64,
+    size: u32,
+    left: u32,
+}
+
+impl Pair {
+    fn new(score: f32, left: u32, size: u32) -> Pair {
+        let bits = score.to_bits();
+        let ordered = if bits & 0x8000_0000 != 0 {
+            !bits
+        } else {
+            bits | 0x8000_0000
+        };
+        Pair {
+            key: (u64::from(ordered) << 32) | u64::from(!left),
+            size,
+            left,
+        }
+    }
 }
 
 impl PartialEq for Pair {
     fn eq(&self, other: &Self) -> bool {
-        self.cmp(other) == Ordering::Equal
+        self.key == other.key
     }
 }
 
@@ -88,13 +113,10 @@ impl PartialOrd for Pair {
 }
 
 impl Ord for Pair {
-    /// The heap's maximum is merged first: highest score (SentencePiece orders scores by their
-    /// bits, which is `total_cmp`), then leftmost.
+    /// Entries with equal keys share their left symbol, and at most one of them is still
+    /// valid when popped, so their order does not matter.
     fn cmp(&self, other: &Self) -> Ordering {
-        self.score
-            .total_cmp(&other.score)
-            .then_with(|| other.left.cmp(&self.left))
-            .then_with(|| other.right.cmp(&self.right))
+        self.key.cmp(&other.key)
     }
 }
 
@@ -104,44 +126,61 @@ type UnusedMerges<'t> = HashMap<&'t str, (Range<usize>, Range<usize>)>;
 /// How deep SentencePiece splits unused pieces back before giving up.
 const MAX_RESEGMENT_DEPTH: usize = 100;
 
-/// Queues the merge of `left` and `right` if their concatenation is a piece.
-fn push_pair<'t>(
+fn range(symbol: Symbol) -> Range<usize> {
+    symbol.start as usize..(symbol.start + symbol.len) as usize
+}
+
+/// The merge of `left` with the symbol after it, if their concatenation is a piece.
+fn merge_candidate<'t>(
     text: &'t str,
     pieces: Pieces<'_>,
     symbols: &[Symbol],
-    queue: &mut BinaryHeap<Pair>,
     unused_merges: &mut UnusedMerges<'t>,
-    left: usize,
-    right: usize,
-) {
-    let (l, r) = (symbols[left], symbols[right]);
+    left: u32,
+) -> Option<Pair> {
+    let l = *symbols.get(left as usize)?;
+    let r = *symbols.get(l.next as usize)?;
     if l.frozen || r.frozen {
-        return;
+        return None;
     }
     let size = l.len + r.len;
     // Live symbols are contiguous in `text`, so the pair's text is one slice.
-    let Some(merged) = text.get(l.start..l.start + size) else {
-        return;
-    };
-    let Some(id) = pieces.segment_id(merged) else {
-        return;
-    };
-    queue.push(Pair {
-        score: pieces.score(id),
-        left,
-        right,
-        size,
-    });
+    let merged = text.get(l.start as usize..(l.start + size) as usize)?;
+    let id = pieces.segment_id(merged)?;
     if pieces.kind(id) == PieceType::Unused {
-        unused_merges.insert(merged, (l.start..l.start + l.len, r.start..r.start + r.len));
+        unused_merges.insert(merged, (range(l), range(r)));
     }
+    Some(Pair::new(pieces.score(id), left, size))
 }
 
 /// SentencePiece BPE: start from characters (a user-defined piece is one frozen symbol), merge
 /// the adjacent pair with the best-scoring piece (leftmost on ties) until none is left, then
 /// split any merge that produced an unused piece back into the pair it came from.
+///
+/// A text over 4 GiB is segmented in 4 GiB parts (no merge crosses a part boundary), which
+/// keeps symbol indices in `u32`.
 pub(super) fn bpe(
     text: &str,
+    pieces: Pieces<'_>,
+    user_defined: &PrefixMatcher,
+    out: &mut Segments,
+) {
+    const MAX_PART: usize = u32::MAX as usize - 1;
+    let mut offset = 0;
+    while offset < text.len() {
+        let mut end = text.len().min(offset + MAX_PART);
+        while !text.is_char_boundary(end) {
+            end -= 1;
+        }
+        bpe_part(&text[offset..end], offset, pieces, user_defined, out);
+        offset = end;
+    }
+}
+
+/// [`bpe`] on a part of at most `u32::MAX - 1` bytes that starts `offset` bytes into the text.
+fn bpe_part(
+    text: &str,
+    offset: usize,
     pieces: Pieces<'_>,
     user_defined: &PrefixMatcher,
     out: &mut Segments,
@@ -153,89 +192,83 @@ pub(super) fn bpe(
         if len == 0 {
             break;
         }
-        let index = symbols.len();
+        let index = symbols.len() as u32;
         symbols.push(Symbol {
-            start: pos,
-            len,
-            prev: index.checked_sub(1),
-            next: None,
+            start: pos as u32,
+            len: len as u32,
+            prev: index.checked_sub(1).unwrap_or(NONE),
+            next: index + 1,
             frozen,
         });
-        if let Some(prev) = index.checked_sub(1) {
-            symbols[prev].next = Some(index);
-        }
         pos += len;
+    }
+    if let Some(last) = symbols.last_mut() {
+        last.next = NONE;
     }
 
     let mut unused_merges = UnusedMerges::new();
-    let mut queue = BinaryHeap::new();
-    for right in 1..symbols.len() {
-        push_pair(
-            text,
-            pieces,
-            &symbols,
-            &mut queue,
-            &mut unused_merges,
-            right - 1,
-            right,
-        );
-    }
+    let initial: Vec<Pair> = (0..symbols.len().saturating_sub(1) as u32)
+        .filter_map(|left| merge_candidate(text, pieces, &symbols, &mut unused_merges, left))
+        .collect();
+    // Building the heap in one go is linear; pushing one by one is not.
+    let mut queue = BinaryHeap::from(initial);
     while let Some(pair) = queue.pop() {
-        let (l, r) = (symbols[pair.left], symbols[pair.right]);
-        // Stale: one side was merged away or grew since the pair was queued.
+        let Some(&l) = symbols.get(pair.left as usize) else {
+            continue;
+        };
+        let Some(&r) = symbols.get(l.next as usize) else {
+            continue;
+        };
+        // Stale: the left side was merged away or grew since the pair was queued (the right
+        // side can only change by merging into the left one).
         if l.len == 0 || r.len == 0 || l.len + r.len != pair.size {
             continue;
         }
-        symbols[pair.left].len = pair.size;
-        symbols[pair.left].next = r.next;
-        symbols[pair.right].len = 0;
-        if let Some(next) = r.next {
-            symbols[next].prev = Some(pair.left);
+        let right = l.next;
+        symbols[pair.left as usize].len = pair.size;
+        symbols[pair.left as usize].next = r.next;
+        symbols[right as usize].len = 0;
+        if let Some(next) = symbols.get_mut(r.next as usize) {
+            next.prev = pair.left;
         }
-        if let Some(prev) = l.prev {
-            push_pair(
+        if l.prev != NONE {
+            queue.extend(merge_candidate(
                 text,
                 pieces,
                 &symbols,
-                &mut queue,
                 &mut unused_merges,
-                prev,
-                pair.left,
-            );
+                l.prev,
+            ));
         }
-        if let Some(next) = r.next {
-            push_pair(
-                text,
-                pieces,
-                &symbols,
-                &mut queue,
-                &mut unused_merges,
-                pair.left,
-                next,
-            );
-        }
+        queue.extend(merge_candidate(
+            text,
+            pieces,
+            &symbols,
+            &mut unused_merges,
+            pair.left,
+        ));
     }
 
+    let shift = |r: Range<usize>| r.start + offset..r.end + offset;
     // Depth-first, left before right, without recursion.
     let mut pending: Vec<(Range<usize>, usize)> = Vec::new();
-    let mut index = if symbols.is_empty() { None } else { Some(0) };
-    while let Some(i) = index {
-        let symbol = symbols[i];
+    let mut index = if symbols.is_empty() { NONE } else { 0 };
+    while let Some(&symbol) = symbols.get(index as usize) {
         index = symbol.next;
-        pending.push((symbol.start..symbol.start + symbol.len, 0));
+        pending.push((range(symbol), 0));
         while let Some((range, depth)) = pending.pop() {
             let piece = &text[range.clone()];
             let id = pieces.table.get(piece);
             if depth > MAX_RESEGMENT_DEPTH {
-                out.push((range, id.or(pieces.unk)));
+                out.push((shift(range), id.or(pieces.unk)));
                 continue;
             }
             let Some(id) = pieces.segment_id(piece) else {
-                out.push((range, pieces.unk));
+                out.push((shift(range), pieces.unk));
                 continue;
             };
             if pieces.kind(id) != PieceType::Unused {
-                out.push((range, Some(id)));
+                out.push((shift(range), Some(id)));
                 continue;
             }
             match unused_merges.get(piece) {
@@ -243,7 +276,7 @@ pub(super) fn bpe(
                     pending.push((right.clone(), depth + 1));
                     pending.push((left.clone(), depth + 1));
                 }
-                None => out.push((range, pieces.unk)),
+                None => out.push((shift(range), pieces.unk)),
             }
         }
     }
@@ -301,11 +334,16 @@ pub(super) fn unigram(text: &str, pieces: Pieces<'_>, params: UnigramParams, out
     let mut starts_at = 0;
     while starts_at < size {
         let mut best_here = best[starts_at].score;
+        // Written as the C++ compares, so a NaN (only from a sum overflowing) is never rebased.
+        #[allow(clippy::manual_range_contains)]
         if best_here < -SCORE_RESET_THRESHOLD || best_here > SCORE_RESET_THRESHOLD {
             let offset = best_here;
-            for i in starts_at..=max_frontier.min(size) {
-                if i == starts_at || best[i].starts_at.is_some() {
-                    best[i].score -= offset;
+            let reachable = best
+                .get_mut(starts_at..=max_frontier.min(size))
+                .unwrap_or_default();
+            for (i, path) in reachable.iter_mut().enumerate() {
+                if i == 0 || path.starts_at.is_some() {
+                    path.score -= offset;
                 }
             }
             best_here = 0.0;

@@ -600,7 +600,12 @@ proptest! {
         let mut pieces: Vec<(String, f32, i32)> = unigram_pieces().iter().map(|&(t, s, k)| (t.to_string(), s, k)).collect();
         pieces.extend(byte_pieces());
         let pieces: Vec<(&str, f32, i32)> = pieces.iter().map(|(t, s, k)| (t.as_str(), *s, *k)).collect();
-        let mut bytes = model_bytes(&pieces, &trainer(model_type, true), &identity_normalizer());
+        // Half the cases carry a character map, so corrupting it is exercised too.
+        let mut normalizer = identity_normalizer();
+        if model_type % 2 == 0 {
+            write::bytes(&mut normalizer, 2, &super::normalizer::tests::tiny_charsmap());
+        }
+        let mut bytes = model_bytes(&pieces, &trainer(model_type, true), &normalizer);
         for (at, value) in &edits {
             let i = at.index(bytes.len());
             bytes[i] = *value;
@@ -609,11 +614,20 @@ proptest! {
             bytes.truncate(cut.index(bytes.len() + 1));
         }
         if let Ok(tok) = Tokenizer::from_sentencepiece_bytes(&bytes) {
-            for text in ["", "ab c", "  xé😀 <s>", "bcbc\n"] {
+            for text in ["", "ab c", "  xé😀 <s>", "bcbc\n", "AAB BA"] {
                 let ids = tok.encode(text, true, true);
                 let _ = tok.decode(&ids, false);
                 let _ = tok.decode(&ids, true);
             }
+        }
+    }
+
+    /// Arbitrary bytes are an error or (rarely) a tokenizer, never a panic.
+    #[test]
+    fn arbitrary_bytes_never_panic(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+        if let Ok(tok) = Tokenizer::from_sentencepiece_bytes(&bytes) {
+            let ids = tok.encode("ab c", false, true);
+            let _ = tok.decode(&ids, false);
         }
     }
 
