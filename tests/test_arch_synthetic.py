@@ -514,7 +514,7 @@ def check_routing_is_robust(
 def test_tolerances_cover_llama_cpp_numerics_and_catch_arch_bugs(
     synthetic_models, monkeypatch
 ) -> None:
-    for name, (path, weights, config) in synthetic_models.items():
+    for name, (_path, weights, config) in synthetic_models.items():
         matmul = llama_cpp_like_matmul(weights, is_quantised(name))
         for sequence_name, ids in SEQUENCES.items():
             exact_trace, rounded_trace = RoutingTrace(), RoutingTrace()

@@ -31,7 +31,6 @@ import json
 
 import numpy as np
 import pytest
-
 from conftest import GOLDEN_DIR
 
 TOP10_TOLERANCE = 0.7

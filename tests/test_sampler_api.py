@@ -12,7 +12,6 @@ import time
 
 import numpy as np
 import pytest
-
 import sampler_sdk
 from sampler_sdk import Client, Token, TokenType
 
