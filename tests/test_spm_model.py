@@ -166,14 +166,18 @@ _TEXT = st.lists(
 ).map("".join)
 
 
-@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+# Parity, not generation speed, is under test: the machine may be busy.
+_RELAXED = [HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=_RELAXED)
 @given(text=_TEXT)
 def test_grok_parity_on_random_text(grok, text: str) -> None:
     tokenizer, processor = grok
     _assert_parity(tokenizer, processor, text)
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=300, deadline=None, suppress_health_check=_RELAXED)
 @given(
     ids=st.lists(
         st.one_of(
@@ -303,7 +307,7 @@ def test_trained_model_parity_on_the_corpus(trained, name: str) -> None:
 def test_trained_model_parity_on_random_text(trained, name: str) -> None:
     tokenizer, processor = _pair(trained[name])
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=150, deadline=None, suppress_health_check=_RELAXED)
     @given(text=_TEXT)
     def check(text: str) -> None:
         _assert_parity(tokenizer, processor, text)
@@ -316,7 +320,7 @@ def test_trained_model_decode_equals_sentencepiece_for_any_ids(trained, name: st
     tokenizer, processor = _pair(trained[name])
     n = processor.vocab_size()
 
-    @settings(max_examples=150, deadline=None)
+    @settings(max_examples=150, deadline=None, suppress_health_check=_RELAXED)
     @given(ids=st.lists(st.integers(0, n - 1), max_size=20))
     def check(ids: list[int]) -> None:
         assert tokenizer.decode(ids) == processor.decode(ids)
