@@ -58,7 +58,7 @@ EXTRA_TEXTS: list[str] = [
     "０１２３ full-width digits ＡＢＣ",
     "9876543210" * 5,
     "def f(x):\n\tif x:\n\t\treturn [i ** 2 for i in range(x)]\n\treturn None\n",
-    "int main(void) {\n    printf(\"%d\\n\", 42);\n}\n",
+    'int main(void) {\n    printf("%d\\n", 42);\n}\n',
     "\u0000nul\u0001soh\u007fdel",
     "\u00ad soft hyphen, \u2028 line separator, \u3000 ideographic space",
     "ｶﾀｶﾅ half-width, ㍿ squared, ① circled, ﬃ ligature",
@@ -160,7 +160,9 @@ _TEXT = st.lists(
     st.one_of(
         st.characters(blacklist_categories=("Cs",)),
         st.sampled_from(list(" \t\n\r▁0123456789abcXYZ.,'\"-_<|>[]#")),
-        st.sampled_from(["  ", "\n\n", "\t\t", "[BOS]", "<|separator|>", "你好", "🦀", "é", "e\u0301"]),
+        st.sampled_from(
+            ["  ", "\n\n", "\t\t", "[BOS]", "<|separator|>", "你好", "🦀", "é", "e\u0301"]
+        ),
     ),
     max_size=40,
 ).map("".join)
