@@ -11,7 +11,8 @@
 use std::ops::Range;
 
 /// Positions per page: large enough that page bookkeeping is negligible, small enough
-/// that a short sequence wastes little.
+/// that a short sequence wastes little. The last page of a sequence holds only the
+/// positions up to its capacity, so nothing is allocated past what it may use.
 pub const PAGE_POSITIONS: usize = 256;
 
 pub struct KvCache {
@@ -20,7 +21,8 @@ pub struct KvCache {
     head_dim: usize,
     capacity: usize,
     len: usize,
-    /// [layer][page] -> `n_head_kv * PAGE_POSITIONS * head_dim` keys; the same for values.
+    /// [layer][page] -> `n_head_kv * page_positions(page) * head_dim` keys; the same for
+    /// values.
     keys: Vec<Vec<Box<[f32]>>>,
     values: Vec<Vec<Box<[f32]>>>,
 }
@@ -76,18 +78,22 @@ impl KvCache {
         self.len = self.len.min(len);
     }
 
-    fn page_len(&self) -> usize {
-        self.n_head_kv * PAGE_POSITIONS * self.head_dim
+    /// Positions page `page` holds: `PAGE_POSITIONS`, except the last page, which ends at
+    /// the capacity.
+    fn page_positions(&self, page: usize) -> usize {
+        PAGE_POSITIONS.min(self.capacity.saturating_sub(page * PAGE_POSITIONS))
     }
 
-    /// Makes room for positions up to `end` (exclusive) in every layer.
+    /// Makes room for positions up to `end` (exclusive, at most the capacity) in every layer.
     pub fn reserve_to(&mut self, end: usize) {
+        let end = end.min(self.capacity);
         let pages_needed = end.div_ceil(PAGE_POSITIONS);
-        let page_len = self.page_len();
         for layer in 0..self.n_layer {
             while self.keys[layer].len() < pages_needed {
-                self.keys[layer].push(vec![0.0; page_len].into_boxed_slice());
-                self.values[layer].push(vec![0.0; page_len].into_boxed_slice());
+                let page = self.keys[layer].len();
+                let len = self.n_head_kv * self.page_positions(page) * self.head_dim;
+                self.keys[layer].push(vec![0.0; len].into_boxed_slice());
+                self.values[layer].push(vec![0.0; len].into_boxed_slice());
             }
         }
     }
@@ -100,10 +106,11 @@ impl KvCache {
 
     /// Page of `pos` and the offset of head `kv_head`'s entry within it.
     fn slot(&self, pos: usize, kv_head: usize) -> (usize, usize) {
+        let page = pos / PAGE_POSITIONS;
         let in_page = pos % PAGE_POSITIONS;
         (
-            pos / PAGE_POSITIONS,
-            (kv_head * PAGE_POSITIONS + in_page) * self.head_dim,
+            page,
+            (kv_head * self.page_positions(page) + in_page) * self.head_dim,
         )
     }
 
@@ -161,8 +168,8 @@ impl KvCache {
 
     /// Bytes currently allocated (reported in usage and benches).
     pub fn allocated_bytes(&self) -> usize {
-        let pages: usize = self.keys.iter().map(Vec::len).sum();
-        pages * 2 * self.page_len() * std::mem::size_of::<f32>()
+        let values: usize = self.keys.iter().flatten().map(|page| page.len()).sum();
+        values * 2 * std::mem::size_of::<f32>()
     }
 }
 
@@ -176,6 +183,21 @@ mod tests {
         assert_eq!(cache.allocated_bytes(), 0);
         cache.reserve_to(PAGE_POSITIONS + 1);
         assert_eq!(cache.allocated_bytes(), 2 * 2 * 2 * PAGE_POSITIONS * 4 * 4);
+        // A capacity that ends inside a page allocates only up to it.
+        let mut short = KvCache::new(1, 2, 2, PAGE_POSITIONS + 3);
+        short.reserve_to(10 * PAGE_POSITIONS);
+        assert_eq!(
+            short.allocated_bytes(),
+            (PAGE_POSITIONS + 3) * 2 * 2 * 2 * 4
+        );
+        let last = PAGE_POSITIONS + 2;
+        short.store(0, last, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
+        assert_eq!(short.key(0, last, 1), &[3.0, 4.0]);
+        let run = short.head_runs(0, 1, PAGE_POSITIONS..last + 1).last();
+        assert_eq!(
+            run.map(|r| (r.start, r.keys.len(), r.keys[4..].to_vec())),
+            Some((PAGE_POSITIONS, 6, vec![3.0, 4.0]))
+        );
         let pos = PAGE_POSITIONS;
         cache.store(1, pos, &[1.0, 2.0, 3.0, 4.0], &[5.0, 6.0, 7.0, 8.0]);
         cache.set_len(pos + 1);
