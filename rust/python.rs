@@ -57,17 +57,19 @@ fn run_detached<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(EngineError::Internal(what))
-        })
+    py.detach(|| catch_panic(work)).map_err(PyErr::from)
+}
+
+/// Runs engine work, turning a panic into `EngineError::Internal` with its message.
+fn catch_panic<T>(work: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(EngineError::Internal(what))
     })
-    .map_err(PyErr::from)
 }
 
 #[pyclass(name = "Model", module = "sampler_sdk._engine", frozen)]
@@ -487,7 +489,7 @@ fn run_generation(
             }
         })
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let result = catch_panic(|| {
         generate(model, request, cancel, |token| {
             let cell = std::cell::Cell::new(Some(token));
             deliver("token", &|py| match cell.take() {
@@ -495,14 +497,6 @@ fn run_generation(
                 None => Ok(py.None()),
             })
         })
-    }))
-    .unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        Err(EngineError::Internal(what))
     });
     match result {
         Ok(outcome) => deliver("done", &|py| outcome_event(py, &outcome)),
