@@ -287,14 +287,23 @@ def test_malformed_request_is_invalid_argument(server, payload, named):
 def test_deadline_exceeded_stops_the_generation(server):
     stub = remote(server, timeout=1.5)
     start = time.monotonic()
+    # Too long for any engine to finish within the deadline, and the end-of-generation
+    # tokens banned so it cannot end early on its own.
+    max_len = 4000
     with pytest.raises(DeadlineExceededError):
         run(
             stub,
-            lambda s: _collect(s, inputs=("Write a long story:",), max_len=400, temperature=0.8),
+            lambda s: _collect(
+                s,
+                inputs=("Write a long story:",),
+                max_len=max_len,
+                temperature=0.8,
+                disallowed_tokens=[0, 2, 4],
+            ),
         )
     assert time.monotonic() - start < 10
     line = server.wait_for_line(lambda r: r.get("outcome") == "DEADLINE_EXCEEDED")
-    assert line["sampled_tokens"] < 400
+    assert line["sampled_tokens"] < max_len
     assert_healthy(server)
 
 
