@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sampler_sdk::kernels::matmul::{matmul, ActivationBatch, WeightMatrix};
+use sampler_sdk::model::weights::FfnWeights;
 use sampler_sdk::model::Model;
 use sampler_sdk::threads::ThreadPool;
 
@@ -44,10 +45,13 @@ fn activations(n: usize) -> Vec<f32> {
 fn bench_products(c: &mut Criterion) {
     let Some(model) = model(1) else { return };
     let file = model.file().data();
-    let layer = &model.weights.layers[0];
+    let FfnWeights::Dense(ffn) = &model.weights.layers[0].ffn else {
+        eprintln!("skipped: layer 0 has experts, not one dense feed-forward");
+        return;
+    };
     let matrices: [(&str, &WeightMatrix); 3] = [
-        ("ffn_gate", &layer.w_gate),
-        ("ffn_down", &layer.w_down),
+        ("ffn_gate", &ffn.gate),
+        ("ffn_down", &ffn.down),
         ("output", &model.weights.output),
     ];
     for (group_name, n_tokens) in [("matvec", 1usize), ("matmul64", 64)] {

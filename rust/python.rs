@@ -18,6 +18,7 @@ use crate::generate::{generate, GenerateRequest, GeneratedToken, Outcome, StopRe
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
 use crate::model::Model;
 use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
+use crate::tokenizer::Tokenizer;
 
 create_exception!(
     sampler_sdk._engine,
@@ -56,17 +57,19 @@ fn run_detached<T: Send>(
     py: Python<'_>,
     work: impl FnOnce() -> crate::Result<T> + Send,
 ) -> PyResult<T> {
-    py.detach(|| {
-        std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-            let what = panic
-                .downcast_ref::<&str>()
-                .map(|s| (*s).to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
-            Err(EngineError::Internal(what))
-        })
+    py.detach(|| catch_panic(work)).map_err(PyErr::from)
+}
+
+/// Runs engine work, turning a panic into `EngineError::Internal` with its message.
+fn catch_panic<T>(work: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
+        let what = panic
+            .downcast_ref::<&str>()
+            .map(|s| (*s).to_string())
+            .or_else(|| panic.downcast_ref::<String>().cloned())
+            .unwrap_or_else(|| "unknown panic".to_string());
+        Err(EngineError::Internal(what))
     })
-    .map_err(PyErr::from)
 }
 
 #[pyclass(name = "Model", module = "sampler_sdk._engine", frozen)]
@@ -77,10 +80,23 @@ struct PyModel {
 
 #[pymethods]
 impl PyModel {
+    /// `threads`: forward-pass threads (default: physical cores); `tokenizer`: a SentencePiece
+    /// `.model` file to use instead of the GGUF's vocabulary.
     #[new]
-    fn new(py: Python<'_>, path: PathBuf) -> PyResult<Self> {
+    #[pyo3(signature = (path, threads = None, tokenizer = None))]
+    fn new(
+        py: Python<'_>,
+        path: PathBuf,
+        threads: Option<usize>,
+        tokenizer: Option<PathBuf>,
+    ) -> PyResult<Self> {
         let p = path.clone();
-        let model = run_detached(py, move || Model::load(&p))?;
+        let model = run_detached(py, move || {
+            let tokenizer = tokenizer
+                .map(|t| Tokenizer::from_sentencepiece_file(&t))
+                .transpose()?;
+            Model::load_with(&p, threads, tokenizer)
+        })?;
         Ok(Self {
             inner: Arc::new(model),
             path,
@@ -90,6 +106,12 @@ impl PyModel {
     #[getter]
     fn path(&self) -> PathBuf {
         self.path.clone()
+    }
+
+    /// Threads the forward pass runs on.
+    #[getter]
+    fn n_threads(&self) -> usize {
+        self.inner.n_threads()
     }
 
     #[getter]
@@ -222,13 +244,20 @@ impl PyModel {
         Ok(PyArray1::from_vec(py, logits))
     }
 
-    /// Logits at every position of `token_ids`, shape (len(token_ids), n_vocab).
-    fn logits_all<'py>(&self, py: Python<'py>, token_ids: Vec<u32>) -> PyResult<Bound<'py, PyAny>> {
+    /// Logits at the last `n_last` positions of `token_ids` (default: every position),
+    /// shape (n_last, n_vocab).
+    #[pyo3(signature = (token_ids, n_last = None))]
+    fn logits_all<'py>(
+        &self,
+        py: Python<'py>,
+        token_ids: Vec<u32>,
+        n_last: Option<usize>,
+    ) -> PyResult<Bound<'py, PyAny>> {
         let model = Arc::clone(&self.inner);
-        let n = token_ids.len();
+        let n = n_last.unwrap_or(token_ids.len());
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
-            model.forward(&mut seq, &token_ids, token_ids.len())
+            model.forward(&mut seq, &token_ids, n)
         })?;
         let array = PyArray1::from_vec(py, logits);
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())
@@ -460,7 +489,7 @@ fn run_generation(
             }
         })
     };
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+    let result = catch_panic(|| {
         generate(model, request, cancel, |token| {
             let cell = std::cell::Cell::new(Some(token));
             deliver("token", &|py| match cell.take() {
@@ -468,14 +497,6 @@ fn run_generation(
                 None => Ok(py.None()),
             })
         })
-    }))
-    .unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        Err(EngineError::Internal(what))
     });
     match result {
         Ok(outcome) => deliver("done", &|py| outcome_event(py, &outcome)),
@@ -606,10 +627,87 @@ fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;
     m.add_function(wrap_pyfunction!(inspect_gguf, m)?)?;
     m.add_function(wrap_pyfunction!(read_tensor, m)?)?;
+    m.add_class::<PyTokenizer>()?;
+    m.add_function(wrap_pyfunction!(load_sentencepiece, m)?)?;
     m.add("ModelFormatError", m.py().get_type::<ModelFormatError>())?;
     m.add(
         "ContextOverflowError",
         m.py().get_type::<ContextOverflowError>(),
     )?;
     Ok(())
+}
+
+// ---- SentencePiece tokenizer files (.model) ---------------------------------------------------
+
+/// A tokenizer read from a SentencePiece `.model` file; `encode` and `decode` give the ids
+/// and text of the `sentencepiece` package.
+#[pyclass(name = "Tokenizer", module = "sampler_sdk._engine", frozen)]
+struct PyTokenizer {
+    inner: Arc<Tokenizer>,
+}
+
+#[pymethods]
+impl PyTokenizer {
+    #[pyo3(signature = (text, add_special = false, parse_special = false))]
+    fn encode(
+        &self,
+        py: Python<'_>,
+        text: String,
+        add_special: bool,
+        parse_special: bool,
+    ) -> PyResult<Vec<u32>> {
+        let tokenizer = Arc::clone(&self.inner);
+        run_detached(py, move || {
+            Ok(tokenizer.encode(&text, add_special, parse_special))
+        })
+    }
+
+    fn decode(&self, py: Python<'_>, token_ids: Vec<u32>) -> PyResult<String> {
+        self.check_ids(&token_ids)?;
+        let tokenizer = Arc::clone(&self.inner);
+        let bytes = run_detached(py, move || Ok(tokenizer.decode(&token_ids, false)))?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    #[pyo3(signature = (token_id, render_special = false))]
+    fn token_bytes<'py>(
+        &self,
+        py: Python<'py>,
+        token_id: u32,
+        render_special: bool,
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        self.check_ids(&[token_id])?;
+        Ok(PyBytes::new(
+            py,
+            self.inner.token_bytes(token_id, render_special),
+        ))
+    }
+
+    #[getter]
+    fn n_vocab(&self) -> usize {
+        self.inner.n_vocab()
+    }
+}
+
+impl PyTokenizer {
+    fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
+        let n = self.inner.n_vocab();
+        match ids.iter().find(|&&id| id as usize >= n) {
+            Some(id) => Err(EngineError::invalid(
+                "token_ids",
+                format!("token id {id} is out of range for a vocabulary of {n}"),
+            )
+            .into()),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Reads a SentencePiece `.model` file.
+#[pyfunction]
+fn load_sentencepiece(py: Python<'_>, path: PathBuf) -> PyResult<PyTokenizer> {
+    let tokenizer = run_detached(py, move || Tokenizer::from_sentencepiece_file(&path))?;
+    Ok(PyTokenizer {
+        inner: Arc::new(tokenizer),
+    })
 }

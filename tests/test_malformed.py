@@ -8,7 +8,6 @@ import csv
 from pathlib import Path
 
 import pytest
-
 import sampler_sdk
 from sampler_sdk import ModelFormatError, inspect_gguf
 

@@ -7,7 +7,6 @@ import zipfile
 from pathlib import Path
 
 import pytest
-
 from sampler_sdk import registry
 from sampler_sdk.registry import ModelSpec, WheelPart
 

@@ -55,7 +55,7 @@ class Client:
                 source = model if model is not None else registry.DEFAULT_MODEL
                 name = source if isinstance(source, str) and source in registry.KNOWN_MODELS else os.fspath(source)
                 models = {name: source}
-            self._stub = LocalStub(dict(models))
+            self._stub = LocalStub(dict(models), threads=threads)
         self.sampler = AsyncSampler(self._stub, initial_rng_seed=initial_rng_seed)
         self._sync: Optional[SyncSampler] = None
 

@@ -253,13 +253,18 @@ class LocalSampleCall:
 class LocalStub:
     """Serves sample/tokenize/list_models from models loaded in this process."""
 
-    def __init__(self, models: Mapping[str, Union[str, os.PathLike, None]], default: Optional[str] = None):
+    def __init__(
+        self,
+        models: Mapping[str, Union[str, os.PathLike, None]],
+        default: Optional[str] = None,
+        threads: Optional[int] = None,
+    ):
         if not models:
             raise ValueError("models: at least one model is needed")
         self._models: Dict[str, LoadedModel] = {}
         for name, source in models.items():
             path = registry.resolve(source if source is not None else name)
-            self._models[name] = LoadedModel(name, _engine.Model(str(path)))
+            self._models[name] = LoadedModel(name, _engine.Model(str(path), threads=threads))
         self.default = default or next(iter(self._models))
         if self.default not in self._models:
             raise ValueError(f"model_name: default model {self.default!r} is not among the loaded models")

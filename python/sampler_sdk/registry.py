@@ -264,6 +264,9 @@ def resolve(model: Union[str, os.PathLike, None]) -> Path:
         raise TypeError(f"model: expected a model name or path, got {type(model).__name__}")
     if not path.exists():
         known = ", ".join(sorted(KNOWN_MODELS))
+        looks_like_name = isinstance(model, str) and os.sep not in model and "." not in model
+        if looks_like_name:
+            raise ValueError(f"model: unknown model name {model!r}; known models: {known}")
         raise FileNotFoundError(
             f"model: {str(model)!r} is neither an existing file nor a known model ({known})"
         )

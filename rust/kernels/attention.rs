@@ -28,6 +28,8 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Multiplies every score before the softmax (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
+    /// `cap · tanh(score / cap)` on every scaled score before the softmax (grok).
+    pub logit_softcap: Option<f32>,
     /// Sliding-window layers: a token at `pos` sees only positions `pos + 1 - window ..= pos`.
     pub window: Option<usize>,
 }
@@ -122,6 +124,7 @@ pub fn attention(
                 &q[at..at + hd],
                 visible.clone(),
                 shape.scale,
+                shape.logit_softcap,
                 probs,
                 head_out,
             );
@@ -145,6 +148,7 @@ fn attend_one(
     q: &[f32],
     visible: Range<usize>,
     scale: f32,
+    logit_softcap: Option<f32>,
     probs: &mut [f32],
     out: &mut [f32],
 ) {
@@ -153,6 +157,9 @@ fn attend_one(
         let at = run.start - first;
         let n = run.keys.len() / q.len();
         scaled_dots(q, run.keys, scale, &mut probs[at..at + n]);
+    }
+    if let Some(cap) = logit_softcap {
+        probs.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
     }
     ops::softmax_in_place(probs);
     out.fill(0.0);
@@ -336,6 +343,7 @@ mod tests {
         keys: &[Vec<f32>],
         values: &[Vec<f32>],
         scale: f32,
+        cap: Option<f32>,
     ) -> (Vec<f64>, Vec<f64>) {
         let scores: Vec<f64> = keys
             .iter()
@@ -346,6 +354,7 @@ mod tests {
                     .sum::<f64>()
             })
             .map(|s| s * f64::from(scale))
+            .map(|s| cap.map_or(s, |c| f64::from(c) * (s / f64::from(c)).tanh()))
             .collect();
         let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
         let exp: Vec<f64> = scores.iter().map(|s| (s - max).exp()).collect();
@@ -428,12 +437,19 @@ mod tests {
         let (kv, keys, values) = filled_cache(n_head_kv, hd, n_pos);
         let (start, n_tokens) = (n_pos - 5, 5);
         let q = pseudo_random(n_tokens * n_head * hd, 99);
-        for window in [None, Some(1), Some(100)] {
+        let cases = [
+            (None, None),
+            (Some(1), None),
+            (Some(100), None),
+            (Some(100), Some(0.5)),
+        ];
+        for (window, logit_softcap) in cases {
             let shape = AttentionShape {
                 n_head,
                 n_head_kv,
                 head_dim: hd,
                 scale: 0.25,
+                logit_softcap,
                 window,
             };
             let mut outputs = Vec::new();
@@ -472,6 +488,7 @@ mod tests {
                         &keys[kvh][visible.clone()],
                         &values[kvh][visible.clone()],
                         0.25,
+                        logit_softcap,
                     );
                     for (o, e) in out[at..at + hd].iter().zip(&expected) {
                         assert!((f64::from(*o) - e).abs() < 1e-5, "t {t} h {h}");
@@ -496,6 +513,7 @@ mod tests {
             n_head_kv: 1,
             head_dim: 8,
             scale: 1.0,
+            logit_softcap: None,
             window: None,
         };
         let pool = ThreadPool::new(1).unwrap();

@@ -97,6 +97,20 @@ pub fn gelu_tanh(x: f32) -> f32 {
     0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh())
 }
 
+/// GELU as ggml evaluates it on the CPU: the input rounded to f16 and looked up in a
+/// table of f16 results, saturating beyond ±10. Matching this keeps gemma's logits within
+/// llama.cpp's own noise; the full-precision `gelu_tanh` differs by up to 1e-3 per value.
+pub fn gelu_tanh_f16_rounded(x: f32) -> f32 {
+    if x <= -10.0 {
+        0.0
+    } else if x >= 10.0 {
+        x
+    } else {
+        let rounded = half::f16::from_f32(x).to_f32();
+        half::f16::from_f32(gelu_tanh(rounded)).to_f32()
+    }
+}
+
 pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
     for (a, &b) in acc.iter_mut().zip(x) {
         *a += b;

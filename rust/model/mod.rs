@@ -2,6 +2,8 @@
 //! into the mapping (nothing is dequantized at load), and its tokenizer.
 
 pub mod config;
+mod ffn;
+pub mod moe;
 pub mod transformer;
 pub mod weights;
 
@@ -35,14 +37,33 @@ impl Model {
     /// Loads a model that runs on the default number of threads
     /// ([`crate::threads::default_thread_count`]: physical cores, or `SAMPLER_SDK_THREADS`).
     pub fn load(path: &Path) -> Result<Self> {
-        Self::from_gguf(GgufFile::open(path)?)?.with_resident_weights(path)
+        Self::load_with(path, None, None)
     }
 
     /// Loads a model whose forward pass runs on `n_threads` threads (1 to
     /// [`crate::threads::MAX_THREADS`]). Results do not depend on the thread count.
     pub fn load_with_threads(path: &Path, n_threads: usize) -> Result<Self> {
-        let pool = ThreadPool::shared(n_threads)?;
-        Self::from_gguf_with_pool(GgufFile::open(path)?, pool)?.with_resident_weights(path)
+        Self::load_with(path, Some(n_threads), None)
+    }
+
+    /// Loads the model with `tokenizer` in place of the file's vocabulary (e.g. a
+    /// SentencePiece `.model` for a GGUF without one); `None` reads the file's.
+    pub fn load_with_tokenizer(path: &Path, tokenizer: Option<Tokenizer>) -> Result<Self> {
+        Self::load_with(path, None, tokenizer)
+    }
+
+    /// [`Model::load_with_threads`] and [`Model::load_with_tokenizer`] together; `None`
+    /// takes the default for either.
+    pub fn load_with(
+        path: &Path,
+        n_threads: Option<usize>,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Self> {
+        let pool = match n_threads {
+            Some(n) => ThreadPool::shared(n)?,
+            None => ThreadPool::shared_default()?,
+        };
+        Self::from_gguf_with(GgufFile::open(path)?, pool, tokenizer)?.with_resident_weights(path)
     }
 
     /// Copies the tensor data of the file at `path` (this model's file) into huge pages.
@@ -77,6 +98,14 @@ impl Model {
     }
 
     pub fn from_gguf_with_pool(file: GgufFile, pool: Arc<ThreadPool>) -> Result<Self> {
+        Self::from_gguf_with(file, pool, None)
+    }
+
+    pub fn from_gguf_with(
+        file: GgufFile,
+        pool: Arc<ThreadPool>,
+        tokenizer: Option<Tokenizer>,
+    ) -> Result<Self> {
         let md = file.metadata();
         let embd = file
             .tensor("token_embd.weight")
@@ -86,10 +115,13 @@ impl Model {
         let n_vocab = usize::try_from(embd.n_rows())
             .map_err(|_| EngineError::malformed("tensor token_embd.weight", "too many rows"))?;
         let config = ModelConfig::from_metadata(md, n_vocab)?;
-        let tokenizer = Tokenizer::from_gguf_metadata(md)?;
+        let (tokenizer, vocab_source) = match tokenizer {
+            Some(tokenizer) => (tokenizer, "the tokenizer file"),
+            None => (file_tokenizer(md)?, "tokenizer.ggml.tokens"),
+        };
         if tokenizer.n_vocab() > n_vocab {
             return Err(EngineError::malformed(
-                "tokenizer.ggml.tokens",
+                vocab_source,
                 format!(
                     "{} tokens but the embedding has only {n_vocab} rows",
                     tokenizer.n_vocab()
@@ -126,6 +158,21 @@ impl Model {
         }
         Ok(out)
     }
+}
+
+/// The tokenizer the file's metadata describes; a file without a vocabulary (Grok-1 GGUFs
+/// may have none) gets an error that says how to supply one.
+fn file_tokenizer(md: &crate::gguf::Metadata) -> Result<Tokenizer> {
+    let model = md.get_str("tokenizer.ggml.model")?;
+    let no_vocab = matches!(model, Some("no_vocab" | "none"));
+    if no_vocab || md.get("tokenizer.ggml.tokens").is_none() {
+        return Err(EngineError::malformed(
+            "tokenizer.ggml.tokens",
+            "the model file has no vocabulary; pass a tokenizer file \
+             (a SentencePiece .model, e.g. Model(path, tokenizer=PATH))",
+        ));
+    }
+    Tokenizer::from_gguf_metadata(md)
 }
 
 /// Index of the largest value; the lowest index wins ties, as llama.cpp's greedy sampler.

@@ -1,14 +1,18 @@
 //! The forward pass, top to bottom like llama2.c's `forward`: embed, then per layer
 //! norm → Q/K/V → RoPE → cache → attention → output projection → residual → norm →
-//! gated FFN → residual, then the final norm and the vocabulary projection.
+//! feed-forward (dense or experts, `ffn.rs`) → residual, then the final norm and the
+//! vocabulary projection. Architecture differences are config switches read here in
+//! order: embedding scale, Q/K/V biases, Q/K norms, attention scale and soft-cap, post
+//! norms, logit scale and soft-cap.
 //! A call processes a batch of consecutive tokens of one sequence (prefill or one step).
 
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attention, AttentionScratch, AttentionShape};
-use crate::kernels::matmul::{matmul, matmul_fused, matmul_gated, ActivationBatch, Product};
+use crate::kernels::matmul::{matmul, matmul_fused, ActivationBatch, Product};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
 use crate::model::config::RopeStyle;
+use crate::model::ffn::{feed_forward, FfnScratch};
 use crate::model::Model;
 
 /// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
@@ -31,7 +35,6 @@ struct Scratch {
     v: Vec<f32>,
     attn: Vec<f32>,
     proj: Vec<f32>,
-    gate: Vec<f32>,
     attention: AttentionScratch,
     /// Each head's attention probabilities for the last token (only when recording).
     head_probs: Vec<f32>,
@@ -39,12 +42,23 @@ struct Scratch {
     cos: Vec<f32>,
     sin: Vec<f32>,
     acts: ActivationBatch,
-    ffn_acts: ActivationBatch,
+    ffn: FfnScratch,
 }
 
 fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.clear();
     buf.resize(len, 0.0);
+}
+
+/// `cap · tanh(x / cap)`: squashes `x` smoothly into (-cap, cap).
+fn soft_cap(x: f32, cap: f32) -> f32 {
+    cap * (x / cap).tanh()
+}
+
+/// Adds `bias` to each `bias.len()`-wide row of `rows`.
+fn add_bias_to_rows(rows: &mut [f32], bias: &[f32]) {
+    rows.chunks_exact_mut(bias.len())
+        .for_each(|row| ops::add_in_place(row, bias));
 }
 
 impl SequenceState {
@@ -163,7 +177,6 @@ impl Model {
         resize(&mut s.v, n * kv_dim);
         resize(&mut s.attn, n * q_dim);
         resize(&mut s.proj, n * d);
-        resize(&mut s.gate, n * cfg.n_ff);
         if seq.record_attention {
             resize(&mut s.head_probs, cfg.n_head * end);
         }
@@ -174,12 +187,16 @@ impl Model {
             w.token_embd
                 .dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
         }
+        if let Some(scale) = cfg.embedding_scale {
+            s.x.iter_mut().for_each(|v| *v *= scale);
+        }
 
         let shape = AttentionShape {
             n_head: cfg.n_head,
             n_head_kv: cfg.n_head_kv,
             head_dim: hd,
             scale: cfg.attn_scale,
+            logit_softcap: cfg.attn_logit_softcap,
             window: None,
         };
         let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
@@ -218,14 +235,34 @@ impl Model {
                     },
                 ],
             )?;
+            for (rows, bias) in [
+                (&mut s.q, &layer.q_bias),
+                (&mut s.k, &layer.k_bias),
+                (&mut s.v, &layer.v_bias),
+            ] {
+                if let Some(bias) = bias {
+                    add_bias_to_rows(rows, bias);
+                }
+            }
 
+            if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
+                s.q.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, qn, cfg.rms_eps));
+                s.k.chunks_exact_mut(hd)
+                    .for_each(|head| ops::rms_norm_in_place(head, kn, cfg.rms_eps));
+            }
+            let window = cfg.layer_window[li];
+            let (rope_base, rope_freq_scale) = match window {
+                Some(_) => (cfg.rope_base_local, 1.0),
+                None => (cfg.rope_base, cfg.rope_freq_scale),
+            };
             for t in 0..n {
                 let pos = start + t;
                 ops::rope_angles(
                     pos,
                     cfg.n_rot,
-                    cfg.rope_base,
-                    cfg.rope_freq_scale,
+                    rope_base,
+                    rope_freq_scale,
                     w.rope_freq_factors.as_deref(),
                     &mut s.cos,
                     &mut s.sin,
@@ -252,6 +289,7 @@ impl Model {
                 );
             }
 
+            let shape = AttentionShape { window, ..shape };
             let head_probs = attention_sum.is_some().then_some(&mut s.head_probs[..]);
             attention(
                 pool,
@@ -273,9 +311,14 @@ impl Model {
             s.acts.set_input(n, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
             matmul(pool, &layer.wo, file, s.acts.get(layer.wo.ty)?, &mut s.proj)?;
+            if let Some(norm) = &layer.attn_post_norm {
+                s.proj
+                    .chunks_exact_mut(d)
+                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+            }
             ops::add_in_place(&mut s.x, &s.proj);
 
-            // Feed-forward block (SwiGLU).
+            // Feed-forward block.
             for t in 0..n {
                 ops::rms_norm(
                     &s.x[t * d..(t + 1) * d],
@@ -284,28 +327,22 @@ impl Model {
                     &mut s.normed[t * d..(t + 1) * d],
                 );
             }
-            s.acts.set_input(n, d);
-            s.acts.prepare(pool, layer.w_gate.ty, &s.normed)?;
-            s.acts.prepare(pool, layer.w_up.ty, &s.normed)?;
-            matmul_gated(
+            feed_forward(
                 pool,
+                &layer.ffn,
+                cfg.ffn_activation,
                 file,
-                &layer.w_gate,
-                s.acts.get(layer.w_gate.ty)?,
-                &layer.w_up,
-                s.acts.get(layer.w_up.ty)?,
-                ops::silu,
-                &mut s.gate,
-            )?;
-            s.ffn_acts.set_input(n, cfg.n_ff);
-            s.ffn_acts.prepare(pool, layer.w_down.ty, &s.gate)?;
-            matmul(
-                pool,
-                &layer.w_down,
-                file,
-                s.ffn_acts.get(layer.w_down.ty)?,
+                &s.normed,
+                n,
+                d,
+                &mut s.ffn,
                 &mut s.proj,
             )?;
+            if let Some(norm) = &layer.ffn_post_norm {
+                s.proj
+                    .chunks_exact_mut(d)
+                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+            }
             ops::add_in_place(&mut s.x, &s.proj);
         }
         seq.kv.set_len(end);
@@ -331,6 +368,12 @@ impl Model {
             s.acts.get(w.output.ty)?,
             &mut s.logits,
         )?;
+        if let Some(scale) = cfg.logit_scale {
+            s.logits.iter_mut().for_each(|v| *v *= scale);
+        }
+        if let Some(cap) = cfg.final_logit_softcap {
+            s.logits.iter_mut().for_each(|v| *v = soft_cap(*v, cap));
+        }
         Ok(&s.logits)
     }
 }

@@ -19,6 +19,34 @@ pub(crate) const EXP_ORDER_GAP: f32 = 1e-4;
 /// Number of interleaved f64 accumulators in [`lane_sum`] (and of lanes in [`lane_max`]).
 const LANES: usize = 8;
 
+/// Defines `$name`, which runs `$body` compiled for AVX2 (as `$avx2`) when the CPU has it
+/// and as plain baseline code otherwise. The passes over the vocabulary dominate a call and
+/// vectorise twice as wide with AVX2. Rust never fuses a multiply and an add on its own, so
+/// both copies perform the same IEEE operations in the same order: identical results.
+macro_rules! with_avx2_dispatch {
+    (
+        $(#[$meta:meta])*
+        $vis:vis fn $name:ident / $avx2:ident = $body:ident ($($arg:ident : $ty:ty),* $(,)?)
+        $(-> $ret:ty)?
+    ) => {
+        $(#[$meta])*
+        $vis fn $name($($arg: $ty),*) $(-> $ret)? {
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU supports AVX2, checked just above.
+                return unsafe { $avx2($($arg),*) };
+            }
+            $body($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2($($arg: $ty),*) $(-> $ret)? {
+            $body($($arg),*)
+        }
+    };
+}
+
 /// Logits as sampling sees them: NaN (a numerically broken model) counts as -inf, so it
 /// can never be drawn, and +inf as the largest finite f32, so +inf tokens share the
 /// probability mass at every temperature instead of producing NaN.
@@ -33,25 +61,29 @@ pub(crate) fn sanitize(logit: f32) -> f32 {
     }
 }
 
-/// e^x for x <= 0 (and x = -inf), in portable f32 arithmetic: the same bits on every
-/// platform, within 2e-7 relative of the true value on [-87, 0], exactly 1 at 0 and exactly
-/// 0 below [`EXP_UNDERFLOW`]. Branch-free so the weight loops vectorise; libm's `expf` is a
-/// call per element and costs ~4x more on a 262k vocabulary.
+/// e^x for x <= 0 (and x = -inf; positive x give meaningless values), in portable f32
+/// arithmetic: the same bits on every platform, within 2e-7 relative of the true value on
+/// [-87, 0], exactly 1 at 0 and exactly 0 below [`EXP_UNDERFLOW`] and for NaN. Branch-free
+/// so the weight loops vectorise; libm's `expf` is a call per element and costs several
+/// times more on a 262k vocabulary.
 ///
-/// Method: x = k ln2 + r with k = round(x / ln2) (the 1.5 * 2^23 trick rounds to nearest
+/// Method: x = k ln2 + r with k = round(x / ln2) (adding 1.5 * 2^23 rounds to nearest
 /// even and leaves k in the low mantissa bits), ln2 split in two so r is exact to ~1 ulp,
 /// then a degree-7 Taylor polynomial for e^r on |r| <= ln2 / 2 (truncation < 6e-9), scaled
 /// by 2^k assembled from the exponent bits (k >= -126, so 2^k is a normal number).
 #[inline]
 pub(crate) fn exp32(x: f32) -> f32 {
     const LOG2_E: f32 = std::f32::consts::LOG2_E;
-    const LN2_HI: f32 = 0.693_359_4; // 0.693359375: few mantissa bits, so k * LN2_HI is exact
+    // ln2 = LN2_HI + LN2_LO, LN2_HI = 355/512 with few mantissa bits so k * LN2_HI is exact.
+    const LN2_HI: f32 = 355.0 / 512.0;
     const LN2_LO: f32 = -2.121_944_4e-4;
-    const ROUNDER: f32 = 12_582_912.0; // 1.5 * 2^23
-    let clamped = if x < EXP_UNDERFLOW { EXP_UNDERFLOW } else { x };
+    const ROUNDER: f32 = 1.5 * 8_388_608.0;
+    // Written as `x >= limit` so that NaN, like anything below the limit, gives 0.
+    let clamped = if x >= EXP_UNDERFLOW { x } else { EXP_UNDERFLOW };
     let shifted = clamped * LOG2_E + ROUNDER;
     let k = shifted - ROUNDER;
-    let k_int = shifted.to_bits() as i32 - ROUNDER.to_bits() as i32;
+    // Wrapping only matters outside the domain (x > 0): a meaningless value, never a panic.
+    let k_int = shifted.to_bits().wrapping_sub(ROUNDER.to_bits()) as i32;
     let r = (clamped - k * LN2_HI) - k * LN2_LO;
     let poly = 1.0
         + r * (1.0
@@ -59,17 +91,22 @@ pub(crate) fn exp32(x: f32) -> f32 {
                 + r * (1.0 / 6.0
                     + r * (1.0 / 24.0
                         + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
-    let two_to_k = f32::from_bits(((k_int + 127) as u32) << 23);
+    let two_to_k = f32::from_bits((k_int.wrapping_add(127) as u32) << 23);
     let value = poly * two_to_k;
-    if x < EXP_UNDERFLOW {
-        0.0
-    } else {
+    if x >= EXP_UNDERFLOW {
         value
+    } else {
+        0.0
     }
 }
 
-/// The maximum of `values` (which must hold no NaN); -inf for an empty slice.
-pub(crate) fn lane_max(values: &[f32]) -> f32 {
+with_avx2_dispatch! {
+    /// The maximum of `values`, ignoring NaN; -inf for an empty slice (or only NaN).
+    pub(crate) fn lane_max / lane_max_avx2 = lane_max_body(values: &[f32]) -> f32
+}
+
+#[inline(always)]
+fn lane_max_body(values: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; LANES];
     let chunks = values.chunks_exact(LANES);
     let rest = chunks.remainder();
@@ -96,8 +133,17 @@ fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
 /// The canonical sum of f32 terms: term `i` is added in f64 to accumulator `i % 8`, the
 /// accumulators are then combined as ((0+1)+(2+3))+((4+5)+(6+7)). Independent accumulators
 /// let the loop vectorise; the fixed order makes the result reproducible.
+#[inline(always)]
 pub(crate) fn lane_sum(terms: &[f32]) -> f64 {
     let mut lanes = [0.0f64; LANES];
+    accumulate_lanes(&mut lanes, terms);
+    combine_lanes(&lanes)
+}
+
+/// Adds `terms[j]` to `lanes[j % 8]`; a caller summing in blocks keeps every block but the
+/// last a multiple of 8 long, so term `i` of the whole still lands in accumulator `i % 8`.
+#[inline(always)]
+fn accumulate_lanes(lanes: &mut [f64; LANES], terms: &[f32]) {
     let chunks = terms.chunks_exact(LANES);
     let rest = chunks.remainder();
     for chunk in chunks {
@@ -108,7 +154,6 @@ pub(crate) fn lane_sum(terms: &[f32]) -> f64 {
     for (lane, &term) in lanes.iter_mut().zip(rest) {
         *lane += f64::from(term);
     }
-    combine_lanes(&lanes)
 }
 
 /// Temperature and mask: writes `sanitize(logit) / temperature` for every allowed token and
@@ -124,9 +169,7 @@ pub(crate) fn scale_logits(
     temperature: f32,
     scaled: &mut Vec<f32>,
 ) -> Result<f32> {
-    // `+ 0.0` turns -0.0 into +0.0, so equal logits sort as equal by bits too.
-    let scale = |logit: f32, shift: f32| (sanitize(logit) - shift) / temperature + 0.0;
-    fill_scaled(logits, mask, scaled, |logit| scale(logit, 0.0));
+    fill_scaled(logits, mask, scaled, 0.0, temperature);
     let max = lane_max(scaled);
     if max.is_finite() {
         return Ok(max);
@@ -147,65 +190,113 @@ pub(crate) fn scale_logits(
             format!("no token has a finite logit (all are -inf or NaN){scope}"),
         ));
     }
-    fill_scaled(logits, mask, scaled, |logit| scale(logit, raw_max));
+    fill_scaled(logits, mask, scaled, raw_max, temperature);
     Ok(lane_max(scaled))
 }
 
-/// Writes `scale(logit)` for allowed tokens and -inf for the others, touching each
+/// `(sanitize(logit) - shift) / temperature`, plus 0.0 so that -0.0 becomes +0.0 and equal
+/// logits have equal bits (they sort as ties).
+#[inline(always)]
+fn scale_one(logit: f32, shift: f32, temperature: f32) -> f32 {
+    (sanitize(logit) - shift) / temperature + 0.0
+}
+
+/// Writes the scaled logit of every allowed token and -inf for the others, touching each
 /// disallowed token once when few are disallowed and each allowed one once when few are allowed.
 fn fill_scaled(
     logits: &[f32],
     mask: Option<&TokenMask>,
     scaled: &mut Vec<f32>,
-    scale: impl Fn(f32) -> f32,
+    shift: f32,
+    temperature: f32,
 ) {
-    scaled.clear();
     match mask {
-        None => scaled.extend(logits.iter().map(|&logit| scale(logit))),
-        Some(mask) if mask.n_allowed() >= logits.len() / 2 => {
-            scaled.extend(logits.iter().map(|&logit| scale(logit)));
-            mask.for_each_disallowed(|index| scaled[index] = f32::NEG_INFINITY);
-        }
-        Some(mask) => {
+        Some(mask) if mask.n_allowed() < logits.len() / 2 => {
+            scaled.clear();
             scaled.resize(logits.len(), f32::NEG_INFINITY);
-            mask.for_each_allowed(|index| scaled[index] = scale(logits[index]));
+            mask.for_each_allowed(|index| {
+                scaled[index] = scale_one(logits[index], shift, temperature)
+            });
         }
+        _ => {
+            // Every element is overwritten: resize only when the vocabulary size changes.
+            scaled.resize(logits.len(), 0.0);
+            scale_all(logits, scaled, shift, temperature);
+            if let Some(mask) = mask {
+                mask.for_each_disallowed(|index| scaled[index] = f32::NEG_INFINITY);
+            }
+        }
+    }
+}
+
+with_avx2_dispatch! {
+    fn scale_all / scale_all_avx2 = scale_all_body(
+        logits: &[f32],
+        scaled: &mut [f32],
+        shift: f32,
+        temperature: f32,
+    )
+}
+
+#[inline(always)]
+fn scale_all_body(logits: &[f32], scaled: &mut [f32], shift: f32, temperature: f32) {
+    for (value, &logit) in scaled.iter_mut().zip(logits) {
+        *value = scale_one(logit, shift, temperature);
     }
 }
 
 /// Softmax numerators: `weights[i] = exp32(scaled[i] - max)`, and their canonical
 /// [`lane_sum`], the softmax normaliser Z. Disallowed tokens (-inf) get weight 0.
 pub(crate) fn softmax_weights(scaled: &[f32], max: f32, weights: &mut Vec<f32>) -> f64 {
-    weights.clear();
-    weights.extend(scaled.iter().map(|&value| exp32(value - max)));
+    // Every element is overwritten: resize (and zero) only when the vocabulary size changes.
+    weights.resize(scaled.len(), 0.0);
+    weights_into(scaled, max, weights)
+}
+
+with_avx2_dispatch! {
+    fn weights_into / softmax_weights_avx2 = softmax_weights_body(
+        scaled: &[f32],
+        max: f32,
+        weights: &mut [f32],
+    ) -> f64
+}
+
+with_avx2_dispatch! {
+    /// The log-softmax of the raw logits (sanitized, unmasked, temperature 1) needs their
+    /// maximum M and normaliser Z = canonical sum of exp32(logit - M); computed without storing.
+    pub(crate) fn raw_log_normaliser / raw_log_normaliser_avx2 = raw_log_normaliser_body(
+        logits: &[f32],
+    ) -> (f32, f64)
+}
+
+#[inline(always)]
+fn softmax_weights_body(scaled: &[f32], max: f32, weights: &mut [f32]) -> f64 {
+    for (weight, &value) in weights.iter_mut().zip(scaled) {
+        *weight = exp32(value - max);
+    }
     lane_sum(weights)
 }
 
-/// The log-softmax of the raw logits (sanitized, unmasked, temperature 1) needs their
-/// maximum M and normaliser Z = canonical sum of exp32(logit - M); computed without storing.
-pub(crate) fn raw_log_normaliser(logits: &[f32]) -> (f32, f64) {
-    let mut lanes = [f32::NEG_INFINITY; LANES];
-    for (index, &logit) in logits.iter().enumerate() {
-        let lane = &mut lanes[index % LANES];
-        let value = sanitize(logit);
-        *lane = if value > *lane { value } else { *lane };
-    }
-    let max = lanes.iter().fold(
-        f32::NEG_INFINITY,
-        |max, &lane| if lane > max { lane } else { max },
-    );
-    let mut sums = [0.0f64; LANES];
-    let chunks = logits.chunks_exact(LANES);
-    let rest = chunks.remainder();
-    for chunk in chunks {
-        for (sum, &logit) in sums.iter_mut().zip(chunk) {
-            *sum += f64::from(exp32(sanitize(logit) - max));
+#[inline(always)]
+fn raw_log_normaliser_body(logits: &[f32]) -> (f32, f64) {
+    // Exponentials go through a small buffer so the f32 work vectorises apart from the
+    // widening f64 sums; the block length is a multiple of 8 as `accumulate_lanes` needs.
+    const BLOCK: usize = 256;
+    // NaN never compares greater, so the plain maximum skips it as `sanitize` would.
+    let max = sanitize(lane_max_body(logits));
+    let mut lanes = [0.0f64; LANES];
+    let mut buffer = [0.0f32; BLOCK];
+    for block in logits.chunks(BLOCK) {
+        let terms = &mut buffer[..block.len()];
+        for (term, &logit) in terms.iter_mut().zip(block) {
+            // Equal to exp32(sanitize(logit) - max) with two operations fewer: NaN stays NaN
+            // (exp32 gives 0), and +inf - max is clamped to 0 like MAX - MAX.
+            let shifted = logit - max;
+            *term = exp32(if shifted > 0.0 { 0.0 } else { shifted });
         }
+        accumulate_lanes(&mut lanes, terms);
     }
-    for (sum, &logit) in sums.iter_mut().zip(rest) {
-        *sum += f64::from(exp32(sanitize(logit) - max));
-    }
-    (max, combine_lanes(&sums))
+    (max, combine_lanes(&lanes))
 }
 
 /// One token of the support (allowed, nonzero weight), with what sorting and drawing need.
@@ -233,45 +324,199 @@ impl Candidate {
     }
 }
 
+/// Resolution of [`DistanceHistogram`]: buckets this wide in scaled-logit units.
+const BUCKETS_PER_UNIT: f32 = 4.0;
+
+/// Enough buckets to cover every token of nonzero weight (less than 88 units below the max).
+pub(crate) const N_BUCKETS: usize = 88 * BUCKETS_PER_UNIT as usize + 1;
+
+/// Mass and count of the collected candidates by distance below the maximum scaled logit,
+/// used to guess how much of a band must be sorted before the result is settled.
+#[derive(Debug, Default)]
+pub(crate) struct DistanceHistogram {
+    mass: Vec<f64>,
+    count: Vec<u32>,
+}
+
+impl DistanceHistogram {
+    pub fn clear(&mut self) {
+        self.mass.clear();
+        self.mass.resize(N_BUCKETS, 0.0);
+        self.count.clear();
+        self.count.resize(N_BUCKETS, 0);
+    }
+
+    fn add(&mut self, max: f32, candidate: &Candidate) {
+        let bucket = (((max - candidate.logit) * BUCKETS_PER_UNIT) as usize).min(N_BUCKETS - 1);
+        self.mass[bucket] += f64::from(candidate.weight);
+        self.count[bucket] = self.count[bucket].saturating_add(1);
+    }
+
+    /// The highest cut (a scaled logit, at least `floor`) such that the candidates at or
+    /// above it are estimated to hold more than `min_mass` weight and at least `min_count`
+    /// tokens; `floor` when the collected candidates do not suffice. Only an estimate: the
+    /// caller verifies the outcome and sorts more when it falls short.
+    pub fn cut_for(&self, max: f32, floor: f32, min_mass: f64, min_count: usize) -> f32 {
+        let mut mass = 0.0f64;
+        let mut count = 0usize;
+        for (bucket, (&bucket_mass, &bucket_count)) in self.mass.iter().zip(&self.count).enumerate()
+        {
+            mass += bucket_mass;
+            count += bucket_count as usize;
+            if mass > min_mass && count >= min_count {
+                let cut = max - (bucket + 1) as f32 / BUCKETS_PER_UNIT;
+                return if cut > floor { cut } else { floor };
+            }
+        }
+        floor
+    }
+}
+
 /// Appends to `out` every token with `upper > scaled >= lower` and a nonzero weight, in
-/// index order (unsorted). Called with decreasing bounds, it extends a top set of the
-/// vocabulary without collecting anything twice.
+/// index order (unsorted), and records them in `histogram`. Called with decreasing bounds,
+/// it extends a top set of the vocabulary without collecting anything twice.
 pub(crate) fn collect_candidates(
+    scaled: &[f32],
+    weights: &[f32],
+    max: f32,
+    (lower, upper): (f32, f32),
+    out: &mut Vec<Candidate>,
+    histogram: &mut DistanceHistogram,
+) {
+    let first_new = out.len();
+    scan_band(scaled, weights, lower, upper, out);
+    for candidate in &out[first_new..] {
+        histogram.add(max, candidate);
+    }
+}
+
+with_avx2_dispatch! {
+    fn scan_band / scan_band_avx2 = scan_band_body(
+        scaled: &[f32],
+        weights: &[f32],
+        lower: f32,
+        upper: f32,
+        out: &mut Vec<Candidate>,
+    )
+}
+
+#[inline(always)]
+fn scan_band_body(
     scaled: &[f32],
     weights: &[f32],
     lower: f32,
     upper: f32,
     out: &mut Vec<Candidate>,
 ) {
-    for (index, (&logit, &weight)) in scaled.iter().zip(weights).enumerate() {
-        if logit >= lower && logit < upper && weight > 0.0 {
-            // Logit count was checked to fit u32 before sampling began.
-            out.push(Candidate {
-                id: index as u32,
-                logit,
-                weight,
-            });
+    const CHUNK: usize = 64;
+    let mut found = [Candidate {
+        id: 0,
+        logit: 0.0,
+        weight: 0.0,
+    }; CHUNK];
+    let mut start = 0;
+    let chunks = scaled.chunks_exact(CHUNK);
+    let rest = chunks.remainder();
+    for chunk in chunks {
+        // Most chunks hold no candidate; test them whole, without branches, first.
+        if chunk
+            .iter()
+            .fold(false, |any, &logit| any | (logit >= lower))
+        {
+            collect_chunk(
+                start,
+                chunk,
+                &weights[start..start + CHUNK],
+                (lower, upper),
+                &mut found,
+                out,
+            );
         }
+        start += CHUNK;
     }
+    collect_chunk(
+        start,
+        rest,
+        &weights[start..],
+        (lower, upper),
+        &mut found,
+        out,
+    );
 }
 
-/// Where the first candidate search stops, as a distance below the maximum scaled logit.
-///
-/// For a nucleus below 1 the excluded tokens, each lighter than e^-distance, may hold at
-/// most half of the mass the nucleus leaves out, so the candidates (more than p of the mass)
-/// settle the cut on the first try. With nucleus 1, or for greedy's alternatives, a short
-/// distance is tried first and widened only when the draw or the top-k list runs past it.
-pub(crate) fn first_search_distance(n_allowed: usize, normaliser: f64, nucleus_p: f32) -> f32 {
-    const NUCLEUS_ONE_DISTANCE: f32 = 8.0;
-    if nucleus_p >= 1.0 {
-        return NUCLEUS_ONE_DISTANCE;
+/// Appends the candidates among `logits` (token ids from `start`). Every token is written to
+/// `found` and only candidates advance the count: no unpredictable branch when a band holds a
+/// large share of the vocabulary.
+#[inline(always)]
+fn collect_chunk(
+    start: usize,
+    logits: &[f32],
+    weights: &[f32],
+    (lower, upper): (f32, f32),
+    found: &mut [Candidate],
+    out: &mut Vec<Candidate>,
+) {
+    let last = found.len() - 1;
+    let mut n_found = 0;
+    for (offset, (&logit, &weight)) in logits.iter().zip(weights).enumerate() {
+        // The logit count was checked to fit u32 before sampling began.
+        found[n_found.min(last)] = Candidate {
+            id: (start + offset) as u32,
+            logit,
+            weight,
+        };
+        n_found += usize::from(logit >= lower && logit < upper && weight > 0.0);
     }
-    let budget = normaliser * (1.0 - f64::from(nucleus_p)) / 2.0;
-    let distance = (n_allowed as f64 / budget).ln();
-    if distance.is_nan() {
-        f32::INFINITY
-    } else {
-        distance.clamp(1.0, f64::from(f32::MAX)) as f32
+    out.extend_from_slice(&found[..n_found]);
+}
+
+/// The distances below the maximum scaled logit at which successive candidate bands end.
+///
+/// Most of a language model's probability lies within a few units of the top logit, so the
+/// first band is narrow and each next one half as wide again. For a nucleus below 1 there
+/// is also a distance that surely suffices: the tokens beyond it, each lighter than
+/// e^-distance, hold at most half of the mass the nucleus leaves out. The schedule stops
+/// there rather than growing past it.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct BandSchedule {
+    distance: f32,
+    sufficient: f32,
+}
+
+impl BandSchedule {
+    const FIRST_DISTANCE: f32 = 8.0;
+    const GROWTH: f32 = 1.5;
+
+    pub fn new(n_allowed: usize, normaliser: f64, nucleus_p: f32) -> Self {
+        let sufficient = if nucleus_p >= 1.0 {
+            f32::INFINITY
+        } else {
+            let budget = normaliser * (1.0 - f64::from(nucleus_p)) / 2.0;
+            let distance = (n_allowed as f64 / budget).ln();
+            if distance.is_nan() {
+                f32::INFINITY
+            } else {
+                distance.clamp(1.0, f64::from(f32::MAX)) as f32
+            }
+        };
+        BandSchedule {
+            distance: Self::FIRST_DISTANCE.min(sufficient),
+            sufficient,
+        }
+    }
+
+    /// Where the current band ends.
+    pub fn distance(&self) -> f32 {
+        self.distance
+    }
+
+    pub fn widen(&mut self) {
+        let grown = self.distance * Self::GROWTH;
+        self.distance = if self.distance < self.sufficient && grown > self.sufficient {
+            self.sufficient
+        } else {
+            grown
+        };
     }
 }
 
@@ -336,6 +581,7 @@ mod tests {
         assert_eq!(exp32(f32::NEG_INFINITY), 0.0);
         assert_eq!(exp32(-87.01), 0.0);
         assert_eq!(exp32(-1e30), 0.0);
+        assert_eq!(exp32(f32::NAN), 0.0);
         assert!(exp32(EXP_UNDERFLOW).is_normal());
         assert!((f64::from(exp32(EXP_UNDERFLOW)) / (-87f64).exp() - 1.0).abs() < 2e-7);
     }
@@ -349,6 +595,41 @@ mod tests {
             assert!(exp32(x - EXP_ORDER_GAP) < exp32(x), "x = {x}");
             x -= 3.1e-3;
         }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn avx2_passes_match_the_baseline_bit_for_bit() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        let logits: Vec<f32> = (0..1003u32)
+            .map(|i| match i % 97 {
+                0 => f32::NAN,
+                1 => f32::NEG_INFINITY,
+                _ => ((i.wrapping_mul(2_654_435_761) >> 8) as f32 / 16_777_216.0) * 60.0 - 40.0,
+            })
+            .collect();
+        let scaled: Vec<f32> = logits.iter().map(|&l| sanitize(l) / 0.7).collect();
+        let max = lane_max(&scaled);
+        let (mut baseline, mut avx2) = (vec![0.0; scaled.len()], vec![0.0; scaled.len()]);
+        let baseline_sum = softmax_weights_body(&scaled, max, &mut baseline);
+        // SAFETY: AVX2 support was checked above.
+        let avx2_sum = unsafe { softmax_weights_avx2(&scaled, max, &mut avx2) };
+        assert_eq!(baseline_sum.to_bits(), avx2_sum.to_bits());
+        assert!(baseline
+            .iter()
+            .zip(&avx2)
+            .all(|(a, b)| a.to_bits() == b.to_bits()));
+        let baseline_raw = raw_log_normaliser_body(&logits);
+        // SAFETY: AVX2 support was checked above.
+        let avx2_raw = unsafe { raw_log_normaliser_avx2(&logits) };
+        assert_eq!(
+            (baseline_raw.0.to_bits(), baseline_raw.1.to_bits()),
+            (avx2_raw.0.to_bits(), avx2_raw.1.to_bits())
+        );
+        assert_eq!(baseline_sum.to_bits(), lane_sum(&baseline).to_bits());
     }
 
     #[test]
@@ -426,7 +707,7 @@ mod tests {
             logit,
             weight: 1.0,
         };
-        let mut list = vec![
+        let mut list = [
             candidate(4, -1.0),
             candidate(2, 3.0),
             candidate(1, 3.0),

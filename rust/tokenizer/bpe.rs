@@ -8,6 +8,7 @@ use std::collections::{BinaryHeap, HashMap};
 
 use crate::error::{EngineError, Result};
 
+use super::index::TokenTable;
 use super::pretokenize::{byte_level_encode, PreTokenizer, PreTokenizerSpec};
 
 /// Merge ranks over interned pieces: a piece is a vocabulary token (id = token id) or a merge
@@ -30,12 +31,8 @@ struct Symbol {
 }
 
 impl BpeModel {
-    pub fn new(
-        spec: &PreTokenizerSpec,
-        merges: &[String],
-        token_to_id: &HashMap<Box<str>, u32>,
-        n_vocab: usize,
-    ) -> Result<BpeModel> {
+    pub fn new(spec: &PreTokenizerSpec, merges: &[String], table: &TokenTable) -> Result<BpeModel> {
+        let n_vocab = table.len();
         let pre_tokenizer = PreTokenizer::new(spec)?;
         let mut extra_pieces: HashMap<Box<str>, u32> = HashMap::new();
         let mut ranks = HashMap::with_capacity(merges.len());
@@ -43,7 +40,7 @@ impl BpeModel {
             EngineError::malformed("tokenizer.ggml.tokens", "more than 2^32 tokens")
         })?;
         let mut intern = |piece: &str| -> Result<u32> {
-            if let Some(&id) = token_to_id.get(piece) {
+            if let Some(id) = table.get(piece) {
                 return Ok(id);
             }
             if let Some(&id) = extra_pieces.get(piece) {
@@ -81,15 +78,14 @@ impl BpeModel {
         })
     }
 
-    fn piece_id(&self, token_to_id: &HashMap<Box<str>, u32>, piece: &str) -> Option<u32> {
-        token_to_id
+    fn piece_id(&self, table: &TokenTable, piece: &str) -> Option<u32> {
+        table
             .get(piece)
-            .or_else(|| self.extra_pieces.get(piece))
-            .copied()
+            .or_else(|| self.extra_pieces.get(piece).copied())
     }
 
     /// Appends the token ids of a raw-text fragment.
-    pub fn encode(&self, text: &str, token_to_id: &HashMap<Box<str>, u32>, out: &mut Vec<u32>) {
+    pub fn encode(&self, text: &str, table: &TokenTable, out: &mut Vec<u32>) {
         let mut word = String::new();
         let mut symbols = Vec::new();
         let mut queue = BinaryHeap::new();
@@ -97,24 +93,23 @@ impl BpeModel {
             word.clear();
             byte_level_encode(raw_word, &mut word);
             if self.ignore_merges {
-                if let Some(&id) = token_to_id.get(word.as_str()) {
+                if let Some(id) = table.get(&word) {
                     out.push(id);
                     continue;
                 }
             }
-            self.merge_word(&word, token_to_id, &mut symbols, &mut queue);
+            self.merge_word(&word, table, &mut symbols, &mut queue);
             for symbol in symbols.iter().filter(|s| s.len > 0) {
                 let piece = &word[symbol.start..symbol.start + symbol.len];
-                match token_to_id.get(piece) {
-                    Some(&id) => out.push(id),
+                match table.get(piece) {
+                    Some(id) => out.push(id),
                     None => {
                         // As llama.cpp: fall back to single-byte tokens, dropping bytes that
                         // have none (a well-formed byte-level vocabulary has them all).
                         for byte in piece.bytes() {
                             let single = [byte];
-                            if let Some(&id) = std::str::from_utf8(&single)
-                                .ok()
-                                .and_then(|s| token_to_id.get(s))
+                            if let Some(id) =
+                                std::str::from_utf8(&single).ok().and_then(|s| table.get(s))
                             {
                                 out.push(id);
                             }
@@ -130,7 +125,7 @@ impl BpeModel {
     fn merge_word(
         &self,
         word: &str,
-        token_to_id: &HashMap<Box<str>, u32>,
+        table: &TokenTable,
         symbols: &mut Vec<Symbol>,
         queue: &mut BinaryHeap<Reverse<(u32, usize, usize, usize)>>,
     ) {
@@ -145,7 +140,7 @@ impl BpeModel {
                 len,
                 prev: index.checked_sub(1),
                 next: chars.peek().map(|_| index + 1),
-                piece: self.piece_id(token_to_id, &word[start..start + len]),
+                piece: self.piece_id(table, &word[start..start + len]),
             });
         }
         let push_pair =
@@ -169,7 +164,7 @@ impl BpeModel {
             let merged = &word[l.start..l.start + size];
             symbols[left].len = size;
             symbols[left].next = r.next;
-            symbols[left].piece = self.piece_id(token_to_id, merged);
+            symbols[left].piece = self.piece_id(table, merged);
             symbols[right].len = 0;
             if let Some(next) = r.next {
                 symbols[next].prev = Some(left);

@@ -25,6 +25,21 @@ impl Vocab {
             })?
             .to_string();
         let pre = md.get_str(KEY_PRE)?.map(str::to_string);
+        match model.as_str() {
+            "llama" | "gpt2" => {}
+            "no_vocab" | "none" => {
+                return Err(EngineError::unsupported(
+                    "tokenizer model",
+                    format!("{KEY_MODEL} = '{model}': the model file has no vocabulary"),
+                ))
+            }
+            other => {
+                return Err(EngineError::unsupported(
+                    "tokenizer model",
+                    format!("{KEY_MODEL} = '{other}' is not implemented"),
+                ))
+            }
+        }
         let tokens = md
             .get_str_array(KEY_TOKENS)?
             .ok_or_else(|| EngineError::MissingKey {
@@ -59,18 +74,7 @@ impl Vocab {
                     })?
                     .to_vec();
             }
-            "no_vocab" | "none" => {
-                return Err(EngineError::unsupported(
-                    "tokenizer model",
-                    format!("{KEY_MODEL} = '{model}': the model file has no vocabulary"),
-                ))
-            }
-            other => {
-                return Err(EngineError::unsupported(
-                    "tokenizer model",
-                    format!("{KEY_MODEL} = '{other}' is not implemented"),
-                ))
-            }
+            _ => {}
         }
         // A default id the vocabulary is too small for is dropped, as llama.cpp does.
         for id in [&mut vocab.bos, &mut vocab.eos, &mut vocab.unk] {

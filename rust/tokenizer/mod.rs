@@ -6,6 +6,8 @@
 //! - `pretokenize`: the regex word splitting of each `tokenizer.ggml.pre`, and GPT-2's byte map;
 //! - `bpe`: byte-level BPE over ranked merges (`tokenizer.ggml.model = gpt2`);
 //! - `spm`: SentencePiece's score-ordered merges with byte fallback (`model = llama`);
+//! - `spm_model`: SentencePiece `.model` files, tokenized exactly as the `sentencepiece`
+//!   library does ([`Tokenizer::from_sentencepiece_file`]);
 //! - `gguf_vocab`: reading a [`Vocab`] from GGUF metadata with llama.cpp's defaults.
 //!
 //! [`Tokenizer::new`] also applies llama.cpp's load-time rules that are keyed on token text
@@ -14,16 +16,20 @@
 
 mod bpe;
 mod gguf_vocab;
+mod index;
 mod pretokenize;
 mod special;
 mod spm;
+mod spm_model;
 pub mod vocab;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
+use std::path::Path;
 
 use crate::error::{EngineError, Result};
 
 use bpe::BpeModel;
+use index::TokenTable;
 use pretokenize::{byte_level_decode, PreTokenizerSpec};
 use special::{Fragment, SpecialMatcher, SpecialToken};
 pub use vocab::{TokenKind, Vocab};
@@ -84,6 +90,8 @@ enum Model {
     Spm {
         byte_tokens: Box<[Option<u32>; 256]>,
     },
+    /// Read from a SentencePiece `.model` file: encodes and decodes as `sentencepiece` does.
+    SentencePiece(Box<spm_model::SentencePieceEncoder>),
 }
 
 /// A tokenizer for one vocabulary; immutable once built, so one instance serves any number
@@ -91,10 +99,9 @@ enum Model {
 #[derive(Debug)]
 pub struct Tokenizer {
     model: Model,
-    tokens: Vec<String>,
+    table: TokenTable,
     attrs: Vec<Attr>,
     scores: Vec<f32>,
-    token_to_id: HashMap<Box<str>, u32>,
     /// Every token's decoded bytes (special tokens rendered), concatenated; token `i` is
     /// `piece_bytes[piece_offsets[i]..piece_offsets[i + 1]]`.
     piece_bytes: Vec<u8>,
@@ -266,21 +273,32 @@ impl Tokenizer {
             merges,
             ..
         } = vocab;
+        let is_spm = match model.as_str() {
+            "llama" => true,
+            "gpt2" => false,
+            other => {
+                return Err(EngineError::unsupported(
+                    "tokenizer model",
+                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
+                ))
+            }
+        };
+
         tokens.truncate(n_vocab);
-        let mut token_to_id: HashMap<Box<str>, u32> = HashMap::with_capacity(n_vocab);
         for (id, token) in tokens.iter_mut().enumerate() {
             if token.is_empty() {
                 // As llama.cpp: an empty token gets a placeholder text that cannot collide.
                 *token = format!("[EMPTY_{id}]");
             }
-            if let Some(first) = token_to_id.insert(token.as_str().into(), id as u32) {
-                return Err(EngineError::malformed(
-                    "tokenizer.ggml.tokens",
-                    format!("duplicate token {token:?} has ids {first} and {id}"),
-                ));
-            }
         }
-        let lookup = |texts: &[&str]| texts.iter().find_map(|t| token_to_id.get(*t).copied());
+        let table = TokenTable::new(tokens).map_err(|(first, second, text)| {
+            EngineError::malformed(
+                "tokenizer.ggml.tokens",
+                format!("duplicate token {text:?} has ids {first} and {second}"),
+            )
+        })?;
+        let tokens = table.tokens();
+        let lookup = |texts: &[&str]| texts.iter().find_map(|t| table.get(t));
 
         let mut attrs: Vec<Attr> = if kinds.is_empty() {
             vec![Attr(Attr::NORMAL); n_vocab]
@@ -309,7 +327,7 @@ impl Tokenizer {
         let fim_rep = found(vocab.fim_rep, FIM_REP_TEXTS);
         let fim_sep = found(vocab.fim_sep, FIM_SEP_TEXTS);
 
-        for (attr, token) in attrs.iter_mut().zip(&tokens) {
+        for (attr, token) in attrs.iter_mut().zip(tokens) {
             if attr.has(Attr::CONTROL) && token.contains("unused") {
                 attr.0 |= Attr::UNUSED;
             }
@@ -318,25 +336,21 @@ impl Tokenizer {
         let mut end_of_generation: Vec<u32> =
             [fim_pad, fim_rep, fim_sep].into_iter().flatten().collect();
         for text in EOG_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
+            if let Some(id) = table.get(text) {
                 end_of_generation.push(id);
                 attrs[id as usize].0 |= Attr::CONTROL;
             }
         }
         for text in ALWAYS_RENDERED_TEXTS {
-            if let Some(&id) = token_to_id.get(*text) {
+            if let Some(id) = table.get(text) {
                 attrs[id as usize] = Attr(Attr::USER_DEFINED);
             }
         }
         end_of_generation.extend([vocab.eos, eot, eom].into_iter().flatten());
         end_of_generation.sort_unstable();
         end_of_generation.dedup();
-        let eog_has = |eog: &[u32], text: &str| {
-            token_to_id
-                .get(text)
-                .filter(|id| eog.binary_search(id).is_ok())
-                .copied()
-        };
+        let eog_has =
+            |eog: &[u32], text: &str| table.get(text).filter(|id| eog.binary_search(id).is_ok());
         // gpt-oss and solar-open use "<|end|>" between messages, not at the end of a turn.
         if let Some(end) = eog_has(&end_of_generation, "<|end|>") {
             let has = |t| eog_has(&end_of_generation, t).is_some();
@@ -353,17 +367,6 @@ impl Tokenizer {
                 attrs[s as usize] = Attr(Attr::NORMAL);
             }
         }
-
-        let is_spm = match model.as_str() {
-            "llama" => true,
-            "gpt2" => false,
-            other => {
-                return Err(EngineError::unsupported(
-                    "tokenizer model",
-                    format!("tokenizer.ggml.model = '{other}' is not implemented"),
-                ))
-            }
-        };
 
         let mut piece_bytes = Vec::new();
         let mut piece_offsets = Vec::with_capacity(n_vocab + 1);
@@ -397,17 +400,17 @@ impl Tokenizer {
             let mut byte_tokens = Box::new([None; 256]);
             for (byte, slot) in byte_tokens.iter_mut().enumerate() {
                 let hex = format!("<0x{byte:02X}>");
-                *slot = token_to_id.get(hex.as_str()).copied().or_else(|| {
+                *slot = table.get(&hex).or_else(|| {
                     let c = char::from(u8::try_from(byte).ok()?);
                     c.is_ascii()
-                        .then(|| token_to_id.get(c.to_string().as_str()).copied())
+                        .then(|| table.get(c.to_string().as_str()))
                         .flatten()
                 });
             }
             Model::Spm { byte_tokens }
         } else {
             let spec = PreTokenizerSpec::for_name(pre.as_deref())?;
-            Model::Bpe(BpeModel::new(&spec, &merges, &token_to_id, n_vocab)?)
+            Model::Bpe(BpeModel::new(&spec, &merges, &table)?)
         };
 
         let scores = if scores.is_empty() {
@@ -418,10 +421,9 @@ impl Tokenizer {
 
         Ok(Tokenizer {
             model,
-            tokens,
+            table,
             attrs,
             scores,
-            token_to_id,
             piece_bytes,
             piece_offsets,
             special,
@@ -442,21 +444,55 @@ impl Tokenizer {
         Tokenizer::new(Vocab::from_gguf_metadata(md)?)
     }
 
+    /// Reads a SentencePiece `.model` file (e.g. Grok-1's `tokenizer.model`). The tokenizer's
+    /// `encode` and `decode` then give the ids and text of `sentencepiece`'s
+    /// `SentencePieceProcessor.encode`/`decode`; it adds no BOS or EOS.
+    pub fn from_sentencepiece_file(path: &Path) -> Result<Tokenizer> {
+        let data = std::fs::read(path).map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                EngineError::FileNotFound {
+                    path: path.to_path_buf(),
+                }
+            } else {
+                EngineError::Io {
+                    path: path.to_path_buf(),
+                    source,
+                }
+            }
+        })?;
+        Tokenizer::from_sentencepiece_bytes(&data).map_err(|e| match e {
+            EngineError::MalformedFile { context, message } => EngineError::MalformedFile {
+                context: format!("{}: {context}", path.display()),
+                message,
+            },
+            other => other,
+        })
+    }
+
+    /// [`Tokenizer::from_sentencepiece_file`] for the file's bytes.
+    pub fn from_sentencepiece_bytes(data: &[u8]) -> Result<Tokenizer> {
+        spm_model::tokenizer_from_model(data)
+    }
+
     /// llama.cpp's `llama_tokenize(text, add_special, parse_special)`: `add_special` adds BOS
     /// and EOS as the vocabulary's flags say; `parse_special` turns control-token text such
-    /// as "<|im_start|>" into its id (user-defined tokens are matched either way).
+    /// as "<|im_start|>" into its id (user-defined tokens are matched either way). A tokenizer
+    /// read from a `.model` file encodes as `sentencepiece` does instead (see `spm_model`).
     pub fn encode(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
-        let fragments = self.special.partition(text, parse_special);
         let mut out = Vec::with_capacity(text.len() / 3 + 2);
         if add_special && self.add_bos {
             out.extend(self.bos);
         }
+        let fragments = match &self.model {
+            Model::SentencePiece(_) => Vec::new(),
+            _ => self.special.partition(text, parse_special),
+        };
         match &self.model {
             Model::Bpe(bpe) => {
                 for fragment in fragments {
                     match fragment {
                         Fragment::Token(id) => out.push(id),
-                        Fragment::Text(text) => bpe.encode(text, &self.token_to_id, &mut out),
+                        Fragment::Text(text) => bpe.encode(text, &self.table, &mut out),
                     }
                 }
             }
@@ -481,7 +517,7 @@ impl Tokenizer {
                             }
                             spm::encode(
                                 &escaped,
-                                &self.token_to_id,
+                                &self.table,
                                 &self.scores,
                                 byte_tokens,
                                 self.unk,
@@ -491,6 +527,9 @@ impl Tokenizer {
                         }
                     }
                 }
+            }
+            Model::SentencePiece(spm) => {
+                spm.encode(text, parse_special, &self.table, &self.scores, &mut out)
             }
         }
         if add_special && self.add_eos {
@@ -515,7 +554,12 @@ impl Tokenizer {
 
     /// The bytes of `ids` concatenated, without the space SentencePiece's prefix rule added
     /// before the first token (llama.cpp's `llama_detokenize` with `remove_special = false`).
+    /// A tokenizer read from a `.model` file gives `sentencepiece`'s `decode` text instead
+    /// (UTF-8, an invalid byte piece as U+FFFD, the unknown piece as its surface text).
     pub fn decode(&self, ids: &[u32], render_special: bool) -> Vec<u8> {
+        if let Model::SentencePiece(spm) = &self.model {
+            return spm.decode(ids, render_special, &self.table);
+        }
         let mut out = Vec::with_capacity(ids.len() * 4);
         for (i, &id) in ids.iter().enumerate() {
             let bytes = self.token_bytes(id, render_special);
@@ -531,16 +575,19 @@ impl Tokenizer {
 
     /// The vocabulary's text for `id` ("" for ids out of range).
     pub fn token_to_piece(&self, id: u32) -> &str {
-        self.tokens.get(id as usize).map_or("", String::as_str)
+        self.table
+            .tokens()
+            .get(id as usize)
+            .map_or("", String::as_str)
     }
 
     /// The id whose vocabulary text is exactly `piece`.
     pub fn token_id(&self, piece: &str) -> Option<u32> {
-        self.token_to_id.get(piece).copied()
+        self.table.get(piece)
     }
 
     pub fn n_vocab(&self) -> usize {
-        self.tokens.len()
+        self.table.len()
     }
 
     pub fn bos(&self) -> Option<u32> {

@@ -414,4 +414,40 @@ mod tests {
             assert_eq!(words(name, text).concat(), text, "{name}");
         }
     }
+
+    /// Compares word splits with reference files `$TOKENIZER_REFERENCE_DIR/pre_{name}.txt`,
+    /// one line per text: hex of the text, a tab, the hex of each word separated by spaces.
+    #[test]
+    #[ignore = "needs TOKENIZER_REFERENCE_DIR with reference split files"]
+    fn matches_reference_split_files() {
+        let Ok(dir) = std::env::var("TOKENIZER_REFERENCE_DIR") else {
+            return;
+        };
+        let unhex = |hex: &str| -> String {
+            let bytes: Vec<u8> = (0..hex.len())
+                .step_by(2)
+                .map(|i| u8::from_str_radix(&hex[i..i + 2], 16).unwrap())
+                .collect();
+            String::from_utf8(bytes).unwrap()
+        };
+        let mut failures = 0;
+        for name in ["llama3", "qwen2", "gpt-2"] {
+            let Ok(content) = std::fs::read_to_string(format!("{dir}/pre_{name}.txt")) else {
+                continue;
+            };
+            let spec = PreTokenizerSpec::for_name(Some(name)).unwrap();
+            let pre_tokenizer = PreTokenizer::new(&spec).unwrap();
+            for line in content.lines() {
+                let (text, expected) = line.split_once('\t').unwrap();
+                let text = unhex(text);
+                let expected: Vec<String> = expected.split_whitespace().map(unhex).collect();
+                let got = pre_tokenizer.split(&text);
+                if got != expected {
+                    failures += 1;
+                    eprintln!("{name}: {text:?}\n  expected {expected:?}\n  got      {got:?}");
+                }
+            }
+        }
+        assert_eq!(failures, 0);
+    }
 }

@@ -114,7 +114,7 @@ impl SpecialMatcher {
         }
         let bytes = text.as_bytes();
 
-        // (candidate index, start) of every occurrence of an eligible token.
+        // (candidate index, start) of every occurrence of an eligible token, by start.
         let mut occurrences: Vec<(u32, usize)> = Vec::new();
         for start in 0..bytes.len() {
             let mut node = 0usize;
@@ -134,7 +134,7 @@ impl SpecialMatcher {
         if occurrences.is_empty() {
             return vec![Fragment::Text(text)];
         }
-        occurrences.sort_unstable();
+        let occurrences = group_by_candidate(&occurrences, self.candidates.len());
 
         let mut state = vec![ByteState::Raw; bytes.len()];
         let mut matches: Vec<(usize, usize, u32)> = Vec::new();
@@ -173,6 +173,26 @@ impl SpecialMatcher {
         push_raw_runs(text, &state, pos, bytes.len(), &mut fragments);
         fragments
     }
+}
+
+/// Reorders occurrences listed by start into candidate order (llama.cpp's processing order),
+/// keeping start order within a candidate: a counting sort, since long runs of a repeated
+/// character can produce hundreds of thousands of overlapping occurrences.
+fn group_by_candidate(by_start: &[(u32, usize)], n_candidates: usize) -> Vec<(u32, usize)> {
+    let mut first_slot = vec![0usize; n_candidates + 1];
+    for &(c, _) in by_start {
+        first_slot[c as usize + 1] += 1;
+    }
+    for i in 1..first_slot.len() {
+        first_slot[i] += first_slot[i - 1];
+    }
+    let mut grouped = vec![(0u32, 0usize); by_start.len()];
+    for &(c, start) in by_start {
+        let slot = &mut first_slot[c as usize];
+        grouped[*slot] = (c, start);
+        *slot += 1;
+    }
+    grouped
 }
 
 /// Pushes each maximal run of raw bytes in `text[from..to]` (stripped whitespace separates

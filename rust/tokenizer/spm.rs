@@ -5,7 +5,9 @@
 //! written as byte tokens (`<0xNN>`).
 
 use std::cmp::{Ordering, Reverse};
-use std::collections::{BinaryHeap, HashMap};
+use std::collections::BinaryHeap;
+
+use super::index::TokenTable;
 
 #[derive(Debug, Clone, Copy)]
 struct Symbol {
@@ -51,7 +53,7 @@ impl Ord for Pair {
 /// byte `b`, if the vocabulary has one; `unk` stands in for a byte without one.
 pub(crate) fn encode(
     text: &str,
-    token_to_id: &HashMap<Box<str>, u32>,
+    table: &TokenTable,
     scores: &[f32],
     byte_tokens: &[Option<u32>; 256],
     unk: Option<u32>,
@@ -78,7 +80,7 @@ pub(crate) fn encode(
             let Some(pair_text) = text.get(start..start + size) else {
                 return;
             };
-            if let Some(&id) = token_to_id.get(pair_text) {
+            if let Some(id) = table.get(pair_text) {
                 let score = scores.get(id as usize).copied().unwrap_or(0.0);
                 queue.push(Pair {
                     score,
@@ -113,7 +115,7 @@ pub(crate) fn encode(
 
     for symbol in symbols.iter().filter(|s| s.len > 0) {
         let piece = &text[symbol.start..symbol.start + symbol.len];
-        if let Some(&id) = token_to_id.get(piece) {
+        if let Some(id) = table.get(piece) {
             out.push(id);
             continue;
         }

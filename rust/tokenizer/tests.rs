@@ -172,7 +172,11 @@ fn validation_errors_name_what_is_wrong() {
 
     let mut vocab = bpe_vocab(&[], "gpt-2");
     vocab.tokens[5] = vocab.tokens[6].clone();
-    assert!(err(vocab).contains("duplicate token"));
+    let message = err(vocab);
+    assert!(
+        message.contains("duplicate token") && message.contains("ids 5 and 6"),
+        "{message}"
+    );
 
     let mut vocab = bpe_vocab(&[], "gpt-2");
     vocab.merges.push("nospace".into());
@@ -566,5 +570,164 @@ mod real_models {
             eprintln!("{} bytes -> {} ids in {elapsed:?}", text.len(), ids.len());
             assert_eq!(tok.decode(&ids, true), text.as_bytes());
         }
+    }
+}
+
+/// `Vocab::from_gguf_metadata` on hand-built metadata: llama.cpp's defaults per model type.
+mod from_metadata {
+    use crate::gguf::{Metadata, MetadataArray, MetadataValue};
+    use crate::tokenizer::{TokenKind, Tokenizer, Vocab};
+    use crate::EngineError;
+
+    fn metadata(entries: Vec<(&str, MetadataValue)>) -> Metadata {
+        let mut md = Metadata::default();
+        for (key, value) in entries {
+            md.insert(key.to_string(), value).unwrap();
+        }
+        md
+    }
+
+    fn strings(items: &[&str]) -> MetadataValue {
+        MetadataValue::Array(MetadataArray::String(
+            items.iter().map(|s| s.to_string()).collect(),
+        ))
+    }
+
+    fn spm_tokens() -> Vec<&'static str> {
+        vec!["<unk>", "<s>", "</s>", "\u{2581}a", "a", "<0x0A>"]
+    }
+
+    #[test]
+    fn sentencepiece_defaults() {
+        let md = metadata(vec![
+            (
+                "tokenizer.ggml.model",
+                MetadataValue::String("llama".into()),
+            ),
+            ("tokenizer.ggml.tokens", strings(&spm_tokens())),
+            (
+                "tokenizer.ggml.token_type",
+                MetadataValue::Array(MetadataArray::I32(vec![2, 3, 3, 1, 1, 6])),
+            ),
+            (
+                "tokenizer.ggml.scores",
+                MetadataValue::Array(MetadataArray::F32(vec![0.0, 0.0, 0.0, -1.0, -2.0, 0.0])),
+            ),
+        ]);
+        let vocab = Vocab::from_gguf_metadata(&md).unwrap();
+        assert_eq!(
+            (vocab.bos, vocab.eos, vocab.unk),
+            (Some(1), Some(2), Some(0))
+        );
+        assert!(vocab.add_bos && !vocab.add_eos && vocab.add_space_prefix);
+        assert_eq!(vocab.kinds[5], TokenKind::Byte);
+        let tok = Tokenizer::new(vocab).unwrap();
+        assert_eq!(tok.encode("a\n", true, false), [1, 3, 5]);
+        assert_eq!(tok.decode(&[3, 5], false), b"a\n");
+    }
+
+    #[test]
+    fn file_values_override_defaults_and_bad_ids_are_ignored() {
+        let md = metadata(vec![
+            (
+                "tokenizer.ggml.model",
+                MetadataValue::String("llama".into()),
+            ),
+            ("tokenizer.ggml.tokens", strings(&spm_tokens())),
+            ("tokenizer.ggml.bos_token_id", MetadataValue::U32(4)),
+            ("tokenizer.ggml.eos_token_id", MetadataValue::U32(99)),
+            ("tokenizer.ggml.add_bos_token", MetadataValue::Bool(false)),
+            (
+                "tokenizer.ggml.add_space_prefix",
+                MetadataValue::Bool(false),
+            ),
+        ]);
+        let vocab = Vocab::from_gguf_metadata(&md).unwrap();
+        assert_eq!((vocab.bos, vocab.eos), (Some(4), Some(2)));
+        assert!(!vocab.add_bos && !vocab.add_space_prefix);
+    }
+
+    fn bpe_metadata(pre: &str, extra: Vec<(&'static str, MetadataValue)>) -> Metadata {
+        let mut entries = vec![
+            ("tokenizer.ggml.model", MetadataValue::String("gpt2".into())),
+            ("tokenizer.ggml.pre", MetadataValue::String(pre.into())),
+            (
+                "tokenizer.ggml.tokens",
+                strings(&["a", "b", "ab", "<|endoftext|>", "<s>", "<unk>"]),
+            ),
+            ("tokenizer.ggml.merges", strings(&["a b"])),
+        ];
+        entries.extend(extra);
+        metadata(entries)
+    }
+
+    #[test]
+    fn bpe_defaults_depend_on_the_pre_tokenizer() {
+        let vocab = Vocab::from_gguf_metadata(&bpe_metadata("gpt-2", vec![])).unwrap();
+        assert!(!vocab.add_bos && !vocab.add_space_prefix);
+        // The BPE default BOS/EOS id (11) does not exist in a 6-token vocabulary.
+        assert_eq!((vocab.bos, vocab.eos, vocab.unk), (None, None, None));
+        let tok = Tokenizer::new(vocab).unwrap();
+        assert_eq!(tok.encode("abab", true, false), [2, 2]);
+        assert_eq!(tok.end_of_generation_ids(), [3]);
+
+        let md = bpe_metadata(
+            "llama-bpe",
+            vec![("tokenizer.ggml.bos_token_id", MetadataValue::U32(4))],
+        );
+        let vocab = Vocab::from_gguf_metadata(&md).unwrap();
+        assert!(vocab.add_bos);
+        assert_eq!(
+            Tokenizer::new(vocab).unwrap().encode("ab", true, false),
+            [4, 2]
+        );
+    }
+
+    #[test]
+    fn phi3_special_tokens_strip_whitespace_after_them() {
+        let md = bpe_metadata(
+            "gpt-2",
+            vec![("general.name", MetadataValue::String("Phi-3 mini".into()))],
+        );
+        let vocab = Vocab::from_gguf_metadata(&md).unwrap();
+        // "<|endoftext|>", "<s>" and "<unk>" (ids 3..=5) keep their whitespace.
+        assert!(vocab.rstrip.contains(&2) && !vocab.rstrip.iter().any(|id| (3..=5).contains(id)));
+    }
+
+    #[test]
+    fn missing_and_unsupported_keys_are_named() {
+        let md = metadata(vec![(
+            "tokenizer.ggml.model",
+            MetadataValue::String("gpt2".into()),
+        )]);
+        let err = Vocab::from_gguf_metadata(&md).unwrap_err();
+        assert!(matches!(&err, EngineError::MissingKey { key } if key == "tokenizer.ggml.tokens"));
+
+        let md = metadata(vec![
+            ("tokenizer.ggml.model", MetadataValue::String("gpt2".into())),
+            ("tokenizer.ggml.tokens", strings(&["a"])),
+        ]);
+        let err = Vocab::from_gguf_metadata(&md).unwrap_err();
+        assert!(matches!(&err, EngineError::MissingKey { key } if key == "tokenizer.ggml.merges"));
+
+        let err = Vocab::from_gguf_metadata(&bpe_metadata("kimi-k2", vec![])).unwrap_err();
+        assert!(
+            matches!(err, EngineError::Unsupported { .. }) && err.to_string().contains("kimi-k2")
+        );
+
+        let md = metadata(vec![(
+            "tokenizer.ggml.model",
+            MetadataValue::String("bert".into()),
+        )]);
+        assert!(Vocab::from_gguf_metadata(&md)
+            .unwrap_err()
+            .to_string()
+            .contains("'bert'"));
+
+        let md = metadata(vec![("tokenizer.ggml.model", MetadataValue::U32(3))]);
+        assert!(Vocab::from_gguf_metadata(&md)
+            .unwrap_err()
+            .to_string()
+            .contains("tokenizer.ggml.model"));
     }
 }

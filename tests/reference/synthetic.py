@@ -1,6 +1,6 @@
-"""Tiny synthetic llama-architecture GGUF files for forward-pass tests.
+"""Tiny synthetic GGUF files (llama, qwen2, Mixtral-style MoE llama, grok) for forward-pass tests.
 
-`write_llama_gguf` writes a complete model (hyperparameters, a small byte-level BPE vocabulary and
+`write_model_gguf` (and `write_llama_gguf`, its llama form) writes a complete model (hyperparameters, a small byte-level BPE vocabulary and
 random weights) with the `gguf` package's own writer, and returns the weights exactly as the file
 holds them: for quantised types, the result of quantising and dequantising with `gguf.quants`.
 The numpy reference (`numpy_forward.py`) then runs on the very numbers the engine reads.
@@ -17,6 +17,13 @@ Layout facts the file follows (checked in ggml-org/llama.cpp, `src/llama-model.c
   llama.cpp's converter permutes the rows of `attn_q`/`attn_k` so that adjacent-pair RoPE on the
   GGUF weights equals half-split RoPE on the original ones. Random weights have no "original", so
   they are written as they are and read with adjacent-pair RoPE, as the engine must.
+  qwen2 and grok rotate halves (`LLAMA_ROPE_TYPE_NEOX`) on the weights as they are.
+- Expert tensors (`blk.N.ffn_{gate,up,down}_exps.weight`) are 3-D: numpy `[n_expert, rows, cols]`,
+  GGUF dims `[cols, rows, n_expert]`, each expert's matrix contiguous. The router
+  `ffn_gate_inp.weight` (`[n_expert, n_embd]`) stays F32 in quantised files, as llama.cpp's
+  quantiser leaves it.
+- grok has post-norms `attn_output_norm` and `layer_output_norm` (llama.cpp also accepts
+  `post_ffw_norm` for the second), no dense FFN, and ties its output to the token embedding.
 """
 
 from __future__ import annotations
@@ -90,6 +97,19 @@ def _stored(values: np.ndarray, type_name: str) -> tuple[np.ndarray, np.ndarray]
     return stored, held
 
 
+ARCHITECTURES = ("llama", "qwen2", "grok")
+
+# The grok multipliers a file may store (keys `grok.<name>`); absent ones take llama.cpp's
+# Grok-1 defaults when read.
+GROK_MULTIPLIERS = (
+    "attn_logit_softcapping",
+    "attention.output_scale",
+    "embedding_scale",
+    "logit_scale",
+)
+GROK_DEFAULT_EMBEDDING_SCALE = 78.38367176906169
+
+
 def write_llama_gguf(
     path: str | os.PathLike[str],
     *,
@@ -108,7 +128,50 @@ def write_llama_gguf(
     seed: int = 0,
     type_overrides: Mapping[str, str] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write a llama-architecture GGUF with random weights; return its weights as float32 arrays.
+    """`write_model_gguf` for a dense llama model (see there)."""
+    return write_model_gguf(
+        path, arch="llama", weight_type=weight_type, n_vocab=n_vocab, n_embd=n_embd,
+        n_layer=n_layer, n_head=n_head, n_head_kv=n_head_kv, n_ff=n_ff, rope_base=rope_base,
+        rms_eps=rms_eps, context_length=context_length, tied_output=tied_output, add_bos=add_bos,
+        seed=seed, type_overrides=type_overrides,
+    )  # fmt: skip
+
+
+def write_model_gguf(
+    path: str | os.PathLike[str],
+    *,
+    arch: str = "llama",
+    weight_type: str = "F32",
+    n_vocab: int = 64,
+    n_embd: int = 64,
+    n_layer: int = 2,
+    n_head: int = 4,
+    n_head_kv: int = 2,
+    n_ff: int = 96,
+    rope_base: float = 10000.0,
+    rms_eps: float = 1e-5,
+    context_length: int = 128,
+    tied_output: bool | None = None,
+    add_bos: bool = False,
+    seed: int = 0,
+    type_overrides: Mapping[str, str] | None = None,
+    n_expert: int = 0,
+    n_expert_used: int = 0,
+    expert_weights_norm: bool | None = None,
+    router_scale: float = 2.0,
+    grok_multipliers: Mapping[str, float] | None = None,
+    grok_ffn_post_norm: str = "layer_output_norm",
+) -> dict[str, np.ndarray]:
+    """Write a GGUF of architecture `arch` with random weights; return its weights as float32
+    arrays.
+
+    arch is "llama" (a mixture of experts when n_expert > 0, like Mixtral), "qwen2" (Q/K/V
+    biases) or "grok" (needs n_expert > 0). n_expert_used experts run per token;
+    expert_weights_norm, when not None, writes `<arch>.expert_weights_norm`. router_scale spreads
+    the router logits (standard deviation about router_scale). grok_multipliers maps names of
+    GROK_MULTIPLIERS to the values to store; the others are left out of the file.
+    grok_ffn_post_norm names the grok FFN post-norm ("layer_output_norm" or "post_ffw_norm").
+    tied_output defaults to True for grok and False otherwise.
 
     weight_type applies to every matrix (token_embd, attention, FFN, output); norm vectors stay F32
     as in llama.cpp's quantiser. type_overrides maps a tensor name to another type, to build mixes
@@ -117,6 +180,25 @@ def write_llama_gguf(
     array row-major [rows, cols] (the reverse of the GGUF dims); "output.weight" is absent when
     tied_output is set, in which case the model reuses token_embd.weight.
     """
+    if arch not in ARCHITECTURES:
+        raise ValueError(f"arch must be one of {ARCHITECTURES}, got {arch!r}")
+    if arch == "grok" and n_expert == 0:
+        raise ValueError("grok models route through experts: give n_expert > 0")
+    if n_expert > 0 and not 0 < n_expert_used <= n_expert:
+        raise ValueError(f"n_expert_used must be in 1..={n_expert}, got {n_expert_used}")
+    if arch == "qwen2" and n_expert > 0:
+        raise ValueError("qwen2 here is dense (qwen2moe is a different architecture)")
+    if grok_multipliers and arch != "grok":
+        raise ValueError("grok_multipliers only apply to arch='grok'")
+    unknown_multipliers = set(grok_multipliers or {}) - set(GROK_MULTIPLIERS)
+    if unknown_multipliers:
+        raise ValueError(f"unknown grok multipliers {sorted(unknown_multipliers)}")
+    if grok_ffn_post_norm not in ("layer_output_norm", "post_ffw_norm"):
+        raise ValueError(
+            f"grok_ffn_post_norm must name a grok FFN post-norm, got {grok_ffn_post_norm!r}"
+        )
+    if tied_output is None:
+        tied_output = arch == "grok"
     for name, value in (("n_embd", n_embd), ("n_head", n_head), ("n_head_kv", n_head_kv)):
         if value <= 0:
             raise ValueError(f"{name} must be positive, got {value}")
@@ -142,9 +224,24 @@ def write_llama_gguf(
         # Not all ones, so a forward pass that forgets to multiply by the weight is caught.
         return rng.uniform(0.5, 1.5, size=n_embd).astype(np.float32)
 
+    def experts(rows: int, cols: int) -> np.ndarray:
+        return np.stack([matrix(rows, cols) for _ in range(n_expert)])
+
+    def bias(length: int) -> np.ndarray:
+        return (rng.standard_normal(length) * 0.5).astype(np.float32)
+
     n_embd_kv = head_dim * n_head_kv
+    # Grok multiplies its embeddings by embedding_scale (sqrt(6144) for Grok-1), so they are
+    # stored that much smaller; unit-size embeddings would drown every layer's contribution.
+    embedding_std = 1.0
+    if arch == "grok":
+        embedding_std = 1.0 / float(
+            (grok_multipliers or {}).get("embedding_scale", GROK_DEFAULT_EMBEDDING_SCALE)
+        )
     values: dict[str, np.ndarray] = {
-        "token_embd.weight": rng.standard_normal((n_vocab, n_embd)).astype(np.float32),
+        "token_embd.weight": (rng.standard_normal((n_vocab, n_embd)) * embedding_std).astype(
+            np.float32
+        ),
     }
     for layer in range(n_layer):
         prefix = f"blk.{layer}."
@@ -153,10 +250,24 @@ def write_llama_gguf(
         values[prefix + "attn_k.weight"] = matrix(n_embd_kv, n_embd)
         values[prefix + "attn_v.weight"] = matrix(n_embd_kv, n_embd)
         values[prefix + "attn_output.weight"] = matrix(n_embd, n_embd)
+        if arch == "qwen2":
+            values[prefix + "attn_q.bias"] = bias(n_embd)
+            values[prefix + "attn_k.bias"] = bias(n_embd_kv)
+            values[prefix + "attn_v.bias"] = bias(n_embd_kv)
+        if arch == "grok":
+            values[prefix + "attn_output_norm.weight"] = norm_weight()
         values[prefix + "ffn_norm.weight"] = norm_weight()
-        values[prefix + "ffn_gate.weight"] = matrix(n_ff, n_embd)
-        values[prefix + "ffn_up.weight"] = matrix(n_ff, n_embd)
-        values[prefix + "ffn_down.weight"] = matrix(n_embd, n_ff)
+        if n_expert > 0:
+            values[prefix + "ffn_gate_inp.weight"] = matrix(n_expert, n_embd, scale=router_scale)
+            values[prefix + "ffn_gate_exps.weight"] = experts(n_ff, n_embd)
+            values[prefix + "ffn_up_exps.weight"] = experts(n_ff, n_embd)
+            values[prefix + "ffn_down_exps.weight"] = experts(n_embd, n_ff)
+        else:
+            values[prefix + "ffn_gate.weight"] = matrix(n_ff, n_embd)
+            values[prefix + "ffn_up.weight"] = matrix(n_ff, n_embd)
+            values[prefix + "ffn_down.weight"] = matrix(n_embd, n_ff)
+        if arch == "grok":
+            values[prefix + f"{grok_ffn_post_norm}.weight"] = norm_weight()
     values["output_norm.weight"] = norm_weight()
     if not tied_output:
         # Scaled so logits spread over a few units and the softmax is not flat.
@@ -165,8 +276,8 @@ def write_llama_gguf(
     if unknown:
         raise ValueError(f"type_overrides names tensors the model does not have: {sorted(unknown)}")
 
-    writer = gguf.GGUFWriter(os.fspath(path), "llama")
-    writer.add_name("synthetic-llama")
+    writer = gguf.GGUFWriter(os.fspath(path), arch)
+    writer.add_name(f"synthetic-{arch}")
     writer.add_file_type(int(_FILE_TYPE[weight_type]))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_context_length(context_length)
@@ -179,6 +290,13 @@ def write_llama_gguf(
     writer.add_rope_freq_base(rope_base)
     writer.add_layer_norm_rms_eps(rms_eps)
     writer.add_vocab_size(n_vocab)
+    if n_expert > 0:
+        writer.add_expert_count(n_expert)
+        writer.add_expert_used_count(n_expert_used)
+    if expert_weights_norm is not None:
+        writer.add_expert_weights_norm(expert_weights_norm)
+    for name, value in (grok_multipliers or {}).items():
+        writer.add_float32(f"grok.{name}", value)
 
     pieces, token_types, merges = gpt2_vocabulary(n_vocab)
     writer.add_tokenizer_model("gpt2")
@@ -192,7 +310,9 @@ def write_llama_gguf(
 
     held: dict[str, np.ndarray] = {}
     for name, value in values.items():
-        type_name = "F32" if value.ndim == 1 else overrides.get(name, weight_type)
+        # Vectors (norms, biases) and the router stay F32, as llama.cpp's quantiser leaves them.
+        default_type = "F32" if value.ndim == 1 or "ffn_gate_inp" in name else weight_type
+        type_name = overrides.get(name, default_type)
         stored, held[name] = _stored(value, type_name)
         if type_name in ("F32", "F16"):
             writer.add_tensor(name, stored)
