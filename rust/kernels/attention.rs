@@ -1,24 +1,36 @@
 //! Causal self-attention over the KV cache, split across the thread pool.
 //!
-//! The unit of work is one (token, query head) pair: its scores against every visible key,
-//! a softmax, and the probability-weighted sum of values. Threads claim chunks of pairs as
-//! they go, which balances causal prefill (later tokens see more positions) and decode
-//! (a few heads per thread). A pair is always computed the same way, whichever thread
-//! takes it, so the output is bit-identical for any thread count.
+//! Query heads that share a KV head (grouped-query attention) are computed together, so
+//! each key and value is read from the cache once per token rather than once per query
+//! head. The visible positions are taken in fixed chunks of [`CHUNK`] positions, aligned to
+//! absolute positions: each chunk gives a partial result (the maximum score, the sum of
+//! `exp(score - max)` and the correspondingly weighted sum of values, per query head), and
+//! the partials are merged in position order ("online softmax"), then normalised.
 //!
-//! The two inner loops (scores of many keys against one query, and the weighted sum of
-//! many value rows) run over contiguous per-head runs of the cache (see
-//! [`KvCache::head_runs`]), with AVX2+FMA versions chosen at run time where the CPU has
-//! them and portable versions with eight independent accumulators elsewhere.
+//! Work is shared as (token, KV head) items, each merging its chunks in order; a single
+//! decoded token has too few of those for two threads, so then the (KV head, chunk) pieces
+//! are shared instead and merged afterwards, in the same order with the same operations.
+//! Either way every output is computed identically, whichever thread takes which piece,
+//! so results are bit-identical for any thread count.
+//!
+//! The inner loops (scores of a chunk's keys against the group's queries, and the weighted
+//! sum of its values) have AVX2+FMA versions chosen at run time where the CPU has them,
+//! and portable versions with independent partial sums elsewhere.
 
 use std::ops::Range;
 use std::sync::OnceLock;
 
 use crate::error::{EngineError, Result};
 use crate::kernels::ops;
-use crate::kv_cache::KvCache;
+use crate::kv_cache::{KvCache, PAGE_POSITIONS};
 use crate::quant;
 use crate::threads::{DisjointSlice, ThreadPool};
+
+/// Positions per chunk: a chunk's keys or values for a 64-wide head are 16 KiB, which stay
+/// in L1 while every query head of the group uses them. Must divide `PAGE_POSITIONS`, so a
+/// chunk never straddles two cache pages.
+pub const CHUNK: usize = 64;
+const _: () = assert!(PAGE_POSITIONS.is_multiple_of(CHUNK));
 
 /// The attention geometry of one layer.
 #[derive(Clone, Copy, Debug)]
@@ -42,13 +54,140 @@ impl AttentionShape {
             .map_or(0, |w| (pos + 1).saturating_sub(w.max(1)));
         first..pos + 1
     }
+
+    fn group(&self) -> usize {
+        self.n_head / self.n_head_kv
+    }
 }
 
-/// Score buffers, one per thread, each as long as the sequence's capacity; kept by the
-/// sequence so the decode loop does not allocate.
+/// The chunks (absolute, `CHUNK`-aligned) that `visible` touches, clipped to it.
+fn chunks(visible: Range<usize>) -> impl Iterator<Item = Range<usize>> {
+    let first_chunk = visible.start / CHUNK;
+    let last_chunk = visible.end.div_ceil(CHUNK);
+    (first_chunk..last_chunk)
+        .map(move |c| (c * CHUNK).max(visible.start)..((c + 1) * CHUNK).min(visible.end))
+}
+
+/// Buffers reused from call to call (kept by the sequence, so decoding does not allocate):
+/// per thread, scores and one chunk's partial result; for a decoded token, the partials
+/// of every (KV head, chunk) piece.
 #[derive(Default)]
 pub struct AttentionScratch {
-    scores: Vec<f32>,
+    per_thread: Vec<f32>,
+    pieces: Vec<f32>,
+}
+
+/// A partial result for the query heads of one group: per head, the maximum score, the
+/// sum of `exp(score - max)`, and the `head_dim` values weighted by those exponentials.
+struct Partial<'a> {
+    max: &'a mut [f32],
+    sum: &'a mut [f32],
+    out: &'a mut [f32],
+}
+
+/// Floats one `Partial` of `group` heads occupies.
+fn partial_len(group: usize, hd: usize) -> usize {
+    group * (hd + 2)
+}
+
+impl<'a> Partial<'a> {
+    fn new(buf: &'a mut [f32], group: usize) -> Self {
+        let (max, rest) = buf.split_at_mut(group);
+        let (sum, out) = rest.split_at_mut(group);
+        Self { max, sum, out }
+    }
+
+    /// Folds `next` (the partial of the positions that follow) into `self`.
+    fn merge(&mut self, next: &Partial<'_>, hd: usize) {
+        for h in 0..self.max.len() {
+            let max = self.max[h].max(next.max[h]);
+            let (a, b) = ((self.max[h] - max).exp(), (next.max[h] - max).exp());
+            self.max[h] = max;
+            self.sum[h] = a * self.sum[h] + b * next.sum[h];
+            let (out, add) = (
+                &mut self.out[h * hd..(h + 1) * hd],
+                &next.out[h * hd..(h + 1) * hd],
+            );
+            for (o, &x) in out.iter_mut().zip(add) {
+                *o = a * *o + b * x;
+            }
+        }
+    }
+
+    /// `out[h] = partial out / sum`, the attention output of each head.
+    fn finish(&self, hd: usize, out: &mut [f32]) {
+        for (h, dst) in out.chunks_exact_mut(hd).enumerate() {
+            let inv = 1.0 / self.sum[h];
+            for (d, &x) in dst.iter_mut().zip(&self.out[h * hd..(h + 1) * hd]) {
+                *d = x * inv;
+            }
+        }
+    }
+}
+
+/// The partial of one chunk of positions (within one cache page) for the `group` query
+/// heads `q` (`group × head_dim`, contiguous) of KV head `kv_head`.
+#[allow(clippy::too_many_arguments)]
+fn chunk_partial(
+    kv: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    q: &[f32],
+    positions: Range<usize>,
+    shape: &AttentionShape,
+    scores: &mut [f32],
+    partial: &mut Partial<'_>,
+) {
+    let hd = shape.head_dim;
+    let n = positions.len();
+    let Some(run) = kv.head_runs(layer, kv_head, positions).next() else {
+        return;
+    };
+    let scores = &mut scores[..partial.max.len() * n];
+    group_scores(q, run.keys, hd, shape.scale, scores);
+    for (h, row) in scores.chunks_exact_mut(n).enumerate() {
+        if let Some(cap) = shape.logit_softcap {
+            row.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+        }
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        ops::exp_shifted_in_place(row, max);
+        partial.max[h] = max;
+        partial.sum[h] = row.iter().sum();
+    }
+    partial.out.fill(0.0);
+    group_weighted_sum(scores, run.values, hd, partial.out);
+    debug_assert_eq!(run.values.len(), n * hd);
+}
+
+/// The attention output of the `group` query heads `q` of KV head `kv_head` for a token
+/// seeing `visible`: chunk partials merged in position order. `work` holds two partials
+/// and the chunk's scores.
+#[allow(clippy::too_many_arguments)]
+fn attend_group(
+    kv: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    q: &[f32],
+    visible: Range<usize>,
+    shape: &AttentionShape,
+    work: &mut [f32],
+    out: &mut [f32],
+) {
+    let (group, hd) = (shape.group(), shape.head_dim);
+    let plen = partial_len(group, hd);
+    let (running, rest) = work.split_at_mut(plen);
+    let (next, scores) = rest.split_at_mut(plen);
+    let mut running = Partial::new(running, group);
+    let mut next = Partial::new(next, group);
+    for (i, chunk) in chunks(visible).enumerate() {
+        if i == 0 {
+            chunk_partial(kv, layer, kv_head, q, chunk, shape, scores, &mut running);
+        } else {
+            chunk_partial(kv, layer, kv_head, q, chunk, shape, scores, &mut next);
+            running.merge(&next, hd);
+        }
+    }
+    running.finish(hd, out);
 }
 
 /// For every token `t` of `n_tokens` (at positions `start + t`, whose keys and values are
@@ -71,19 +210,17 @@ pub fn attention(
     out: &mut [f32],
     last_probs: Option<&mut [f32]>,
 ) -> Result<()> {
-    let (n_head, hd) = (shape.n_head, shape.head_dim);
+    let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
     let q_dim = n_head * hd;
     let end = start + n_tokens;
     let shape_ok = hd == kv.head_dim()
-        && shape.n_head_kv == kv.n_head_kv()
-        && shape.n_head_kv > 0
-        && n_head % shape.n_head_kv == 0
+        && n_kv == kv.n_head_kv()
+        && n_kv > 0
+        && n_head % n_kv == 0
         && q.len() == n_tokens * q_dim
         && out.len() == n_tokens * q_dim
         && end <= kv.capacity()
-        && last_probs
-            .as_ref()
-            .map_or(true, |p| p.len() == n_head * end);
+        && last_probs.as_ref().is_none_or(|p| p.len() == n_head * end);
     if !shape_ok {
         return Err(EngineError::Internal(format!(
             "attention of layer {layer}: {shape:?}, {n_tokens} tokens from {start}, \
@@ -95,78 +232,135 @@ pub fn attention(
             kv.capacity()
         )));
     }
-    let group = n_head / shape.n_head_kv;
+    let group = shape.group();
+    let plen = partial_len(group, hd);
+    let work_len = 2 * plen + group * CHUNK;
     let n_threads = pool.n_threads();
-    let per_thread = kv.capacity();
-    if scratch.scores.len() < n_threads * per_thread {
-        scratch.scores.resize(n_threads * per_thread, 0.0);
+    if scratch.per_thread.len() < n_threads * work_len {
+        scratch.per_thread.resize(n_threads * work_len, 0.0);
     }
-    let scores = DisjointSlice::new(&mut scratch.scores[..n_threads * per_thread]);
-    let out = DisjointSlice::new(out);
-    let last_probs = last_probs.map(DisjointSlice::new);
-    let n_pairs = n_tokens * n_head;
-    pool.parallel_for_slots(n_pairs, 1, |slot, pairs| {
-        // SAFETY: a slot is used by one thread at a time, and slot `slot` alone uses score
-        // buffer `slot`.
-        let scores = unsafe { scores.part(slot * per_thread..(slot + 1) * per_thread) };
-        for pair in pairs {
-            let (t, h) = (pair / n_head, pair % n_head);
-            let pos = start + t;
-            let visible = shape.visible(pos);
-            let at = t * q_dim + h * hd;
-            // SAFETY: each pair's output head is written by the one thread that takes it.
-            let head_out = unsafe { out.part(at..at + hd) };
-            let probs = &mut scores[..visible.len()];
-            attend_one(
-                kv,
-                layer,
-                h / group,
-                &q[at..at + hd],
-                visible.clone(),
-                shape.scale,
-                shape.logit_softcap,
-                probs,
-                head_out,
-            );
-            if let (Some(all), true) = (&last_probs, t + 1 == n_tokens) {
-                // SAFETY: head `h`'s row of the last token belongs to this pair alone.
-                let row = unsafe { all.part(h * end..(h + 1) * end) };
-                row.fill(0.0);
-                row[visible].copy_from_slice(probs);
-            }
+    let per_thread = DisjointSlice::new(&mut scratch.per_thread[..n_threads * work_len]);
+    let group_q = group * hd;
+
+    if n_tokens == 1 && n_threads > 1 {
+        // One token: share the (KV head, chunk) pieces, then merge each head's in order.
+        let visible = shape.visible(start);
+        let first_chunk = visible.start / CHUNK;
+        let n_chunks = visible.end.div_ceil(CHUNK) - first_chunk;
+        let pieces_len = n_kv * n_chunks * plen;
+        if scratch.pieces.len() < pieces_len {
+            scratch
+                .pieces
+                .resize(kv.capacity().div_ceil(CHUNK) * n_kv * plen, 0.0);
         }
-    });
+        {
+            let pieces = DisjointSlice::new(&mut scratch.pieces[..pieces_len]);
+            pool.parallel_for_slots(n_kv * n_chunks, 1, |slot, items| {
+                // SAFETY: a slot is used by one thread at a time and owns its work buffer.
+                let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
+                let scores = &mut work[2 * plen..];
+                for item in items {
+                    let (g, c) = (item / n_chunks, item % n_chunks);
+                    let abs = first_chunk + c;
+                    let positions =
+                        (abs * CHUNK).max(visible.start)..((abs + 1) * CHUNK).min(visible.end);
+                    // SAFETY: piece `item` is written by the one thread that takes it.
+                    let buf = unsafe { pieces.part(item * plen..(item + 1) * plen) };
+                    let mut partial = Partial::new(buf, group);
+                    let q_group = &q[g * group_q..(g + 1) * group_q];
+                    chunk_partial(
+                        kv,
+                        layer,
+                        g,
+                        q_group,
+                        positions,
+                        shape,
+                        scores,
+                        &mut partial,
+                    );
+                }
+            });
+        }
+        for g in 0..n_kv {
+            let pieces = &mut scratch.pieces[g * n_chunks * plen..(g + 1) * n_chunks * plen];
+            let (running, later) = pieces.split_at_mut(plen);
+            let mut running = Partial::new(running, group);
+            for next in later.chunks_exact_mut(plen) {
+                let next = Partial::new(next, group);
+                running.merge(&next, hd);
+            }
+            running.finish(hd, &mut out[g * group_q..(g + 1) * group_q]);
+        }
+    } else {
+        let out = DisjointSlice::new(&mut *out);
+        pool.parallel_for_slots(n_tokens * n_kv, 1, |slot, items| {
+            // SAFETY: a slot is used by one thread at a time and owns its work buffer.
+            let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
+            for item in items {
+                let (t, g) = (item / n_kv, item % n_kv);
+                let at = t * q_dim + g * group_q;
+                // SAFETY: each item's heads are written by the one thread that takes it.
+                let dst = unsafe { out.part(at..at + group_q) };
+                let visible = shape.visible(start + t);
+                attend_group(
+                    kv,
+                    layer,
+                    g,
+                    &q[at..at + group_q],
+                    visible,
+                    shape,
+                    work,
+                    dst,
+                );
+            }
+        });
+    }
+
+    if let Some(all) = last_probs {
+        last_token_probs(
+            kv,
+            layer,
+            start + n_tokens - 1,
+            shape,
+            &q[(n_tokens - 1) * q_dim..],
+            all,
+        );
+    }
     Ok(())
 }
 
-/// One query head of one token: scores, softmax (left in `probs`), weighted sum of values.
-#[allow(clippy::too_many_arguments)]
-fn attend_one(
+/// Each head's attention probabilities for the token at `pos` (query `q`), zero outside
+/// its window: the plain softmax, computed apart from the output because only callers who
+/// asked for the attention pattern need it.
+fn last_token_probs(
     kv: &KvCache,
     layer: usize,
-    kv_head: usize,
+    pos: usize,
+    shape: &AttentionShape,
     q: &[f32],
-    visible: Range<usize>,
-    scale: f32,
-    logit_softcap: Option<f32>,
-    probs: &mut [f32],
-    out: &mut [f32],
+    all: &mut [f32],
 ) {
-    let first = visible.start;
-    for run in kv.head_runs(layer, kv_head, visible.clone()) {
-        let at = run.start - first;
-        let n = run.keys.len() / q.len();
-        scaled_dots(q, run.keys, scale, &mut probs[at..at + n]);
-    }
-    if let Some(cap) = logit_softcap {
-        probs.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-    }
-    ops::softmax_in_place(probs);
-    out.fill(0.0);
-    for run in kv.head_runs(layer, kv_head, visible) {
-        let at = run.start - first;
-        let n = run.values.len() / out.len();
-        weighted_sum(&probs[at..at + n], run.values, out);
+    let (hd, group) = (shape.head_dim, shape.group());
+    let visible = shape.visible(pos);
+    let width = pos + 1;
+    for (h, row) in all.chunks_exact_mut(width).enumerate().take(shape.n_head) {
+        row.fill(0.0);
+        let q_head = &q[h * hd..(h + 1) * hd];
+        for run in kv.head_runs(layer, h / group, visible.clone()) {
+            let n = run.keys.len() / hd;
+            group_scores(
+                q_head,
+                run.keys,
+                hd,
+                shape.scale,
+                &mut row[run.start..run.start + n],
+            );
+        }
+        let probs = &mut row[visible.clone()];
+        if let Some(cap) = shape.logit_softcap {
+            probs.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
+        }
+        ops::softmax_in_place(probs);
     }
 }
 
@@ -177,26 +371,34 @@ fn use_avx2() -> bool {
     *AVX2.get_or_init(|| quant::kernels().level() >= quant::SimdLevel::Avx2)
 }
 
-/// `scores[j] = scale * (q · keys[j])` for each row `j` of `keys` (rows of `q.len()`).
-pub fn scaled_dots(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
+/// `scores[h * n + j] = scale * (q[h] · keys[j])` for the query heads `q` (rows of `hd`)
+/// and the `n` rows of `keys`.
+pub fn group_scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
+    if hd == 0 {
+        return;
+    }
     #[cfg(target_arch = "x86_64")]
     if use_avx2() {
         // SAFETY: the CPU has AVX2 and FMA (checked by `use_avx2`).
-        unsafe { avx2::scaled_dots(q, keys, scale, scores) };
+        unsafe { avx2::group_scores(q, keys, hd, scale, scores) };
         return;
     }
-    scaled_dots_portable(q, keys, scale, scores);
+    group_scores_portable(q, keys, hd, scale, scores);
 }
 
-/// `out += sum_j probs[j] * values[j]` over the rows `j` of `values` (rows of `out.len()`).
-pub fn weighted_sum(probs: &[f32], values: &[f32], out: &mut [f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `scaled_dots`.
-        unsafe { avx2::weighted_sum(probs, values, out) };
+/// `out[h] += sum_j probs[h * n + j] * values[j]` for the heads of `out` (rows of `hd`)
+/// and the `n` rows of `values`.
+pub fn group_weighted_sum(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+    if hd == 0 {
         return;
     }
-    weighted_sum_portable(probs, values, out);
+    #[cfg(target_arch = "x86_64")]
+    if use_avx2() {
+        // SAFETY: as in `group_scores`.
+        unsafe { avx2::group_weighted_sum(probs, values, hd, out) };
+        return;
+    }
+    group_weighted_sum_portable(probs, values, hd, out);
 }
 
 /// Dot product with eight independent partial sums (so the compiler can vectorise it and
@@ -223,16 +425,28 @@ pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
     (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
 }
 
-fn scaled_dots_portable(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
-    for (s, k) in scores.iter_mut().zip(keys.chunks_exact(q.len())) {
-        *s = dot_portable(q, k) * scale;
+fn group_scores_portable(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
+    let n = keys.len() / hd;
+    if n == 0 {
+        return;
+    }
+    for (q_head, row) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
+        for (s, k) in row.iter_mut().zip(keys.chunks_exact(hd)) {
+            *s = dot_portable(q_head, k) * scale;
+        }
     }
 }
 
-fn weighted_sum_portable(probs: &[f32], values: &[f32], out: &mut [f32]) {
-    for (&p, v) in probs.iter().zip(values.chunks_exact(out.len())) {
-        for (o, &x) in out.iter_mut().zip(v) {
-            *o += p * x;
+fn group_weighted_sum_portable(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+    let n = values.len() / hd;
+    if n == 0 {
+        return;
+    }
+    for (row, out_head) in probs.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
+        for (&p, v) in row.iter().zip(values.chunks_exact(hd)) {
+            for (o, &x) in out_head.iter_mut().zip(v) {
+                *o += p * x;
+            }
         }
     }
 }
@@ -250,71 +464,121 @@ mod avx2 {
         _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps::<1>(quad, quad)))
     }
 
+    /// `q · k` for one head (`hd` = `q.len()` = `k.len()`).
+    #[inline]
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn scaled_dots(q: &[f32], keys: &[f32], scale: f32, scores: &mut [f32]) {
-        let hd = q.len();
+    fn dot(q: &[f32], k: &[f32]) -> f32 {
+        let hd = q.len().min(k.len());
         let full = hd - hd % 8;
-        for (s, k) in scores.iter_mut().zip(keys.chunks_exact(hd)) {
-            // Two accumulators hide the FMA latency for the usual 64..256-wide heads.
-            let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-            let mut i = 0;
-            while i + 16 <= full {
-                // SAFETY: i + 16 <= hd = q.len() = k.len().
-                unsafe {
-                    let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
-                    let q1 = _mm256_loadu_ps(q.as_ptr().add(i + 8));
-                    acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
-                    acc1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k.as_ptr().add(i + 8)), acc1);
-                }
-                i += 16;
+        // Two accumulators hide the FMA latency for the usual 64..256-wide heads.
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 16 <= full {
+            // SAFETY: i + 16 <= hd <= q.len(), k.len().
+            unsafe {
+                let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
+                let q1 = _mm256_loadu_ps(q.as_ptr().add(i + 8));
+                acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
+                acc1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k.as_ptr().add(i + 8)), acc1);
             }
-            if i < full {
-                // SAFETY: i + 8 <= full <= hd.
-                unsafe {
-                    let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
-                    acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
-                }
+            i += 16;
+        }
+        if i < full {
+            // SAFETY: i + 8 <= full <= hd.
+            unsafe {
+                let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
+                acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
             }
-            let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
-            for j in full..hd {
-                sum += q[j] * k[j];
+        }
+        let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
+        for j in full..hd {
+            sum += q[j] * k[j];
+        }
+        sum
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) fn group_scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
+        let n = keys.len() / hd;
+        if scores.len() < n * (q.len() / hd) {
+            return;
+        }
+        // Key-major: each key is loaded into L1 once and used by every head of the group.
+        for (j, k) in keys.chunks_exact(hd).enumerate() {
+            for (h, q_head) in q.chunks_exact(hd).enumerate() {
+                scores[h * n + j] = dot(q_head, k) * scale;
             }
-            *s = sum * scale;
         }
     }
 
     #[target_feature(enable = "avx2,fma")]
-    pub(super) fn weighted_sum(probs: &[f32], values: &[f32], out: &mut [f32]) {
-        let hd = out.len();
-        // Columns in blocks of 64 (eight registers of output) kept in registers across
-        // all rows; the tail of a head size that is not a multiple of 8 goes scalar.
+    pub(super) fn group_weighted_sum(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
+        let n = values.len() / hd;
+        let heads = out.len() / hd;
+        if probs.len() < heads * n {
+            return;
+        }
         let full = hd - hd % 8;
+        // Columns in blocks of 16 (two registers) for up to four heads at a time, all kept
+        // in registers across the chunk's rows; each value row is loaded once per block.
         let mut col = 0;
         while col < full {
-            let width = (full - col).min(64) / 8;
-            let mut acc = [_mm256_setzero_ps(); 8];
-            for (c, a) in acc.iter_mut().enumerate().take(width) {
-                // SAFETY: col + 8c + 8 <= full <= out.len().
-                *a = unsafe { _mm256_loadu_ps(out.as_ptr().add(col + 8 * c)) };
-            }
-            for (&p, v) in probs.iter().zip(values.chunks_exact(hd)) {
-                let pv = _mm256_set1_ps(p);
-                for (c, a) in acc.iter_mut().enumerate().take(width) {
-                    // SAFETY: col + 8c + 8 <= full <= v.len().
-                    let x = unsafe { _mm256_loadu_ps(v.as_ptr().add(col + 8 * c)) };
-                    *a = _mm256_fmadd_ps(pv, x, *a);
+            let width = if full - col >= 16 { 2 } else { 1 };
+            let mut h0 = 0;
+            while h0 < heads {
+                let hs = (heads - h0).min(4);
+                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                for (h, a) in acc.iter_mut().enumerate().take(hs) {
+                    for (c, lane) in a.iter_mut().enumerate().take(width) {
+                        // SAFETY: (h0 + h) * hd + col + 8c + 8 <= (h0 + h + 1) * hd <= out.len().
+                        *lane = unsafe {
+                            _mm256_loadu_ps(out.as_ptr().add((h0 + h) * hd + col + 8 * c))
+                        };
+                    }
                 }
-            }
-            for (c, a) in acc.iter().enumerate().take(width) {
-                // SAFETY: as above.
-                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(col + 8 * c), *a) };
+                for j in 0..n {
+                    let v = &values[j * hd..(j + 1) * hd];
+                    // SAFETY: col + 8 * width <= full <= hd = v.len().
+                    let x = unsafe {
+                        [
+                            _mm256_loadu_ps(v.as_ptr().add(col)),
+                            if width == 2 {
+                                _mm256_loadu_ps(v.as_ptr().add(col + 8))
+                            } else {
+                                _mm256_setzero_ps()
+                            },
+                        ]
+                    };
+                    for (h, a) in acc.iter_mut().enumerate().take(hs) {
+                        let p = _mm256_set1_ps(probs[(h0 + h) * n + j]);
+                        for (c, lane) in a.iter_mut().enumerate().take(width) {
+                            *lane = _mm256_fmadd_ps(p, x[c], *lane);
+                        }
+                    }
+                }
+                for (h, a) in acc.iter().enumerate().take(hs) {
+                    for (c, lane) in a.iter().enumerate().take(width) {
+                        // SAFETY: as for the loads above.
+                        unsafe {
+                            _mm256_storeu_ps(
+                                out.as_mut_ptr().add((h0 + h) * hd + col + 8 * c),
+                                *lane,
+                            )
+                        };
+                    }
+                }
+                h0 += hs;
             }
             col += 8 * width;
         }
         if full < hd {
-            for (&p, v) in probs.iter().zip(values.chunks_exact(hd)) {
-                for (o, &x) in out[full..].iter_mut().zip(&v[full..]) {
-                    *o += p * x;
+            for h in 0..heads {
+                for j in 0..n {
+                    let p = probs[h * n + j];
+                    let v = &values[j * hd + full..(j + 1) * hd];
+                    for (o, &x) in out[h * hd + full..(h + 1) * hd].iter_mut().zip(v) {
+                        *o += p * x;
+                    }
                 }
             }
         }
@@ -372,37 +636,48 @@ mod tests {
     #[test]
     fn vector_loops_match_their_definitions() {
         for hd in [1, 7, 8, 16, 24, 64, 72, 256] {
-            let q = pseudo_random(hd, 1);
-            let rows = 37;
-            let keys = pseudo_random(hd * rows, 2);
-            let mut fast = vec![0f32; rows];
-            let mut portable = vec![0f32; rows];
-            scaled_dots(&q, &keys, 0.5, &mut fast);
-            scaled_dots_portable(&q, &keys, 0.5, &mut portable);
-            for (j, (f, p)) in fast.iter().zip(&portable).enumerate() {
-                let exact: f64 = q
-                    .iter()
-                    .zip(&keys[j * hd..(j + 1) * hd])
-                    .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                    .sum::<f64>()
-                    * 0.5;
-                assert!((f64::from(*f) - exact).abs() < 1e-5, "hd {hd} row {j}");
-                assert!((f64::from(*p) - exact).abs() < 1e-5, "hd {hd} row {j}");
-            }
-            let probs = pseudo_random(rows, 3);
-            let mut fast = pseudo_random(hd, 4);
-            let mut portable = fast.clone();
-            let mut exact: Vec<f64> = fast.iter().map(|&v| f64::from(v)).collect();
-            weighted_sum(&probs, &keys, &mut fast);
-            weighted_sum_portable(&probs, &keys, &mut portable);
-            for (j, &p) in probs.iter().enumerate() {
-                for (e, &v) in exact.iter_mut().zip(&keys[j * hd..(j + 1) * hd]) {
-                    *e += f64::from(p) * f64::from(v);
+            for heads in [1, 2, 3, 5] {
+                let rows = 37;
+                let q = pseudo_random(heads * hd, 1);
+                let keys = pseudo_random(hd * rows, 2);
+                let mut fast = vec![0f32; heads * rows];
+                let mut portable = vec![0f32; heads * rows];
+                group_scores(&q, &keys, hd, 0.5, &mut fast);
+                group_scores_portable(&q, &keys, hd, 0.5, &mut portable);
+                for h in 0..heads {
+                    for j in 0..rows {
+                        let exact: f64 = q[h * hd..(h + 1) * hd]
+                            .iter()
+                            .zip(&keys[j * hd..(j + 1) * hd])
+                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
+                            .sum::<f64>()
+                            * 0.5;
+                        for got in [fast[h * rows + j], portable[h * rows + j]] {
+                            assert!((f64::from(got) - exact).abs() < 1e-5, "hd {hd} h {h} j {j}");
+                        }
+                    }
                 }
-            }
-            for ((f, p), e) in fast.iter().zip(&portable).zip(&exact) {
-                assert!((f64::from(*f) - e).abs() < 1e-5, "hd {hd}");
-                assert!((f64::from(*p) - e).abs() < 1e-5, "hd {hd}");
+                let probs = pseudo_random(heads * rows, 3);
+                let mut fast = pseudo_random(heads * hd, 4);
+                let mut portable = fast.clone();
+                let mut exact: Vec<f64> = fast.iter().map(|&v| f64::from(v)).collect();
+                group_weighted_sum(&probs, &keys, hd, &mut fast);
+                group_weighted_sum_portable(&probs, &keys, hd, &mut portable);
+                for h in 0..heads {
+                    for j in 0..rows {
+                        let p = f64::from(probs[h * rows + j]);
+                        for (e, &v) in exact[h * hd..(h + 1) * hd]
+                            .iter_mut()
+                            .zip(&keys[j * hd..(j + 1) * hd])
+                        {
+                            *e += p * f64::from(v);
+                        }
+                    }
+                }
+                for ((f, p), e) in fast.iter().zip(&portable).zip(&exact) {
+                    assert!((f64::from(*f) - e).abs() < 1e-5, "hd {hd} heads {heads}");
+                    assert!((f64::from(*p) - e).abs() < 1e-5, "hd {hd} heads {heads}");
+                }
             }
         }
     }
@@ -435,15 +710,20 @@ mod tests {
         let (n_head, n_head_kv, hd) = (6, 2, 16);
         let n_pos = crate::kv_cache::PAGE_POSITIONS + 40;
         let (kv, keys, values) = filled_cache(n_head_kv, hd, n_pos);
-        let (start, n_tokens) = (n_pos - 5, 5);
-        let q = pseudo_random(n_tokens * n_head * hd, 99);
         let cases = [
             (None, None),
             (Some(1), None),
             (Some(100), None),
             (Some(100), Some(0.5)),
         ];
-        for (window, logit_softcap) in cases {
+        // Several tokens (shared by token) and one token (shared by chunk of positions).
+        let batches = [(n_pos - 5, 5), (n_pos - 1, 1), (7, 1)];
+        for ((window, logit_softcap), (start, n_tokens)) in cases
+            .into_iter()
+            .flat_map(|c| batches.into_iter().map(move |b| (c, b)))
+        {
+            let q = pseudo_random(n_tokens * n_head * hd, 99);
+            let end = start + n_tokens;
             let shape = AttentionShape {
                 n_head,
                 n_head_kv,
@@ -456,7 +736,7 @@ mod tests {
             for threads in [1, 2, 3, 4] {
                 let pool = ThreadPool::new(threads).unwrap();
                 let mut out = vec![0f32; q.len()];
-                let mut probs = vec![f32::NAN; n_head * n_pos];
+                let mut probs = vec![f32::NAN; n_head * end];
                 let mut scratch = AttentionScratch::default();
                 attention(
                     &pool,
@@ -494,7 +774,7 @@ mod tests {
                         assert!((f64::from(*o) - e).abs() < 1e-5, "t {t} h {h}");
                     }
                     if t + 1 == n_tokens {
-                        let row = &probs[h * n_pos..(h + 1) * n_pos];
+                        let row = &probs[h * end..(h + 1) * end];
                         assert!(row[..visible.start].iter().all(|&p| p == 0.0));
                         for (p, e) in row[visible.clone()].iter().zip(&expected_probs) {
                             assert!((f64::from(*p) - e).abs() < 1e-6);

@@ -2,7 +2,7 @@
 //! gated experts (Mixtral, Grok-1; the routing rules are in `moe`).
 
 use crate::error::Result;
-use crate::kernels::matmul::{matmul, matmul_gated, ActivationBatch, WeightMatrix};
+use crate::kernels::matmul::{matmul, matmul_gated, ActivationBatch, GateFn, WeightMatrix};
 use crate::kernels::ops;
 use crate::model::config::FfnActivation;
 use crate::model::moe::{self, ExpertGroups, Route};
@@ -102,11 +102,11 @@ fn gated_ffn(
     matmul(pool, down, file, s.hidden_acts.get(down.ty)?, out)
 }
 
-fn activation_function(activation: FfnActivation) -> fn(f32) -> f32 {
+fn activation_function(activation: FfnActivation) -> GateFn {
     match activation {
-        FfnActivation::Silu => ops::silu,
-        FfnActivation::GeluTanh => ops::gelu_tanh,
-        FfnActivation::GeluTanhF16Table => ops::gelu_tanh_f16_rounded,
+        FfnActivation::Silu => ops::swiglu_in_place,
+        FfnActivation::GeluTanh => ops::geglu_tanh_in_place,
+        FfnActivation::GeluTanhF16Table => ops::geglu_tanh_f16_rounded_in_place,
     }
 }
 
