@@ -2,10 +2,11 @@
 //!
 //! Query heads that share a KV head (grouped-query attention) are computed together, so
 //! each key and value is read from the cache once per token rather than once per query
-//! head. The visible positions are taken in fixed chunks of [`CHUNK`] positions, aligned to
-//! absolute positions: each chunk gives a partial result (the maximum score, the sum of
-//! `exp(score - max)` and the correspondingly weighted sum of values, per query head), and
-//! the partials are merged in position order ("online softmax"), then normalised.
+//! head. The visible positions are taken in fixed chunks ([`chunk_len`] positions, at most
+//! [`CHUNK`]), aligned to absolute positions: each chunk gives a partial result (the
+//! maximum score, the sum of `exp(score - max)` and the correspondingly weighted sum of
+//! values, per query head), and the partials are merged in position order ("online
+//! softmax"), then normalised.
 //!
 //! Work is shared as (token, KV head) items, each merging its chunks in order; a single
 //! decoded token has too few of those for two threads, so then the (KV head, chunk) pieces
@@ -26,11 +27,19 @@ use crate::kv_cache::{KvCache, PAGE_POSITIONS};
 use crate::quant;
 use crate::threads::{DisjointSlice, ThreadPool};
 
-/// Positions per chunk: a chunk's keys or values for a 64-wide head are 16 KiB, which stay
-/// in L1 while every query head of the group uses them. Must divide `PAGE_POSITIONS`, so a
+/// Most positions per chunk. A chunk's keys (or values) should stay in L1 while every query
+/// head of the group uses them: [`chunk_len`] takes 16 KiB of them, so 64 positions of a
+/// 64-wide head and 16 of a 256-wide one. Chunk lengths divide `PAGE_POSITIONS`, so a
 /// chunk never straddles two cache pages.
 pub const CHUNK: usize = 64;
 const _: () = assert!(PAGE_POSITIONS.is_multiple_of(CHUNK));
+
+/// Positions per chunk for heads of `head_dim` values: a power of two from 8 to `CHUNK`.
+/// It depends on the model only, so every call splits a sequence the same way.
+pub fn chunk_len(head_dim: usize) -> usize {
+    let fitting = (4096 / head_dim.max(1)).clamp(8, CHUNK);
+    1 << fitting.ilog2()
+}
 
 /// The attention geometry of one layer.
 #[derive(Clone, Copy, Debug)]
@@ -60,12 +69,12 @@ impl AttentionShape {
     }
 }
 
-/// The chunks (absolute, `CHUNK`-aligned) that `visible` touches, clipped to it.
-fn chunks(visible: Range<usize>) -> impl Iterator<Item = Range<usize>> {
-    let first_chunk = visible.start / CHUNK;
-    let last_chunk = visible.end.div_ceil(CHUNK);
+/// The chunks (absolute, `len`-aligned) that `visible` touches, clipped to it.
+fn chunks(visible: Range<usize>, len: usize) -> impl Iterator<Item = Range<usize>> {
+    let first_chunk = visible.start / len;
+    let last_chunk = visible.end.div_ceil(len);
     (first_chunk..last_chunk)
-        .map(move |c| (c * CHUNK).max(visible.start)..((c + 1) * CHUNK).min(visible.end))
+        .map(move |c| (c * len).max(visible.start)..((c + 1) * len).min(visible.end))
 }
 
 /// Buffers reused from call to call (kept by the sequence, so decoding does not allocate):
@@ -179,7 +188,7 @@ fn attend_group(
     let (next, scores) = rest.split_at_mut(plen);
     let mut running = Partial::new(running, group);
     let mut next = Partial::new(next, group);
-    for (i, chunk) in chunks(visible).enumerate() {
+    for (i, chunk) in chunks(visible, chunk_len(hd)).enumerate() {
         if i == 0 {
             chunk_partial(kv, layer, kv_head, q, chunk, shape, scores, &mut running);
         } else {
@@ -234,7 +243,8 @@ pub fn attention(
     }
     let group = shape.group();
     let plen = partial_len(group, hd);
-    let work_len = 2 * plen + group * CHUNK;
+    let chunk = chunk_len(hd);
+    let work_len = 2 * plen + group * chunk;
     let n_threads = pool.n_threads();
     if scratch.per_thread.len() < n_threads * work_len {
         scratch.per_thread.resize(n_threads * work_len, 0.0);
@@ -245,13 +255,13 @@ pub fn attention(
     if n_tokens == 1 && n_threads > 1 {
         // One token: share the (KV head, chunk) pieces, then merge each head's in order.
         let visible = shape.visible(start);
-        let first_chunk = visible.start / CHUNK;
-        let n_chunks = visible.end.div_ceil(CHUNK) - first_chunk;
+        let first_chunk = visible.start / chunk;
+        let n_chunks = visible.end.div_ceil(chunk) - first_chunk;
         let pieces_len = n_kv * n_chunks * plen;
         if scratch.pieces.len() < pieces_len {
             scratch
                 .pieces
-                .resize(kv.capacity().div_ceil(CHUNK) * n_kv * plen, 0.0);
+                .resize(kv.capacity().div_ceil(chunk) * n_kv * plen, 0.0);
         }
         {
             let pieces = DisjointSlice::new(&mut scratch.pieces[..pieces_len]);
@@ -263,7 +273,7 @@ pub fn attention(
                     let (g, c) = (item / n_chunks, item % n_chunks);
                     let abs = first_chunk + c;
                     let positions =
-                        (abs * CHUNK).max(visible.start)..((abs + 1) * CHUNK).min(visible.end);
+                        (abs * chunk).max(visible.start)..((abs + 1) * chunk).min(visible.end);
                     // SAFETY: piece `item` is written by the one thread that takes it.
                     let buf = unsafe { pieces.part(item * plen..(item + 1) * plen) };
                     let mut partial = Partial::new(buf, group);
@@ -511,65 +521,105 @@ mod avx2 {
         }
     }
 
+    /// `W` registers (8 columns each) of `out` for heads `h0..h0 + H`, starting at column
+    /// `col`, accumulated over the `n` rows of `values`; everything stays in registers.
+    ///
+    /// # Safety
+    /// AVX2 and FMA; `col + 8 * W <= hd`, `(h0 + H) * hd <= out.len()`,
+    /// `(h0 + H) * n <= probs.len()` and `n * hd <= values.len()`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weighted_block<const H: usize, const W: usize>(
+        probs: *const f32,
+        values: *const f32,
+        out: *mut f32,
+        n: usize,
+        hd: usize,
+        h0: usize,
+        col: usize,
+    ) {
+        // SAFETY (whole body): every offset is within the bounds the caller guarantees.
+        unsafe {
+            let mut acc = [[_mm256_setzero_ps(); W]; H];
+            for (h, a) in acc.iter_mut().enumerate() {
+                for (c, lane) in a.iter_mut().enumerate() {
+                    *lane = _mm256_loadu_ps(out.add((h0 + h) * hd + col + 8 * c));
+                }
+            }
+            for j in 0..n {
+                let v = values.add(j * hd + col);
+                let mut x = [_mm256_setzero_ps(); W];
+                for (c, xc) in x.iter_mut().enumerate() {
+                    *xc = _mm256_loadu_ps(v.add(8 * c));
+                }
+                for (h, a) in acc.iter_mut().enumerate() {
+                    let p = _mm256_broadcast_ss(&*probs.add((h0 + h) * n + j));
+                    for (lane, &xc) in a.iter_mut().zip(&x) {
+                        *lane = _mm256_fmadd_ps(p, xc, *lane);
+                    }
+                }
+            }
+            for (h, a) in acc.iter().enumerate() {
+                for (c, lane) in a.iter().enumerate() {
+                    _mm256_storeu_ps(out.add((h0 + h) * hd + col + 8 * c), *lane);
+                }
+            }
+        }
+    }
+
+    /// Heads `h0..h0 + hs` (hs <= 4), columns `col..col + 8 * W`.
+    ///
+    /// # Safety
+    /// As for `weighted_block`.
+    #[inline(always)]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn weighted_heads<const W: usize>(
+        hs: usize,
+        probs: *const f32,
+        values: *const f32,
+        out: *mut f32,
+        n: usize,
+        hd: usize,
+        h0: usize,
+        col: usize,
+    ) {
+        // SAFETY: forwarded contract.
+        unsafe {
+            match hs {
+                1 => weighted_block::<1, W>(probs, values, out, n, hd, h0, col),
+                2 => weighted_block::<2, W>(probs, values, out, n, hd, h0, col),
+                3 => weighted_block::<3, W>(probs, values, out, n, hd, h0, col),
+                _ => weighted_block::<4, W>(probs, values, out, n, hd, h0, col),
+            }
+        }
+    }
+
     #[target_feature(enable = "avx2,fma")]
     pub(super) fn group_weighted_sum(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
         let n = values.len() / hd;
         let heads = out.len() / hd;
-        if probs.len() < heads * n {
+        if probs.len() < heads * n || n == 0 {
             return;
         }
         let full = hd - hd % 8;
-        // Columns in blocks of 16 (two registers) for up to four heads at a time, all kept
-        // in registers across the chunk's rows; each value row is loaded once per block.
-        let mut col = 0;
-        while col < full {
-            let width = if full - col >= 16 { 2 } else { 1 };
-            let mut h0 = 0;
-            while h0 < heads {
-                let hs = (heads - h0).min(4);
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                for (h, a) in acc.iter_mut().enumerate().take(hs) {
-                    for (c, lane) in a.iter_mut().enumerate().take(width) {
-                        // SAFETY: (h0 + h) * hd + col + 8c + 8 <= (h0 + h + 1) * hd <= out.len().
-                        *lane = unsafe {
-                            _mm256_loadu_ps(out.as_ptr().add((h0 + h) * hd + col + 8 * c))
-                        };
-                    }
-                }
-                for j in 0..n {
-                    let v = &values[j * hd..(j + 1) * hd];
-                    // SAFETY: col + 8 * width <= full <= hd = v.len().
-                    let x = unsafe {
-                        [
-                            _mm256_loadu_ps(v.as_ptr().add(col)),
-                            if width == 2 {
-                                _mm256_loadu_ps(v.as_ptr().add(col + 8))
-                            } else {
-                                _mm256_setzero_ps()
-                            },
-                        ]
-                    };
-                    for (h, a) in acc.iter_mut().enumerate().take(hs) {
-                        let p = _mm256_set1_ps(probs[(h0 + h) * n + j]);
-                        for (c, lane) in a.iter_mut().enumerate().take(width) {
-                            *lane = _mm256_fmadd_ps(p, x[c], *lane);
-                        }
-                    }
-                }
-                for (h, a) in acc.iter().enumerate().take(hs) {
-                    for (c, lane) in a.iter().enumerate().take(width) {
-                        // SAFETY: as for the loads above.
-                        unsafe {
-                            _mm256_storeu_ps(
-                                out.as_mut_ptr().add((h0 + h) * hd + col + 8 * c),
-                                *lane,
-                            )
-                        };
-                    }
-                }
-                h0 += hs;
+        let (p, v, o) = (probs.as_ptr(), values.as_ptr(), out.as_mut_ptr());
+        // Up to four heads by 16 columns (eight accumulators, two value registers and a
+        // broadcast: no spills) per pass over the chunk's rows, which stay in L1.
+        let mut h0 = 0;
+        while h0 < heads {
+            let hs = (heads - h0).min(4);
+            let mut col = 0;
+            while col + 16 <= full {
+                // SAFETY: col + 16 <= hd, h0 + hs <= heads, sizes checked above.
+                unsafe { weighted_heads::<2>(hs, p, v, o, n, hd, h0, col) };
+                col += 16;
             }
-            col += 8 * width;
+            while col + 8 <= full {
+                // SAFETY: as above with col + 8 <= hd.
+                unsafe { weighted_heads::<1>(hs, p, v, o, n, hd, h0, col) };
+                col += 8;
+            }
+            h0 += hs;
         }
         if full < hd {
             for h in 0..heads {
