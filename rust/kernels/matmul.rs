@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::TensorInfo;
-use crate::quant::{self, Dot4Fn, DotFn, GgmlType, QuantizedActivations};
+use crate::quant::{self, Dot4Fn, DotFn, DotTokensFn, GgmlType, QuantizedActivations};
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// Output rows are handed to threads in multiples of this: a multiple of the four-row
@@ -31,6 +31,13 @@ pub const ROW_GRAIN: usize = 16;
 /// a small model (1536 inputs at about one byte per weight) fit L1 with room for the
 /// activation blocks streaming past.
 pub const TILE_ROWS: usize = 16;
+
+/// Tokens whose activations meet a tile together in the rows-by-tokens kernels: their
+/// activation rows stay in L1 next to the tile while every quad of rows passes them.
+const TOKEN_GROUP: usize = 8;
+
+/// A tile's results for a group of tokens, `[token][row in tile]`.
+type TileValues = [[f32; TILE_ROWS]; TOKEN_GROUP];
 
 /// A 2-D weight tensor left in its quantized blocks inside the mapped file.
 #[derive(Clone, Debug)]
@@ -205,6 +212,7 @@ struct Kernels {
     ty: GgmlType,
     one: DotFn,
     four: Dot4Fn,
+    tokens: DotTokensFn,
 }
 
 impl Kernels {
@@ -213,6 +221,57 @@ impl Kernels {
             ty,
             one: quant::kernel_for(ty),
             four: quant::kernel4_for(ty),
+            tokens: quant::kernel_tokens_for(ty),
+        }
+    }
+
+    /// `values[t][i] = W[tile.start + i] · acts[t]` for the rows of one tile and up to
+    /// [`TOKEN_GROUP`] tokens: quads of rows through the rows-by-tokens kernel (each weight
+    /// block unpacked once for the whole group), the rows after the last quad one by one.
+    fn dot_tile_tokens(
+        &self,
+        w: &WeightMatrix,
+        file: &[u8],
+        tile: Range<usize>,
+        acts: &[QuantizedActivations],
+        values: &mut TileValues,
+    ) {
+        let format = quant::activation_type(self.ty);
+        if acts.iter().any(|a| a.format() != format) {
+            // Unreachable through `ActivationBatch`; NaN rows, as `quant::dot_row` gives.
+            values.iter_mut().for_each(|v| v.fill(f32::NAN));
+            return;
+        }
+        let Some(n) = acts.first().map(QuantizedActivations::len) else {
+            return;
+        };
+        let mut bytes: [&[u8]; TOKEN_GROUP] = [&[]; TOKEN_GROUP];
+        for (b, act) in bytes.iter_mut().zip(acts) {
+            *b = act.bytes();
+        }
+        let bytes = &bytes[..acts.len().min(TOKEN_GROUP)];
+        let mut quad_values = [[0f32; 4]; TOKEN_GROUP];
+        let mut r = tile.start;
+        while r + 4 <= tile.end {
+            let rows4 = [
+                w.row(file, r),
+                w.row(file, r + 1),
+                w.row(file, r + 2),
+                w.row(file, r + 3),
+            ];
+            (self.tokens)(rows4, bytes, n, &mut quad_values);
+            let i = r - tile.start;
+            for (v, q) in values.iter_mut().zip(&quad_values[..bytes.len()]) {
+                v[i..i + 4].copy_from_slice(q);
+            }
+            r += 4;
+        }
+        while r < tile.end {
+            let row = w.row(file, r);
+            for (v, act) in values.iter_mut().zip(bytes) {
+                v[r - tile.start] = (self.one)(row, act, n);
+            }
+            r += 1;
         }
     }
 
@@ -263,15 +322,25 @@ fn product_rows(
     rows: Range<usize>,
     out: &DisjointSlice<'_, f32>,
 ) {
+    let mut values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
     let mut tile_start = rows.start;
     while tile_start < rows.end {
         let tile = tile_start..(tile_start + TILE_ROWS).min(rows.end);
-        for (t, act) in acts.iter().enumerate() {
-            let base = t * w.n_rows;
+        if let [act] = acts {
             // SAFETY: threads own disjoint row ranges, so for a given token their output
             // ranges are disjoint too, and this thread holds one part at a time.
-            let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+            let dst = unsafe { out.part(tile.clone()) };
             kernels.dot_rows(w, file, tile.clone(), act, dst);
+        } else {
+            for (g, group) in acts.chunks(TOKEN_GROUP).enumerate() {
+                kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
+                for (i, v) in values[..group.len()].iter().enumerate() {
+                    let base = (g * TOKEN_GROUP + i) * w.n_rows;
+                    // SAFETY: as above.
+                    let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+                    dst.copy_from_slice(&v[..tile.len()]);
+                }
+            }
         }
         tile_start = tile.end;
     }
@@ -390,17 +459,40 @@ pub fn matmul_gated(
     let out = DisjointSlice::new(out);
     pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
         let mut up_tile = [0f32; TILE_ROWS];
+        let mut gate_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
+        let mut up_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
         let mut tile_start = rows.start;
         while tile_start < rows.end {
             let tile = tile_start..(tile_start + TILE_ROWS).min(rows.end);
-            for (t, (g_act, u_act)) in gate_acts.iter().zip(up_acts).enumerate() {
-                let base = t * n_rows;
+            if let ([g_act], [u_act]) = (gate_acts, up_acts) {
                 // SAFETY: as in `product_rows`.
-                let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+                let dst = unsafe { out.part(tile.clone()) };
                 let up_values = &mut up_tile[..tile.len()];
                 gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst);
                 up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values);
                 activation(dst, up_values);
+            } else {
+                let groups = gate_acts
+                    .chunks(TOKEN_GROUP)
+                    .zip(up_acts.chunks(TOKEN_GROUP));
+                for (g, (g_acts, u_acts)) in groups.enumerate() {
+                    gate_kernels.dot_tile_tokens(
+                        gate,
+                        file,
+                        tile.clone(),
+                        g_acts,
+                        &mut gate_values,
+                    );
+                    up_kernels.dot_tile_tokens(up, file, tile.clone(), u_acts, &mut up_values);
+                    let pairs = gate_values.iter().zip(&up_values).take(g_acts.len());
+                    for (i, (g_v, u_v)) in pairs.enumerate() {
+                        let base = (g * TOKEN_GROUP + i) * n_rows;
+                        // SAFETY: as in `product_rows`.
+                        let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+                        dst.copy_from_slice(&g_v[..tile.len()]);
+                        activation(dst, &u_v[..tile.len()]);
+                    }
+                }
             }
             tile_start = tile.end;
         }
@@ -517,7 +609,7 @@ mod tests {
             for n_rows in [1, 5, 16, 45, 100] {
                 let w = matrix(ty, n_rows, row_len);
                 let file = weight_bytes(ty, n_rows, row_len, n_rows as u64);
-                for n_tokens in [1, 3, 17] {
+                for n_tokens in [1, 2, 3, 9, 17] {
                     let x = small_values(n_tokens * row_len, 7);
                     let mut batch = ActivationBatch::new();
                     batch.set_input(n_tokens, row_len);

@@ -73,7 +73,7 @@ impl QuantizedActivations {
             .bytes_for(x.len() as u64)
             .and_then(|s| usize::try_from(s).ok());
         let size = match size {
-            Some(size) if x.len() % block == 0 => size,
+            Some(size) if x.len().is_multiple_of(block) => size,
             _ => {
                 return Err(EngineError::invalid(
                     "activations",

@@ -22,7 +22,7 @@
 use std::sync::OnceLock;
 
 use super::activation;
-use super::dot::{Dot4Fn, DotFn};
+use super::dot::{Dot4Fn, DotFn, DotTokensFn};
 use super::dot_scalar as scalar;
 use super::GgmlType;
 
@@ -119,6 +119,7 @@ pub struct Kernels {
     level: SimdLevel,
     dot: [DotFn; GgmlType::ALL.len()],
     dot4: [Dot4Fn; GgmlType::ALL.len()],
+    dot_tokens: [DotTokensFn; GgmlType::ALL.len()],
     pub(super) quantize_q8_0: QuantizeFn,
     pub(super) quantize_q8_1: QuantizeFn,
     pub(super) quantize_q8_k: QuantizeFn,
@@ -136,6 +137,19 @@ fn slot(ty: GgmlType) -> usize {
 fn four_rows<const T: usize>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
     let dot = scalar_kernel(GgmlType::ALL[T]);
     rows.map(|row| dot(row, act, n))
+}
+
+/// Single scalar calls per (row, token): the scalar level's rows-by-tokens kernel.
+fn rows_by_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: &[&[u8]],
+    n: usize,
+    out: &mut [[f32; 4]],
+) {
+    let dot = scalar_kernel(GgmlType::ALL[T]);
+    for (act, o) in acts.iter().zip(out) {
+        *o = rows.map(|row| dot(row, act, n));
+    }
 }
 
 impl Kernels {
@@ -159,6 +173,23 @@ impl Kernels {
                 four_rows::<12>,
                 four_rows::<13>,
                 four_rows::<14>,
+            ],
+            dot_tokens: [
+                rows_by_tokens::<0>,
+                rows_by_tokens::<1>,
+                rows_by_tokens::<2>,
+                rows_by_tokens::<3>,
+                rows_by_tokens::<4>,
+                rows_by_tokens::<5>,
+                rows_by_tokens::<6>,
+                rows_by_tokens::<7>,
+                rows_by_tokens::<8>,
+                rows_by_tokens::<9>,
+                rows_by_tokens::<10>,
+                rows_by_tokens::<11>,
+                rows_by_tokens::<12>,
+                rows_by_tokens::<13>,
+                rows_by_tokens::<14>,
             ],
             quantize_q8_0: activation::quantize_q8_0,
             quantize_q8_1: activation::quantize_q8_1,
@@ -200,10 +231,28 @@ impl Kernels {
         self.dot4[slot(ty)]
     }
 
+    /// Four weight rows against several tokens' activations; bit-identical to
+    /// [`Self::dot`] calls (see [`DotTokensFn`]).
+    pub fn dot_tokens(&self, ty: GgmlType) -> DotTokensFn {
+        self.dot_tokens[slot(ty)]
+    }
+
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(super) fn set_dot(&mut self, ty: GgmlType, single: DotFn, four: Dot4Fn) {
+    pub(super) fn set_dot(
+        &mut self,
+        ty: GgmlType,
+        single: DotFn,
+        four: Dot4Fn,
+        tokens: DotTokensFn,
+    ) {
         self.dot[slot(ty)] = single;
         self.dot4[slot(ty)] = four;
+        self.dot_tokens[slot(ty)] = tokens;
+    }
+
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) fn set_dot_tokens(&mut self, ty: GgmlType, tokens: DotTokensFn) {
+        self.dot_tokens[slot(ty)] = tokens;
     }
 }
 

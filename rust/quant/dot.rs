@@ -12,6 +12,14 @@ pub type DotFn = fn(row: &[u8], act: &[u8], n: usize) -> f32;
 /// Element `i` of the result is bit-identical to `DotFn(rows[i], act, n)` of the same level.
 pub type Dot4Fn = fn(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
 
+/// Four weight rows dotted with the activations of several tokens: `out[t][i] = rows[i] ·
+/// acts[t]` for `t < acts.len()` (`out` holds at least as many entries). Each weight block
+/// is unpacked once for all the tokens, which is what makes prefill and batched decoding
+/// cheaper than one [`Dot4Fn`] call per token. Every `out[t][i]` is bit-identical to
+/// `DotFn(rows[i], acts[t], n)` of the same level: the pair goes through the single-row
+/// kernel's float operations in the single-row kernel's order, only loads and unpacking are shared.
+pub type DotTokensFn = fn(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]);
+
 /// The kernel for weight rows of type `ty` against activations in `activation_type(ty)`,
 /// from the kernel set chosen for this CPU (see [`super::simd_level`]). Look it up once
 /// per matrix, not per row.
@@ -23,6 +31,11 @@ pub fn kernel_for(ty: GgmlType) -> DotFn {
 /// fused SIMD version make four single-row calls.
 pub fn kernel4_for(ty: GgmlType) -> Dot4Fn {
     kernels().dot4(ty)
+}
+
+/// The rows-by-tokens kernel for `ty` (see [`DotTokensFn`]).
+pub fn kernel_tokens_for(ty: GgmlType) -> DotTokensFn {
+    kernels().dot_tokens(ty)
 }
 
 /// Dot product of one weight row of type `ty` (the bytes of `act.len()` elements) with

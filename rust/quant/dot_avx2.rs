@@ -29,7 +29,7 @@ use std::arch::x86_64::*;
 
 use super::activation::activation_type;
 use super::dispatch::{Avx2Checked, Kernels};
-use super::dot::{Dot4Fn, DotFn};
+use super::dot::{Dot4Fn, DotFn, DotTokensFn};
 use super::GgmlType;
 
 // ---- Entry points ---------------------------------------------------------------------
@@ -67,9 +67,9 @@ pub(super) fn common_blocks<const R: usize>(
     blocks
 }
 
-/// Safe [`DotFn`] and [`Dot4Fn`] for `K`, given the proof that the CPU runs `K`'s
-/// instructions.
-fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn) {
+/// Safe [`DotFn`], [`Dot4Fn`] and (a four-row call per token) [`DotTokensFn`] for `K`,
+/// given the proof that the CPU runs `K`'s instructions.
+fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn) {
     fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
         // SAFETY: these functions only leave `entry_points`, which demands a `K::Proof`,
         // and a proof only exists once the CPU has been found to run `K`'s instructions.
@@ -89,13 +89,74 @@ fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn) {
             rows.map(|row| single::<K>(row, act, n))
         }
     }
-    (single::<K>, four::<K>)
+    fn per_token<K: RowKernel>(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]) {
+        for (act, o) in acts.iter().zip(out) {
+            *o = four::<K>(rows, act, n);
+        }
+    }
+    (single::<K>, four::<K>, per_token::<K>)
 }
 
 /// Installs `K` in `table`.
 pub(super) fn set<K: RowKernel>(table: &mut Kernels, proof: K::Proof) {
-    let (single, four) = entry_points::<K>(proof);
-    table.set_dot(K::TY, single, four);
+    let (single, four, tokens) = entry_points::<K>(proof);
+    table.set_dot(K::TY, single, four, tokens);
+}
+
+/// A rows-by-tokens kernel: four rows against a group of `T` tokens, sharing the unpacking
+/// of each weight block among the tokens.
+pub(super) trait TokensKernel: RowKernel {
+    /// # Safety
+    /// As for [`RowKernel::one`]; besides, every row and every activation row holds the
+    /// same number of whole blocks (`common_blocks` of any one pair), `T` is 1 to 4.
+    unsafe fn group<const T: usize>(rows: [&[u8]; 4], acts: [&[u8]; T], n: usize) -> [[f32; 4]; T];
+}
+
+/// Installs `K`'s rows-by-tokens kernel in `table` (after [`set`] installed its row kernels).
+pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof) {
+    fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
+        // SAFETY: only reachable through `set_tokens`, which demands a `K::Proof`.
+        unsafe { K::one(row, act, n) }
+    }
+    fn run<K: TokensKernel>(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]) {
+        let Some(&first) = acts.first() else {
+            return;
+        };
+        let blocks = common_blocks(K::TY, &[rows[0]], first, n);
+        // One pair's block count bounds them all when every row agrees with the first
+        // activation row and every activation row with the first row.
+        let uniform = rows
+            .iter()
+            .all(|row| common_blocks(K::TY, &[row], first, n) == blocks)
+            && acts
+                .iter()
+                .all(|act| common_blocks(K::TY, &[rows[0]], act, n) == blocks);
+        if !uniform {
+            for (act, o) in acts.iter().zip(out) {
+                *o = rows.map(|row| single::<K>(row, act, n));
+            }
+            return;
+        }
+        let mut done = 0;
+        for o in out.chunks_mut(4) {
+            let left = acts.len() - done;
+            if left == 0 {
+                break;
+            }
+            let a = &acts[done..];
+            // SAFETY: `K::Proof` was presented to `set_tokens`; blocks are uniform (above).
+            unsafe {
+                match left {
+                    1 => o[..1].copy_from_slice(&K::group::<1>(rows, [a[0]], n)),
+                    2 => o[..2].copy_from_slice(&K::group::<2>(rows, [a[0], a[1]], n)),
+                    3 => o[..3].copy_from_slice(&K::group::<3>(rows, [a[0], a[1], a[2]], n)),
+                    _ => o[..4].copy_from_slice(&K::group::<4>(rows, [a[0], a[1], a[2], a[3]], n)),
+                }
+            }
+            done += left.min(4);
+        }
+    }
+    table.set_dot_tokens(K::TY, run::<K>);
 }
 
 /// Declares a [`RowKernel`] named `$name` for `$ty` (requiring the `Proof` type in scope
@@ -145,6 +206,34 @@ macro_rules! row_kernel {
 }
 pub(super) use row_kernel;
 
+/// Implements [`TokensKernel`] for the row kernel `$name` with the group function `$group`
+/// (generic over the token count, after the format type when one is given).
+macro_rules! tokens_kernel {
+    ($name:ident, $group:ident) => {
+        impl TokensKernel for $name {
+            unsafe fn group<const T: usize>(
+                rows: [&[u8]; 4],
+                acts: [&[u8]; T],
+                n: usize,
+            ) -> [[f32; 4]; T] {
+                $group::<T>(rows, acts, n)
+            }
+        }
+    };
+    ($name:ident, $group:ident, $format:ty) => {
+        impl TokensKernel for $name {
+            unsafe fn group<const T: usize>(
+                rows: [&[u8]; 4],
+                acts: [&[u8]; T],
+                n: usize,
+            ) -> [[f32; 4]; T] {
+                $group::<$format, T>(rows, acts, n)
+            }
+        }
+    };
+}
+pub(super) use tokens_kernel;
+
 row_kernel!(
     Q4_0,
     GgmlType::Q4_0,
@@ -180,6 +269,12 @@ row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k, single_rows);
 row_kernel!(F32, GgmlType::F32, f32_f32, single_rows);
 row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
 row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
+tokens_kernel!(Q4_0, small_tokens, Q4_0Format);
+tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
+tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
+tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
+tokens_kernel!(Q4K, q4_k_tokens);
+tokens_kernel!(Q6K, q6_k_tokens);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
 pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
@@ -198,6 +293,12 @@ pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
     set::<F32>(table, proof);
     set::<F16>(table, proof);
     set::<BF16>(table, proof);
+    set_tokens::<Q4_0>(table, proof);
+    set_tokens::<Q4_1>(table, proof);
+    set_tokens::<Q5_0>(table, proof);
+    set_tokens::<Q5_1>(table, proof);
+    set_tokens::<Q4K>(table, proof);
+    set_tokens::<Q6K>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     table.quantize_q8_k = quantize_q8_k;
@@ -650,6 +751,90 @@ pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -
     out
 }
 
+/// Four rows by `T` tokens, two rows per register as in [`small_four`]: a pair's blocks
+/// are unpacked once for all the tokens. Each (row, token) lane sees `small_one`'s integer
+/// sums and float operations: the block scale `d * dy` and minimum `m * s` are the same
+/// products, accumulated in the same order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_tokens<F: SmallFormat, const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    let blocks = common_blocks(F::TY, &rows, acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let low4 = _mm256_set1_epi8(0x0F);
+    let offset = _mm256_set1_epi8(F::OFFSET);
+    let mut out = [[0f32; 4]; T];
+    for p in 0..2 {
+        let (w0, w1) = (rows[2 * p].as_ptr(), rows[2 * p + 1].as_ptr());
+        // Rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of each token.
+        let mut acc = [_mm256_setzero_ps(); T];
+        // Lanes 0 and 1: the two rows' sums of `m * s`.
+        let mut min_part = [_mm_setzero_ps(); T];
+        for b in 0..blocks {
+            let (x0, x1) = (w0.add(b * F::SIZE), w1.add(b * F::SIZE));
+            let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
+            let mut lo = _mm256_and_si256(q, low4);
+            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            if F::QH.is_some() {
+                let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
+                lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
+                hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+            }
+            let (d, mins) = if F::HAS_MIN {
+                let read = |x: *const u8| u64::from(x.cast::<u32>().read_unaligned());
+                // [d0, m0, d1, m1]
+                let v = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x0) | (read(x1) << 32)) as i64));
+                let d = _mm256_permutevar8x32_ps(
+                    _mm256_castps128_ps256(v),
+                    _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
+                );
+                (d, _mm_shuffle_ps::<0b1101>(v, v))
+            } else {
+                let read = |x: *const u8| u32::from(x.cast::<u16>().read_unaligned());
+                let v = _mm_cvtph_ps(_mm_cvtsi32_si128((read(x0) | (read(x1) << 16)) as i32));
+                let d = _mm256_permutevar8x32_ps(
+                    _mm256_castps128_ps256(v),
+                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+                );
+                (d, _mm_setzero_ps())
+            };
+            for t in 0..T {
+                let y = a[t].add(b * F::ACT);
+                let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
+                let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
+                let mut pairs = _mm256_add_epi16(
+                    _mm256_maddubs_epi16(lo, y_lo),
+                    _mm256_maddubs_epi16(hi, y_hi),
+                );
+                if F::OFFSET != 0 {
+                    // Exact in i16: the difference is at most 4 * 16 * 127 in magnitude.
+                    let excess = _mm256_add_epi16(
+                        _mm256_maddubs_epi16(offset, y_lo),
+                        _mm256_maddubs_epi16(offset, y_hi),
+                    );
+                    pairs = _mm256_sub_epi16(pairs, excess);
+                }
+                let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                let scale = _mm256_mul_ps(d, f16_splat(y));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
+                if F::HAS_MIN {
+                    let s = _mm256_castps256_ps128(f16_splat(y.add(2)));
+                    min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
+                }
+            }
+        }
+        for t in 0..T {
+            let mut m = [0f32; 4];
+            _mm_storeu_ps(m.as_mut_ptr(), min_part[t]);
+            out[t][2 * p] = hsum4(_mm256_castps256_ps128(acc[t])) + m[0];
+            out[t][2 * p + 1] = hsum4(_mm256_extractf128_ps::<1>(acc[t])) + m[1];
+        }
+    }
+    out
+}
+
 // ---- K-quants -------------------------------------------------------------------------
 //
 // A Q8_K activation block: f32 scale at 0, 256 quants at 4, sixteen i16 sums of 16 quants
@@ -682,13 +867,46 @@ unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
     q6_k_body::<R>(rows, act, n)
 }
 
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_k_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    rows_by_tokens::<T>(rows, |row| q4_k_tokens_body::<T>(row, acts, n))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_k_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    rows_by_tokens::<T>(rows, |row| q6_k_tokens_body::<T>(row, acts, n))
+}
+
+/// `out[t][r] = row_by_tokens(rows[r])[t]`.
+#[inline(always)]
+pub(super) fn rows_by_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    mut row_by_tokens: impl FnMut(&[u8]) -> [f32; T],
+) -> [[f32; 4]; T] {
+    let mut out = [[0f32; 4]; T];
+    for (r, row) in rows.into_iter().enumerate() {
+        for (o, v) in out.iter_mut().zip(row_by_tokens(row)) {
+            o[r] = v;
+        }
+    }
+    out
+}
+
 const Q8K_SIZE: usize = 292;
 const Q8K_QS: usize = 4;
 const Q8K_BSUMS: usize = 260;
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f32_splat(p: *const u8) -> __m256 {
+pub(super) unsafe fn f32_splat(p: *const u8) -> __m256 {
     _mm256_set1_ps(p.cast::<f32>().read_unaligned())
 }
 
@@ -937,6 +1155,139 @@ pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     let mut out = [0f32; R];
     for r in 0..R {
         out[r] = hsum(acc[r]);
+    }
+    out
+}
+
+/// One Q4_K row by `T` tokens: each block's nibbles and scales are unpacked once and meet
+/// every token's activations; per token, [`q4_k_body`]'s operations in its order.
+/// # Safety
+/// As for [`q4_k_body`]; every activation row holds as many blocks as `row`.
+#[inline(always)]
+pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
+    row: &[u8],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    const SIZE: usize = 144;
+    let blocks = common_blocks(GgmlType::Q4K, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut min_acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        let x = w.add(b * SIZE);
+        let (scales, mins) = k4_scales_mins_packed(x.add(4));
+        let mins = _mm_cvtsi64_si128(mins as i64);
+        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+        let dmin_x = f16_splat(x.add(2));
+        let scales =
+            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let mut sums = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            let y = a[t].add(b * Q8K_SIZE);
+            let min_sums = _mm256_madd_epi16(mins, load256(y.add(Q8K_BSUMS)));
+            let dmin = _mm256_mul_ps(dmin_x, f32_splat(y));
+            min_acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[t]);
+        }
+        for j in 0..4 {
+            let q = load256(x.add(16 + 32 * j));
+            let lo = _mm256_and_si256(q, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
+            for t in 0..T {
+                let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);
+                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
+                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
+                let p_lo = _mm256_madd_epi16(p_lo, s_lo);
+                let p_hi = _mm256_madd_epi16(p_hi, s_hi);
+                sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        let d_x = f16_splat(x);
+        for t in 0..T {
+            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+        }
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum(acc[t]) - hsum(min_acc[t]);
+    }
+    out
+}
+
+/// One Q6_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
+/// # Safety
+/// As for [`q6_k_body`]; every activation row holds as many blocks as `row`.
+#[inline(always)]
+pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
+    row: &[u8],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    const SIZE: usize = 210;
+    let blocks = common_blocks(GgmlType::Q6K, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bits45 = _mm256_set1_epi8(0x30);
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        let x = w.add(b * SIZE);
+        let scales = _mm256_cvtepi8_epi16(load128(x.add(192)));
+        let mut sums = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            let bsums = load256(a[t].add(b * Q8K_SIZE + Q8K_BSUMS));
+            let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales, bsums));
+            sums[t] = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
+        }
+        for h in 0..2 {
+            let half_scales = if h == 0 {
+                _mm256_permute2x128_si256::<0x00>(scales, scales)
+            } else {
+                _mm256_permute2x128_si256::<0x11>(scales, scales)
+            };
+            let ql_a = load256(x.add(64 * h));
+            let ql_b = load256(x.add(64 * h + 32));
+            let qh = load256(x.add(128 + 32 * h));
+            let values = [
+                _mm256_or_si256(
+                    _mm256_and_si256(ql_a, low4),
+                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(ql_b, low4),
+                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
+                    _mm256_and_si256(qh, bits45),
+                ),
+                _mm256_or_si256(
+                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
+                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+                ),
+            ];
+            for (k, u) in values.into_iter().enumerate() {
+                let scale = scale_pair(half_scales, k);
+                for t in 0..T {
+                    let qy = a[t].add(b * Q8K_SIZE + Q8K_QS + 128 * h + 32 * k);
+                    let p = _mm256_maddubs_epi16(u, load256(qy));
+                    sums[t] = _mm256_add_epi32(sums[t], _mm256_madd_epi16(p, scale));
+                }
+            }
+        }
+        let d_x = f16_splat(x.add(208));
+        for t in 0..T {
+            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+        }
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum(acc[t]);
     }
     out
 }

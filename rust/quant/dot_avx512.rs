@@ -13,14 +13,16 @@
 // The AVX-512 intrinsics are stable since Rust 1.89 and safe `#[target_feature]` functions
 // since 1.86; Cargo.toml's `rust-version` (1.80) predates both and needs raising to 1.89.
 #![allow(clippy::incompatible_msrv)]
+#![allow(clippy::needless_range_loop)] // `for t in 0..T` indexes several per-token arrays.
 
 use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
     common_blocks, f16_gather4, high_bits, hsum, load128, load256, next_rows, prefetch, q8_0_q8_0,
-    row_kernel, set, small_finish, small_one, small_scales4, Q4_0Format, Q4_1Format, Q5_0Format,
-    Q5_1Format, RowKernel, SmallFormat,
+    row_kernel, rows_by_tokens, set, set_tokens, small_finish, small_one, small_scales4,
+    tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat,
+    TokensKernel,
 };
 use super::GgmlType;
 
@@ -57,6 +59,12 @@ row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
 row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
+tokens_kernel!(Q4_0, small_tokens, Q4_0Format);
+tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
+tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
+tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
+tokens_kernel!(Q4K, q4_k_tokens);
+tokens_kernel!(Q6K, q6_k_tokens);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
 pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
@@ -70,6 +78,12 @@ pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
     set::<Q4K>(table, proof);
     set::<Q5K>(table, proof);
     set::<Q6K>(table, proof);
+    set_tokens::<Q4_0>(table, proof);
+    set_tokens::<Q4_1>(table, proof);
+    set_tokens::<Q5_0>(table, proof);
+    set_tokens::<Q5_1>(table, proof);
+    set_tokens::<Q4K>(table, proof);
+    set_tokens::<Q6K>(table, proof);
 }
 
 /// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
@@ -88,6 +102,24 @@ k_quant_kernel!(q3_k_q8_k, q3_k_body);
 k_quant_kernel!(q4_k_q8_k, q4_k_body);
 k_quant_kernel!(q5_k_q8_k, q5_k_body);
 k_quant_kernel!(q6_k_q8_k, q6_k_body);
+
+/// The AVX2 K-quant rows-by-tokens bodies compiled for this level: AVX-512VL's 32 vector
+/// registers hold every token's accumulators, and VNNI fuses `vpmaddwd` + `vpaddd`.
+macro_rules! k_quant_tokens_kernel {
+    ($name:ident, $body:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name<const T: usize>(
+            rows: [&[u8]; 4],
+            acts: [&[u8]; T],
+            n: usize,
+        ) -> [[f32; 4]; T] {
+            rows_by_tokens::<T>(rows, |row| super::dot_avx2::$body::<T>(row, acts, n))
+        }
+    };
+}
+
+k_quant_tokens_kernel!(q4_k_tokens, q4_k_tokens_body);
+k_quant_tokens_kernel!(q6_k_tokens, q6_k_tokens_body);
 
 /// Lanes `4k..4k+4` take lane `k` of `v`.
 #[inline]
@@ -175,6 +207,94 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
         ],
         _mm256_extractf128_ps::<1>(min_part),
     )
+}
+
+/// Four rows by `T` tokens, four rows per register as in [`small_four`], each block
+/// unpacked once for all the tokens; per (row, token) lane the AVX2 `small_one` sums and
+/// float operations (`d * dy` and `m * s` are the same products, added in the same order).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn small_tokens<F: SmallFormat, const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    let blocks = common_blocks(F::TY, &rows, acts[0], n);
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = acts.map(<[u8]>::as_ptr);
+    let low4 = _mm512_set1_epi8(0x0F);
+    let offset = _mm512_set1_epi8(F::OFFSET);
+    let zero = _mm512_setzero_si512();
+    // Row k in lanes 4k..4k+4.
+    let mut acc = [_mm512_setzero_ps(); T];
+    // Lane k: row k's sum of `m * s`.
+    let mut min_part = [_mm_setzero_ps(); T];
+    for b in 0..blocks {
+        let x = w.map(|w| w.add(b * F::SIZE));
+        let q = _mm512_inserti32x4::<3>(
+            _mm512_inserti32x4::<2>(
+                _mm512_inserti32x4::<1>(
+                    _mm512_castsi128_si512(load128(x[0].add(F::QS))),
+                    load128(x[1].add(F::QS)),
+                ),
+                load128(x[2].add(F::QS)),
+            ),
+            load128(x[3].add(F::QS)),
+        );
+        let mut lo = _mm512_and_si512(q, low4);
+        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
+        if F::QH.is_some() {
+            let bits = x.map(|x| u64::from(high_bits::<F>(x)));
+            let lo_bits = bits
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (k, b)| m | ((b & 0xFFFF) << (16 * k)));
+            let hi_bits = bits
+                .iter()
+                .enumerate()
+                .fold(0u64, |m, (k, b)| m | ((b >> 16) << (16 * k)));
+            lo = _mm512_or_si512(lo, bit4_from_mask(lo_bits));
+            hi = _mm512_or_si512(hi, bit4_from_mask(hi_bits));
+        }
+        let d = spread4(f16_gather4(x));
+        let mins = if F::HAS_MIN {
+            f16_gather4(x.map(|x| x.add(2)))
+        } else {
+            _mm_setzero_ps()
+        };
+        for t in 0..T {
+            let y = a[t].add(b * F::ACT);
+            let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
+            let y_hi = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS + 16)));
+            // Starting from minus the offset's share leaves w * y, as in `small_four`.
+            let start = if F::OFFSET != 0 {
+                let excess =
+                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, offset, y_lo), offset, y_hi);
+                _mm512_sub_epi32(zero, excess)
+            } else {
+                zero
+            };
+            let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, y_lo), hi, y_hi);
+            let dy = _mm512_cvtph_ps(_mm256_set1_epi16(y.cast::<i16>().read_unaligned()));
+            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, dy), acc[t]);
+            if F::HAS_MIN {
+                let s = _mm_cvtph_ps(_mm_set1_epi16(y.add(2).cast::<i16>().read_unaligned()));
+                min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
+            }
+        }
+    }
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        out[t] = small_finish::<F>(
+            [
+                _mm512_extractf32x4_ps::<0>(acc[t]),
+                _mm512_extractf32x4_ps::<1>(acc[t]),
+                _mm512_extractf32x4_ps::<2>(acc[t]),
+                _mm512_extractf32x4_ps::<3>(acc[t]),
+            ],
+            min_part[t],
+        );
+    }
+    out
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

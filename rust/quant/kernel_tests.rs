@@ -177,6 +177,101 @@ fn four_row_kernels_handle_rows_of_different_lengths() {
     }
 }
 
+/// `out[t][i]` of the rows-by-tokens kernel has the bits of the single-row kernel for
+/// `rows[i]` and `acts[t]`.
+fn check_rows_by_tokens(
+    label: &str,
+    kernels: &Kernels,
+    ty: GgmlType,
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+) {
+    let bytes: Vec<&[u8]> = acts.iter().map(QuantizedActivations::bytes).collect();
+    let n = acts[0].len();
+    let mut out = vec![[f32::NAN; 4]; acts.len()];
+    kernels.dot_tokens(ty)(rows, &bytes, n, &mut out);
+    for (t, act) in bytes.iter().enumerate() {
+        let single = rows.map(|row| kernels.dot(ty)(row, act, n).to_bits());
+        assert_eq!(
+            out[t].map(f32::to_bits),
+            single,
+            "{label} ({}): rows-by-tokens kernel, token {t} of {}",
+            kernels.level().name(),
+            acts.len()
+        );
+    }
+}
+
+#[test]
+fn rows_by_tokens_kernels_give_single_row_bits() {
+    let mut rng = Rng(43);
+    for kernels in simd_levels().into_iter().chain([scalar()]) {
+        for ty in GgmlType::ALL {
+            let block = ty.block_size().max(activation_type(ty).block_size());
+            for blocks in [1, 3, 18] {
+                let n = blocks * block;
+                for n_tokens in 1..=9 {
+                    let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
+                    let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+                    let acts: Vec<QuantizedActivations> = (0..n_tokens)
+                        .map(|_| {
+                            let mut act = QuantizedActivations::new();
+                            act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+                            act
+                        })
+                        .collect();
+                    let label = format!("{ty} with {blocks} blocks");
+                    check_rows_by_tokens(&label, kernels, ty, rows, &acts);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn rows_by_tokens_kernels_handle_rows_of_different_lengths() {
+    let mut rng = Rng(47);
+    for kernels in simd_levels().into_iter().chain([scalar()]) {
+        for ty in GgmlType::ALL {
+            let block = ty.block_size().max(activation_type(ty).block_size());
+            let n = 3 * block;
+            let row = random_row(ty, n, &mut rng);
+            let acts: Vec<QuantizedActivations> = (0..5)
+                .map(|_| {
+                    let mut act = QuantizedActivations::new();
+                    act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+                    act
+                })
+                .collect();
+            let size = row.len() / 3;
+            // Short rows are truncated to whole blocks, as by the single-row kernels.
+            let rows = [&row[..], &row[..size], &row[..2 * size + 1], &[][..]];
+            check_rows_by_tokens(&format!("uneven {ty}"), kernels, ty, rows, &acts);
+            let uniform = [&row[..]; 4];
+            // A short activation row: the block count differs between tokens.
+            let mut short = QuantizedActivations::new();
+            short
+                .quantize(ty, &rng.activations(2 * block))
+                .expect("whole blocks");
+            let bytes: Vec<&[u8]> = acts
+                .iter()
+                .map(QuantizedActivations::bytes)
+                .chain([short.bytes()])
+                .collect();
+            let mut out = vec![[f32::NAN; 4]; bytes.len()];
+            kernels.dot_tokens(ty)(uniform, &bytes, n, &mut out);
+            for (t, act) in bytes.iter().enumerate() {
+                let single = uniform.map(|row| kernels.dot(ty)(row, act, n).to_bits());
+                assert_eq!(
+                    out[t].map(f32::to_bits),
+                    single,
+                    "short activations {ty} token {t}"
+                );
+            }
+        }
+    }
+}
+
 /// Inputs that stress the quantisers: ordinary rows, all-zero blocks, exact ties of the
 /// rounding (a block whose largest magnitude is 127 has scale 1), a negative extreme, and
 /// the same magnitude with both signs (the first one decides the Q8_K scale's sign).
@@ -256,7 +351,13 @@ fn avx512_level_gives_the_avx2_bits() {
             let (a, n) = (acts.bytes(), acts.len());
             let bits = |k: &Kernels| {
                 let one = rows.map(|row| k.dot(ty)(row, a, n).to_bits());
-                (one, k.dot4(ty)(rows, a, n).map(f32::to_bits))
+                let mut tokens = [[0f32; 4]; 3];
+                k.dot_tokens(ty)(rows, &[a, a, a], n, &mut tokens);
+                (
+                    one,
+                    k.dot4(ty)(rows, a, n).map(f32::to_bits),
+                    tokens.map(|t| t.map(f32::to_bits)),
+                )
             };
             assert_eq!(bits(avx512), bits(avx2), "{ty} with {blocks} blocks");
         }
