@@ -1,7 +1,7 @@
 //! Prefill and decode timing of a GGUF model: `cargo run --profile dev-opt --example
-//! prefill_bench -- MODEL.gguf [threads] [repeats]`. Prefill feeds 255 tokens in chunks of
-//! 64 (the decode loop's prefill chunk); decode feeds 32 single tokens after it. Prints the
-//! median of `repeats` runs and the tensor types of the file.
+//! prefill_bench -- MODEL.gguf [threads] [repeats] [decoded]`. Prefill feeds 255 tokens in
+//! chunks of 64 (the decode loop's prefill chunk); decode feeds `decoded` (default 32) single
+//! tokens after it. Prints the median of `repeats` runs and the tensor types of the file.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -23,11 +23,27 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let threads: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
     let repeats: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
+    let decoded: u32 = args.get(4).map_or(Ok(32), |s| s.parse())?;
 
-    let mut types: BTreeMap<String, usize> = BTreeMap::new();
+    let mut types: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in GgufFile::open(path)?.tensors() {
-        *types.entry(format!("{:?}", t.ggml_type)).or_default() += 1;
+        types
+            .entry(format!("{:?}", t.ggml_type))
+            .or_default()
+            .push(t.name.clone());
     }
+    let types: BTreeMap<_, _> = types
+        .into_iter()
+        .map(|(ty, names)| {
+            let mut kinds: Vec<String> = names
+                .iter()
+                .map(|n| n.rsplit('.').nth(1).unwrap_or(n).to_string())
+                .collect();
+            kinds.sort();
+            kinds.dedup();
+            (ty, (names.len(), kinds))
+        })
+        .collect();
     println!("tensor types: {types:?}");
 
     let model = Model::load_with_threads(path, threads)?;
@@ -43,11 +59,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         prefill.push(prompt.len() as f64 / start.elapsed().as_secs_f64());
         let start = Instant::now();
-        for i in 0..32u32 {
+        for i in 0..decoded {
             let logits = model.forward(&mut seq, &[200 + i], 1)?;
             checksum += logits[0];
         }
-        decode.push(32.0 / start.elapsed().as_secs_f64());
+        decode.push(f64::from(decoded) / start.elapsed().as_secs_f64());
     }
     println!(
         "threads {threads}: prefill {:.1} tok/s, decode {:.1} tok/s (median of {repeats}; checksum {checksum:e})",

@@ -106,9 +106,12 @@ pub(super) fn set<K: RowKernel>(table: &mut Kernels, proof: K::Proof) {
 /// A rows-by-tokens kernel: four rows against a group of `T` tokens, sharing the unpacking
 /// of each weight block among the tokens.
 pub(super) trait TokensKernel: RowKernel {
+    /// Whether groups of eight tokens beat two groups of four (they need twice the
+    /// accumulators; only the AVX-512 level has the registers).
+    const WIDE: bool = false;
     /// # Safety
     /// As for [`RowKernel::one`]; besides, every row and every activation row holds the
-    /// same number of whole blocks (`common_blocks` of any one pair), `T` is 1 to 4.
+    /// same number of whole blocks (`common_blocks` of any one pair).
     unsafe fn group<const T: usize>(rows: [&[u8]; 4], acts: [&[u8]; T], n: usize) -> [[f32; 4]; T];
 }
 
@@ -138,22 +141,39 @@ pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof)
             return;
         }
         let mut done = 0;
-        for o in out.chunks_mut(4) {
-            let left = acts.len() - done;
-            if left == 0 {
-                break;
-            }
-            let a = &acts[done..];
+        while done < acts.len() {
+            let (a, o) = (&acts[done..], &mut out[done..]);
             // SAFETY: `K::Proof` was presented to `set_tokens`; blocks are uniform (above).
-            unsafe {
-                match left {
-                    1 => o[..1].copy_from_slice(&K::group::<1>(rows, [a[0]], n)),
-                    2 => o[..2].copy_from_slice(&K::group::<2>(rows, [a[0], a[1]], n)),
-                    3 => o[..3].copy_from_slice(&K::group::<3>(rows, [a[0], a[1], a[2]], n)),
-                    _ => o[..4].copy_from_slice(&K::group::<4>(rows, [a[0], a[1], a[2], a[3]], n)),
+            let width = unsafe {
+                match a.len() {
+                    8.. if K::WIDE => {
+                        let group = K::group::<8>(
+                            rows,
+                            [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]],
+                            n,
+                        );
+                        o[..8].copy_from_slice(&group);
+                        8
+                    }
+                    4.. => {
+                        o[..4].copy_from_slice(&K::group::<4>(rows, [a[0], a[1], a[2], a[3]], n));
+                        4
+                    }
+                    3 => {
+                        o[..3].copy_from_slice(&K::group::<3>(rows, [a[0], a[1], a[2]], n));
+                        3
+                    }
+                    2 => {
+                        o[..2].copy_from_slice(&K::group::<2>(rows, [a[0], a[1]], n));
+                        2
+                    }
+                    _ => {
+                        o[..1].copy_from_slice(&K::group::<1>(rows, [a[0]], n));
+                        1
+                    }
                 }
-            }
-            done += left.min(4);
+            };
+            done += width;
         }
     }
     table.set_dot_tokens(K::TY, run::<K>);
@@ -220,8 +240,9 @@ macro_rules! tokens_kernel {
             }
         }
     };
-    ($name:ident, $group:ident, $format:ty) => {
+    ($name:ident, $group:ident, $format:ty $(, $wide:ident)?) => {
         impl TokensKernel for $name {
+            $(const WIDE: bool = $wide;)?
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
                 acts: [&[u8]; T],

@@ -59,10 +59,10 @@ row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
 row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
-tokens_kernel!(Q4_0, small_tokens, Q4_0Format);
-tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
-tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
-tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
+tokens_kernel!(Q4_0, small_tokens, Q4_0Format, true);
+tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
+tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
+tokens_kernel!(Q5_1, small_tokens, Q5_1Format, true);
 tokens_kernel!(Q4K, q4_k_tokens);
 tokens_kernel!(Q6K, q6_k_tokens);
 
