@@ -103,7 +103,7 @@ fn main() {
                 let start = Instant::now();
                 for _ in 0..20 {
                     for q in 0..ROWS / 4 {
-                        tokens(quad(q), &act_bytes, n, &mut out);
+                        tokens(quad(q), &acts, &mut out);
                         black_box(&out);
                     }
                 }

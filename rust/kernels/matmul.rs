@@ -245,11 +245,7 @@ impl Kernels {
         let Some(n) = acts.first().map(QuantizedActivations::len) else {
             return;
         };
-        let mut bytes: [&[u8]; TOKEN_GROUP] = [&[]; TOKEN_GROUP];
-        for (b, act) in bytes.iter_mut().zip(acts) {
-            *b = act.bytes();
-        }
-        let bytes = &bytes[..acts.len().min(TOKEN_GROUP)];
+        let acts = &acts[..acts.len().min(TOKEN_GROUP)];
         let mut quad_values = [[0f32; 4]; TOKEN_GROUP];
         let mut r = tile.start;
         while r + 4 <= tile.end {
@@ -259,17 +255,17 @@ impl Kernels {
                 w.row(file, r + 2),
                 w.row(file, r + 3),
             ];
-            (self.tokens)(rows4, bytes, n, &mut quad_values);
+            (self.tokens)(rows4, acts, &mut quad_values);
             let i = r - tile.start;
-            for (v, q) in values.iter_mut().zip(&quad_values[..bytes.len()]) {
+            for (v, q) in values.iter_mut().zip(&quad_values[..acts.len()]) {
                 v[i..i + 4].copy_from_slice(q);
             }
             r += 4;
         }
         while r < tile.end {
             let row = w.row(file, r);
-            for (v, act) in values.iter_mut().zip(bytes) {
-                v[r - tile.start] = (self.one)(row, act, n);
+            for (v, act) in values.iter_mut().zip(acts) {
+                v[r - tile.start] = (self.one)(row, act.bytes(), n);
             }
             r += 1;
         }

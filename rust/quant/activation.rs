@@ -35,6 +35,10 @@ pub struct QuantizedActivations {
     format: GgmlType,
     n: usize,
     bytes: Vec<u8>,
+    /// The f16 block scales of Q8_0 (`d`) and Q8_1 (`d`, `s`) widened to f32, block by
+    /// block: the rows-by-tokens kernels read them once per (quad of rows, block, token),
+    /// where widening in the kernel cost more than the dot product itself.
+    block_scales: Vec<f32>,
 }
 
 impl Default for QuantizedActivations {
@@ -49,6 +53,7 @@ impl QuantizedActivations {
             format: GgmlType::F32,
             n: 0,
             bytes: Vec::new(),
+            block_scales: Vec::new(),
         }
     }
 
@@ -125,6 +130,18 @@ impl QuantizedActivations {
                 )))
             }
         }
+        self.block_scales.clear();
+        let (block_bytes, scales) = match format {
+            GgmlType::Q8_0 => (34, 1),
+            GgmlType::Q8_1 => (36, 2),
+            _ => (1, 0),
+        };
+        for block in self.bytes.chunks_exact(block_bytes) {
+            for pair in block[..2 * scales].chunks_exact(2) {
+                let bits = u16::from_le_bytes([pair[0], pair[1]]);
+                self.block_scales.push(f16::from_bits(bits).to_f32());
+            }
+        }
         Ok(())
     }
 
@@ -144,6 +161,12 @@ impl QuantizedActivations {
     /// The quantised row, `format().bytes_for(len())` bytes.
     pub fn bytes(&self) -> &[u8] {
         &self.bytes
+    }
+
+    /// The block scales as f32 (exact widenings of the f16 fields): one per Q8_0 block
+    /// (`d`), two per Q8_1 block (`d`, `s`), none for other formats.
+    pub fn block_scales(&self) -> &[f32] {
+        &self.block_scales
     }
 }
 

@@ -21,7 +21,7 @@
 
 use std::sync::OnceLock;
 
-use super::activation;
+use super::activation::{self, QuantizedActivations};
 use super::dot::{Dot4Fn, DotFn, DotTokensFn};
 use super::dot_scalar as scalar;
 use super::GgmlType;
@@ -142,13 +142,13 @@ fn four_rows<const T: usize>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4]
 /// Single scalar calls per (row, token): the scalar level's rows-by-tokens kernel.
 fn rows_by_tokens<const T: usize>(
     rows: [&[u8]; 4],
-    acts: &[&[u8]],
-    n: usize,
+    acts: &[QuantizedActivations],
     out: &mut [[f32; 4]],
 ) {
     let dot = scalar_kernel(GgmlType::ALL[T]);
+    let n = acts.first().map_or(0, QuantizedActivations::len);
     for (act, o) in acts.iter().zip(out) {
-        *o = rows.map(|row| dot(row, act, n));
+        *o = rows.map(|row| dot(row, act.bytes(), n));
     }
 }
 

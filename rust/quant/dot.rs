@@ -13,12 +13,13 @@ pub type DotFn = fn(row: &[u8], act: &[u8], n: usize) -> f32;
 pub type Dot4Fn = fn(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
 
 /// Four weight rows dotted with the activations of several tokens: `out[t][i] = rows[i] ·
-/// acts[t]` for `t < acts.len()` (`out` holds at least as many entries). Each weight block
+/// acts[t]` for `t < acts.len()` (`out` holds at least as many entries; every activation
+/// row has `acts[0].len()` elements and the format `activation_type` of the weights). Each weight block
 /// is unpacked once for all the tokens, which is what makes prefill and batched decoding
 /// cheaper than one [`Dot4Fn`] call per token. Every `out[t][i]` is bit-identical to
-/// `DotFn(rows[i], acts[t], n)` of the same level: the pair goes through the single-row
+/// `DotFn(rows[i], acts[t].bytes(), n)` of the same level: the pair goes through the single-row
 /// kernel's float operations in the single-row kernel's order, only loads and unpacking are shared.
-pub type DotTokensFn = fn(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]);
+pub type DotTokensFn = fn(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]);
 
 /// The kernel for weight rows of type `ty` against activations in `activation_type(ty)`,
 /// from the kernel set chosen for this CPU (see [`super::simd_level`]). Look it up once

@@ -27,7 +27,7 @@
 
 use std::arch::x86_64::*;
 
-use super::activation::activation_type;
+use super::activation::{activation_type, QuantizedActivations};
 use super::dispatch::{Avx2Checked, Kernels};
 use super::dot::{Dot4Fn, DotFn, DotTokensFn};
 use super::GgmlType;
@@ -89,9 +89,14 @@ fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn) 
             rows.map(|row| single::<K>(row, act, n))
         }
     }
-    fn per_token<K: RowKernel>(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]) {
+    fn per_token<K: RowKernel>(
+        rows: [&[u8]; 4],
+        acts: &[QuantizedActivations],
+        out: &mut [[f32; 4]],
+    ) {
+        let n = acts.first().map_or(0, QuantizedActivations::len);
         for (act, o) in acts.iter().zip(out) {
-            *o = four::<K>(rows, act, n);
+            *o = four::<K>(rows, act.bytes(), n);
         }
     }
     (single::<K>, four::<K>, per_token::<K>)
@@ -109,10 +114,16 @@ pub(super) trait TokensKernel: RowKernel {
     /// Whether groups of eight tokens beat two groups of four (they need twice the
     /// accumulators; only the AVX-512 level has the registers).
     const WIDE: bool = false;
+    /// f32 block scales per activation block the kernel reads from `block_scales`.
+    const SCALES: usize = 0;
     /// # Safety
     /// As for [`RowKernel::one`]; besides, every row and every activation row holds the
-    /// same number of whole blocks (`common_blocks` of any one pair).
-    unsafe fn group<const T: usize>(rows: [&[u8]; 4], acts: [&[u8]; T], n: usize) -> [[f32; 4]; T];
+    /// same number of whole blocks (`common_blocks` of any one pair, for `acts[0].len()`
+    /// elements), and every activation row has `SCALES` block scales per block.
+    unsafe fn group<const T: usize>(
+        rows: [&[u8]; 4],
+        acts: [&QuantizedActivations; T],
+    ) -> [[f32; 4]; T];
 }
 
 /// Installs `K`'s rows-by-tokens kernel in `table` (after [`set`] installed its row kernels).
@@ -121,54 +132,53 @@ pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof)
         // SAFETY: only reachable through `set_tokens`, which demands a `K::Proof`.
         unsafe { K::one(row, act, n) }
     }
-    fn run<K: TokensKernel>(rows: [&[u8]; 4], acts: &[&[u8]], n: usize, out: &mut [[f32; 4]]) {
-        let Some(&first) = acts.first() else {
+    fn run<K: TokensKernel>(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
+        let Some(first) = acts.first() else {
             return;
         };
-        let blocks = common_blocks(K::TY, &[rows[0]], first, n);
+        let n = first.len();
+        let blocks = common_blocks(K::TY, &[rows[0]], first.bytes(), n);
         // One pair's block count bounds them all when every row agrees with the first
         // activation row and every activation row with the first row.
         let uniform = rows
             .iter()
-            .all(|row| common_blocks(K::TY, &[row], first, n) == blocks)
-            && acts
-                .iter()
-                .all(|act| common_blocks(K::TY, &[rows[0]], act, n) == blocks);
+            .all(|row| common_blocks(K::TY, &[row], first.bytes(), n) == blocks)
+            && acts.iter().all(|act| {
+                common_blocks(K::TY, &[rows[0]], act.bytes(), n) == blocks
+                    && act.block_scales().len() >= blocks * K::SCALES
+            });
         if !uniform {
             for (act, o) in acts.iter().zip(out) {
-                *o = rows.map(|row| single::<K>(row, act, n));
+                *o = rows.map(|row| single::<K>(row, act.bytes(), n));
             }
             return;
         }
         let mut done = 0;
         while done < acts.len() {
             let (a, o) = (&acts[done..], &mut out[done..]);
-            // SAFETY: `K::Proof` was presented to `set_tokens`; blocks are uniform (above).
+            // SAFETY: `K::Proof` was presented to `set_tokens`; blocks and scales are
+            // uniform (above).
             let width = unsafe {
                 match a.len() {
                     8.. if K::WIDE => {
-                        let group = K::group::<8>(
-                            rows,
-                            [a[0], a[1], a[2], a[3], a[4], a[5], a[6], a[7]],
-                            n,
-                        );
-                        o[..8].copy_from_slice(&group);
+                        let a = [&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7]];
+                        o[..8].copy_from_slice(&K::group::<8>(rows, a));
                         8
                     }
                     4.. => {
-                        o[..4].copy_from_slice(&K::group::<4>(rows, [a[0], a[1], a[2], a[3]], n));
+                        o[..4].copy_from_slice(&K::group::<4>(rows, [&a[0], &a[1], &a[2], &a[3]]));
                         4
                     }
                     3 => {
-                        o[..3].copy_from_slice(&K::group::<3>(rows, [a[0], a[1], a[2]], n));
+                        o[..3].copy_from_slice(&K::group::<3>(rows, [&a[0], &a[1], &a[2]]));
                         3
                     }
                     2 => {
-                        o[..2].copy_from_slice(&K::group::<2>(rows, [a[0], a[1]], n));
+                        o[..2].copy_from_slice(&K::group::<2>(rows, [&a[0], &a[1]]));
                         2
                     }
                     _ => {
-                        o[..1].copy_from_slice(&K::group::<1>(rows, [a[0]], n));
+                        o[..1].copy_from_slice(&K::group::<1>(rows, [&a[0]]));
                         1
                     }
                 }
@@ -233,22 +243,21 @@ macro_rules! tokens_kernel {
         impl TokensKernel for $name {
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
-                acts: [&[u8]; T],
-                n: usize,
+                acts: [&QuantizedActivations; T],
             ) -> [[f32; 4]; T] {
-                $group::<T>(rows, acts, n)
+                $group::<T>(rows, acts.map(QuantizedActivations::bytes), acts[0].len())
             }
         }
     };
     ($name:ident, $group:ident, $format:ty $(, $wide:ident)?) => {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
+            const SCALES: usize = if <$format as SmallFormat>::HAS_MIN { 2 } else { 1 };
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
-                acts: [&[u8]; T],
-                n: usize,
+                acts: [&QuantizedActivations; T],
             ) -> [[f32; 4]; T] {
-                $group::<$format, T>(rows, acts, n)
+                $group::<$format, T>(rows, acts)
             }
         }
     };
@@ -779,11 +788,12 @@ pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    n: usize,
+    acts: [&QuantizedActivations; T],
 ) -> [[f32; 4]; T] {
-    let blocks = common_blocks(F::TY, &rows, acts[0], n);
-    let a = acts.map(<[u8]>::as_ptr);
+    let blocks = common_blocks(F::TY, &rows, acts[0].bytes(), acts[0].len());
+    let a = acts.map(|act| act.bytes().as_ptr());
+    let act_scales = acts.map(|act| act.block_scales().as_ptr());
+    let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
     let low4 = _mm256_set1_epi8(0x0F);
     let offset = _mm256_set1_epi8(F::OFFSET);
     let mut out = [[0f32; 4]; T];
@@ -838,10 +848,11 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
                     pairs = _mm256_sub_epi16(pairs, excess);
                 }
                 let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-                let scale = _mm256_mul_ps(d, f16_splat(y));
+                let dy_s = act_scales[t].add(b * scales_per_block);
+                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dy_s.read()));
                 acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
                 if F::HAS_MIN {
-                    let s = _mm256_castps256_ps128(f16_splat(y.add(2)));
+                    let s = _mm_set1_ps(dy_s.add(1).read());
                     min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
                 }
             }

@@ -24,7 +24,7 @@ use super::dot_avx2::{
     tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat,
     TokensKernel,
 };
-use super::GgmlType;
+use super::{GgmlType, QuantizedActivations};
 
 /// The proof the kernels of this module need.
 type Proof = Avx512Checked;
@@ -215,12 +215,13 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    n: usize,
+    acts: [&QuantizedActivations; T],
 ) -> [[f32; 4]; T] {
-    let blocks = common_blocks(F::TY, &rows, acts[0], n);
+    let blocks = common_blocks(F::TY, &rows, acts[0].bytes(), acts[0].len());
     let w = rows.map(<[u8]>::as_ptr);
-    let a = acts.map(<[u8]>::as_ptr);
+    let a = acts.map(|act| act.bytes().as_ptr());
+    let act_scales = acts.map(|act| act.block_scales().as_ptr());
+    let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
     let low4 = _mm512_set1_epi8(0x0F);
     let offset = _mm512_set1_epi8(F::OFFSET);
     let zero = _mm512_setzero_si512();
@@ -274,10 +275,11 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
                 zero
             };
             let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, y_lo), hi, y_hi);
-            let dy = _mm512_cvtph_ps(_mm256_set1_epi16(y.cast::<i16>().read_unaligned()));
+            let dy_s = act_scales[t].add(b * scales_per_block);
+            let dy = _mm512_set1_ps(dy_s.read());
             acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, dy), acc[t]);
             if F::HAS_MIN {
-                let s = _mm_cvtph_ps(_mm_set1_epi16(y.add(2).cast::<i16>().read_unaligned()));
+                let s = _mm_set1_ps(dy_s.add(1).read());
                 min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
             }
         }

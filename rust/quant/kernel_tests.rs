@@ -189,7 +189,7 @@ fn check_rows_by_tokens(
     let bytes: Vec<&[u8]> = acts.iter().map(QuantizedActivations::bytes).collect();
     let n = acts[0].len();
     let mut out = vec![[f32::NAN; 4]; acts.len()];
-    kernels.dot_tokens(ty)(rows, &bytes, n, &mut out);
+    kernels.dot_tokens(ty)(rows, acts, &mut out);
     for (t, act) in bytes.iter().enumerate() {
         let single = rows.map(|row| kernels.dot(ty)(row, act, n).to_bits());
         assert_eq!(
@@ -253,15 +253,12 @@ fn rows_by_tokens_kernels_handle_rows_of_different_lengths() {
             short
                 .quantize(ty, &rng.activations(2 * block))
                 .expect("whole blocks");
-            let bytes: Vec<&[u8]> = acts
-                .iter()
-                .map(QuantizedActivations::bytes)
-                .chain([short.bytes()])
-                .collect();
-            let mut out = vec![[f32::NAN; 4]; bytes.len()];
-            kernels.dot_tokens(ty)(uniform, &bytes, n, &mut out);
-            for (t, act) in bytes.iter().enumerate() {
-                let single = uniform.map(|row| kernels.dot(ty)(row, act, n).to_bits());
+            let mut acts = acts;
+            acts.push(short);
+            let mut out = vec![[f32::NAN; 4]; acts.len()];
+            kernels.dot_tokens(ty)(uniform, &acts, &mut out);
+            for (t, act) in acts.iter().enumerate() {
+                let single = uniform.map(|row| kernels.dot(ty)(row, act.bytes(), n).to_bits());
                 assert_eq!(
                     out[t].map(f32::to_bits),
                     single,
@@ -352,7 +349,11 @@ fn avx512_level_gives_the_avx2_bits() {
             let bits = |k: &Kernels| {
                 let one = rows.map(|row| k.dot(ty)(row, a, n).to_bits());
                 let mut tokens = [[0f32; 4]; 3];
-                k.dot_tokens(ty)(rows, &[a, a, a], n, &mut tokens);
+                k.dot_tokens(ty)(
+                    rows,
+                    &[acts.clone(), acts.clone(), acts.clone()],
+                    &mut tokens,
+                );
                 (
                     one,
                     k.dot4(ty)(rows, a, n).map(f32::to_bits),
