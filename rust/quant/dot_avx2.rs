@@ -249,6 +249,18 @@ macro_rules! tokens_kernel {
             }
         }
     };
+    ($name:ident, $group:ident, scales $scales:literal $(, $wide:ident)?) => {
+        impl TokensKernel for $name {
+            $(const WIDE: bool = $wide;)?
+            const SCALES: usize = $scales;
+            unsafe fn group<const T: usize>(
+                rows: [&[u8]; 4],
+                acts: [&QuantizedActivations; T],
+            ) -> [[f32; 4]; T] {
+                $group::<T>(rows, acts)
+            }
+        }
+    };
     ($name:ident, $group:ident, $format:ty $(, $wide:ident)?) => {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
@@ -303,6 +315,7 @@ tokens_kernel!(Q4_0, small_tokens, Q4_0Format);
 tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
+tokens_kernel!(Q8_0, q8_0_tokens, scales 1);
 tokens_kernel!(Q4K, q4_k_tokens);
 tokens_kernel!(Q6K, q6_k_tokens);
 
@@ -327,6 +340,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
     set_tokens::<Q4_1>(table, proof);
     set_tokens::<Q5_0>(table, proof);
     set_tokens::<Q5_1>(table, proof);
+    set_tokens::<Q8_0>(table, proof);
     set_tokens::<Q4K>(table, proof);
     set_tokens::<Q6K>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
@@ -472,6 +486,44 @@ pub(super) unsafe fn q8_0_q8_0<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
         out[r] = hsum(acc[r]);
     }
     out
+}
+
+/// Four Q8_0 rows by `T` tokens, one row at a time: a block's weights and their absolute
+/// values are loaded once for all the tokens; per (row, token), [`q8_0_q8_0`]'s operations.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&QuantizedActivations; T],
+) -> [[f32; 4]; T] {
+    const SIZE: usize = 34;
+    let blocks = common_blocks(GgmlType::Q8_0, &rows, acts[0].bytes(), acts[0].len());
+    let a = acts.map(|act| act.bytes().as_ptr());
+    let act_scales = acts.map(|act| act.block_scales().as_ptr());
+    rows_by_tokens::<T>(rows, |row| {
+        let w = row.as_ptr();
+        let mut acc = [_mm256_setzero_ps(); T];
+        for b in 0..blocks {
+            let x = w.add(b * SIZE);
+            let qx = load256(x.add(2));
+            let abs_x = _mm256_sign_epi8(qx, qx);
+            let dx = f16_splat(x);
+            for t in 0..T {
+                let qy = load256(a[t].add(b * SIZE + 2));
+                // `dot_i8_i8` with the weights' absolute values shared.
+                let sums = _mm256_madd_epi16(
+                    _mm256_maddubs_epi16(abs_x, _mm256_sign_epi8(qy, qx)),
+                    _mm256_set1_epi16(1),
+                );
+                let d = _mm256_mul_ps(dx, _mm256_set1_ps(act_scales[t].add(b).read()));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[t]);
+            }
+        }
+        let mut out = [0f32; T];
+        for t in 0..T {
+            out[t] = hsum(acc[t]);
+        }
+        out
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

@@ -63,6 +63,7 @@ tokens_kernel!(Q4_0, small_tokens, Q4_0Format, true);
 tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format, true);
+tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
 tokens_kernel!(Q4K, q4_k_tokens);
 tokens_kernel!(Q6K, q6_k_tokens);
 
@@ -82,6 +83,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
     set_tokens::<Q4_1>(table, proof);
     set_tokens::<Q5_0>(table, proof);
     set_tokens::<Q5_1>(table, proof);
+    set_tokens::<Q8_0>(table, proof);
     set_tokens::<Q4K>(table, proof);
     set_tokens::<Q6K>(table, proof);
 }
@@ -349,6 +351,60 @@ unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
         hsum(_mm512_castps512_ps256(acc[1])),
         hsum(upper256(acc[1])),
     ]
+}
+
+/// Four Q8_0 rows by `T` tokens, two rows per register with [`q8_0_four`]'s lanes: the
+/// weights (sign bit flipped) and scales are loaded once for all the tokens, and each
+/// token's `-128 * y` start serves both register pairs.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&QuantizedActivations; T],
+) -> [[f32; 4]; T] {
+    const SIZE: usize = 34;
+    let blocks = common_blocks(GgmlType::Q8_0, &rows, acts[0].bytes(), acts[0].len());
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = acts.map(|act| act.bytes().as_ptr());
+    let act_scales = acts.map(|act| act.block_scales().as_ptr());
+    let flip = _mm512_set1_epi8(-128);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [[_mm512_setzero_ps(); 2]; T];
+    for b in 0..blocks {
+        let x = w.map(|w| w.add(b * SIZE));
+        let d = _mm512_castps128_ps512(f16_gather4(x));
+        let mut qx = [zero; 2];
+        let mut dx = [_mm512_setzero_ps(); 2];
+        for p in 0..2 {
+            let q = _mm512_inserti64x4::<1>(
+                _mm512_castsi256_si512(load256(x[2 * p].add(2))),
+                load256(x[2 * p + 1].add(2)),
+            );
+            qx[p] = _mm512_xor_si512(q, flip);
+            let (l0, l1) = ((2 * p) as i32, (2 * p + 1) as i32);
+            let index = _mm512_setr_epi32(
+                l0, l0, l0, l0, l0, l0, l0, l0, l1, l1, l1, l1, l1, l1, l1, l1,
+            );
+            dx[p] = _mm512_permutexvar_ps(index, d);
+        }
+        for t in 0..T {
+            let qy = _mm512_broadcast_i64x4(load256(a[t].add(b * SIZE + 2)));
+            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qy));
+            let dy = _mm512_set1_ps(act_scales[t].add(b).read());
+            for p in 0..2 {
+                let sums = _mm512_dpbusd_epi32(start, qx[p], qy);
+                let scale = _mm512_mul_ps(dx[p], dy);
+                acc[t][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[t][p]);
+            }
+        }
+    }
+    acc.map(|[a01, a23]| {
+        [
+            hsum(_mm512_castps512_ps256(a01)),
+            hsum(upper256(a01)),
+            hsum(_mm512_castps512_ps256(a23)),
+            hsum(upper256(a23)),
+        ]
+    })
 }
 
 /// Lanes 8..16.
