@@ -239,8 +239,9 @@ pub(super) use row_kernel;
 /// Implements [`TokensKernel`] for the row kernel `$name` with the group function `$group`
 /// (generic over the token count, after the format type when one is given).
 macro_rules! tokens_kernel {
-    ($name:ident, $group:ident) => {
+    ($name:ident, $group:ident $(, wide $wide:literal)?) => {
         impl TokensKernel for $name {
+            $(const WIDE: bool = $wide;)?
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
                 acts: [&QuantizedActivations; T],
@@ -833,88 +834,106 @@ pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -
     out
 }
 
-/// Four rows by `T` tokens, two rows per register as in [`small_four`]: a pair's blocks
-/// are unpacked once for all the tokens. Each (row, token) lane sees `small_one`'s integer
-/// sums and float operations: the block scale `d * dy` and minimum `m * s` are the same
-/// products, accumulated in the same order.
+/// Four rows by `T` tokens, two rows per register as in [`small_four`]: the rows' blocks
+/// are unpacked once for all the tokens, and each token's activation loads, scale and
+/// offset share serve both register pairs. Each (row, token) lane sees `small_one`'s
+/// integer sums and float operations: the block scale `d * dy` and minimum `m * s` are the
+/// same products, accumulated in the same order.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     rows: [&[u8]; 4],
     acts: [&QuantizedActivations; T],
 ) -> [[f32; 4]; T] {
     let blocks = common_blocks(F::TY, &rows, acts[0].bytes(), acts[0].len());
+    let w = rows.map(<[u8]>::as_ptr);
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
     let low4 = _mm256_set1_epi8(0x0F);
     let offset = _mm256_set1_epi8(F::OFFSET);
-    let mut out = [[0f32; 4]; T];
-    for p in 0..2 {
-        let (w0, w1) = (rows[2 * p].as_ptr(), rows[2 * p + 1].as_ptr());
-        // Rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of each token.
-        let mut acc = [_mm256_setzero_ps(); T];
-        // Lanes 0 and 1: the two rows' sums of `m * s`.
-        let mut min_part = [_mm_setzero_ps(); T];
-        for b in 0..blocks {
-            let (x0, x1) = (w0.add(b * F::SIZE), w1.add(b * F::SIZE));
+    // acc[t][p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of token t.
+    let mut acc = [[_mm256_setzero_ps(); 2]; T];
+    // Lane r: row r's sum of `m * s`.
+    let mut min_part = [_mm_setzero_ps(); T];
+    for b in 0..blocks {
+        let x = w.map(|w| w.add(b * F::SIZE));
+        let mut lo = [_mm256_setzero_si256(); 2];
+        let mut hi = [_mm256_setzero_si256(); 2];
+        for p in 0..2 {
+            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
             let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
-            let mut lo = _mm256_and_si256(q, low4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            lo[p] = _mm256_and_si256(q, low4);
+            hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
             if F::QH.is_some() {
                 let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
-                lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
-                hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+                lo[p] = _mm256_or_si256(lo[p], bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
+                hi[p] = _mm256_or_si256(hi[p], bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
             }
-            let (d, mins) = if F::HAS_MIN {
-                let read = |x: *const u8| u64::from(x.cast::<u32>().read_unaligned());
-                // [d0, m0, d1, m1]
-                let v = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x0) | (read(x1) << 32)) as i64));
-                let d = _mm256_permutevar8x32_ps(
-                    _mm256_castps128_ps256(v),
-                    _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2),
-                );
-                (d, _mm_shuffle_ps::<0b1101>(v, v))
+        }
+        let (d, mins) = if F::HAS_MIN {
+            let read = |x: *const u8| u64::from(x.cast::<u32>().read_unaligned());
+            // [d0, m0, d1, m1] and [d2, m2, d3, m3]
+            let v01 = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x[0]) | (read(x[1]) << 32)) as i64));
+            let v23 = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x[2]) | (read(x[3]) << 32)) as i64));
+            let pick = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
+            let d = [
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v01), pick),
+                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v23), pick),
+            ];
+            (d, _mm_shuffle_ps::<0b1101_1101>(v01, v23))
+        } else {
+            let v = _mm256_castps128_ps256(f16_gather4(x));
+            let d = [
+                _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
+                _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)),
+            ];
+            (d, _mm_setzero_ps())
+        };
+        for t in 0..T {
+            let y = a[t].add(b * F::ACT);
+            let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
+            let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
+            let excess = if F::OFFSET != 0 {
+                _mm256_add_epi16(
+                    _mm256_maddubs_epi16(offset, y_lo),
+                    _mm256_maddubs_epi16(offset, y_hi),
+                )
             } else {
-                let read = |x: *const u8| u32::from(x.cast::<u16>().read_unaligned());
-                let v = _mm_cvtph_ps(_mm_cvtsi32_si128((read(x0) | (read(x1) << 16)) as i32));
-                let d = _mm256_permutevar8x32_ps(
-                    _mm256_castps128_ps256(v),
-                    _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
-                );
-                (d, _mm_setzero_ps())
+                _mm256_setzero_si256()
             };
-            for t in 0..T {
-                let y = a[t].add(b * F::ACT);
-                let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
-                let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
+            let dy_s = act_scales[t].add(b * scales_per_block);
+            let dy = _mm256_set1_ps(dy_s.read());
+            for p in 0..2 {
                 let mut pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo, y_lo),
-                    _mm256_maddubs_epi16(hi, y_hi),
+                    _mm256_maddubs_epi16(lo[p], y_lo),
+                    _mm256_maddubs_epi16(hi[p], y_hi),
                 );
                 if F::OFFSET != 0 {
                     // Exact in i16: the difference is at most 4 * 16 * 127 in magnitude.
-                    let excess = _mm256_add_epi16(
-                        _mm256_maddubs_epi16(offset, y_lo),
-                        _mm256_maddubs_epi16(offset, y_hi),
-                    );
                     pairs = _mm256_sub_epi16(pairs, excess);
                 }
                 let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
-                let dy_s = act_scales[t].add(b * scales_per_block);
-                let scale = _mm256_mul_ps(d, _mm256_set1_ps(dy_s.read()));
-                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t]);
-                if F::HAS_MIN {
-                    let s = _mm_set1_ps(dy_s.add(1).read());
-                    min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
-                }
+                let scale = _mm256_mul_ps(d[p], dy);
+                acc[t][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t][p]);
+            }
+            if F::HAS_MIN {
+                let s = _mm_set1_ps(dy_s.add(1).read());
+                min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
             }
         }
-        for t in 0..T {
-            let mut m = [0f32; 4];
-            _mm_storeu_ps(m.as_mut_ptr(), min_part[t]);
-            out[t][2 * p] = hsum4(_mm256_castps256_ps128(acc[t])) + m[0];
-            out[t][2 * p + 1] = hsum4(_mm256_extractf128_ps::<1>(acc[t])) + m[1];
-        }
+    }
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        let [a01, a23] = acc[t];
+        out[t] = small_finish::<F>(
+            [
+                _mm256_castps256_ps128(a01),
+                _mm256_extractf128_ps::<1>(a01),
+                _mm256_castps256_ps128(a23),
+                _mm256_extractf128_ps::<1>(a23),
+            ],
+            min_part[t],
+        );
     }
     out
 }

@@ -64,8 +64,8 @@ tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format, true);
 tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
-tokens_kernel!(Q4K, q4_k_tokens);
-tokens_kernel!(Q6K, q6_k_tokens);
+tokens_kernel!(Q4K, q4_k_tokens, wide true);
+tokens_kernel!(Q6K, q6_k_tokens, wide true);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
 pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
