@@ -318,6 +318,7 @@ tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
 tokens_kernel!(Q8_0, q8_0_tokens, scales 1);
 tokens_kernel!(Q4K, q4_k_tokens);
+tokens_kernel!(Q5K, q5_k_tokens);
 tokens_kernel!(Q6K, q6_k_tokens);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
@@ -343,6 +344,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
     set_tokens::<Q5_1>(table, proof);
     set_tokens::<Q8_0>(table, proof);
     set_tokens::<Q4K>(table, proof);
+    set_tokens::<Q5K>(table, proof);
     set_tokens::<Q6K>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
@@ -980,6 +982,15 @@ unsafe fn q4_k_tokens<const T: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q5_k_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    rows_by_tokens::<T>(rows, |row| q5_k_tokens_body::<T>(row, acts, n))
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q6_k_tokens<const T: usize>(
     rows: [&[u8]; 4],
     acts: [&[u8]; T],
@@ -1298,6 +1309,69 @@ pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
             let q = load256(x.add(16 + 32 * j));
             let lo = _mm256_and_si256(q, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
+            for t in 0..T {
+                let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);
+                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
+                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
+                let p_lo = _mm256_madd_epi16(p_lo, s_lo);
+                let p_hi = _mm256_madd_epi16(p_hi, s_hi);
+                sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p_lo, p_hi));
+            }
+        }
+        let d_x = f16_splat(x);
+        for t in 0..T {
+            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
+            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+        }
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        out[t] = hsum(acc[t]) - hsum(min_acc[t]);
+    }
+    out
+}
+
+/// One Q5_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
+/// # Safety
+/// As for [`q5_k_body`]; every activation row holds as many blocks as `row`.
+#[inline(always)]
+pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
+    row: &[u8],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    const SIZE: usize = 176;
+    let blocks = common_blocks(GgmlType::Q5K, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let low4 = _mm256_set1_epi8(0x0F);
+    let bit4 = _mm256_set1_epi8(0x10);
+    let mut acc = [_mm256_setzero_ps(); T];
+    let mut min_acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        let x = w.add(b * SIZE);
+        let (scales, mins) = k4_scales_mins_packed(x.add(4));
+        let mins = _mm_cvtsi64_si128(mins as i64);
+        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+        let dmin_x = f16_splat(x.add(2));
+        let scales =
+            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let mut sums = [_mm256_setzero_si256(); T];
+        for t in 0..T {
+            let y = a[t].add(b * Q8K_SIZE);
+            let min_sums = _mm256_madd_epi16(mins, load256(y.add(Q8K_BSUMS)));
+            let dmin = _mm256_mul_ps(dmin_x, f32_splat(y));
+            min_acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[t]);
+        }
+        let mut qh = load256(x.add(16));
+        for j in 0..4 {
+            let q = load256(x.add(48 + 32 * j));
+            let lo = _mm256_and_si256(q, low4);
+            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+            let lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bit4));
+            let hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16::<3>(qh), bit4));
+            qh = _mm256_srli_epi16::<2>(qh);
             let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
             for t in 0..T {
                 let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);

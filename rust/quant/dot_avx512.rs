@@ -65,6 +65,7 @@ tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format, true);
 tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
 tokens_kernel!(Q4K, q4_k_tokens, wide true);
+tokens_kernel!(Q5K, q5_k_tokens, wide true);
 tokens_kernel!(Q6K, q6_k_tokens, wide true);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
@@ -85,6 +86,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
     set_tokens::<Q5_1>(table, proof);
     set_tokens::<Q8_0>(table, proof);
     set_tokens::<Q4K>(table, proof);
+    set_tokens::<Q5K>(table, proof);
     set_tokens::<Q6K>(table, proof);
 }
 
@@ -121,6 +123,7 @@ macro_rules! k_quant_tokens_kernel {
 }
 
 k_quant_tokens_kernel!(q4_k_tokens, q4_k_tokens_body);
+k_quant_tokens_kernel!(q5_k_tokens, q5_k_tokens_body);
 k_quant_tokens_kernel!(q6_k_tokens, q6_k_tokens_body);
 
 /// Lanes `4k..4k+4` take lane `k` of `v`.
