@@ -9,6 +9,13 @@
 //! Either way a four-row result has exactly the bits of a single-row call (tested), so a
 //! matmul may mix them freely and its output does not depend on how rows are split.
 //!
+//! Rows-by-tokens kernels ([`DotTokensFn`], prefill and batched decoding) dot four rows with
+//! a group of tokens: each weight block is loaded and unpacked (nibbles, high bits, scales)
+//! once for the group, and every (row, token) pair then goes through the single-row kernel's
+//! operations in its order, so each result again has the single-row bits (tested). The
+//! 4/5-bit formats keep the two-rows-per-register lanes; Q8_0 and the K-quants take one row
+//! at a time against the group. Types without one make a four-row call per token.
+//!
 //! Accuracy: within a block the integer sum of products is exact, as in the scalar kernels;
 //! only the f32 arithmetic after it differs. The scalar kernels add one f32 term per block
 //! (per lane for K-quants) in element order; these add four or eight lanes per block and sum

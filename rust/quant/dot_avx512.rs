@@ -4,7 +4,10 @@
 //!   products summed in fours into i32 lanes) replaces AVX2's `vpmaddubsw` + `vpmaddwd`;
 //!   their single-row kernels stay the AVX2 ones;
 //! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (VNNI fuses `vpmaddwd` +
-//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls.
+//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls;
+//! - rows-by-tokens kernels: the 4/5-bit formats and Q8_0 in the four-row kernels' register
+//!   layouts, the K-quants as the AVX2 bodies recompiled; all in groups of up to eight
+//!   tokens, whose accumulators the 32 vector registers hold (measured faster than fours).
 //!
 //! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
 //! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
