@@ -10,6 +10,7 @@
 //!
 //! Nothing here names Python; the `python` feature adds the one binding module.
 
+pub mod batching;
 pub mod error;
 pub mod generate;
 pub mod gguf;
