@@ -322,3 +322,107 @@ impl Scheduler {
         });
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::generate::generate;
+    use crate::sampling::SamplingParams;
+    use crate::test_models::{self, SMOLLM2};
+
+    struct Collect {
+        tokens: Vec<(u32, u32)>,
+        done: std::sync::mpsc::Sender<(Vec<(u32, u32)>, Result<Outcome>)>,
+    }
+
+    impl TokenSink for Collect {
+        fn token(&mut self, token: GeneratedToken) -> bool {
+            self.tokens.push((token.id, token.prob.to_bits()));
+            true
+        }
+        fn finish(&mut self, result: Result<Outcome>) {
+            let _ = self.done.send((std::mem::take(&mut self.tokens), result));
+        }
+    }
+
+    fn request(i: u32) -> GenerateRequest {
+        GenerateRequest {
+            // The longest prompt takes two prefill chunks, overlapping others' decoding.
+            prompt: (0..(5 + 40 * i))
+                .map(|t| 1 + (t * 7919 + i) % 40_000)
+                .collect(),
+            max_len: 6 + i as usize,
+            sampling: SamplingParams {
+                temperature: 0.9,
+                nucleus_p: 0.95,
+                mask: None,
+            },
+            seed: u64::from(i),
+            stop_token_ids: Vec::new(),
+            stop_strings: Vec::new(),
+            return_attention: false,
+            context_limit: None,
+        }
+    }
+
+    #[test]
+    fn batched_runs_match_solo_runs_bit_for_bit() {
+        let Some(path) = test_models::path(SMOLLM2) else {
+            return;
+        };
+        let model = Arc::new(Model::load_with_threads(&path, 2).unwrap());
+        let never = AtomicBool::new(false);
+        let solo: Vec<Vec<(u32, u32)>> = (0..3)
+            .map(|i| {
+                let mut tokens = Vec::new();
+                generate(&model, &request(i), &never, |t| {
+                    tokens.push((t.id, t.prob.to_bits()));
+                    true
+                })
+                .unwrap();
+                tokens
+            })
+            .collect();
+
+        let batcher = Batcher::start(Arc::clone(&model), 8, Box::new(|deliver| deliver())).unwrap();
+        let (done, results) = std::sync::mpsc::channel();
+        for i in 0..3 {
+            let sink = Collect {
+                tokens: Vec::new(),
+                done: done.clone(),
+            };
+            let cancel = Arc::new(AtomicBool::new(false));
+            batcher.submit(request(i), cancel, Box::new(sink)).unwrap();
+        }
+        let mut batched: Vec<Vec<(u32, u32)>> = (0..3)
+            .map(|_| {
+                let (tokens, outcome) = results.recv().unwrap();
+                assert_eq!(outcome.unwrap().stop_reason, StopReason::MaxLen);
+                tokens
+            })
+            .collect();
+        // Finishing order is by max_len, which grows with the request index.
+        batched.sort_by_key(Vec::len);
+        assert_eq!(batched, solo);
+        assert!(batcher.stats().peak_batch.load(Ordering::Relaxed) >= 2);
+    }
+
+    #[test]
+    fn a_rejected_request_never_reaches_the_scheduler() {
+        let Some(path) = test_models::path(SMOLLM2) else {
+            return;
+        };
+        let model = Arc::new(Model::load_with_threads(&path, 1).unwrap());
+        let batcher = Batcher::start(Arc::clone(&model), 1, Box::new(|deliver| deliver())).unwrap();
+        let (done, _results) = std::sync::mpsc::channel();
+        let mut bad = request(0);
+        bad.max_len = 0;
+        let sink = Box::new(Collect {
+            tokens: Vec::new(),
+            done,
+        });
+        let err = batcher.submit(bad, Arc::new(AtomicBool::new(false)), sink);
+        assert!(matches!(err, Err(EngineError::InvalidArgument { .. })));
+        assert!(Batcher::start(model, 0, Box::new(|deliver| deliver())).is_err());
+    }
+}

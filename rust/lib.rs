@@ -23,6 +23,9 @@ pub mod text;
 pub mod threads;
 pub mod tokenizer;
 
+#[cfg(test)]
+mod test_models;
+
 #[cfg(feature = "python")]
 mod python;
 
