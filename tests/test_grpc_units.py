@@ -440,3 +440,14 @@ def test_error_translation():
     )
     internal = translate_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "boom"))
     assert isinstance(internal, RemoteError) and internal.code == grpc.StatusCode.INTERNAL
+
+
+def test_server_config_defaults_and_tokenizer_rule(tmp_path):
+    from sampler_sdk.server.app import ServerConfig
+
+    config = ServerConfig(models={"m": "m.gguf"})
+    # Concurrent generations are decoded together: the default admits a full batch.
+    assert config.max_concurrent == 32
+    ServerConfig(models={"m": "m.gguf"}, tokenizer=tmp_path / "t.model")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        ServerConfig(models={"a": "a.gguf", "b": "b.gguf"}, tokenizer=tmp_path / "t.model")
