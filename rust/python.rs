@@ -668,6 +668,14 @@ fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bo
 #[pymodule(gil_used = true)]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The gRPC protocol, compiled from the package's .proto files by build.rs.
+    m.add(
+        "PROTO_DESCRIPTOR_SET",
+        PyBytes::new(
+            m.py(),
+            include_bytes!(concat!(env!("OUT_DIR"), "/protos.binpb")),
+        ),
+    )?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyGeneration>()?;
     m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;
