@@ -24,6 +24,7 @@ use crate::generate::{
 };
 use crate::model::transformer::BatchScratch;
 use crate::model::Model;
+use crate::threads::DisjointSlice;
 
 /// Sequences decoded together at most; later requests wait for a place. Bounds the step
 /// time (and so every stream's token latency) and the scratch memory of one step.
@@ -252,15 +253,38 @@ impl Scheduler {
             let rows: Vec<usize> = entries.iter().map(|e| e.n_logits).collect();
             let logits = model.forward_batch(scratch, &mut entries)?;
             drop(entries);
+            // Each sequence samples from its own rows with its own generator, so the
+            // sequences can sample in parallel (a vocabulary-wide pass each) and still get
+            // what they would alone.
             let n_vocab = model.config.n_vocab;
-            let mut at = 0;
-            Ok(running
-                .iter_mut()
-                .zip(rows)
-                .map(|(r, n)| {
-                    let own = &logits[at * n_vocab..(at + n) * n_vocab];
-                    at += n;
-                    r.run.after_forward(model, own)
+            let first_rows: Vec<usize> = rows
+                .iter()
+                .scan(0, |at, &n| {
+                    let first = *at;
+                    *at += n;
+                    Some(first)
+                })
+                .collect();
+            let mut outputs: Vec<Option<Result<StepOutput>>> = std::iter::repeat_with(|| None)
+                .take(running.len())
+                .collect();
+            let runs = DisjointSlice::new(running.as_mut_slice());
+            let results = DisjointSlice::new(outputs.as_mut_slice());
+            model.pool.parallel_for(runs.len(), 1, |range| {
+                // SAFETY: parallel_for hands each thread its own range of sequences.
+                let (runs, results) =
+                    unsafe { (runs.part(range.clone()), results.part(range.clone())) };
+                for ((r, result), i) in runs.iter_mut().zip(results).zip(range) {
+                    let own = &logits[first_rows[i] * n_vocab..(first_rows[i] + rows[i]) * n_vocab];
+                    *result = Some(r.run.after_forward(model, own));
+                }
+            });
+            Ok(outputs
+                .into_iter()
+                .map(|o| {
+                    o.unwrap_or_else(|| {
+                        Err(EngineError::Internal("a sequence was not sampled".into()))
+                    })
                 })
                 .collect())
         }));
