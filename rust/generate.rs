@@ -6,6 +6,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use crate::error::{EngineError, Result};
+use crate::model::transformer::{BatchEntry, BatchScratch, SequenceState};
 use crate::model::Model;
 use crate::sampling::{Rng, Sampler, SamplingParams};
 use crate::text::{StopMatcher, Utf8Stream};
@@ -130,6 +131,160 @@ pub fn validate(model: &Model, req: &GenerateRequest) -> Result<()> {
     Ok(())
 }
 
+/// What a sequence does in its next forward call.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Phase {
+    /// Evaluating the prompt from this position on, a chunk per call.
+    Prefill(usize),
+    /// Feeding back the token sampled last.
+    Decode(u32),
+}
+
+/// The result of handing one forward call's logits to a [`SequenceRun`].
+pub struct StepOutput {
+    /// The sampled token, to deliver (none while prefilling or when sampling ended it).
+    pub token: Option<GeneratedToken>,
+    /// Set when the run is over; the token, if any, is delivered first.
+    pub stop: Option<StopReason>,
+}
+
+/// One request's decode loop as a state machine, so a sequence can be driven alone
+/// ([`generate`]) or as one entry of a batched forward call (`crate::batching`), by the
+/// same code: both take the same steps, hence produce the same tokens.
+pub struct SequenceRun {
+    request: GenerateRequest,
+    seq: SequenceState,
+    phase: Phase,
+    stop_matcher: StopMatcher,
+    utf8: Utf8Stream,
+    sampler: Sampler,
+    rng: Rng,
+    end_of_generation: Vec<u32>,
+    usage: Usage,
+}
+
+impl SequenceRun {
+    /// Validates the request and allocates its sequence (the KV cache grows page by page).
+    pub fn new(model: &Model, request: GenerateRequest) -> Result<Self> {
+        validate(model, &request)?;
+        let limit = request
+            .context_limit
+            .unwrap_or(usize::MAX)
+            .min(model.config.n_ctx_train);
+        let capacity = limit.min(request.prompt.len().saturating_add(request.max_len));
+        let mut seq = model.new_sequence(capacity);
+        seq.record_attention(request.return_attention);
+        Ok(Self {
+            stop_matcher: StopMatcher::new(&request.stop_strings)?,
+            utf8: Utf8Stream::new(),
+            sampler: Sampler::new(),
+            rng: Rng::from_seed(request.seed),
+            end_of_generation: model.tokenizer.end_of_generation_ids().to_vec(),
+            usage: Usage {
+                prompt_tokens: request.prompt.len(),
+                sampled_tokens: 0,
+            },
+            phase: Phase::Prefill(0),
+            seq,
+            request,
+        })
+    }
+
+    /// This run's part of the next forward call.
+    pub fn next_entry(&mut self) -> BatchEntry<'_> {
+        let prompt = &self.request.prompt;
+        match &self.phase {
+            Phase::Prefill(from) => {
+                let to = (from + PREFILL_CHUNK).min(prompt.len());
+                BatchEntry {
+                    seq: &mut self.seq,
+                    tokens: &prompt[*from..to],
+                    n_logits: usize::from(to == prompt.len()),
+                }
+            }
+            Phase::Decode(token) => BatchEntry {
+                seq: &mut self.seq,
+                tokens: std::slice::from_ref(token),
+                n_logits: 1,
+            },
+        }
+    }
+
+    pub fn usage(&self) -> &Usage {
+        &self.usage
+    }
+
+    /// Advances past the forward call that consumed [`Self::next_entry`]; `logits` is this
+    /// run's row of its output (empty while a prefill chunk yields none).
+    pub fn after_forward(&mut self, model: &Model, logits: &[f32]) -> Result<StepOutput> {
+        let nothing = StepOutput {
+            token: None,
+            stop: None,
+        };
+        if let Phase::Prefill(from) = self.phase {
+            let to = (from + PREFILL_CHUNK).min(self.request.prompt.len());
+            if to < self.request.prompt.len() {
+                self.phase = Phase::Prefill(to);
+                return Ok(nothing);
+            }
+        }
+        let sampled = self
+            .sampler
+            .sample(logits, &self.request.sampling, &mut self.rng)?;
+        let id = sampled.id;
+        if self.request.stop_token_ids.contains(&id) {
+            return Ok(self.stopped(StopReason::StopToken(id)));
+        }
+        if self.end_of_generation.contains(&id) {
+            return Ok(self.stopped(StopReason::EndOfSequence(id)));
+        }
+        let bytes = model.tokenizer.token_bytes(id, false).to_vec();
+        let text = self.utf8.push(&bytes);
+        let matched = self.stop_matcher.push(&bytes);
+        self.usage.sampled_tokens += 1;
+        let token = GeneratedToken {
+            id,
+            bytes,
+            text,
+            prob: sampled.prob,
+            logprob_raw: sampled.logprob_raw,
+            top_k: sampled.top_k,
+            attention: self.seq.take_attention(),
+        };
+        let stop = if let Some(index) = matched {
+            Some(StopReason::StopString(index))
+        } else if self.usage.sampled_tokens >= self.request.max_len {
+            Some(StopReason::MaxLen)
+        } else if self.seq.len() + 1 > self.seq.capacity() {
+            Some(StopReason::ContextFull)
+        } else {
+            None
+        };
+        self.phase = Phase::Decode(id);
+        Ok(StepOutput {
+            token: Some(token),
+            stop,
+        })
+    }
+
+    fn stopped(&self, reason: StopReason) -> StepOutput {
+        StepOutput {
+            token: None,
+            stop: Some(reason),
+        }
+    }
+
+    /// The run's result once it stopped for `stop_reason`: usage and the bytes still held
+    /// back for want of a complete character.
+    pub fn finish(mut self, stop_reason: StopReason) -> Outcome {
+        Outcome {
+            stop_reason,
+            usage: self.usage.clone(),
+            trailing_text: self.utf8.finish(),
+        }
+    }
+}
+
 /// Runs the request to completion, calling `on_token` for every emitted token. `on_token`
 /// returns false to stop early (the consumer went away), which ends with `Cancelled`.
 pub fn generate(
@@ -138,79 +293,22 @@ pub fn generate(
     cancel: &AtomicBool,
     mut on_token: impl FnMut(GeneratedToken) -> bool,
 ) -> Result<Outcome> {
-    validate(model, req)?;
-    let limit = req
-        .context_limit
-        .unwrap_or(usize::MAX)
-        .min(model.config.n_ctx_train);
-    let capacity = limit.min(req.prompt.len().saturating_add(req.max_len));
-    let mut seq = model.new_sequence(capacity);
-    seq.record_attention(req.return_attention);
-    let mut stop_matcher = StopMatcher::new(&req.stop_strings)?;
-    let mut utf8 = Utf8Stream::new();
-    let mut sampler = Sampler::new();
-    let mut rng = Rng::from_seed(req.seed);
-    let eog = model.tokenizer.end_of_generation_ids();
-    let mut usage = Usage {
-        prompt_tokens: req.prompt.len(),
-        sampled_tokens: 0,
-    };
-
-    let mut logits = Vec::new();
-    for (i, chunk) in req.prompt.chunks(PREFILL_CHUNK).enumerate() {
-        if cancel.load(Ordering::Relaxed) {
-            return Ok(Outcome {
-                stop_reason: StopReason::Cancelled,
-                usage,
-                trailing_text: String::new(),
-            });
-        }
-        let last = (i + 1) * PREFILL_CHUNK >= req.prompt.len();
-        logits = model.forward(&mut seq, chunk, usize::from(last))?;
-    }
-
+    let mut run = SequenceRun::new(model, req.clone())?;
+    let mut scratch = BatchScratch::default();
     let stop_reason = loop {
         if cancel.load(Ordering::Relaxed) {
             break StopReason::Cancelled;
         }
-        let sampled = sampler.sample(&logits, &req.sampling, &mut rng)?;
-        let id = sampled.id;
-        if req.stop_token_ids.contains(&id) {
-            break StopReason::StopToken(id);
+        let logits = model.forward_batch(&mut scratch, &mut [run.next_entry()])?;
+        let step = run.after_forward(model, logits)?;
+        if let Some(token) = step.token {
+            if !on_token(token) {
+                break StopReason::Cancelled;
+            }
         }
-        if eog.contains(&id) {
-            break StopReason::EndOfSequence(id);
+        if let Some(reason) = step.stop {
+            break reason;
         }
-        let bytes = model.tokenizer.token_bytes(id, false).to_vec();
-        let text = utf8.push(&bytes);
-        let matched = stop_matcher.push(&bytes);
-        usage.sampled_tokens += 1;
-        let token = GeneratedToken {
-            id,
-            bytes,
-            text,
-            prob: sampled.prob,
-            logprob_raw: sampled.logprob_raw,
-            top_k: sampled.top_k,
-            attention: seq.take_attention(),
-        };
-        if !on_token(token) {
-            break StopReason::Cancelled;
-        }
-        if let Some(index) = matched {
-            break StopReason::StopString(index);
-        }
-        if usage.sampled_tokens >= req.max_len {
-            break StopReason::MaxLen;
-        }
-        if seq.len() + 1 > seq.capacity() {
-            break StopReason::ContextFull;
-        }
-        logits = model.forward(&mut seq, &[id], 1)?;
     };
-    Ok(Outcome {
-        stop_reason,
-        usage,
-        trailing_text: utf8.finish(),
-    })
+    Ok(run.finish(stop_reason))
 }

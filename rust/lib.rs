@@ -10,6 +10,7 @@
 //!
 //! Nothing here names Python; the `python` feature adds the one binding module.
 
+pub mod batching;
 pub mod error;
 pub mod generate;
 pub mod gguf;
@@ -21,6 +22,9 @@ pub mod sampling;
 pub mod text;
 pub mod threads;
 pub mod tokenizer;
+
+#[cfg(test)]
+mod test_models;
 
 #[cfg(feature = "python")]
 mod python;

@@ -4,7 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use numpy::{PyArray1, PyArrayMethods};
 use pyo3::create_exception;
@@ -13,8 +13,9 @@ use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyList};
 use pyo3::IntoPyObjectExt;
 
-use crate::error::EngineError;
-use crate::generate::{generate, GenerateRequest, GeneratedToken, Outcome, StopReason};
+use crate::batching::{Batcher, TokenSink, DEFAULT_MAX_BATCH};
+use crate::error::{panic_message, EngineError};
+use crate::generate::{GenerateRequest, GeneratedToken, Outcome, StopReason};
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
 use crate::model::Model;
 use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
@@ -62,34 +63,38 @@ fn run_detached<T: Send>(
 
 /// Runs engine work, turning a panic into `EngineError::Internal` with its message.
 fn catch_panic<T>(work: impl FnOnce() -> crate::Result<T>) -> crate::Result<T> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work)).unwrap_or_else(|panic| {
-        let what = panic
-            .downcast_ref::<&str>()
-            .map(|s| (*s).to_string())
-            .or_else(|| panic.downcast_ref::<String>().cloned())
-            .unwrap_or_else(|| "unknown panic".to_string());
-        Err(EngineError::Internal(what))
-    })
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(work))
+        .unwrap_or_else(|panic| Err(EngineError::Internal(panic_message(&*panic))))
 }
 
 #[pyclass(name = "Model", module = "sampler_sdk._engine", frozen)]
 struct PyModel {
     inner: Arc<Model>,
     path: PathBuf,
+    max_batch: usize,
+    /// The scheduler that decodes this model's generations together, started by the
+    /// first `generate` (a model used only for logits never starts a thread).
+    batcher: OnceLock<std::result::Result<Batcher, String>>,
 }
 
 #[pymethods]
 impl PyModel {
     /// `threads`: forward-pass threads (default: physical cores); `tokenizer`: a SentencePiece
-    /// `.model` file to use instead of the GGUF's vocabulary.
+    /// `.model` file to use instead of the GGUF's vocabulary; `max_batch`: generations
+    /// decoded together at most (more wait for a place).
     #[new]
-    #[pyo3(signature = (path, threads = None, tokenizer = None))]
+    #[pyo3(signature = (path, threads = None, tokenizer = None, max_batch = None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         threads: Option<usize>,
         tokenizer: Option<PathBuf>,
+        max_batch: Option<usize>,
     ) -> PyResult<Self> {
+        let max_batch = max_batch.unwrap_or(DEFAULT_MAX_BATCH);
+        if max_batch == 0 {
+            return Err(PyValueError::new_err("max_batch: must be at least 1"));
+        }
         let p = path.clone();
         let model = run_detached(py, move || {
             let tokenizer = tokenizer
@@ -100,6 +105,8 @@ impl PyModel {
         Ok(Self {
             inner: Arc::new(model),
             path,
+            max_batch,
+            batcher: OnceLock::new(),
         })
     }
 
@@ -314,24 +321,35 @@ impl PyModel {
             return_attention,
             context_limit,
         };
-        crate::generate::validate(&self.inner, &request)?;
         let cancel = Arc::new(AtomicBool::new(false));
         let finished = Arc::new(Finished::default());
-        let handle = PyGeneration {
-            cancel: Arc::clone(&cancel),
+        let sink = PySink {
+            on_event: Some(on_event),
             finished: Arc::clone(&finished),
         };
-        let model = Arc::clone(&self.inner);
-        std::thread::Builder::new()
-            .name("sampler-sdk-generate".into())
-            .spawn(move || {
-                run_generation(&model, &request, &cancel, on_event);
-                finished.set();
-            })
-            .map_err(|e| {
-                PyRuntimeError::new_err(format!("cannot start a generation thread: {e}"))
-            })?;
-        Ok(handle)
+        self.batcher()?
+            .submit(request, Arc::clone(&cancel), Box::new(sink))?;
+        Ok(PyGeneration { cancel, finished })
+    }
+
+    /// Counters of the continuous batcher: `steps` (batched forward calls),
+    /// `sequence_steps` (sequences advanced, summed over steps) and `peak_batch` (most
+    /// sequences in one step). All zero before the first `generate`.
+    fn batching_stats<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
+        let d = PyDict::new(py);
+        let read = |counter: &std::sync::atomic::AtomicU64| counter.load(Ordering::Relaxed);
+        let (steps, sequence_steps, peak) = match self.batcher.get() {
+            Some(Ok(b)) => {
+                let s = b.stats();
+                (read(&s.steps), read(&s.sequence_steps), read(&s.peak_batch))
+            }
+            _ => (0, 0, 0),
+        };
+        d.set_item("steps", steps)?;
+        d.set_item("sequence_steps", sequence_steps)?;
+        d.set_item("peak_batch", peak)?;
+        d.set_item("max_batch", self.max_batch)?;
+        Ok(d)
     }
 
     /// Greedy (argmax) continuation, stopping after an end-of-generation token.
@@ -458,6 +476,17 @@ fn outcome_event(py: Python<'_>, outcome: &Outcome) -> PyResult<Py<PyAny>> {
 }
 
 impl PyModel {
+    fn batcher(&self) -> PyResult<&Batcher> {
+        let started = self.batcher.get_or_init(|| {
+            let delivery = Box::new(|deliver: &mut dyn FnMut()| Python::attach(|_py| deliver()));
+            Batcher::start(Arc::clone(&self.inner), self.max_batch, delivery)
+                .map_err(|e| e.to_string())
+        });
+        started
+            .as_ref()
+            .map_err(|e| PyRuntimeError::new_err(e.clone()))
+    }
+
     fn check_ids(&self, ids: &[u32]) -> PyResult<()> {
         let n = self.inner.tokenizer.n_vocab();
         match ids.iter().find(|&&id| id as usize >= n) {
@@ -469,15 +498,19 @@ impl PyModel {
     }
 }
 
-/// The engine thread's body: run the decode loop, deliver each event to Python, and
-/// always finish with exactly one "done" or "error" event.
-fn run_generation(
-    model: &Model,
-    request: &GenerateRequest,
-    cancel: &AtomicBool,
-    on_event: Py<PyAny>,
-) {
-    let deliver = |kind: &str, make: &dyn Fn(Python<'_>) -> PyResult<Py<PyAny>>| -> bool {
+/// Hands one generation's events to its Python callback, on the batcher thread inside
+/// its once-per-step GIL section.
+struct PySink {
+    /// Taken when the generation finishes: nothing of Python is held after that.
+    on_event: Option<Py<PyAny>>,
+    finished: Arc<Finished>,
+}
+
+impl PySink {
+    fn deliver(&self, kind: &str, make: impl FnOnce(Python<'_>) -> PyResult<Py<PyAny>>) -> bool {
+        let Some(on_event) = &self.on_event else {
+            return false;
+        };
         Python::attach(|py| {
             match make(py).and_then(|payload| on_event.call1(py, (kind, payload))) {
                 Ok(_) => true,
@@ -488,28 +521,41 @@ fn run_generation(
                 }
             }
         })
-    };
-    let result = catch_panic(|| {
-        generate(model, request, cancel, |token| {
-            let cell = std::cell::Cell::new(Some(token));
-            deliver("token", &|py| match cell.take() {
-                Some(t) => token_event(py, t),
-                None => Ok(py.None()),
-            })
-        })
-    });
-    match result {
-        Ok(outcome) => deliver("done", &|py| outcome_event(py, &outcome)),
-        Err(err) => {
-            let err = PyErr::from(err);
-            deliver("error", &|py| {
-                Ok(err.clone_ref(py).into_value(py).into_any())
-            })
+    }
+
+    /// Lets go of the callback while attached, then reports the generation finished.
+    fn release(&mut self) {
+        if let Some(on_event) = self.on_event.take() {
+            Python::attach(move |_py| drop(on_event));
         }
-    };
-    // Release the callback while attached, so nothing is left for this thread to do in
-    // Python once it reports itself finished.
-    Python::attach(move |_py| drop(on_event));
+        self.finished.set();
+    }
+}
+
+impl TokenSink for PySink {
+    fn token(&mut self, token: GeneratedToken) -> bool {
+        self.deliver("token", |py| token_event(py, token))
+    }
+
+    fn finish(&mut self, result: crate::Result<Outcome>) {
+        match result {
+            Ok(outcome) => self.deliver("done", |py| outcome_event(py, &outcome)),
+            Err(err) => self.deliver("error", |py| Ok(PyErr::from(err).into_value(py).into_any())),
+        };
+        self.release();
+    }
+}
+
+impl Drop for PySink {
+    /// Only reached with the callback still held if the batcher thread died: the consumer
+    /// still gets its one final event instead of waiting forever.
+    fn drop(&mut self) {
+        if self.on_event.is_some() {
+            self.finish(Err(EngineError::Internal(
+                "the batcher thread stopped before this generation finished".into(),
+            )));
+        }
+    }
 }
 
 /// The seed of the `call_index`-th call of a sampler created with `initial_seed`.
@@ -622,6 +668,14 @@ fn read_tensor<'py>(py: Python<'py>, path: PathBuf, name: String) -> PyResult<Bo
 #[pymodule(gil_used = true)]
 fn _engine(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
+    // The gRPC protocol, compiled from the package's .proto files by build.rs.
+    m.add(
+        "PROTO_DESCRIPTOR_SET",
+        PyBytes::new(
+            m.py(),
+            include_bytes!(concat!(env!("OUT_DIR"), "/protos.binpb")),
+        ),
+    )?;
     m.add_class::<PyModel>()?;
     m.add_class::<PyGeneration>()?;
     m.add_function(wrap_pyfunction!(py_derive_call_seed, m)?)?;

@@ -47,20 +47,36 @@ def test_optional_fields_have_presence():
     )
 
 
-def test_compiled_descriptor_set_is_cached(tmp_path, monkeypatch):
-    monkeypatch.setenv("SAMPLER_SDK_CACHE", str(tmp_path))
-    first = _proto._descriptor_set_bytes()
-    cached = list((tmp_path / "protos").glob("descriptors-*.binpb"))
-    assert len(cached) == 1 and cached[0].read_bytes() == first
-    assert _proto._descriptor_set_bytes() == first
+def test_embedded_descriptor_set_is_the_shipped_protos_compiled_by_protoc(tmp_path):
+    """The set build.rs embeds equals what protoc (grpcio-tools, a test dependency) makes
+    of the .proto files shipped now: a stale build or a compiler disagreement shows here."""
+    grpc_tools = pytest.importorskip("grpc_tools")
+    from pathlib import Path
 
+    from google.protobuf import descriptor_pb2
+    from grpc_tools import protoc
 
-def test_unwritable_cache_still_compiles(tmp_path, monkeypatch):
-    blocker = tmp_path / "not-a-directory"
-    blocker.write_text("")
-    monkeypatch.setenv("SAMPLER_SDK_CACHE", str(blocker))
-    data = _proto._descriptor_set_bytes()
-    assert b"xai/api/v1/chat.proto" in data and b"sampler_sdk/v1/sampler.proto" in data
+    root = _proto.PROTO_ROOT
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*.proto"))
+    out = tmp_path / "set.binpb"
+    well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
+    status = protoc.main(
+        ["protoc", f"--proto_path={root}", f"--proto_path={well_known}", "--include_imports",
+         f"--descriptor_set_out={out}", *files]
+    )
+    assert status == 0
+    by_protoc = {f.name: f for f in descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file}
+    embedded = {f.name: f for f in _proto._file_set.file}
+    assert set(files) <= set(embedded)
+    assert embedded.keys() == by_protoc.keys()
+    for name, file in by_protoc.items():
+        # Source info and json names are compiler choices; the schema must be the same.
+        for f in (file, embedded[name]):
+            f.ClearField("source_code_info")
+            for message in f.message_type:
+                for field in message.field:
+                    field.ClearField("json_name")
+        assert embedded[name] == file, name
 
 
 def test_server_transport_options_follow_the_xai_client():
@@ -440,3 +456,14 @@ def test_error_translation():
     )
     internal = translate_error(_FakeRpcError(grpc.StatusCode.INTERNAL, "boom"))
     assert isinstance(internal, RemoteError) and internal.code == grpc.StatusCode.INTERNAL
+
+
+def test_server_config_defaults_and_tokenizer_rule(tmp_path):
+    from sampler_sdk.server.app import ServerConfig
+
+    config = ServerConfig(models={"m": "m.gguf"})
+    # Concurrent generations are decoded together: the default admits a full batch.
+    assert config.max_concurrent == 32
+    ServerConfig(models={"m": "m.gguf"}, tokenizer=tmp_path / "t.model")
+    with pytest.raises(ValueError, match="--tokenizer"):
+        ServerConfig(models={"a": "a.gguf", "b": "b.gguf"}, tokenizer=tmp_path / "t.model")

@@ -477,3 +477,26 @@ def test_tokenizer_file_errors(trained, tiny_models, tmp_path: Path) -> None:
         engine.Model(str(tiny_models["small"]), tokenizer=str(trained["unigram-nfkc"]))
     with pytest.raises(FileNotFoundError):
         engine.Model(str(tiny_models["without"]), tokenizer=str(tmp_path / "missing.model"))
+
+
+def test_client_and_cli_take_a_tokenizer_file(trained, tiny_models, capsys) -> None:
+    import asyncio
+
+    from sampler_sdk import Client
+    from sampler_sdk.cli import main
+
+    path = trained["unigram-nfkc"]
+    processor = spm.SentencePieceProcessor(model_file=str(path))
+    with Client(str(tiny_models["without"]), tokenizer=path) as client:
+        ids = [t.token_id for t in asyncio.run(client.sampler.tokenize("Hello world"))]
+        assert ids == processor.encode("Hello world")
+        tokens = list(client.sync_sampler.sample(inputs=("Hello",), max_len=3, temperature=0))
+        assert len(tokens) == 3 and all(0 <= t.token_id < processor.vocab_size() for t in tokens)
+    with pytest.raises(ValueError, match="tokenizer"):
+        Client(api_host="localhost:1", tokenizer=path)
+    with pytest.raises(ValueError, match="exactly one model"):
+        Client(models={"a": str(tiny_models["with"]), "b": str(tiny_models["with"])}, tokenizer=path)
+
+    assert main(["sample", "Hello", "--model", str(tiny_models["without"]), "--tokenizer", str(path),
+                 "--max-len", "2", "--temperature", "0", "--seed", "1"]) == 0
+    assert capsys.readouterr().out

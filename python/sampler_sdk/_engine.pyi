@@ -23,7 +23,9 @@ class Model:
         path: Union[str, PathLike[str]],
         threads: Optional[int] = None,
         tokenizer: Optional[Union[str, PathLike[str]]] = None,
+        max_batch: Optional[int] = None,
     ) -> None: ...
+    def batching_stats(self) -> dict[str, int]: ...
     @property
     def n_threads(self) -> int: ...
     @property

@@ -169,7 +169,7 @@ def _token_args(values):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .client import Client
 
-    client = Client(args.model, initial_rng_seed=args.seed, threads=args.threads)
+    client = Client(args.model, initial_rng_seed=args.seed, threads=args.threads, tokenizer=args.tokenizer)
     sampler = client.sync_sampler
     stream = sampler.sample(
         prompt="",
@@ -230,6 +230,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         shutdown_grace=args.shutdown_grace,
         threads=args.threads,
+        tokenizer=args.tokenizer,
     )
     app.configure_logging()
     return asyncio.run(app.serve(config))
@@ -247,6 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nucleus-p", type=float, default=0.95, help="top-p threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="initial RNG seed (default: random)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="a SentencePiece .model file to use instead of the GGUF's vocabulary")
     p.add_argument("--stop-token", action="append", default=[], help="stop when this token is sampled")
     p.add_argument("--stop-string", action="append", default=[], help="stop once the output contains this")
     p.add_argument("--allowed-token", action="append", default=[], help="only sample these tokens")
@@ -276,12 +278,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--api-key", action="append", default=[], metavar="KEY", help="accept this key (repeatable; no budget)")
     p.add_argument("--api-keys", type=Path, default=None, metavar="FILE", help="keys file: one 'KEY NAME [TOKEN_BUDGET]' per line")
     p.add_argument("--budget-db", type=Path, default=None, metavar="FILE", help="SQLite file for token budgets (default: FILE.usage.sqlite beside --api-keys)")
-    p.add_argument("--max-concurrent", type=int, default=4, metavar="N", help="generations running at once (others wait)")
+    p.add_argument("--max-concurrent", type=int, default=32, metavar="N", help="generations running at once, decoded together in one batch per step (others wait)")
     p.add_argument("--max-queue", type=int, default=256, metavar="N", help="generations waiting at most (beyond: RESOURCE_EXHAUSTED)")
     p.add_argument("--tls-cert", type=Path, default=None, help="PEM certificate chain (with --tls-key: serve TLS)")
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, how long in-flight calls may finish")
     p.add_argument("--threads", type=int, default=None, help="compute threads per model (default: physical cores)")
+    p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="a SentencePiece .model file for the (single) model")
     p.set_defaults(func=_cmd_serve)
 
     p = sub.add_parser("models", help="list, pull or describe models")

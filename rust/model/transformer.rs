@@ -4,7 +4,8 @@
 //! vocabulary projection. Architecture differences are config switches read here in
 //! order: embedding scale, Q/K/V biases, Q/K norms, attention scale and soft-cap, post
 //! norms, logit scale and soft-cap.
-//! A call processes a batch of consecutive tokens of one sequence (prefill or one step).
+//! A call processes consecutive tokens of one or several sequences (prefill chunks or one
+//! decode step each), all through the same matrix products.
 
 use crate::error::{EngineError, Result};
 use crate::kernels::attention::{attention, AttentionScratch, AttentionShape};
@@ -15,19 +16,29 @@ use crate::model::config::RopeStyle;
 use crate::model::ffn::{feed_forward, FfnScratch};
 use crate::model::Model;
 
+/// One sequence's part of a batched forward call: `tokens` are appended to `seq`, and the
+/// logits of the last `n_logits` of them are returned.
+pub struct BatchEntry<'a> {
+    pub seq: &'a mut SequenceState,
+    pub tokens: &'a [u32],
+    pub n_logits: usize,
+}
+
 /// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
 /// decode loop does not allocate per token.
 pub struct SequenceState {
     pub(crate) kv: KvCache,
-    scratch: Scratch,
+    scratch: BatchScratch,
     /// When set, the last token's attention weights of each forward call are averaged
     /// over layers and heads into `attention`.
     record_attention: bool,
     attention: Option<Vec<f32>>,
 }
 
+/// Work buffers of a forward call, reused from call to call: each sequence has one for
+/// its solo calls, and a batcher one for its batched calls.
 #[derive(Default)]
-struct Scratch {
+pub struct BatchScratch {
     x: Vec<f32>,
     normed: Vec<f32>,
     q: Vec<f32>,
@@ -106,7 +117,7 @@ impl Model {
                 cfg.head_dim,
                 capacity.min(cfg.n_ctx_train),
             ),
-            scratch: Scratch::default(),
+            scratch: BatchScratch::default(),
             record_attention: false,
             attention: None,
         }
@@ -132,44 +143,57 @@ impl Model {
         tokens: &[u32],
         n_logits: usize,
     ) -> Result<&'s [f32]> {
+        // The sequence lends its scratch to a batch of one, so a solo call and a batched
+        // call run the very same code.
+        let mut scratch = std::mem::take(&mut seq.scratch);
+        let result = self
+            .forward_batch(
+                &mut scratch,
+                &mut [BatchEntry {
+                    seq: &mut *seq,
+                    tokens,
+                    n_logits,
+                }],
+            )
+            .map(|_| ());
+        seq.scratch = scratch;
+        result.map(|()| &seq.scratch.logits[..n_logits * self.config.n_vocab])
+    }
+
+    /// One forward pass over several sequences at once: every entry's tokens are appended
+    /// to its own sequence, and each weight matrix is read once for all of them. Returns
+    /// the logits of each entry's last `n_logits` tokens, entry after entry (row-major,
+    /// `Σ n_logits × n_vocab`), valid until the next call with this scratch.
+    ///
+    /// Every token's values are computed by the same operations in the same order as when
+    /// its sequence runs alone (matrix products are per (row, token), norms and RoPE per
+    /// token, attention per sequence), so batching never changes a result.
+    pub fn forward_batch<'s>(
+        &self,
+        s: &'s mut BatchScratch,
+        entries: &mut [BatchEntry<'_>],
+    ) -> Result<&'s [f32]> {
         let cfg = &self.config;
-        let n = tokens.len();
-        if n == 0 {
+        if entries.is_empty() {
             return Err(EngineError::invalid(
-                "tokens",
-                "at least one token is needed",
+                "entries",
+                "a batch needs at least one sequence",
             ));
         }
-        if n_logits > n {
-            return Err(EngineError::invalid(
-                "n_logits",
-                format!("{n_logits} exceeds the {n} tokens given"),
-            ));
+        for e in entries.iter() {
+            self.check_entry(e)?;
         }
-        if let Some(&bad) = tokens.iter().find(|&&t| t as usize >= cfg.n_vocab) {
-            return Err(EngineError::invalid(
-                "tokens",
-                format!(
-                    "token id {bad} is outside the vocabulary of {}",
-                    cfg.n_vocab
-                ),
-            ));
+        let n: usize = entries.iter().map(|e| e.tokens.len()).sum();
+        let n_logits: usize = entries.iter().map(|e| e.n_logits).sum();
+        for e in entries.iter_mut() {
+            let end = e.seq.kv.len() + e.tokens.len();
+            e.seq.kv.reserve_to(end);
         }
-        let start = seq.kv.len();
-        let end = start + n;
-        if end > seq.kv.capacity() {
-            return Err(EngineError::ContextOverflow {
-                prompt_tokens: end,
-                context_size: seq.kv.capacity(),
-            });
-        }
-        seq.kv.reserve_to(end);
 
         let file = self.weight_bytes();
         let pool = &*self.pool;
         let w = &self.weights;
         let (d, q_dim, kv_dim, hd) = (cfg.n_embd, cfg.q_dim(), cfg.kv_dim(), cfg.head_dim);
-        let s = &mut seq.scratch;
         resize(&mut s.x, n * d);
         resize(&mut s.normed, n * d);
         resize(&mut s.q, n * q_dim);
@@ -177,15 +201,12 @@ impl Model {
         resize(&mut s.v, n * kv_dim);
         resize(&mut s.attn, n * q_dim);
         resize(&mut s.proj, n * d);
-        if seq.record_attention {
-            resize(&mut s.head_probs, cfg.n_head * end);
-        }
         resize(&mut s.cos, cfg.n_rot / 2);
         resize(&mut s.sin, cfg.n_rot / 2);
 
-        for (t, &tok) in tokens.iter().enumerate() {
-            w.token_embd
-                .dequantize_row(file, tok as usize, &mut s.x[t * d..(t + 1) * d])?;
+        let all_tokens = entries.iter().flat_map(|e| e.tokens.iter());
+        for (&tok, x) in all_tokens.zip(s.x.chunks_exact_mut(d)) {
+            w.token_embd.dequantize_row(file, tok as usize, x)?;
         }
         if let Some(scale) = cfg.embedding_scale {
             s.x.iter_mut().for_each(|v| *v *= scale);
@@ -199,16 +220,14 @@ impl Model {
             logit_softcap: cfg.attn_logit_softcap,
             window: None,
         };
-        let mut attention_sum = seq.record_attention.then(|| vec![0.0f32; end]);
+        for e in entries.iter_mut() {
+            let end = e.seq.kv.len() + e.tokens.len();
+            e.seq.attention = e.seq.record_attention.then(|| vec![0.0f32; end]);
+        }
         for (li, layer) in w.layers.iter().enumerate() {
             // Attention block.
-            for t in 0..n {
-                ops::rms_norm(
-                    &s.x[t * d..(t + 1) * d],
-                    &layer.attn_norm,
-                    cfg.rms_eps,
-                    &mut s.normed[t * d..(t + 1) * d],
-                );
+            for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
+                ops::rms_norm(x, &layer.attn_norm, cfg.rms_eps, normed);
             }
             s.acts.set_input(n, d);
             for ty in [layer.wq.ty, layer.wk.ty, layer.wv.ty] {
@@ -256,57 +275,70 @@ impl Model {
                 Some(_) => (cfg.rope_base_local, 1.0),
                 None => (cfg.rope_base, cfg.rope_freq_scale),
             };
-            for t in 0..n {
-                let pos = start + t;
-                ops::rope_angles(
-                    pos,
-                    cfg.n_rot,
-                    rope_base,
-                    rope_freq_scale,
-                    w.rope_freq_factors.as_deref(),
-                    &mut s.cos,
-                    &mut s.sin,
-                );
-                let rotate = |head: &mut [f32]| match cfg.rope_style {
-                    RopeStyle::AdjacentPairs => {
-                        ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin)
-                    }
-                    RopeStyle::SplitHalves => {
-                        ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin)
-                    }
-                };
-                s.q[t * q_dim..(t + 1) * q_dim]
-                    .chunks_exact_mut(hd)
-                    .for_each(&rotate);
-                s.k[t * kv_dim..(t + 1) * kv_dim]
-                    .chunks_exact_mut(hd)
-                    .for_each(&rotate);
-                seq.kv.store(
-                    li,
-                    pos,
-                    &s.k[t * kv_dim..(t + 1) * kv_dim],
-                    &s.v[t * kv_dim..(t + 1) * kv_dim],
-                );
-            }
-
             let shape = AttentionShape { window, ..shape };
-            let head_probs = attention_sum.is_some().then_some(&mut s.head_probs[..]);
-            attention(
-                pool,
-                &seq.kv,
-                li,
-                start,
-                n,
-                &shape,
-                &s.q,
-                &mut s.attention,
-                &mut s.attn,
-                head_probs,
-            )?;
-            if let Some(sum) = attention_sum.as_mut() {
-                for head in s.head_probs.chunks_exact(end) {
-                    ops::add_in_place(sum, head);
+            // Rows of the batch before the current entry's.
+            let mut first = 0;
+            for e in entries.iter_mut() {
+                let seq = &mut *e.seq;
+                let (start, len) = (seq.kv.len(), e.tokens.len());
+                for t in first..first + len {
+                    let pos = start + (t - first);
+                    ops::rope_angles(
+                        pos,
+                        cfg.n_rot,
+                        rope_base,
+                        rope_freq_scale,
+                        w.rope_freq_factors.as_deref(),
+                        &mut s.cos,
+                        &mut s.sin,
+                    );
+                    let rotate = |head: &mut [f32]| match cfg.rope_style {
+                        RopeStyle::AdjacentPairs => {
+                            ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                        }
+                        RopeStyle::SplitHalves => {
+                            ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                        }
+                    };
+                    s.q[t * q_dim..(t + 1) * q_dim]
+                        .chunks_exact_mut(hd)
+                        .for_each(&rotate);
+                    s.k[t * kv_dim..(t + 1) * kv_dim]
+                        .chunks_exact_mut(hd)
+                        .for_each(&rotate);
+                    seq.kv.store(
+                        li,
+                        pos,
+                        &s.k[t * kv_dim..(t + 1) * kv_dim],
+                        &s.v[t * kv_dim..(t + 1) * kv_dim],
+                    );
                 }
+
+                let rows = first * q_dim..(first + len) * q_dim;
+                let head_probs = if seq.attention.is_some() {
+                    resize(&mut s.head_probs, cfg.n_head * (start + len));
+                    Some(&mut s.head_probs[..])
+                } else {
+                    None
+                };
+                attention(
+                    pool,
+                    &seq.kv,
+                    li,
+                    start,
+                    len,
+                    &shape,
+                    &s.q[rows.clone()],
+                    &mut s.attention,
+                    &mut s.attn[rows],
+                    head_probs,
+                )?;
+                if let Some(sum) = seq.attention.as_mut() {
+                    for head in s.head_probs.chunks_exact(start + len) {
+                        ops::add_in_place(sum, head);
+                    }
+                }
+                first += len;
             }
             s.acts.set_input(n, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
@@ -319,13 +351,8 @@ impl Model {
             ops::add_in_place(&mut s.x, &s.proj);
 
             // Feed-forward block.
-            for t in 0..n {
-                ops::rms_norm(
-                    &s.x[t * d..(t + 1) * d],
-                    &layer.ffn_norm,
-                    cfg.rms_eps,
-                    &mut s.normed[t * d..(t + 1) * d],
-                );
+            for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
+                ops::rms_norm(x, &layer.ffn_norm, cfg.rms_eps, normed);
             }
             feed_forward(
                 pool,
@@ -345,29 +372,45 @@ impl Model {
             }
             ops::add_in_place(&mut s.x, &s.proj);
         }
-        seq.kv.set_len(end);
-        if let Some(mut sum) = attention_sum {
-            let inv = 1.0 / (cfg.n_layer * cfg.n_head) as f32;
-            sum.iter_mut().for_each(|v| *v *= inv);
-            seq.attention = Some(sum);
+        let inv_heads = 1.0 / (cfg.n_layer * cfg.n_head) as f32;
+        for e in entries.iter_mut() {
+            let end = e.seq.kv.len() + e.tokens.len();
+            e.seq.kv.set_len(end);
+            if let Some(sum) = e.seq.attention.as_mut() {
+                sum.iter_mut().for_each(|v| *v *= inv_heads);
+            }
         }
 
         // Only the rows whose logits were asked for go through the vocabulary projection,
-        // the most expensive matrix of a small model.
-        let first = n - n_logits;
-        for t in first..n {
-            ops::rms_norm_in_place(&mut s.x[t * d..(t + 1) * d], &w.output_norm, cfg.rms_eps);
+        // the most expensive matrix of a small model; they are gathered end to end.
+        let mut first = 0;
+        let mut out_row = 0;
+        for e in entries.iter() {
+            let len = e.tokens.len();
+            for t in first + len - e.n_logits..first + len {
+                ops::rms_norm(
+                    &s.x[t * d..(t + 1) * d],
+                    &w.output_norm,
+                    cfg.rms_eps,
+                    &mut s.normed[out_row * d..(out_row + 1) * d],
+                );
+                out_row += 1;
+            }
+            first += len;
         }
         resize(&mut s.logits, n_logits * cfg.n_vocab);
-        s.acts.set_input(n_logits, d);
-        s.acts.prepare(pool, w.output.ty, &s.x[first * d..])?;
-        matmul(
-            pool,
-            &w.output,
-            file,
-            s.acts.get(w.output.ty)?,
-            &mut s.logits,
-        )?;
+        if n_logits > 0 {
+            s.acts.set_input(n_logits, d);
+            s.acts
+                .prepare(pool, w.output.ty, &s.normed[..n_logits * d])?;
+            matmul(
+                pool,
+                &w.output,
+                file,
+                s.acts.get(w.output.ty)?,
+                &mut s.logits,
+            )?;
+        }
         if let Some(scale) = cfg.logit_scale {
             s.logits.iter_mut().for_each(|v| *v *= scale);
         }
@@ -375,5 +418,36 @@ impl Model {
             s.logits.iter_mut().for_each(|v| *v = soft_cap(*v, cap));
         }
         Ok(&s.logits)
+    }
+
+    fn check_entry(&self, e: &BatchEntry<'_>) -> Result<()> {
+        let (n, n_logits) = (e.tokens.len(), e.n_logits);
+        if n == 0 {
+            return Err(EngineError::invalid(
+                "tokens",
+                "at least one token is needed",
+            ));
+        }
+        if n_logits > n {
+            return Err(EngineError::invalid(
+                "n_logits",
+                format!("{n_logits} exceeds the {n} tokens given"),
+            ));
+        }
+        let n_vocab = self.config.n_vocab;
+        if let Some(&bad) = e.tokens.iter().find(|&&t| t as usize >= n_vocab) {
+            return Err(EngineError::invalid(
+                "tokens",
+                format!("token id {bad} is outside the vocabulary of {n_vocab}"),
+            ));
+        }
+        let end = e.seq.kv.len() + n;
+        if end > e.seq.kv.capacity() {
+            return Err(EngineError::ContextOverflow {
+                prompt_tokens: end,
+                context_size: e.seq.kv.capacity(),
+            });
+        }
+        Ok(())
     }
 }

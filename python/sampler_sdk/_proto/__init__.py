@@ -1,14 +1,11 @@
 """Message classes and RPC plumbing for the protocol buffers in ``sampler_sdk/protos``.
 
 The ``.proto`` files ship inside the package (``protos/`` at the repository root links to
-them) and are compiled on first use, never committed as generated code:
+them) and are compiled when the package is built, never committed as generated code:
 
-- The first import runs protoc (the one bundled with ``grpcio-tools``, in process) over
-  the shipped files and stores the resulting ``FileDescriptorSet`` in the user cache,
-  under a name derived from the files' hash. Later imports read that file; editing a
-  ``.proto`` changes the hash and recompiles. An unwritable cache only costs a compile
-  per process. This works the same for ``pip install .``, a wheel, and an editable
-  install, with no build hook in maturin.
+- ``build.rs`` compiles them (with a pure-Rust protoc) into one ``FileDescriptorSet``
+  that the extension module embeds as ``_engine.PROTO_DESCRIPTOR_SET``; a ``.proto``
+  edit rebuilds it. Installing needs no protoc and no ``grpcio-tools``.
 - Message classes come from a **private** descriptor pool. The official ``xai-sdk``
   registers its own ``xai_api`` descriptors in protobuf's default pool; ours share their
   full names, so both in the default pool would collide in any process that imports both
@@ -25,102 +22,22 @@ packages ``sampler_sdk.v1`` and ``xai_api`` (``sampler.SampleRequest``,
 
 from __future__ import annotations
 
-import hashlib
-import os
-import tempfile
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Tuple
 
 from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.internal import enum_type_wrapper
 
+from .._engine import PROTO_DESCRIPTOR_SET
+
 PROTO_ROOT = Path(__file__).resolve().parent.parent / "protos"
-
-# Bump when the cached file's meaning changes (not needed for .proto edits: they change
-# the hash).
-_CACHE_FORMAT = b"sampler-sdk descriptor set v1\n"
-
-
-def _proto_files() -> List[Path]:
-    files = sorted(p for p in PROTO_ROOT.rglob("*.proto") if p.is_file())
-    if not files:
-        raise RuntimeError(
-            f"no .proto files under {PROTO_ROOT}: the sampler_sdk install is incomplete"
-        )
-    return files
-
-
-def _fingerprint(files: List[Path]) -> str:
-    digest = hashlib.sha256(_CACHE_FORMAT)
-    for path in files:
-        digest.update(path.relative_to(PROTO_ROOT).as_posix().encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
-    return digest.hexdigest()[:24]
-
-
-def _compile(files: List[Path], out: Path) -> None:
-    try:
-        import grpc_tools
-        from grpc_tools import protoc
-    except ImportError as exc:  # pragma: no cover - grpcio-tools is a dependency
-        raise RuntimeError(
-            "compiling sampler_sdk's .proto files needs grpcio-tools (pip install grpcio-tools)"
-        ) from exc
-    well_known = Path(grpc_tools.__file__).resolve().parent / "_proto"
-    argv = [
-        "protoc",
-        f"--proto_path={PROTO_ROOT}",
-        f"--proto_path={well_known}",
-        "--include_imports",
-        f"--descriptor_set_out={out}",
-        *(p.relative_to(PROTO_ROOT).as_posix() for p in files),
-    ]
-    status = protoc.main(argv)
-    if status != 0:
-        raise RuntimeError(
-            f"protoc failed (exit {status}) on {PROTO_ROOT}; its messages are on stderr"
-        )
-
-
-def _cache_dir() -> Path:
-    from .. import registry
-
-    return registry.cache_dir() / "protos"
-
-
-def _descriptor_set_bytes() -> bytes:
-    files = _proto_files()
-    name = f"descriptors-{_fingerprint(files)}.binpb"
-    try:
-        cache = _cache_dir()
-        cached = cache / name
-        if cached.is_file():
-            return cached.read_bytes()
-        cache.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".descriptors-", suffix=".tmp", dir=cache)
-    except OSError:
-        # No usable cache: compile into a throwaway directory.
-        with tempfile.TemporaryDirectory(prefix="sampler-sdk-protos-") as scratch:
-            out = Path(scratch) / name
-            _compile(files, out)
-            return out.read_bytes()
-    os.close(fd)
-    try:
-        _compile(files, Path(tmp))
-        data = Path(tmp).read_bytes()
-        # Atomic: concurrent first imports each write their own temp file.
-        os.replace(tmp, cached)
-        return data
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _build_pool() -> Tuple[descriptor_pool.DescriptorPool, descriptor_pb2.FileDescriptorSet]:
-    file_set = descriptor_pb2.FileDescriptorSet.FromString(_descriptor_set_bytes())
+    file_set = descriptor_pb2.FileDescriptorSet.FromString(PROTO_DESCRIPTOR_SET)
     pool = descriptor_pool.DescriptorPool()
-    # protoc writes --include_imports sets in dependency order.
+    # The set lists imports before the files that import them.
     for file_proto in file_set.file:
         pool.Add(file_proto)
     return pool, file_set

