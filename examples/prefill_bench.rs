@@ -1,7 +1,8 @@
 //! Prefill and decode timing of a GGUF model: `cargo run --profile dev-opt --example
 //! prefill_bench -- MODEL.gguf [threads] [repeats] [decoded]`. Prefill feeds 255 tokens in
 //! chunks of 64 (the decode loop's prefill chunk); decode feeds `decoded` (default 32) single
-//! tokens after it. Prints the median of `repeats` runs and the tensor types of the file.
+//! tokens after it. Prints the median of `repeats` runs, a hash of every logit's bits and
+//! the tensor types of the file; `PREFILL_ALL_LOGITS=1` asks for every prompt token's logits.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -24,6 +25,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let threads: usize = args.get(2).map_or(Ok(1), |s| s.parse())?;
     let repeats: usize = args.get(3).map_or(Ok(5), |s| s.parse())?;
     let decoded: u32 = args.get(4).map_or(Ok(32), |s| s.parse())?;
+    // Every prompt token's logits (the output projection over whole chunks), for checking
+    // bit-identity of more outputs rather than for timing.
+    let all_logits = std::env::var_os("PREFILL_ALL_LOGITS").is_some();
 
     let mut types: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for t in GgufFile::open(path)?.tensors() {
@@ -49,24 +53,31 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let model = Model::load_with_threads(path, threads)?;
     let prompt: Vec<u32> = (0..255u32).map(|i| 100 + (i * 37) % 5000).collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
-    let mut checksum = 0f32;
+    // FNV-1a over the bits of every logit: equal hashes mean bit-identical outputs.
+    let mut checksum = 0xcbf2_9ce4_8422_2325u64;
+    let mut hash = |logits: &[f32]| {
+        for v in logits {
+            checksum = (checksum ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+        }
+    };
     for _ in 0..repeats {
         let mut seq = model.new_sequence(512);
         let start = Instant::now();
         for chunk in prompt.chunks(64) {
-            let logits = model.forward(&mut seq, chunk, 1)?;
-            checksum += logits[0];
+            let logits =
+                model.forward(&mut seq, chunk, if all_logits { chunk.len() } else { 1 })?;
+            hash(&logits);
         }
         prefill.push(prompt.len() as f64 / start.elapsed().as_secs_f64());
         let start = Instant::now();
         for i in 0..decoded {
             let logits = model.forward(&mut seq, &[200 + i], 1)?;
-            checksum += logits[0];
+            hash(&logits);
         }
         decode.push(f64::from(decoded) / start.elapsed().as_secs_f64());
     }
     println!(
-        "threads {threads}: prefill {:.1} tok/s, decode {:.1} tok/s (median of {repeats}; checksum {checksum:e})",
+        "threads {threads}: prefill {:.1} tok/s, decode {:.1} tok/s (median of {repeats}; logits hash {checksum:016x})",
         median(prefill),
         median(decode)
     );
