@@ -39,6 +39,11 @@ pub struct QuantizedActivations {
     /// block: the rows-by-tokens kernels read them once per (quad of rows, block, token),
     /// where widening in the kernel cost more than the dot product itself.
     block_scales: Vec<f32>,
+    /// Q8_0 only: per block, minus the four lane sums `y[4k..4k+4] + y[16+4k..16+4k+4]`
+    /// (k = 0..4), the lanes the 4/5-bit kernels use. Those kernels take `offset * sum` off
+    /// their unsigned products for every (quad of rows, block, token); reading it here
+    /// replaces two multiply-adds with a shift.
+    neg_lane_sums: Vec<i32>,
 }
 
 impl Default for QuantizedActivations {
@@ -54,6 +59,7 @@ impl QuantizedActivations {
             n: 0,
             bytes: Vec::new(),
             block_scales: Vec::new(),
+            neg_lane_sums: Vec::new(),
         }
     }
 
@@ -142,6 +148,16 @@ impl QuantizedActivations {
                 self.block_scales.push(f16::from_bits(bits).to_f32());
             }
         }
+        self.neg_lane_sums.clear();
+        if format == GgmlType::Q8_0 {
+            for block in self.bytes.chunks_exact(34) {
+                let q = |i: usize| i32::from(block[2 + i] as i8);
+                for k in 0..4 {
+                    let sum: i32 = (4 * k..4 * k + 4).map(|i| q(i) + q(16 + i)).sum();
+                    self.neg_lane_sums.push(-sum);
+                }
+            }
+        }
         Ok(())
     }
 
@@ -167,6 +183,12 @@ impl QuantizedActivations {
     /// (`d`), two per Q8_1 block (`d`, `s`), none for other formats.
     pub fn block_scales(&self) -> &[f32] {
         &self.block_scales
+    }
+
+    /// Q8_0 only (otherwise empty): four per block, lane `k` minus the sum of the quants
+    /// `4k..4k+4` and `16+4k..16+4k+4`.
+    pub fn neg_lane_sums(&self) -> &[i32] {
+        &self.neg_lane_sums
     }
 }
 

@@ -123,10 +123,13 @@ pub(super) trait TokensKernel: RowKernel {
     const WIDE: bool = false;
     /// f32 block scales per activation block the kernel reads from `block_scales`.
     const SCALES: usize = 0;
+    /// Lane sums per activation block the kernel reads from `neg_lane_sums`.
+    const LANE_SUMS: usize = 0;
     /// # Safety
     /// As for [`RowKernel::one`]; besides, every row and every activation row holds the
     /// same number of whole blocks (`common_blocks` of any one pair, for `acts[0].len()`
-    /// elements), and every activation row has `SCALES` block scales per block.
+    /// elements), and every activation row has `SCALES` block scales and `LANE_SUMS` lane
+    /// sums per block.
     unsafe fn group<const T: usize>(
         rows: [&[u8]; 4],
         acts: [&QuantizedActivations; T],
@@ -153,6 +156,7 @@ pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof)
             && acts.iter().all(|act| {
                 common_blocks(K::TY, &[rows[0]], act.bytes(), n) == blocks
                     && act.block_scales().len() >= blocks * K::SCALES
+                    && act.neg_lane_sums().len() >= blocks * K::LANE_SUMS
             });
         if !uniform {
             for (act, o) in acts.iter().zip(out) {
@@ -273,6 +277,7 @@ macro_rules! tokens_kernel {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
             const SCALES: usize = if <$format as SmallFormat>::HAS_MIN { 2 } else { 1 };
+            const LANE_SUMS: usize = if <$format as SmallFormat>::OFFSET != 0 { 4 } else { 0 };
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
                 acts: [&QuantizedActivations; T],
@@ -858,8 +863,9 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
+    let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
+    let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
     let low4 = _mm256_set1_epi8(0x0F);
-    let offset = _mm256_set1_epi8(F::OFFSET);
     // acc[t][p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of token t.
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
     // Lane r: row r's sum of `m * s`.
@@ -902,26 +908,21 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
             let y = a[t].add(b * F::ACT);
             let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
             let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
-            let excess = if F::OFFSET != 0 {
-                _mm256_add_epi16(
-                    _mm256_maddubs_epi16(offset, y_lo),
-                    _mm256_maddubs_epi16(offset, y_hi),
-                )
+            // `-OFFSET * (lane sums of y)`, both halves: what the unsigned products exceed w * y by.
+            let start = if F::OFFSET != 0 {
+                let neg_sums = load128(lane_sums[t].add(4 * b).cast());
+                _mm256_sll_epi32(_mm256_broadcastsi128_si256(neg_sums), offset_shift)
             } else {
                 _mm256_setzero_si256()
             };
             let dy_s = act_scales[t].add(b * scales_per_block);
             let dy = _mm256_set1_ps(dy_s.read());
             for p in 0..2 {
-                let mut pairs = _mm256_add_epi16(
+                let pairs = _mm256_add_epi16(
                     _mm256_maddubs_epi16(lo[p], y_lo),
                     _mm256_maddubs_epi16(hi[p], y_hi),
                 );
-                if F::OFFSET != 0 {
-                    // Exact in i16: the difference is at most 4 * 16 * 127 in magnitude.
-                    pairs = _mm256_sub_epi16(pairs, excess);
-                }
-                let sums = _mm256_madd_epi16(pairs, _mm256_set1_epi16(1));
+                let sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), start);
                 let scale = _mm256_mul_ps(d[p], dy);
                 acc[t][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t][p]);
             }

@@ -230,8 +230,9 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
+    let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
+    let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
     let low4 = _mm512_set1_epi8(0x0F);
-    let offset = _mm512_set1_epi8(F::OFFSET);
     let zero = _mm512_setzero_si512();
     // Row k in lanes 4k..4k+4.
     let mut acc = [_mm512_setzero_ps(); T];
@@ -276,9 +277,8 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
             let y_hi = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS + 16)));
             // Starting from minus the offset's share leaves w * y, as in `small_four`.
             let start = if F::OFFSET != 0 {
-                let excess =
-                    _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, offset, y_lo), offset, y_hi);
-                _mm512_sub_epi32(zero, excess)
+                let neg_sums = load128(lane_sums[t].add(4 * b).cast());
+                _mm512_sll_epi32(_mm512_broadcast_i32x4(neg_sums), offset_shift)
             } else {
                 zero
             };
