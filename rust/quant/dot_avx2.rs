@@ -121,6 +121,9 @@ pub(super) trait TokensKernel: RowKernel {
     /// Whether groups of eight tokens beat two groups of four (they need twice the
     /// accumulators; only the AVX-512 level has the registers).
     const WIDE: bool = false;
+    /// Whether groups are at most two tokens (kernels whose accumulators for four tokens
+    /// would not fit the registers).
+    const NARROW: bool = false;
     /// f32 block scales per activation block the kernel reads from `block_scales`.
     const SCALES: usize = 0;
     /// Lane sums per activation block the kernel reads from `neg_lane_sums`.
@@ -176,15 +179,15 @@ pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof)
                         o[..8].copy_from_slice(&K::group::<8>(rows, a));
                         8
                     }
-                    4.. => {
+                    4.. if !K::NARROW => {
                         o[..4].copy_from_slice(&K::group::<4>(rows, [&a[0], &a[1], &a[2], &a[3]]));
                         4
                     }
-                    3 => {
+                    3 if !K::NARROW => {
                         o[..3].copy_from_slice(&K::group::<3>(rows, [&a[0], &a[1], &a[2]]));
                         3
                     }
-                    2 => {
+                    2.. => {
                         o[..2].copy_from_slice(&K::group::<2>(rows, [&a[0], &a[1]]));
                         2
                     }
@@ -250,9 +253,10 @@ pub(super) use row_kernel;
 /// Implements [`TokensKernel`] for the row kernel `$name` with the group function `$group`
 /// (generic over the token count, after the format type when one is given).
 macro_rules! tokens_kernel {
-    ($name:ident, $group:ident $(, wide $wide:literal)?) => {
+    ($name:ident, $group:ident $(, wide $wide:literal)? $(, narrow $narrow:literal)?) => {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
+            $(const NARROW: bool = $narrow;)?
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
                 acts: [&QuantizedActivations; T],
@@ -332,6 +336,8 @@ tokens_kernel!(Q8_0, q8_0_tokens, scales 1);
 tokens_kernel!(Q4K, q4_k_tokens);
 tokens_kernel!(Q5K, q5_k_tokens);
 tokens_kernel!(Q6K, q6_k_tokens);
+tokens_kernel!(F16, f16_tokens, narrow true);
+tokens_kernel!(BF16, bf16_tokens, narrow true);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
 pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
@@ -358,6 +364,8 @@ pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
     set_tokens::<Q4K>(table, proof);
     set_tokens::<Q5K>(table, proof);
     set_tokens::<Q6K>(table, proof);
+    set_tokens::<F16>(table, proof);
+    set_tokens::<BF16>(table, proof);
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     table.quantize_q8_k = quantize_q8_k;
@@ -1617,7 +1625,7 @@ unsafe fn q8_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 // kernels sum in f64, so these agree with them to `(n / 8 + 8) * 2^-24 * sum |x y|`.
 
 /// Widens eight elements at `p` to f32.
-trait FloatElements {
+pub(super) trait FloatElements {
     const TY: GgmlType;
     const BYTES: usize;
     /// # Safety
@@ -1629,8 +1637,8 @@ trait FloatElements {
 }
 
 struct F32Elements;
-struct F16Elements;
-struct Bf16Elements;
+pub(super) struct F16Elements;
+pub(super) struct Bf16Elements;
 
 impl FloatElements for F32Elements {
     const TY: GgmlType = GgmlType::F32;
@@ -1712,18 +1720,87 @@ unsafe fn float_dot<E: FloatElements, const R: usize>(
     out
 }
 
+/// One row of a float format by `T` tokens: each group of eight weights is widened once
+/// for all the tokens; per token, [`float_dot`]'s accumulators, order and tail.
+/// # Safety
+/// As for [`float_dot`]; every activation row holds as many elements as `row`.
+#[inline(always)]
+pub(super) unsafe fn float_tokens_body<E: FloatElements, const T: usize>(
+    row: &[u8],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    let len = common_blocks(E::TY, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let mut acc = [[_mm256_setzero_ps(); 4]; T];
+    let mut i = 0;
+    while i + 32 <= len {
+        for k in 0..4 {
+            let at = (i + 8 * k) * E::BYTES;
+            let x = E::load8(w.add(at));
+            for t in 0..T {
+                acc[t][k] = _mm256_fmadd_ps(x, E::load8(a[t].add(at)), acc[t][k]);
+            }
+        }
+        i += 32;
+    }
+    while i + 8 <= len {
+        let at = i * E::BYTES;
+        let x = E::load8(w.add(at));
+        for t in 0..T {
+            acc[t][0] = _mm256_fmadd_ps(x, E::load8(a[t].add(at)), acc[t][0]);
+        }
+        i += 8;
+    }
+    let mut out = [0f32; T];
+    for t in 0..T {
+        let [a0, a1, a2, a3] = acc[t];
+        let total = _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3));
+        let mut tail = 0f32;
+        for j in i..len {
+            let at = j * E::BYTES;
+            tail += E::load1(w.add(at)) * E::load1(a[t].add(at));
+        }
+        out[t] = hsum(total) + tail;
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn f16_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    rows_by_tokens::<T>(rows, |row| {
+        float_tokens_body::<F16Elements, T>(row, acts, n)
+    })
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn bf16_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    rows_by_tokens::<T>(rows, |row| {
+        float_tokens_body::<Bf16Elements, T>(row, acts, n)
+    })
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f32_f32<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     float_dot::<F32Elements, R>(rows, act, n)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_f16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+pub(super) unsafe fn f16_f16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     float_dot::<F16Elements, R>(rows, act, n)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
+pub(super) unsafe fn bf16_bf16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     float_dot::<Bf16Elements, R>(rows, act, n)
 }
 

@@ -22,10 +22,10 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    common_blocks, f16_gather4, high_bits, hsum, load128, load256, next_rows, prefetch, q8_0_q8_0,
-    row_kernel, rows_by_tokens, set, set_tokens, small_finish, small_one, small_scales4,
-    tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat,
-    TokensKernel,
+    bf16_bf16, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128, load256, next_rows,
+    prefetch, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish, small_one,
+    small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel,
+    SmallFormat, TokensKernel,
 };
 use super::{GgmlType, QuantizedActivations};
 
@@ -62,6 +62,9 @@ row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
 row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
+// The AVX2 float row kernels (which stay installed), for the rows-by-tokens fallback.
+row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
+row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 tokens_kernel!(Q4_0, small_tokens, Q4_0Format, true);
 tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
@@ -70,6 +73,8 @@ tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
 tokens_kernel!(Q4K, q4_k_tokens, wide true);
 tokens_kernel!(Q5K, q5_k_tokens, wide true);
 tokens_kernel!(Q6K, q6_k_tokens, wide true);
+tokens_kernel!(F16, f16_tokens);
+tokens_kernel!(BF16, bf16_tokens);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
 pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
@@ -91,6 +96,8 @@ pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
     set_tokens::<Q4K>(table, proof);
     set_tokens::<Q5K>(table, proof);
     set_tokens::<Q6K>(table, proof);
+    set_tokens::<F16>(table, proof);
+    set_tokens::<BF16>(table, proof);
 }
 
 /// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
@@ -128,6 +135,25 @@ macro_rules! k_quant_tokens_kernel {
 k_quant_tokens_kernel!(q4_k_tokens, q4_k_tokens_body);
 k_quant_tokens_kernel!(q5_k_tokens, q5_k_tokens_body);
 k_quant_tokens_kernel!(q6_k_tokens, q6_k_tokens_body);
+
+/// The float rows-by-tokens body with 32 registers: four tokens' accumulators fit.
+macro_rules! float_tokens_kernel {
+    ($name:ident, $elements:ty) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name<const T: usize>(
+            rows: [&[u8]; 4],
+            acts: [&[u8]; T],
+            n: usize,
+        ) -> [[f32; 4]; T] {
+            rows_by_tokens::<T>(rows, |row| {
+                super::dot_avx2::float_tokens_body::<$elements, T>(row, acts, n)
+            })
+        }
+    };
+}
+
+float_tokens_kernel!(f16_tokens, super::dot_avx2::F16Elements);
+float_tokens_kernel!(bf16_tokens, super::dot_avx2::Bf16Elements);
 
 /// Lanes `4k..4k+4` take lane `k` of `v`.
 #[inline]
