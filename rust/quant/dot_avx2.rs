@@ -522,10 +522,13 @@ unsafe fn q8_0_tokens<const T: usize>(
     let blocks = common_blocks(GgmlType::Q8_0, &rows, acts[0].bytes(), acts[0].len());
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
-    rows_by_tokens::<T>(rows, |row| {
+    rows_by_tokens::<T>(rows, |row, ahead| {
         let w = row.as_ptr();
         let mut acc = [_mm256_setzero_ps(); T];
         for b in 0..blocks {
+            if let Some(ahead) = ahead {
+                prefetch(ahead.wrapping_add(b * SIZE), SIZE);
+            }
             let x = w.add(b * SIZE);
             let qx = load256(x.add(2));
             let abs_x = _mm256_sign_epi8(qx, qx);
@@ -873,12 +876,16 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
     let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
     let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
+    let next = next_rows(&rows);
     let low4 = _mm256_set1_epi8(0x0F);
     // acc[t][p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of token t.
     let mut acc = [[_mm256_setzero_ps(); 2]; T];
     // Lane r: row r's sum of `m * s`.
     let mut min_part = [_mm_setzero_ps(); T];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let x = w.map(|w| w.add(b * F::SIZE));
         let mut lo = [_mm256_setzero_si256(); 2];
         let mut hi = [_mm256_setzero_si256(); 2];
@@ -994,7 +1001,9 @@ unsafe fn q4_k_tokens<const T: usize>(
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row| q4_k_tokens_body::<T>(row, acts, n))
+    rows_by_tokens::<T>(rows, |row, ahead| {
+        q4_k_tokens_body::<T>(row, ahead, acts, n)
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1003,7 +1012,9 @@ unsafe fn q5_k_tokens<const T: usize>(
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row| q5_k_tokens_body::<T>(row, acts, n))
+    rows_by_tokens::<T>(rows, |row, ahead| {
+        q5_k_tokens_body::<T>(row, ahead, acts, n)
+    })
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1012,18 +1023,26 @@ unsafe fn q6_k_tokens<const T: usize>(
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row| q6_k_tokens_body::<T>(row, acts, n))
+    rows_by_tokens::<T>(rows, |row, ahead| {
+        q6_k_tokens_body::<T>(row, ahead, acts, n)
+    })
 }
 
-/// `out[t][r] = row_by_tokens(rows[r])[t]`.
+/// `out[t][r] = row_by_tokens(rows[r], ahead)[t]`, where `ahead` is where row `r + 4`
+/// probably starts (just past `rows` when they are consecutive rows of one matrix, see
+/// [`next_rows`]): a body walking one row prefetches the same blocks of that row, as the
+/// four-row kernels do, since matrices larger than the caches otherwise stream from DRAM at
+/// half the rate.
 #[inline(always)]
 pub(super) fn rows_by_tokens<const T: usize>(
     rows: [&[u8]; 4],
-    mut row_by_tokens: impl FnMut(&[u8]) -> [f32; T],
+    mut row_by_tokens: impl FnMut(&[u8], Option<*const u8>) -> [f32; T],
 ) -> [[f32; 4]; T] {
+    let next = next_rows(&rows);
     let mut out = [[0f32; 4]; T];
     for (r, row) in rows.into_iter().enumerate() {
-        for (o, v) in out.iter_mut().zip(row_by_tokens(row)) {
+        let ahead = next.map(|p| p.wrapping_add(r * row.len()));
+        for (o, v) in out.iter_mut().zip(row_by_tokens(row, ahead)) {
             o[r] = v;
         }
     }
@@ -1296,6 +1315,7 @@ pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
 #[inline(always)]
 pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
     row: &[u8],
+    ahead: Option<*const u8>,
     acts: [&[u8]; T],
     n: usize,
 ) -> [f32; T] {
@@ -1307,6 +1327,9 @@ pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     let mut min_acc = [_mm256_setzero_ps(); T];
     for b in 0..blocks {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * SIZE), SIZE);
+        }
         let x = w.add(b * SIZE);
         let (scales, mins) = k4_scales_mins_packed(x.add(4));
         let mins = _mm_cvtsi64_si128(mins as i64);
@@ -1354,6 +1377,7 @@ pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
 #[inline(always)]
 pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
     row: &[u8],
+    ahead: Option<*const u8>,
     acts: [&[u8]; T],
     n: usize,
 ) -> [f32; T] {
@@ -1366,6 +1390,9 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
     let mut acc = [_mm256_setzero_ps(); T];
     let mut min_acc = [_mm256_setzero_ps(); T];
     for b in 0..blocks {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * SIZE), SIZE);
+        }
         let x = w.add(b * SIZE);
         let (scales, mins) = k4_scales_mins_packed(x.add(4));
         let mins = _mm_cvtsi64_si128(mins as i64);
@@ -1417,6 +1444,7 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
 #[inline(always)]
 pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
     row: &[u8],
+    ahead: Option<*const u8>,
     acts: [&[u8]; T],
     n: usize,
 ) -> [f32; T] {
@@ -1428,6 +1456,9 @@ pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
     let bits45 = _mm256_set1_epi8(0x30);
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..blocks {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * SIZE), SIZE);
+        }
         let x = w.add(b * SIZE);
         let scales = _mm256_cvtepi8_epi16(load128(x.add(192)));
         let mut sums = [_mm256_setzero_si256(); T];
@@ -1727,6 +1758,7 @@ unsafe fn float_dot<E: FloatElements, const R: usize>(
 #[inline(always)]
 pub(super) unsafe fn float_tokens_body<E: FloatElements, const T: usize>(
     row: &[u8],
+    ahead: Option<*const u8>,
     acts: [&[u8]; T],
     n: usize,
 ) -> [f32; T] {
@@ -1736,6 +1768,9 @@ pub(super) unsafe fn float_tokens_body<E: FloatElements, const T: usize>(
     let mut acc = [[_mm256_setzero_ps(); 4]; T];
     let mut i = 0;
     while i + 32 <= len {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(i * E::BYTES), 32 * E::BYTES);
+        }
         for k in 0..4 {
             let at = (i + 8 * k) * E::BYTES;
             let x = E::load8(w.add(at));
@@ -1773,8 +1808,8 @@ unsafe fn f16_tokens<const T: usize>(
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row| {
-        float_tokens_body::<F16Elements, T>(row, acts, n)
+    rows_by_tokens::<T>(rows, |row, ahead| {
+        float_tokens_body::<F16Elements, T>(row, ahead, acts, n)
     })
 }
 
@@ -1784,8 +1819,8 @@ unsafe fn bf16_tokens<const T: usize>(
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row| {
-        float_tokens_body::<Bf16Elements, T>(row, acts, n)
+    rows_by_tokens::<T>(rows, |row, ahead| {
+        float_tokens_body::<Bf16Elements, T>(row, ahead, acts, n)
     })
 }
 

@@ -127,7 +127,9 @@ macro_rules! k_quant_tokens_kernel {
             acts: [&[u8]; T],
             n: usize,
         ) -> [[f32; 4]; T] {
-            rows_by_tokens::<T>(rows, |row| super::dot_avx2::$body::<T>(row, acts, n))
+            rows_by_tokens::<T>(rows, |row, ahead| {
+                super::dot_avx2::$body::<T>(row, ahead, acts, n)
+            })
         }
     };
 }
@@ -145,8 +147,8 @@ macro_rules! float_tokens_kernel {
             acts: [&[u8]; T],
             n: usize,
         ) -> [[f32; 4]; T] {
-            rows_by_tokens::<T>(rows, |row| {
-                super::dot_avx2::float_tokens_body::<$elements, T>(row, acts, n)
+            rows_by_tokens::<T>(rows, |row, ahead| {
+                super::dot_avx2::float_tokens_body::<$elements, T>(row, ahead, acts, n)
             })
         }
     };
@@ -258,6 +260,7 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
     let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
     let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
+    let next = next_rows(&rows);
     let low4 = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     // Row k in lanes 4k..4k+4.
@@ -265,6 +268,9 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     // Lane k: row k's sum of `m * s`.
     let mut min_part = [_mm_setzero_ps(); T];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        }
         let x = w.map(|w| w.add(b * F::SIZE));
         let q = _mm512_inserti32x4::<3>(
             _mm512_inserti32x4::<2>(
@@ -400,8 +406,12 @@ unsafe fn q8_0_tokens<const T: usize>(
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
     let flip = _mm512_set1_epi8(-128);
     let zero = _mm512_setzero_si512();
+    let next = next_rows(&rows);
     let mut acc = [[_mm512_setzero_ps(); 2]; T];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 4 * SIZE), 4 * SIZE);
+        }
         let x = w.map(|w| w.add(b * SIZE));
         let d = _mm512_castps128_ps512(f16_gather4(x));
         let mut qx = [zero; 2];
