@@ -342,6 +342,130 @@ pub fn attention(
     Ok(())
 }
 
+/// One sequence's part of [`attention_batch`]: `n_tokens` queries at positions
+/// `start..`, laid out as for [`attention`].
+pub struct AttentionJob<'a> {
+    pub kv: &'a KvCache,
+    pub start: usize,
+    pub n_tokens: usize,
+    pub q: &'a [f32],
+    pub out: &'a mut [f32],
+}
+
+/// [`attention`] for the sequences of a batched forward call, in one parallel region of
+/// (sequence, token, KV head) items: several sequences' single decode tokens give the
+/// threads enough items to share without splitting chunks, and one region replaces one
+/// per sequence. Every output is computed as the solo call computes it (see the module
+/// documentation), so batching changes no bit.
+pub fn attention_batch(
+    pool: &ThreadPool,
+    layer: usize,
+    shape: &AttentionShape,
+    jobs: &mut [AttentionJob<'_>],
+    scratch: &mut AttentionScratch,
+) -> Result<()> {
+    if let [job] = jobs {
+        return attention(
+            pool,
+            job.kv,
+            layer,
+            job.start,
+            job.n_tokens,
+            shape,
+            job.q,
+            scratch,
+            job.out,
+            None,
+        );
+    }
+    let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
+    let q_dim = n_head * hd;
+    for job in jobs.iter() {
+        let shape_ok = hd == job.kv.head_dim()
+            && n_kv == job.kv.n_head_kv()
+            && n_kv > 0
+            && n_head % n_kv == 0
+            && job.q.len() == job.n_tokens * q_dim
+            && job.out.len() == job.n_tokens * q_dim
+            && job.start + job.n_tokens <= job.kv.capacity();
+        if !shape_ok {
+            return Err(EngineError::Internal(format!(
+                "batched attention of layer {layer}: {shape:?}, {} tokens from {}, \
+                 q {} / out {} values, cache of {} heads x {}",
+                job.n_tokens,
+                job.start,
+                job.q.len(),
+                job.out.len(),
+                job.kv.n_head_kv(),
+                job.kv.head_dim()
+            )));
+        }
+    }
+    let group = shape.group();
+    let work_len = 2 * partial_len(group, hd) + group * chunk_len(hd);
+    let n_threads = pool.n_threads();
+    if scratch.per_thread.len() < n_threads * work_len {
+        scratch.per_thread.resize(n_threads * work_len, 0.0);
+    }
+    let per_thread = DisjointSlice::new(&mut scratch.per_thread[..n_threads * work_len]);
+    // Item ranges of the jobs, end to end.
+    let job_ends: Vec<usize> = jobs
+        .iter()
+        .scan(0, |end, job| {
+            *end += job.n_tokens * n_kv;
+            Some(*end)
+        })
+        .collect();
+    let total = job_ends.last().copied().unwrap_or(0);
+    // (cache, start, tokens, queries, output) of each job, the output shareable by threads.
+    type View<'v> = (&'v KvCache, usize, usize, &'v [f32], DisjointSlice<'v, f32>);
+    let views: Vec<View<'_>> = jobs
+        .iter_mut()
+        .map(|job| {
+            let (kv, start, n_tokens, q) = (job.kv, job.start, job.n_tokens, job.q);
+            (kv, start, n_tokens, q, DisjointSlice::new(&mut *job.out))
+        })
+        .collect();
+    let group_q = group * hd;
+    pool.parallel_for_slots(total, 1, |slot, items| {
+        // SAFETY: a slot is used by one thread at a time and owns its work buffer.
+        let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
+        for item in items {
+            let j = job_ends.partition_point(|&end| end <= item);
+            let (kv, start, n_tokens, q, out) = &views[j];
+            let local = item - (job_ends[j] - n_tokens * n_kv);
+            let (t, g) = (local / n_kv, local % n_kv);
+            let at = t * q_dim + g * group_q;
+            // SAFETY: each item's heads are written by the one thread that takes it.
+            let dst = unsafe { out.part(at..at + group_q) };
+            attend_group(
+                kv,
+                layer,
+                g,
+                &q[at..at + group_q],
+                shape.visible(start + t),
+                shape,
+                work,
+                dst,
+            );
+        }
+    });
+    Ok(())
+}
+
+/// The attention probabilities of the token at `pos` for every head (`n_head × (pos + 1)`
+/// values, zero outside each head's window), for callers that record attention patterns.
+pub fn last_token_attention(
+    kv: &KvCache,
+    layer: usize,
+    pos: usize,
+    shape: &AttentionShape,
+    q: &[f32],
+    all: &mut [f32],
+) {
+    last_token_probs(kv, layer, pos, shape, q, all);
+}
+
 /// Each head's attention probabilities for the token at `pos` (query `q`), zero outside
 /// its window: the plain softmax, computed apart from the output because only callers who
 /// asked for the attention pattern need it.

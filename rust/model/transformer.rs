@@ -8,7 +8,10 @@
 //! decode step each), all through the same matrix products.
 
 use crate::error::{EngineError, Result};
-use crate::kernels::attention::{attention, AttentionScratch, AttentionShape};
+use crate::kernels::attention::{
+    attention, attention_batch, last_token_attention, AttentionJob, AttentionScratch,
+    AttentionShape,
+};
 use crate::kernels::matmul::{matmul, matmul_fused, ActivationBatch, Product};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
@@ -314,7 +317,11 @@ impl Model {
                     );
                 }
 
-                let rows = first * q_dim..(first + len) * q_dim;
+                first += len;
+            }
+            if let [e] = entries {
+                let seq = &mut *e.seq;
+                let (start, len) = (seq.kv.len(), e.tokens.len());
                 let head_probs = if seq.attention.is_some() {
                     resize(&mut s.head_probs, cfg.n_head * (start + len));
                     Some(&mut s.head_probs[..])
@@ -328,9 +335,9 @@ impl Model {
                     start,
                     len,
                     &shape,
-                    &s.q[rows.clone()],
+                    &s.q,
                     &mut s.attention,
-                    &mut s.attn[rows],
+                    &mut s.attn,
                     head_probs,
                 )?;
                 if let Some(sum) = seq.attention.as_mut() {
@@ -338,7 +345,38 @@ impl Model {
                         ops::add_in_place(sum, head);
                     }
                 }
-                first += len;
+            } else {
+                let mut jobs = Vec::with_capacity(entries.len());
+                let (mut q_rest, mut out_rest) = (&s.q[..], &mut s.attn[..]);
+                for e in entries.iter() {
+                    let rows = e.tokens.len() * q_dim;
+                    let (q, q_next) = q_rest.split_at(rows);
+                    let (out, out_next) = std::mem::take(&mut out_rest).split_at_mut(rows);
+                    (q_rest, out_rest) = (q_next, out_next);
+                    jobs.push(AttentionJob {
+                        kv: &e.seq.kv,
+                        start: e.seq.kv.len(),
+                        n_tokens: e.tokens.len(),
+                        q,
+                        out,
+                    });
+                }
+                attention_batch(pool, li, &shape, &mut jobs, &mut s.attention)?;
+                drop(jobs);
+                let mut first = 0;
+                for e in entries.iter_mut() {
+                    let (start, len) = (e.seq.kv.len(), e.tokens.len());
+                    if let Some(sum) = e.seq.attention.as_mut() {
+                        let pos = start + len - 1;
+                        resize(&mut s.head_probs, cfg.n_head * (pos + 1));
+                        let q_last = &s.q[(first + len - 1) * q_dim..(first + len) * q_dim];
+                        last_token_attention(&e.seq.kv, li, pos, &shape, q_last, &mut s.head_probs);
+                        for head in s.head_probs.chunks_exact(pos + 1) {
+                            ops::add_in_place(sum, head);
+                        }
+                    }
+                    first += len;
+                }
             }
             s.acts.set_input(n, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
