@@ -11,9 +11,9 @@ use crate::model::Model;
 use crate::sampling::{Rng, Sampler, SamplingParams};
 use crate::text::{StopMatcher, Utf8Stream};
 
-/// Prompt tokens evaluated per forward call: bounds scratch memory and is the
+/// Prompt tokens evaluated per forward call (see `model::transformer`); also the
 /// granularity at which a long prefill can be cancelled.
-pub const PREFILL_CHUNK: usize = 64;
+pub use crate::model::transformer::PREFILL_CHUNK;
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {

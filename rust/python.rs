@@ -246,7 +246,7 @@ impl PyModel {
         let model = Arc::clone(&self.inner);
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
-            model.forward(&mut seq, &token_ids, 1)
+            model.prefill(&mut seq, &token_ids, 1)
         })?;
         Ok(PyArray1::from_vec(py, logits))
     }
@@ -264,7 +264,7 @@ impl PyModel {
         let n = n_last.unwrap_or(token_ids.len());
         let logits = run_detached(py, move || {
             let mut seq = model.new_sequence(token_ids.len());
-            model.forward(&mut seq, &token_ids, n)
+            model.prefill(&mut seq, &token_ids, n)
         })?;
         let array = PyArray1::from_vec(py, logits);
         Ok(array.reshape([n, self.inner.config.n_vocab])?.into_any())

@@ -147,7 +147,7 @@ impl Model {
     /// end-of-generation token (which is included).
     pub fn generate_greedy(&self, prompt: &[u32], max_tokens: usize) -> Result<Vec<u32>> {
         let mut seq = self.new_sequence(prompt.len() + max_tokens);
-        let mut next = argmax(self.forward_logits(&mut seq, prompt, 1)?);
+        let mut next = argmax(&self.prefill(&mut seq, prompt, 1)?);
         let mut out = Vec::with_capacity(max_tokens);
         for i in 0..max_tokens {
             out.push(next);
@@ -257,6 +257,31 @@ mod thread_count_tests {
                 .zip(&reference)
                 .all(|(a, b)| a.to_bits() == b.to_bits());
             assert!(same && logits.len() == reference.len(), "{threads} threads");
+        }
+    }
+
+    #[test]
+    fn chunked_prefill_equals_one_forward_call() {
+        let Some(path) = test_models::path(SMOLLM2) else {
+            return;
+        };
+        let model = Model::load_with_threads(&path, 2).unwrap();
+        let prompt: Vec<u32> = (0..150).map(|i| 1 + (i * 7919) % 40_000).collect();
+        for n_logits in [1, 3, 100, 150] {
+            let mut whole = model.new_sequence(prompt.len());
+            let mut chunked = model.new_sequence(prompt.len());
+            let expected = model.forward(&mut whole, &prompt, n_logits).unwrap();
+            let got = model.prefill(&mut chunked, &prompt, n_logits).unwrap();
+            assert_eq!(got.len(), expected.len());
+            let same = got
+                .iter()
+                .zip(&expected)
+                .all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same,
+                "{n_logits} logits differ between chunked and whole prefill"
+            );
+            assert_eq!(chunked.len(), prompt.len());
         }
     }
 
