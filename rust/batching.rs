@@ -354,9 +354,12 @@ mod tests {
     use crate::sampling::SamplingParams;
     use crate::test_models::{self, SMOLLM2};
 
+    /// (token id, probability bits) of each emitted token.
+    type Emitted = Vec<(u32, u32)>;
+
     struct Collect {
-        tokens: Vec<(u32, u32)>,
-        done: std::sync::mpsc::Sender<(Vec<(u32, u32)>, Result<Outcome>)>,
+        tokens: Emitted,
+        done: std::sync::mpsc::Sender<(Emitted, Result<Outcome>)>,
     }
 
     impl TokenSink for Collect {

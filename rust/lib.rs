@@ -17,6 +17,7 @@ pub mod gguf;
 pub mod kernels;
 pub mod kv_cache;
 pub mod model;
+pub mod model_cache;
 pub mod quant;
 pub mod sampling;
 pub mod text;

@@ -191,7 +191,7 @@ impl PyModel {
         self.check_ids(&[token_id])?;
         Ok(PyBytes::new(
             py,
-            &self.inner.tokenizer.token_bytes(token_id, render_special),
+            self.inner.tokenizer.token_bytes(token_id, render_special),
         ))
     }
 

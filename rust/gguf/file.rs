@@ -302,7 +302,7 @@ fn check_count(what: &str, count: u64, min_bytes: u64, reader: &ByteReader<'_>) 
     let remaining = reader.remaining() as u64;
     if count
         .checked_mul(min_bytes)
-        .map_or(true, |needed| needed > remaining)
+        .is_none_or(|needed| needed > remaining)
     {
         return Err(EngineError::malformed(
             "header",
