@@ -465,8 +465,11 @@ unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
 }
 
 /// Four Q8_0 rows by `T` tokens, two rows per register with [`q8_0_four`]'s lanes: the
-/// weights (sign bit flipped) and scales are loaded once for all the tokens, and each
-/// token's `-128 * y` start serves both register pairs.
+/// weights and scales are loaded once for all the tokens. Here the activations take the
+/// unsigned side of `vpdpbusd` (`y + 128`, the sign bit flipped) and the signed weights the
+/// other, so the sums start from `-128 * x`, which each register pair computes once per
+/// block for all the tokens (rather than `-128 * y` once per token and block). The lane
+/// sums are the same exact integers as [`q8_0_four`]'s, so the results have its bits.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_0_tokens<const T: usize>(
     rows: [&[u8]; 4],
@@ -488,13 +491,14 @@ unsafe fn q8_0_tokens<const T: usize>(
         let x = w.map(|w| w.add(b * SIZE));
         let d = _mm512_castps128_ps512(f16_gather4(x));
         let mut qx = [zero; 2];
+        let mut start = [zero; 2];
         let mut dx = [_mm512_setzero_ps(); 2];
         for p in 0..2 {
-            let q = _mm512_inserti64x4::<1>(
+            qx[p] = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(load256(x[2 * p].add(2))),
                 load256(x[2 * p + 1].add(2)),
             );
-            qx[p] = _mm512_xor_si512(q, flip);
+            start[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qx[p]));
             let (l0, l1) = ((2 * p) as i32, (2 * p + 1) as i32);
             let index = _mm512_setr_epi32(
                 l0, l0, l0, l0, l0, l0, l0, l0, l1, l1, l1, l1, l1, l1, l1, l1,
@@ -503,10 +507,10 @@ unsafe fn q8_0_tokens<const T: usize>(
         }
         for t in 0..T {
             let qy = _mm512_broadcast_i64x4(load256(a[t].add(b * SIZE + 2)));
-            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qy));
+            let qy = _mm512_xor_si512(qy, flip);
             let dy = _mm512_set1_ps(act_scales[t].add(b).read());
             for p in 0..2 {
-                let sums = _mm512_dpbusd_epi32(start, qx[p], qy);
+                let sums = _mm512_dpbusd_epi32(start[p], qy, qx[p]);
                 let scale = _mm512_mul_ps(dx[p], dy);
                 acc[t][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[t][p]);
             }
