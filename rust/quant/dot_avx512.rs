@@ -8,6 +8,8 @@
 //! - rows-by-tokens kernels: the 4/5-bit formats and Q8_0 in the four-row kernels' register
 //!   layouts, the K-quants as the AVX2 bodies recompiled; all in groups of up to eight
 //!   tokens, whose accumulators the 32 vector registers hold (measured faster than fours).
+//!   F16 takes four rows by up to four tokens in 512-bit registers (`f16_tokens`), BF16 the
+//!   AVX2 body recompiled.
 //!
 //! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
 //! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
@@ -154,7 +156,78 @@ macro_rules! float_tokens_kernel {
     };
 }
 
-float_tokens_kernel!(f16_tokens, super::dot_avx2::F16Elements);
+/// F16, four rows by `T` (at most four) tokens in 512-bit registers: per 16 elements, the
+/// four rows' and the `T` tokens' elements are widened once each for `4 * T` FMAs (the
+/// AVX2 body widens every token's elements again for each row).
+///
+/// Lanes are the AVX2 `float_dot`'s: of each 32 elements, the first 16 are its
+/// `acc[0]` and `acc[1]` side by side, the last 16 its `acc[2]` and `acc[3]`. The two halves
+/// are separate accumulators, so they are summed in two passes over the row (the second
+/// reads the rows again from L1), which keeps `4 * T` accumulators live rather than
+/// `8 * T`. Each lane sees the same FMAs in the same order, and the halves are combined as
+/// `(acc[0] + acc[1]) + (acc[2] + acc[3])`, so every result has the AVX2 bits. Rows whose
+/// length is not a multiple of 32 take the AVX2 body.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn f16_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    n: usize,
+) -> [[f32; 4]; T] {
+    let len = common_blocks(GgmlType::F16, &rows, acts[0], n);
+    if T > 4 || len % 32 != 0 {
+        return rows_by_tokens::<T>(rows, |row, ahead| {
+            super::dot_avx2::float_tokens_body::<super::dot_avx2::F16Elements, T>(
+                row, ahead, acts, n,
+            )
+        });
+    }
+    let low = f16_tokens_half::<T, 0>(rows, acts, len);
+    let high = f16_tokens_half::<T, 1>(rows, acts, len);
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        for r in 0..4 {
+            let (lo, hi) = (low[t][r], high[t][r]);
+            let first = _mm256_add_ps(_mm512_castps512_ps256(lo), upper256(lo));
+            let second = _mm256_add_ps(_mm512_castps512_ps256(hi), upper256(hi));
+            // `float_dot` adds its (here empty) scalar tail.
+            out[t][r] = hsum(_mm256_add_ps(first, second)) + 0f32;
+        }
+    }
+    out
+}
+
+/// Elements `32 i + 16 H .. 32 i + 16 H + 16` of every 32, per (token, row); `len` is a
+/// multiple of 32 that every row and activation row holds. The first pass prefetches the
+/// following four rows, as the other multi-row kernels do.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn f16_tokens_half<const T: usize, const H: usize>(
+    rows: [&[u8]; 4],
+    acts: [&[u8]; T],
+    len: usize,
+) -> [[__m512; 4]; T] {
+    let w = rows.map(<[u8]>::as_ptr);
+    let a = acts.map(<[u8]>::as_ptr);
+    let next = if H == 0 { next_rows(&rows) } else { None };
+    let mut acc = [[_mm512_setzero_ps(); 4]; T];
+    let mut i = 0;
+    while i < len {
+        if let Some(next) = next {
+            // 64 bytes of each of four rows per step: the following rows, linearly.
+            prefetch(next.wrapping_add(8 * i), 256);
+        }
+        let at = 2 * (i + 16 * H);
+        let x = w.map(|w| _mm512_cvtph_ps(load256(w.add(at))));
+        for t in 0..T {
+            let y = _mm512_cvtph_ps(load256(a[t].add(at)));
+            for r in 0..4 {
+                acc[t][r] = _mm512_fmadd_ps(x[r], y, acc[t][r]);
+            }
+        }
+        i += 32;
+    }
+    acc
+}
 float_tokens_kernel!(bf16_tokens, super::dot_avx2::Bf16Elements);
 
 /// Lanes `4k..4k+4` take lane `k` of `v`.
@@ -392,8 +465,11 @@ unsafe fn q8_0_four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
 }
 
 /// Four Q8_0 rows by `T` tokens, two rows per register with [`q8_0_four`]'s lanes: the
-/// weights (sign bit flipped) and scales are loaded once for all the tokens, and each
-/// token's `-128 * y` start serves both register pairs.
+/// weights and scales are loaded once for all the tokens. Here the activations take the
+/// unsigned side of `vpdpbusd` (`y + 128`, the sign bit flipped) and the signed weights the
+/// other, so the sums start from `-128 * x`, which each register pair computes once per
+/// block for all the tokens (rather than `-128 * y` once per token and block). The lane
+/// sums are the same exact integers as [`q8_0_four`]'s, so the results have its bits.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_0_tokens<const T: usize>(
     rows: [&[u8]; 4],
@@ -415,13 +491,14 @@ unsafe fn q8_0_tokens<const T: usize>(
         let x = w.map(|w| w.add(b * SIZE));
         let d = _mm512_castps128_ps512(f16_gather4(x));
         let mut qx = [zero; 2];
+        let mut start = [zero; 2];
         let mut dx = [_mm512_setzero_ps(); 2];
         for p in 0..2 {
-            let q = _mm512_inserti64x4::<1>(
+            qx[p] = _mm512_inserti64x4::<1>(
                 _mm512_castsi256_si512(load256(x[2 * p].add(2))),
                 load256(x[2 * p + 1].add(2)),
             );
-            qx[p] = _mm512_xor_si512(q, flip);
+            start[p] = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qx[p]));
             let (l0, l1) = ((2 * p) as i32, (2 * p + 1) as i32);
             let index = _mm512_setr_epi32(
                 l0, l0, l0, l0, l0, l0, l0, l0, l1, l1, l1, l1, l1, l1, l1, l1,
@@ -430,10 +507,10 @@ unsafe fn q8_0_tokens<const T: usize>(
         }
         for t in 0..T {
             let qy = _mm512_broadcast_i64x4(load256(a[t].add(b * SIZE + 2)));
-            let start = _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, flip, qy));
+            let qy = _mm512_xor_si512(qy, flip);
             let dy = _mm512_set1_ps(act_scales[t].add(b).read());
             for p in 0..2 {
-                let sums = _mm512_dpbusd_epi32(start, qx[p], qy);
+                let sums = _mm512_dpbusd_epi32(start[p], qy, qx[p]);
                 let scale = _mm512_mul_ps(dx[p], dy);
                 acc[t][p] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale, acc[t][p]);
             }

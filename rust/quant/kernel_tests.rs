@@ -208,7 +208,9 @@ fn rows_by_tokens_kernels_give_single_row_bits() {
     for kernels in simd_levels().into_iter().chain([scalar()]) {
         for ty in GgmlType::ALL {
             let block = ty.block_size().max(activation_type(ty).block_size());
-            for blocks in [1, 3, 18] {
+            // Float rows of a multiple of 32 elements take the AVX-512 level's own path.
+            let float_lengths: &[usize] = if block == 1 { &[64, 96] } else { &[] };
+            for &blocks in [1, 3, 18].iter().chain(float_lengths) {
                 let n = blocks * block;
                 for n_tokens in 1..=9 {
                     let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
