@@ -1308,6 +1308,72 @@ pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     out
 }
 
+// The steps Q4_K and Q5_K share in their rows-by-tokens kernels (block layout: f16 d,
+// f16 dmin, 12 bytes of packed 6-bit scales and mins, then the quants), each doing per
+// token exactly what the one-row kernels do.
+
+/// Adds every token's `dmin · Σ min · bsum` share of block `b` (at `x`) to `min_acc` and
+/// returns the block's eight sub-block scales, broadcast for [`k_pair_products`].
+#[inline(always)]
+unsafe fn k_block_mins<const T: usize>(
+    x: *const u8,
+    a: [*const u8; T],
+    b: usize,
+    min_acc: &mut [__m256; T],
+) -> __m256i {
+    let (scales, mins) = k4_scales_mins_packed(x.add(4));
+    let mins = _mm_cvtsi64_si128(mins as i64);
+    let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
+    let dmin_x = f16_splat(x.add(2));
+    for t in 0..T {
+        let y = a[t].add(b * Q8K_SIZE);
+        let min_sums = _mm256_madd_epi16(mins, load256(y.add(Q8K_BSUMS)));
+        let dmin = _mm256_mul_ps(dmin_x, f32_splat(y));
+        min_acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[t]);
+    }
+    _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)))
+}
+
+/// Adds to every token's integer sums the scaled products of sub-blocks `2j` (`lo`) and
+/// `2j + 1` (`hi`) of block `b` with its activations.
+#[inline(always)]
+unsafe fn k_pair_products<const T: usize>(
+    lo: __m256i,
+    hi: __m256i,
+    scales: __m256i,
+    j: usize,
+    a: [*const u8; T],
+    b: usize,
+    sums: &mut [__m256i; T],
+) {
+    let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
+    for t in 0..T {
+        let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);
+        let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
+        let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
+        let p_lo = _mm256_madd_epi16(p_lo, s_lo);
+        let p_hi = _mm256_madd_epi16(p_hi, s_hi);
+        sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p_lo, p_hi));
+    }
+}
+
+/// Folds block `b`'s integer sums into every token's float accumulator, scaled by
+/// `d · d_y`.
+#[inline(always)]
+unsafe fn k_block_scale<const T: usize>(
+    x: *const u8,
+    a: [*const u8; T],
+    b: usize,
+    sums: &[__m256i; T],
+    acc: &mut [__m256; T],
+) {
+    let d_x = f16_splat(x);
+    for t in 0..T {
+        let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
+        acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+    }
+}
+
 /// One Q4_K row by `T` tokens: each block's nibbles and scales are unpacked once and meet
 /// every token's activations; per token, [`q4_k_body`]'s operations in its order.
 /// # Safety
@@ -1331,44 +1397,17 @@ pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
             prefetch(ahead.wrapping_add(b * SIZE), SIZE);
         }
         let x = w.add(b * SIZE);
-        let (scales, mins) = k4_scales_mins_packed(x.add(4));
-        let mins = _mm_cvtsi64_si128(mins as i64);
-        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-        let dmin_x = f16_splat(x.add(2));
-        let scales =
-            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let scales = k_block_mins(x, a, b, &mut min_acc);
         let mut sums = [_mm256_setzero_si256(); T];
-        for t in 0..T {
-            let y = a[t].add(b * Q8K_SIZE);
-            let min_sums = _mm256_madd_epi16(mins, load256(y.add(Q8K_BSUMS)));
-            let dmin = _mm256_mul_ps(dmin_x, f32_splat(y));
-            min_acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[t]);
-        }
         for j in 0..4 {
             let q = load256(x.add(16 + 32 * j));
             let lo = _mm256_and_si256(q, low4);
             let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-            let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
-            for t in 0..T {
-                let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);
-                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
-                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
-                let p_lo = _mm256_madd_epi16(p_lo, s_lo);
-                let p_hi = _mm256_madd_epi16(p_hi, s_hi);
-                sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p_lo, p_hi));
-            }
+            k_pair_products(lo, hi, scales, j, a, b, &mut sums);
         }
-        let d_x = f16_splat(x);
-        for t in 0..T {
-            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
-        }
+        k_block_scale(x, a, b, &sums, &mut acc);
     }
-    let mut out = [0f32; T];
-    for t in 0..T {
-        out[t] = hsum(acc[t]) - hsum(min_acc[t]);
-    }
-    out
+    std::array::from_fn(|t| hsum(acc[t]) - hsum(min_acc[t]))
 }
 
 /// One Q5_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
@@ -1394,19 +1433,8 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
             prefetch(ahead.wrapping_add(b * SIZE), SIZE);
         }
         let x = w.add(b * SIZE);
-        let (scales, mins) = k4_scales_mins_packed(x.add(4));
-        let mins = _mm_cvtsi64_si128(mins as i64);
-        let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-        let dmin_x = f16_splat(x.add(2));
-        let scales =
-            _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+        let scales = k_block_mins(x, a, b, &mut min_acc);
         let mut sums = [_mm256_setzero_si256(); T];
-        for t in 0..T {
-            let y = a[t].add(b * Q8K_SIZE);
-            let min_sums = _mm256_madd_epi16(mins, load256(y.add(Q8K_BSUMS)));
-            let dmin = _mm256_mul_ps(dmin_x, f32_splat(y));
-            min_acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[t]);
-        }
         let mut qh = load256(x.add(16));
         for j in 0..4 {
             let q = load256(x.add(48 + 32 * j));
@@ -1415,27 +1443,11 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
             let lo = _mm256_or_si256(lo, _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bit4));
             let hi = _mm256_or_si256(hi, _mm256_and_si256(_mm256_slli_epi16::<3>(qh), bit4));
             qh = _mm256_srli_epi16::<2>(qh);
-            let (s_lo, s_hi) = (scale_one(scales, 2 * j), scale_one(scales, 2 * j + 1));
-            for t in 0..T {
-                let qy = a[t].add(b * Q8K_SIZE + Q8K_QS);
-                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
-                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
-                let p_lo = _mm256_madd_epi16(p_lo, s_lo);
-                let p_hi = _mm256_madd_epi16(p_hi, s_hi);
-                sums[t] = _mm256_add_epi32(sums[t], _mm256_add_epi32(p_lo, p_hi));
-            }
+            k_pair_products(lo, hi, scales, j, a, b, &mut sums);
         }
-        let d_x = f16_splat(x);
-        for t in 0..T {
-            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
-        }
+        k_block_scale(x, a, b, &sums, &mut acc);
     }
-    let mut out = [0f32; T];
-    for t in 0..T {
-        out[t] = hsum(acc[t]) - hsum(min_acc[t]);
-    }
-    out
+    std::array::from_fn(|t| hsum(acc[t]) - hsum(min_acc[t]))
 }
 
 /// One Q6_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
