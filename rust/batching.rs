@@ -20,7 +20,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::error::{panic_message, EngineError, Result};
 use crate::generate::{
-    validate, GenerateRequest, GeneratedToken, Outcome, SequenceRun, StepOutput, StopReason,
+    GenerateRequest, GeneratedToken, Outcome, SequenceRun, StepOutput, StopReason,
 };
 use crate::model::transformer::BatchScratch;
 use crate::model::Model;
@@ -42,12 +42,6 @@ pub trait TokenSink: Send {
 /// Runs a step's event deliveries: a binding wraps them in its interpreter lock. Gets the
 /// deliveries as a closure to call exactly once.
 pub type Delivery = Box<dyn Fn(&mut dyn FnMut()) + Send>;
-
-struct Job {
-    request: GenerateRequest,
-    cancel: Arc<AtomicBool>,
-    sink: Box<dyn TokenSink>,
-}
 
 struct Running {
     run: SequenceRun,
@@ -79,7 +73,7 @@ impl BatchStats {
 /// generations it holds and then exit; it never blocks the dropping thread.
 pub struct Batcher {
     model: Arc<Model>,
-    queue: Mutex<Sender<Job>>,
+    queue: Mutex<Sender<Running>>,
     stats: Arc<BatchStats>,
 }
 
@@ -124,14 +118,11 @@ impl Batcher {
         cancel: Arc<AtomicBool>,
         sink: Box<dyn TokenSink>,
     ) -> Result<()> {
-        validate(&self.model, &request)?;
+        // Built here, so a bad request is rejected on the caller's thread.
+        let run = SequenceRun::new(&self.model, request)?;
         let queue = self.queue.lock().unwrap_or_else(|p| p.into_inner());
         queue
-            .send(Job {
-                request,
-                cancel,
-                sink,
-            })
+            .send(Running { run, cancel, sink })
             .map_err(|_| EngineError::Internal("the batcher thread has stopped".into()))
     }
 }
@@ -139,10 +130,10 @@ impl Batcher {
 struct Scheduler {
     model: Arc<Model>,
     stats: Arc<BatchStats>,
-    jobs: Receiver<Job>,
+    jobs: Receiver<Running>,
     max_batch: usize,
     delivery: Delivery,
-    waiting: VecDeque<Job>,
+    waiting: VecDeque<Running>,
     running: Vec<Running>,
     scratch: BatchScratch,
 }
@@ -150,8 +141,9 @@ struct Scheduler {
 impl Scheduler {
     fn run(mut self) {
         while self.receive() {
-            self.admit();
+            // Cancelled sequences leave first, so they free their places for waiting ones.
             self.retire_cancelled();
+            self.admit();
             if !self.running.is_empty() {
                 self.step();
             }
@@ -174,68 +166,28 @@ impl Scheduler {
     }
 
     fn admit(&mut self) {
-        let mut failed = Vec::new();
         while self.running.len() < self.max_batch {
-            let Some(job) = self.waiting.pop_front() else {
+            let Some(next) = self.waiting.pop_front() else {
                 break;
             };
-            match SequenceRun::new(&self.model, job.request) {
-                Ok(run) => self.running.push(Running {
-                    run,
-                    cancel: job.cancel,
-                    sink: job.sink,
-                }),
-                Err(e) => failed.push((job.sink, e)),
-            }
-        }
-        if !failed.is_empty() {
-            (self.delivery)(&mut || {
-                for (sink, e) in failed.drain(..) {
-                    let mut sink = sink;
-                    sink.finish(Err(e));
-                }
-            });
-        }
-        // A job cancelled while it waited ends without running.
-        let (cancelled, kept): (Vec<Job>, Vec<Job>) = self
-            .waiting
-            .drain(..)
-            .partition(|job| job.cancel.load(Ordering::Relaxed));
-        self.waiting = kept.into();
-        if !cancelled.is_empty() {
-            let mut cancelled = cancelled;
-            (self.delivery)(&mut || {
-                for job in cancelled.iter_mut() {
-                    job.sink.finish(Ok(Outcome {
-                        stop_reason: StopReason::Cancelled,
-                        usage: crate::generate::Usage {
-                            prompt_tokens: job.request.prompt.len(),
-                            sampled_tokens: 0,
-                        },
-                        trailing_text: String::new(),
-                    }));
-                }
-            });
+            self.running.push(next);
         }
     }
 
+    /// Ends the sequences whose consumer cancelled them, waiting or running.
     fn retire_cancelled(&mut self) {
-        if !self
-            .running
-            .iter()
-            .any(|r| r.cancel.load(Ordering::Relaxed))
-        {
+        let cancelled = |r: &Running| r.cancel.load(Ordering::Relaxed);
+        if !self.running.iter().chain(&self.waiting).any(cancelled) {
             return;
         }
-        let (gone, kept): (Vec<Running>, Vec<Running>) = self
-            .running
-            .drain(..)
-            .partition(|r| r.cancel.load(Ordering::Relaxed));
-        self.running = kept;
-        let mut gone = gone;
+        let (mut gone, running): (Vec<Running>, Vec<Running>) =
+            self.running.drain(..).partition(cancelled);
+        let (waited, waiting): (Vec<Running>, Vec<Running>) =
+            self.waiting.drain(..).partition(cancelled);
+        (self.running, self.waiting) = (running, waiting.into());
+        gone.extend(waited);
         (self.delivery)(&mut || {
-            for r in gone.drain(..) {
-                let Running { run, mut sink, .. } = r;
+            for Running { run, mut sink, .. } in gone.drain(..) {
                 sink.finish(Ok(run.finish(StopReason::Cancelled)));
             }
         });

@@ -202,6 +202,38 @@ fn attend_group(
     running.finish(hd, out);
 }
 
+/// Checks that `n_tokens` queries (`q_len` values) and outputs (`out_len`) at positions
+/// `start..` fit `shape` and the cache `kv`.
+fn check_shapes(
+    layer: usize,
+    shape: &AttentionShape,
+    kv: &KvCache,
+    start: usize,
+    n_tokens: usize,
+    q_len: usize,
+    out_len: usize,
+) -> Result<()> {
+    let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
+    let values = n_tokens * n_head * hd;
+    let shape_ok = hd == kv.head_dim()
+        && n_kv == kv.n_head_kv()
+        && n_kv > 0
+        && n_head % n_kv == 0
+        && q_len == values
+        && out_len == values
+        && start + n_tokens <= kv.capacity();
+    if shape_ok {
+        return Ok(());
+    }
+    Err(EngineError::Internal(format!(
+        "attention of layer {layer}: {shape:?}, {n_tokens} tokens from {start}, \
+         q {q_len} / out {out_len} values, cache of {} heads x {} (capacity {})",
+        kv.n_head_kv(),
+        kv.head_dim(),
+        kv.capacity()
+    )))
+}
+
 /// For every token `t` of `n_tokens` (at positions `start + t`, whose keys and values are
 /// already in `kv`) and every query head `h`:
 /// `out[t][h] = softmax(scale * q[t][h] · K[visible]) · V[visible]`, with `q` and `out`
@@ -225,23 +257,11 @@ pub fn attention(
     let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
     let q_dim = n_head * hd;
     let end = start + n_tokens;
-    let shape_ok = hd == kv.head_dim()
-        && n_kv == kv.n_head_kv()
-        && n_kv > 0
-        && n_head % n_kv == 0
-        && q.len() == n_tokens * q_dim
-        && out.len() == n_tokens * q_dim
-        && end <= kv.capacity()
-        && last_probs.as_ref().is_none_or(|p| p.len() == n_head * end);
-    if !shape_ok {
+    check_shapes(layer, shape, kv, start, n_tokens, q.len(), out.len())?;
+    if last_probs.as_ref().is_some_and(|p| p.len() != n_head * end) {
         return Err(EngineError::Internal(format!(
-            "attention of layer {layer}: {shape:?}, {n_tokens} tokens from {start}, \
-             q {} / out {} values, cache of {} heads x {} (capacity {})",
-            q.len(),
-            out.len(),
-            kv.n_head_kv(),
-            kv.head_dim(),
-            kv.capacity()
+            "attention of layer {layer}: room for the last token's probabilities must be \
+             {n_head} x {end} values"
         )));
     }
     let group = shape.group();
@@ -381,25 +401,15 @@ pub fn attention_batch(
     let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
     let q_dim = n_head * hd;
     for job in jobs.iter() {
-        let shape_ok = hd == job.kv.head_dim()
-            && n_kv == job.kv.n_head_kv()
-            && n_kv > 0
-            && n_head % n_kv == 0
-            && job.q.len() == job.n_tokens * q_dim
-            && job.out.len() == job.n_tokens * q_dim
-            && job.start + job.n_tokens <= job.kv.capacity();
-        if !shape_ok {
-            return Err(EngineError::Internal(format!(
-                "batched attention of layer {layer}: {shape:?}, {} tokens from {}, \
-                 q {} / out {} values, cache of {} heads x {}",
-                job.n_tokens,
-                job.start,
-                job.q.len(),
-                job.out.len(),
-                job.kv.n_head_kv(),
-                job.kv.head_dim()
-            )));
-        }
+        check_shapes(
+            layer,
+            shape,
+            job.kv,
+            job.start,
+            job.n_tokens,
+            job.q.len(),
+            job.out.len(),
+        )?;
     }
     let group = shape.group();
     let work_len = 2 * partial_len(group, hd) + group * chunk_len(hd);

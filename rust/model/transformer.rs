@@ -348,17 +348,11 @@ impl Model {
                 first += len;
             }
             if let [e] = entries {
-                let seq = &mut *e.seq;
-                let (start, len) = (seq.kv.len(), e.tokens.len());
-                let head_probs = if seq.attention.is_some() {
-                    resize(&mut s.head_probs, cfg.n_head * (start + len));
-                    Some(&mut s.head_probs[..])
-                } else {
-                    None
-                };
+                // One sequence (every decode step of a solo run): no job list to allocate.
+                let (start, len) = (e.seq.kv.len(), e.tokens.len());
                 attention(
                     pool,
-                    &seq.kv,
+                    &e.seq.kv,
                     li,
                     start,
                     len,
@@ -366,13 +360,8 @@ impl Model {
                     &s.q,
                     &mut s.attention,
                     &mut s.attn,
-                    head_probs,
+                    None,
                 )?;
-                if let Some(sum) = seq.attention.as_mut() {
-                    for head in s.head_probs.chunks_exact(start + len) {
-                        ops::add_in_place(sum, head);
-                    }
-                }
             } else {
                 let mut jobs = Vec::with_capacity(entries.len());
                 let (mut q_rest, mut out_rest) = (&s.q[..], &mut s.attn[..]);
@@ -390,21 +379,21 @@ impl Model {
                     });
                 }
                 attention_batch(pool, li, &shape, &mut jobs, &mut s.attention)?;
-                drop(jobs);
-                let mut first = 0;
-                for e in entries.iter_mut() {
-                    let (start, len) = (e.seq.kv.len(), e.tokens.len());
-                    if let Some(sum) = e.seq.attention.as_mut() {
-                        let pos = start + len - 1;
-                        resize(&mut s.head_probs, cfg.n_head * (pos + 1));
-                        let q_last = &s.q[(first + len - 1) * q_dim..(first + len) * q_dim];
-                        last_token_attention(&e.seq.kv, li, pos, &shape, q_last, &mut s.head_probs);
-                        for head in s.head_probs.chunks_exact(pos + 1) {
-                            ops::add_in_place(sum, head);
-                        }
+            }
+            // Sequences recording attention add this layer's pattern of their last token.
+            let mut first = 0;
+            for e in entries.iter_mut() {
+                let (start, len) = (e.seq.kv.len(), e.tokens.len());
+                if let Some(sum) = e.seq.attention.as_mut() {
+                    let pos = start + len - 1;
+                    resize(&mut s.head_probs, cfg.n_head * (pos + 1));
+                    let q_last = &s.q[(first + len - 1) * q_dim..(first + len) * q_dim];
+                    last_token_attention(&e.seq.kv, li, pos, &shape, q_last, &mut s.head_probs);
+                    for head in s.head_probs.chunks_exact(pos + 1) {
+                        ops::add_in_place(sum, head);
                     }
-                    first += len;
                 }
+                first += len;
             }
             s.acts.set_input(n, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
