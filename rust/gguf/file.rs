@@ -26,14 +26,17 @@ const MIN_KV_BYTES: u64 = 8 + 1 + 4 + 1;
 const MIN_TENSOR_INFO_BYTES: u64 = 8 + 1 + 4 + 8 + 4 + 8;
 
 enum Storage {
+    /// A map of the file.
     Mapped(Mmap),
+    /// Bytes handed over in memory, copied into an anonymous map.
+    Copied(Mmap),
     Owned(Vec<u8>),
 }
 
 impl Storage {
     fn bytes(&self) -> &[u8] {
         match self {
-            Self::Mapped(map) => map,
+            Self::Mapped(map) | Self::Copied(map) => map,
             Self::Owned(bytes) => bytes,
         }
     }
@@ -106,7 +109,7 @@ impl GgufFile {
     /// map when possible, so tensor data has the same memory alignment as with `open`.
     pub fn from_bytes(bytes: Vec<u8>) -> Result<GgufFile> {
         let storage = match copy_to_aligned_map(&bytes) {
-            Some(map) => Storage::Mapped(map),
+            Some(map) => Storage::Copied(map),
             None => Storage::Owned(bytes),
         };
         Self::from_storage(storage)
@@ -167,6 +170,14 @@ impl GgufFile {
     /// The whole file.
     pub fn data(&self) -> &[u8] {
         self.storage.bytes()
+    }
+
+    /// The map of the file, when the bytes are read through one (`open`), not from memory.
+    pub(crate) fn file_mapping(&self) -> Option<&Mmap> {
+        match &self.storage {
+            Storage::Mapped(map) => Some(map),
+            Storage::Copied(_) | Storage::Owned(_) => None,
+        }
     }
 }
 

@@ -1,22 +1,30 @@
-//! Model weights copied into memory backed by transparent huge pages.
+//! Model weights in memory backed by transparent huge pages.
 //!
 //! Decoding one token streams every weight of the model through the CPU once; for a small
-//! model that is a memory-bound scan of 100 to 350 MB. Through the file mapping those bytes
-//! sit in 4 KiB pages: the scan takes a TLB miss every 4 KiB (in a virtual machine a
-//! two-level page walk), and the hardware prefetchers stop at every page boundary. In 2 MiB
-//! pages both go away. On the development machine (a 2-core VM) SmolLM2 Q8_0 decoded 62
-//! tokens/s on one thread from the mapping and 86 from huge pages, 111 and 134 on two
-//! threads; a bare scan in the four-row kernels' access order went from 18 to 28 GB/s.
-//! Page-cache pages of a file are rarely mapped huge, so the weights are read (`pread`,
-//! which does not map the file's pages into this process, so resident memory counts them
-//! once) into an anonymous map advised `MADV_HUGEPAGE`, at the same offsets as in the file.
+//! model that is a memory-bound scan of 100 to 350 MB. In 4 KiB pages the scan takes a TLB
+//! miss every 4 KiB (in a virtual machine a two-level page walk), and the hardware
+//! prefetchers stop at every page boundary. In 2 MiB pages both go away. On the development
+//! machine (a 2-core VM) SmolLM2 Q8_0 decoded 62 tokens/s on one thread from 4 KiB pages and
+//! 86-99 from huge pages, 111 and 134 on two threads; a bare scan in the four-row kernels'
+//! access order went from 18 to 28 GB/s.
 //!
-//! The copy costs load time: about 0.03 s for 150 MB read by two threads, more when the
-//! kernel must first compact memory into free 2 MiB pages (0.4 s seen once on a fragmented
-//! machine). And unlike the page cache, it is not shared between processes that load the
-//! same file. So it can be turned off: `SAMPLER_SDK_RESIDENT_WEIGHTS=0` reads the weights
-//! through the file mapping. Resident memory is otherwise the same either way (every weight
-//! is touched every token).
+//! Two ways there, tried in order:
+//! 1. The file mapping itself. On kernels whose page cache holds large folios for the
+//!    file system (ext4 from Linux 6.16, XFS, ...), a mapping advised `MADV_HUGEPAGE` at a
+//!    2 MiB-aligned address reads the file in 2 MiB folios and maps them whole. Nothing is
+//!    copied, the pages stay shared with other processes, and once the file is cached this
+//!    way a load maps it in about a millisecond. A file already cached in small pages
+//!    (written by a download, or read without the advice) is evicted from the page cache
+//!    (`POSIX_FADV_DONTNEED`, which leaves pages other processes map alone) and read again,
+//!    once; a 2 MiB probe first checks that the file system gives large folios at all.
+//! 2. A copy: the weights are read (`pread`, which maps none of the file's pages into this
+//!    process, so resident memory counts them once) into an anonymous map advised
+//!    `MADV_HUGEPAGE`, at the same offsets as in the file. It costs load time (about 0.03 s
+//!    for 150 MB read by two threads, up to 0.4 s when the kernel must first find free
+//!    2 MiB pages) and is private to the process.
+//!
+//! `SAMPLER_SDK_RESIDENT_WEIGHTS=0` turns both off: the weights are read through the file
+//! mapping as it comes.
 
 use std::path::Path;
 
@@ -56,17 +64,40 @@ fn huge_pages_available() -> bool {
 }
 
 impl ResidentBytes {
-    /// Copies bytes `data_start..len` of the file at `path` (`len` its length) into huge
-    /// pages. `None` when `SAMPLER_SDK_RESIDENT_WEIGHTS=0` or the system has no transparent
-    /// huge pages (or is not Linux): use the file mapping.
-    pub fn load(path: &Path, data_start: usize, len: usize) -> Result<Option<Self>> {
+    /// Puts bytes `data_start..len` of the file at `path` (`len` its length) in huge pages:
+    /// `mapping` (the file's map, when the model reads one) if it can be mapped in them,
+    /// and then `None` is returned; otherwise a copy. `None` too when
+    /// `SAMPLER_SDK_RESIDENT_WEIGHTS=0` or the system has no transparent huge pages (or is
+    /// not Linux): read the file mapping.
+    pub fn load(
+        path: &Path,
+        mapping: Option<&memmap2::Mmap>,
+        data_start: usize,
+        len: usize,
+    ) -> Result<Option<Self>> {
         if data_start > len {
             return Err(EngineError::Internal(format!(
                 "tensor data starts at {data_start}, past the end of a {len}-byte file"
             )));
         }
-        if std::env::var(RESIDENT_ENV).is_ok_and(|v| v.trim() == "0") || !huge_pages_available() {
+        if std::env::var(RESIDENT_ENV).is_ok_and(|v| v.trim() == "0")
+            || len - data_start < HUGE_PAGE
+            || !huge_pages_available()
+        {
+            // (Less than one huge page of weights: nothing to gain.)
             return Ok(None);
+        }
+        #[cfg(target_os = "linux")]
+        if let Some(map) = mapping {
+            if huge_file_mapping::establish(path, map, data_start) {
+                log::debug!(
+                    "{}: weights read from the file mapping in 2 MiB pages",
+                    path.display()
+                );
+                return Ok(None);
+            }
+            // The copy replaces the mapping's data: drop the pages the attempt mapped.
+            huge_file_mapping::release(map, data_start);
         }
         Self::load_linux(path, data_start, len)
     }
@@ -137,9 +168,177 @@ impl ResidentBytes {
     }
 }
 
+/// The file mapping in 2 MiB pages (way 1 of the module documentation).
+#[cfg(target_os = "linux")]
+mod huge_file_mapping {
+    use std::os::unix::io::AsRawFd;
+    use std::path::Path;
+
+    use memmap2::{Advice, Mmap, UncheckedAdvice};
+
+    use super::HUGE_PAGE;
+
+    /// Whether the 2 MiB pages of `map` (the file at `path`) from `data_start` on are now
+    /// mapped whole, reading or re-reading the file as needed.
+    pub(super) fn establish(path: &Path, map: &Mmap, data_start: usize) -> bool {
+        let Some(span) = huge_span(map, data_start) else {
+            return false;
+        };
+        // File offsets sit at the same place in 2 MiB pages as the addresses they map to
+        // only when the map starts on a 2 MiB boundary (Linux places large file maps so).
+        if !(map.as_ptr() as usize).is_multiple_of(HUGE_PAGE)
+            || map.advise(Advice::HugePage).is_err()
+        {
+            return false;
+        }
+        fault(map, span.clone());
+        if mostly_huge(map, span.len()) {
+            return true;
+        }
+        let Ok(file) = std::fs::File::open(path) else {
+            return false;
+        };
+        // Small pages in the page cache: evict one 2 MiB page's worth and see whether it
+        // comes back as one page before evicting the rest.
+        let probe = span.start..span.start + HUGE_PAGE;
+        if !(reread(map, &file, probe.clone()) && pmd_mapped_bytes(map).unwrap_or(0) >= HUGE_PAGE) {
+            return false;
+        }
+        reread(map, &file, span.clone()) && mostly_huge(map, span.len())
+    }
+
+    /// Unmaps the pages of `map` from `data_start` on from this process (they stay in the
+    /// page cache; touching them again maps them again).
+    pub(super) fn release(map: &Mmap, data_start: usize) {
+        if data_start < map.len() {
+            // SAFETY: the map is read-only and file-backed, so dropping its pages loses
+            // nothing: a later read faults the same bytes back in from the file.
+            unsafe {
+                let _ = map.unchecked_advise_range(
+                    UncheckedAdvice::DontNeed,
+                    data_start,
+                    map.len() - data_start,
+                );
+            }
+        }
+    }
+
+    /// The whole 2 MiB pages of the file from `data_start` on; `None` when there are none.
+    fn huge_span(map: &Mmap, data_start: usize) -> Option<std::ops::Range<usize>> {
+        let start = data_start.next_multiple_of(HUGE_PAGE);
+        let end = map.len() / HUGE_PAGE * HUGE_PAGE;
+        (start < end).then_some(start..end)
+    }
+
+    /// Reads one byte in each 2 MiB page of `span`: a fault maps a whole cached folio.
+    fn fault(map: &Mmap, span: std::ops::Range<usize>) {
+        for offset in span.step_by(HUGE_PAGE) {
+            std::hint::black_box(map[offset]);
+        }
+    }
+
+    /// Drops `span` of the file from this mapping and from the page cache, then faults it
+    /// in again. False when the kernel refused either step.
+    fn reread(map: &Mmap, file: &std::fs::File, span: std::ops::Range<usize>) -> bool {
+        // SAFETY: as in `release`.
+        let unmapped = unsafe {
+            map.unchecked_advise_range(UncheckedAdvice::DontNeed, span.start, span.len())
+        };
+        let (Ok(offset), Ok(len)) = (i64::try_from(span.start), i64::try_from(span.len())) else {
+            return false;
+        };
+        // SAFETY: a plain system call on an open descriptor; it reads no memory of ours.
+        let evicted = unsafe {
+            libc::posix_fadvise(file.as_raw_fd(), offset, len, libc::POSIX_FADV_DONTNEED)
+        };
+        if unmapped.is_err() || evicted != 0 {
+            return false;
+        }
+        fault(map, span);
+        true
+    }
+
+    /// At least 90% of `wanted` bytes of `map` mapped in 2 MiB pages. (A few pages may
+    /// stay small, e.g. ones another process maps, which eviction leaves alone.)
+    fn mostly_huge(map: &Mmap, wanted: usize) -> bool {
+        pmd_mapped_bytes(map).is_some_and(|bytes| bytes >= wanted / 10 * 9)
+    }
+
+    /// `FilePmdMapped` of the memory area holding `map`, from /proc/self/smaps.
+    fn pmd_mapped_bytes(map: &Mmap) -> Option<usize> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+        pmd_mapped_in_smaps(&smaps, map.as_ptr() as usize)
+    }
+
+    /// `FilePmdMapped` in bytes of the area of `smaps` (the text of /proc/PID/smaps) that
+    /// contains `address`.
+    pub(super) fn pmd_mapped_in_smaps(smaps: &str, address: usize) -> Option<usize> {
+        let mut inside = false;
+        for line in smaps.lines() {
+            let first = line.split_whitespace().next().unwrap_or("");
+            if let Some((start, end)) = first.split_once('-') {
+                if let (Ok(start), Ok(end)) = (
+                    usize::from_str_radix(start, 16),
+                    usize::from_str_radix(end, 16),
+                ) {
+                    inside = (start..end).contains(&address);
+                    continue;
+                }
+            }
+            if inside {
+                if let Some(value) = line.strip_prefix("FilePmdMapped:") {
+                    let kib: usize = value.trim().trim_end_matches("kB").trim().parse().ok()?;
+                    return kib.checked_mul(1024);
+                }
+            }
+        }
+        None
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn smaps_areas_are_told_apart_by_address() {
+        let smaps = "\
+7f0000000000-7f0000400000 r--s 00000000 fe:00 12 /models/a.gguf
+Size:               4096 kB
+FilePmdMapped:      2048 kB
+Locked:                0 kB
+7f0000400000-7f0000600000 rw-p 00000000 00:00 0
+Size:               2048 kB
+FilePmdMapped:         0 kB
+";
+        let in_area = |address| huge_file_mapping::pmd_mapped_in_smaps(smaps, address);
+        assert_eq!(in_area(0x7f00_0000_0000), Some(2 << 20));
+        assert_eq!(in_area(0x7f00_003f_ffff), Some(2 << 20));
+        assert_eq!(in_area(0x7f00_0040_0000), Some(0));
+        assert_eq!(in_area(0x7f00_0060_0000), None);
+    }
+
+    /// Whatever way the file's pages end up (huge file pages, a copy, or neither where the
+    /// system has no huge pages), the bytes the forward pass reads are the file's.
+    #[cfg(target_os = "linux")]
+    #[test]
+    fn the_weights_read_are_the_files_bytes_whichever_way_they_are_paged() {
+        let dir = std::env::temp_dir().join(format!("resident-map-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("weights.bin");
+        let content: Vec<u8> = (0..5 * HUGE_PAGE + 77).map(|i| (i % 241) as u8).collect();
+        std::fs::write(&path, &content).unwrap();
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: the test's own file, not modified while mapped.
+        let map = unsafe { memmap2::Mmap::map(&file) }.unwrap();
+        let data_start = 4096;
+        let copy = ResidentBytes::load(&path, Some(&map), data_start, content.len()).unwrap();
+        let bytes = copy.as_ref().map_or(&map[..], ResidentBytes::bytes);
+        assert_eq!(&bytes[data_start..], &content[data_start..]);
+        assert_eq!(&map[..], &content[..]);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn copies_the_data_at_file_offsets() {
@@ -166,7 +365,7 @@ mod tests {
                 None => eprintln!("no transparent huge pages here: nothing to check"),
             }
         }
-        assert!(ResidentBytes::load(&path, content.len() + 1, content.len()).is_err());
+        assert!(ResidentBytes::load(&path, None, content.len() + 1, content.len()).is_err());
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

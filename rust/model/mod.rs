@@ -28,8 +28,9 @@ pub struct Model {
     /// The threads the forward pass splits its work over, shared with every model loaded
     /// with the same thread count (see `threads` for the concurrency policy).
     pub(crate) pool: Arc<ThreadPool>,
-    /// The tensor data in huge pages, when loaded from a path on a system that has them
-    /// (see `kernels::resident`); otherwise the forward pass reads the file mapping.
+    /// A copy of the tensor data in huge pages, when loaded from a path on a system that
+    /// has them but could not map the file in them (see `kernels::resident`); otherwise the
+    /// forward pass reads the file mapping.
     resident: Option<ResidentBytes>,
 }
 
@@ -66,7 +67,8 @@ impl Model {
         Self::from_gguf_with(GgufFile::open(path)?, pool, tokenizer)?.with_resident_weights(path)
     }
 
-    /// Copies the tensor data of the file at `path` (this model's file) into huge pages.
+    /// Puts the tensor data of the file at `path` (this model's file) in huge pages: its
+    /// mapping's, or a copy (see `kernels::resident`).
     fn with_resident_weights(mut self, path: &Path) -> Result<Self> {
         let data = self.file.data();
         let data_start = self
@@ -76,7 +78,8 @@ impl Model {
             .filter_map(|t| usize::try_from(t.offset).ok())
             .min()
             .unwrap_or(data.len());
-        self.resident = ResidentBytes::load(path, data_start, data.len())?;
+        self.resident =
+            ResidentBytes::load(path, self.file.file_mapping(), data_start, data.len())?;
         Ok(self)
     }
 
