@@ -84,7 +84,7 @@ impl Model {
     }
 
     /// The bytes weight matrices are read from: the file's, at file offsets.
-    pub(crate) fn weight_bytes(&self) -> &[u8] {
+    pub fn weight_bytes(&self) -> &[u8] {
         match &self.resident {
             Some(resident) => resident.bytes(),
             None => self.file.data(),
@@ -93,6 +93,11 @@ impl Model {
 
     pub fn from_gguf(file: GgufFile) -> Result<Self> {
         Self::from_gguf_with_pool(file, ThreadPool::shared_default()?)
+    }
+
+    /// The threads the forward pass splits its work over.
+    pub fn pool(&self) -> &ThreadPool {
+        &self.pool
     }
 
     /// Threads the forward pass uses.
