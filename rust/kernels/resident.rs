@@ -99,6 +99,8 @@ impl ResidentBytes {
             // The copy replaces the mapping's data: drop the pages the attempt mapped.
             huge_file_mapping::release(map, data_start);
         }
+        #[cfg(not(target_os = "linux"))]
+        let _ = mapping;
         Self::load_linux(path, data_start, len)
     }
 
