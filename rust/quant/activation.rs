@@ -106,11 +106,7 @@ impl QuantizedActivations {
             GgmlType::Q8_0 => (kernels.quantize_q8_0)(x, out),
             GgmlType::Q8_1 => (kernels.quantize_q8_1)(x, out),
             GgmlType::Q8K => (kernels.quantize_q8_k)(x, out),
-            GgmlType::F16 => {
-                for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
-                    o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
-                }
-            }
+            GgmlType::F16 => (kernels.convert_f16)(x, out),
             GgmlType::BF16 => {
                 for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
                     o.copy_from_slice(&fp32_to_bf16_bits(*v).to_le_bytes());
@@ -224,6 +220,13 @@ fn activation_blocks<'a, const N: usize>(
     x.chunks_exact(N)
         .filter_map(|c| c.first_chunk::<N>())
         .zip(out.chunks_exact_mut(size))
+}
+
+/// ggml's fp32 -> fp16: IEEE round to nearest even, as `F16C`'s `vcvtps2ph` does.
+pub fn convert_f16(x: &[f32], out: &mut [u8]) {
+    for (v, o) in x.iter().zip(out.chunks_exact_mut(2)) {
+        o.copy_from_slice(&f16::from_f32(*v).to_le_bytes());
+    }
 }
 
 /// ggml's `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (as `x * (1/d)`).

@@ -123,6 +123,8 @@ pub struct Kernels {
     pub(super) quantize_q8_0: QuantizeFn,
     pub(super) quantize_q8_1: QuantizeFn,
     pub(super) quantize_q8_k: QuantizeFn,
+    /// f32 -> f16 activations (round to nearest even), as little-endian bytes.
+    pub(super) convert_f16: QuantizeFn,
 }
 
 /// Position of `ty` in [`GgmlType::ALL`] (the declaration order).
@@ -194,6 +196,7 @@ impl Kernels {
             quantize_q8_0: activation::quantize_q8_0,
             quantize_q8_1: activation::quantize_q8_1,
             quantize_q8_k: activation::quantize_q8_k,
+            convert_f16: activation::convert_f16,
         }
     }
 

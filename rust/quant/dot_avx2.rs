@@ -369,6 +369,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx2Checked) {
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     table.quantize_q8_k = quantize_q8_k;
+    table.convert_f16 = convert_f16;
 }
 
 /// The proof the kernels of this module need.
@@ -387,6 +388,26 @@ fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
 fn quantize_q8_k(x: &[f32], out: &mut [u8]) {
     // SAFETY: as above.
     unsafe { quantize_q8_k_blocks(x, out) }
+}
+
+fn convert_f16(x: &[f32], out: &mut [u8]) {
+    // SAFETY: as above.
+    unsafe { convert_f16_lanes(x, out) }
+}
+
+/// [`super::activation::convert_f16`] eight values at a time: the same `vcvtps2ph`
+/// rounding the scalar conversion uses one value at a time.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn convert_f16_lanes(x: &[f32], out: &mut [u8]) {
+    let n = x.len().min(out.len() / 2);
+    let mut i = 0;
+    while i + 8 <= n {
+        let halves =
+            _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(x.as_ptr().add(i)));
+        _mm_storeu_si128(out.as_mut_ptr().add(2 * i).cast(), halves);
+        i += 8;
+    }
+    super::activation::convert_f16(&x[i..n], &mut out[2 * i..2 * n]);
 }
 
 // ---- Shared pieces --------------------------------------------------------------------

@@ -185,14 +185,43 @@ unsafe fn f16_tokens<const T: usize>(
     let high = f16_tokens_half::<T, 1>(rows, acts, len);
     let mut out = [[0f32; 4]; T];
     for t in 0..T {
-        for r in 0..4 {
-            let (lo, hi) = (low[t][r], high[t][r]);
-            let first = _mm256_add_ps(_mm512_castps512_ps256(lo), upper256(lo));
-            let second = _mm256_add_ps(_mm512_castps512_ps256(hi), upper256(hi));
-            // `float_dot` adds its (here empty) scalar tail.
-            out[t][r] = hsum(_mm256_add_ps(first, second)) + 0f32;
-        }
+        out[t] = f16_finish_rows(low[t], high[t]);
     }
+    out
+}
+
+/// `float_dot`'s final sums for four rows at once: per row `r`, with `s` the eight lanes
+/// `(low[r][..8] + low[r][8..]) + (high[r][..8] + high[r][8..])`, the horizontal sum
+/// `(s[0..4] + s[4..8])` folded as `hsum` folds it, `(a0 + a2) + (a1 + a3)`, then the
+/// (here empty) scalar tail added. The same additions of the same operands as four
+/// `hsum` calls, so the same bits; the shuffles put the four rows side by side in
+/// 128-bit lanes so that each addition serves all of them.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn f16_finish_rows(low: [__m512; 4], high: [__m512; 4]) -> [f32; 4] {
+    // Rows `2p` and `2p + 1`: their first eight lanes side by side, then their last eight.
+    let halves_added = |v: [__m512; 4], p: usize| {
+        let firsts = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2 * p], v[2 * p + 1]);
+        let lasts = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2 * p], v[2 * p + 1]);
+        _mm512_add_ps(firsts, lasts)
+    };
+    // `s` of rows 0 and 1, then of rows 2 and 3 (eight lanes each).
+    let s01 = _mm512_add_ps(halves_added(low, 0), halves_added(high, 0));
+    let s23 = _mm512_add_ps(halves_added(low, 1), halves_added(high, 1));
+    // 128-bit lane k: row k's `s[0..4]`, then its `s[4..8]`; added, its four `a`.
+    let first_quads = _mm512_shuffle_f32x4::<0b10_00_10_00>(s01, s23);
+    let second_quads = _mm512_shuffle_f32x4::<0b11_01_11_01>(s01, s23);
+    let a = _mm512_add_ps(first_quads, second_quads);
+    // (a0 + a2, a1 + a3), then their sum, in element 0 of each 128-bit lane.
+    let b = _mm512_add_ps(a, _mm512_permute_ps::<0b11_10_11_10>(a));
+    let c = _mm512_add_ps(b, _mm512_permute_ps::<0b01_01_01_01>(b));
+    let sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(
+        _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
+        c,
+    ));
+    let mut out = [0f32; 4];
+    // SAFETY: `out` holds four f32.
+    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(sums, _mm_setzero_ps())) };
     out
 }
 

@@ -303,10 +303,12 @@ fn simd_quantisers_are_bit_identical_to_scalar() {
             (GgmlType::Q8_0, 34),
             (GgmlType::Q8_1, 36),
             (GgmlType::Q8K, 292),
+            (GgmlType::F16, 2),
         ] {
             let pick = |k: &Kernels| match format {
                 GgmlType::Q8_0 => k.quantize_q8_0,
                 GgmlType::Q8_1 => k.quantize_q8_1,
+                GgmlType::F16 => k.convert_f16,
                 _ => k.quantize_q8_k,
             };
             for (i, x) in inputs.iter().enumerate() {
@@ -363,6 +365,40 @@ fn avx512_level_gives_the_avx2_bits() {
                 )
             };
             assert_eq!(bits(avx512), bits(avx2), "{ty} with {blocks} blocks");
+        }
+    }
+}
+
+#[test]
+fn simd_f16_conversion_is_bit_identical_to_scalar_on_special_values() {
+    let mut x: Vec<f32> = vec![
+        0.0,
+        -0.0,
+        1.0,
+        65504.0,
+        65520.0, // rounds to infinity
+        1e5,
+        -1e5,
+        f32::INFINITY,
+        f32::NEG_INFINITY,
+        f32::NAN,
+        f32::from_bits(0x7fa0_0001), // signalling NaN with a payload
+        5.96e-8,                     // the smallest f16 subnormal
+        2.98e-8,                     // halfway to zero: ties to even (zero)
+        1e-10,
+        1.0 + 1.0 / 2048.0, // halfway between two f16 values
+        1.0 + 3.0 / 2048.0,
+        -3.0e-5,
+    ];
+    let mut rng = Rng(91);
+    x.extend(rng.activations(256));
+    for len in [0, 1, 7, 8, 9, x.len()] {
+        let mut want = vec![0u8; 2 * len];
+        activation::convert_f16(&x[..len], &mut want);
+        for kernels in simd_levels() {
+            let mut got = vec![0xAAu8; 2 * len];
+            (kernels.convert_f16)(&x[..len], &mut got);
+            assert_eq!(got, want, "{} len {len}", kernels.level().name());
         }
     }
 }
