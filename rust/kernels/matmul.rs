@@ -32,6 +32,12 @@ use crate::threads::{DisjointSlice, ThreadPool};
 /// kernel, and 64 bytes of f32 output so two threads never write the same cache line.
 pub const ROW_GRAIN: usize = 16;
 
+/// Rows of one matrix a thread takes before the same rows of the other in the one-token
+/// gated product: long enough for the prefetchers to stream (at 576 Q8_0 inputs, 157 KB),
+/// short enough for the up values to live on the stack. A multiple of [`ROW_GRAIN`], so
+/// every span but a thread's last has whole vector steps of the activation.
+const GATED_SPAN: usize = 256;
+
 /// Weight rows dotted with every token before moving on; 16 rows of the largest matrices of
 /// a small model (1536 inputs at about one byte per weight) fit L1 with room for the
 /// activation blocks streaming past.
@@ -460,20 +466,30 @@ pub fn matmul_gated(
     let (gate_kernels, up_kernels) = (Kernels::for_type(gate.ty), Kernels::for_type(up.ty));
     let out = DisjointSlice::new(out);
     pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
-        let mut up_tile = [0f32; TILE_ROWS];
+        if let ([g_act], [u_act]) = (gate_acts, up_acts) {
+            // One token: spans of many rows of one matrix, then the same rows of the other.
+            // Alternating the two matrices tile by tile (16 rows) halved the rate at which
+            // a thread streamed them from memory.
+            let mut up_span = [0f32; GATED_SPAN];
+            let mut span_start = rows.start;
+            while span_start < rows.end {
+                let span = span_start..(span_start + GATED_SPAN).min(rows.end);
+                // SAFETY: as in `product_rows`.
+                let dst = unsafe { out.part(span.clone()) };
+                let up_values = &mut up_span[..span.len()];
+                gate_kernels.dot_rows(gate, file, span.clone(), g_act, dst);
+                up_kernels.dot_rows(up, file, span.clone(), u_act, up_values);
+                activation(dst, up_values);
+                span_start = span.end;
+            }
+            return;
+        }
         let mut gate_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
         let mut up_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
         let mut tile_start = rows.start;
         while tile_start < rows.end {
             let tile = tile_start..(tile_start + TILE_ROWS).min(rows.end);
-            if let ([g_act], [u_act]) = (gate_acts, up_acts) {
-                // SAFETY: as in `product_rows`.
-                let dst = unsafe { out.part(tile.clone()) };
-                let up_values = &mut up_tile[..tile.len()];
-                gate_kernels.dot_rows(gate, file, tile.clone(), g_act, dst);
-                up_kernels.dot_rows(up, file, tile.clone(), u_act, up_values);
-                activation(dst, up_values);
-            } else {
+            {
                 let groups = gate_acts
                     .chunks(TOKEN_GROUP)
                     .zip(up_acts.chunks(TOKEN_GROUP));
