@@ -32,8 +32,8 @@ use crate::threads::{DisjointSlice, ThreadPool};
 /// kernel, and 64 bytes of f32 output so two threads never write the same cache line.
 pub const ROW_GRAIN: usize = 16;
 
-/// Rows of one matrix a thread takes before the same rows of the other in the one-token
-/// gated product: long enough for the prefetchers to stream (at 576 Q8_0 inputs, 157 KB),
+/// Rows of one matrix a thread takes before the same rows of the other in the gated
+/// product: long enough for the prefetchers to stream (at 576 Q8_0 inputs, 157 KB),
 /// short enough for the up values to live on the stack. A multiple of [`ROW_GRAIN`], so
 /// every span but a thread's last has whole vector steps of the activation.
 const GATED_SPAN: usize = 256;
@@ -467,9 +467,9 @@ pub fn matmul_gated(
     let out = DisjointSlice::new(out);
     pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
         if let ([g_act], [u_act]) = (gate_acts, up_acts) {
-            // One token: spans of many rows of one matrix, then the same rows of the other.
-            // Alternating the two matrices tile by tile (16 rows) halved the rate at which
-            // a thread streamed them from memory.
+            // Spans of many rows of one matrix, then the same rows of the other: alternating
+            // the two matrices tile by tile (16 rows) halved the rate at which a thread
+            // streamed them from memory.
             let mut up_span = [0f32; GATED_SPAN];
             let mut span_start = rows.start;
             while span_start < rows.end {
@@ -484,35 +484,38 @@ pub fn matmul_gated(
             }
             return;
         }
-        let mut gate_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
-        let mut up_values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
-        let mut tile_start = rows.start;
-        while tile_start < rows.end {
-            let tile = tile_start..(tile_start + TILE_ROWS).min(rows.end);
-            {
-                let groups = gate_acts
-                    .chunks(TOKEN_GROUP)
-                    .zip(up_acts.chunks(TOKEN_GROUP));
-                for (g, (g_acts, u_acts)) in groups.enumerate() {
-                    gate_kernels.dot_tile_tokens(
-                        gate,
-                        file,
-                        tile.clone(),
-                        g_acts,
-                        &mut gate_values,
-                    );
-                    up_kernels.dot_tile_tokens(up, file, tile.clone(), u_acts, &mut up_values);
-                    let pairs = gate_values.iter().zip(&up_values).take(g_acts.len());
-                    for (i, (g_v, u_v)) in pairs.enumerate() {
-                        let base = (g * TOKEN_GROUP + i) * n_rows;
-                        // SAFETY: as in `product_rows`.
-                        let dst = unsafe { out.part(base + tile.start..base + tile.end) };
-                        dst.copy_from_slice(&g_v[..tile.len()]);
-                        activation(dst, &u_v[..tile.len()]);
+        // Several tokens: the same spans, tile by tile, the gate products written to the
+        // output first, then each up product applied to its gate values.
+        let mut values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
+        let mut span_start = rows.start;
+        while span_start < rows.end {
+            let span = span_start..(span_start + GATED_SPAN).min(rows.end);
+            for gate_pass in [true, false] {
+                let (kernels, w, acts) = if gate_pass {
+                    (gate_kernels, gate, gate_acts)
+                } else {
+                    (up_kernels, up, up_acts)
+                };
+                let mut tile_start = span.start;
+                while tile_start < span.end {
+                    let tile = tile_start..(tile_start + TILE_ROWS).min(span.end);
+                    for (g, group) in acts.chunks(TOKEN_GROUP).enumerate() {
+                        kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
+                        for (i, v) in values[..group.len()].iter().enumerate() {
+                            let base = (g * TOKEN_GROUP + i) * n_rows;
+                            // SAFETY: as in `product_rows`.
+                            let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+                            if gate_pass {
+                                dst.copy_from_slice(&v[..tile.len()]);
+                            } else {
+                                activation(dst, &v[..tile.len()]);
+                            }
+                        }
                     }
+                    tile_start = tile.end;
                 }
             }
-            tile_start = tile.end;
+            span_start = span.end;
         }
     });
     Ok(())
