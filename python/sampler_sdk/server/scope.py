@@ -228,7 +228,10 @@ def make_wrap(runtime: Runtime):
                     request = _parse(request_class, raw)
                     async for response in function(request, scope):
                         yield response
-                except asyncio.CancelledError:
+                except (asyncio.CancelledError, GeneratorExit):
+                    # grpc.aio ends a stream whose deadline passed or whose client left by
+                    # cancelling the task (CancelledError where the handler awaits) or by
+                    # closing this generator (GeneratorExit at a `yield`): the same ending.
                     outcome = scope.interrupted_outcome() if scope else "CANCELLED"
                     raise
                 except Exception as exc:
