@@ -350,7 +350,7 @@ pub fn attention(
     }
 
     if let Some(all) = last_probs {
-        last_token_probs(
+        last_token_attention(
             kv,
             layer,
             start + n_tokens - 1,
@@ -463,23 +463,10 @@ pub fn attention_batch(
     Ok(())
 }
 
-/// The attention probabilities of the token at `pos` for every head (`n_head × (pos + 1)`
-/// values, zero outside each head's window), for callers that record attention patterns.
+/// Each head's attention probabilities for the token at `pos` (query `q`; `n_head × (pos +
+/// 1)` values), zero outside its window: the plain softmax, computed apart from the output
+/// because only callers who record attention patterns need it.
 pub fn last_token_attention(
-    kv: &KvCache,
-    layer: usize,
-    pos: usize,
-    shape: &AttentionShape,
-    q: &[f32],
-    all: &mut [f32],
-) {
-    last_token_probs(kv, layer, pos, shape, q, all);
-}
-
-/// Each head's attention probabilities for the token at `pos` (query `q`), zero outside
-/// its window: the plain softmax, computed apart from the output because only callers who
-/// asked for the attention pattern need it.
-fn last_token_probs(
     kv: &KvCache,
     layer: usize,
     pos: usize,

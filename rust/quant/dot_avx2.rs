@@ -1268,6 +1268,45 @@ pub(super) unsafe fn q5_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     out
 }
 
+/// The eight scales of half `h` of a Q6_K block (of the sixteen in `scales`, widened to
+/// i16) in both 128-bit halves.
+#[inline(always)]
+unsafe fn q6_k_half_scales(scales: __m256i, h: usize) -> __m256i {
+    if h == 0 {
+        _mm256_permute2x128_si256::<0x00>(scales, scales)
+    } else {
+        _mm256_permute2x128_si256::<0x11>(scales, scales)
+    }
+}
+
+/// The 128 unsigned 6-bit values of half `h` of the Q6_K block at `x`, as four registers
+/// of 32 bytes: low four bits from `ql`, bits 4 and 5 from `qh`.
+#[inline(always)]
+unsafe fn q6_k_values(x: *const u8, h: usize) -> [__m256i; 4] {
+    let (low4, bits45) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
+    let ql_a = load256(x.add(64 * h));
+    let ql_b = load256(x.add(64 * h + 32));
+    let qh = load256(x.add(128 + 32 * h));
+    [
+        _mm256_or_si256(
+            _mm256_and_si256(ql_a, low4),
+            _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(ql_b, low4),
+            _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
+            _mm256_and_si256(qh, bits45),
+        ),
+        _mm256_or_si256(
+            _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
+            _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
+        ),
+    ]
+}
+
 /// Q6_K: unsigned 6-bit values `u = w + 32`; `32 * sum(scale * bsum)` is taken off the
 /// products before they become floats.
 /// # Safety
@@ -1279,8 +1318,6 @@ pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
     let blocks = common_blocks(GgmlType::Q6K, &rows, act, n);
     let a = act.as_ptr();
     let w = rows.map(<[u8]>::as_ptr);
-    let low4 = _mm256_set1_epi8(0x0F);
-    let bits45 = _mm256_set1_epi8(0x30);
     let mut acc = [_mm256_setzero_ps(); R];
     for b in 0..blocks {
         let y = a.add(b * Q8K_SIZE);
@@ -1293,33 +1330,8 @@ pub(super) unsafe fn q6_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: 
             let offset = _mm256_slli_epi32::<5>(_mm256_madd_epi16(scales, bsums));
             let mut sums = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
             for h in 0..2 {
-                // Both halves of `half_scales` hold the eight scales of this half.
-                let half_scales = if h == 0 {
-                    _mm256_permute2x128_si256::<0x00>(scales, scales)
-                } else {
-                    _mm256_permute2x128_si256::<0x11>(scales, scales)
-                };
-                let ql_a = load256(x.add(64 * h));
-                let ql_b = load256(x.add(64 * h + 32));
-                let qh = load256(x.add(128 + 32 * h));
-                let values = [
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql_a, low4),
-                        _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(ql_b, low4),
-                        _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
-                        _mm256_and_si256(qh, bits45),
-                    ),
-                    _mm256_or_si256(
-                        _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
-                        _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
-                    ),
-                ];
+                let half_scales = q6_k_half_scales(scales, h);
+                let values = q6_k_values(x, h);
                 for (k, u) in values.into_iter().enumerate() {
                     let p = _mm256_maddubs_epi16(u, load256(qy.add(128 * h + 32 * k)));
                     let p = _mm256_madd_epi16(p, scale_pair(half_scales, k));
@@ -1493,8 +1505,6 @@ pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
     let blocks = common_blocks(GgmlType::Q6K, &[row], acts[0], n);
     let a = acts.map(<[u8]>::as_ptr);
     let w = row.as_ptr();
-    let low4 = _mm256_set1_epi8(0x0F);
-    let bits45 = _mm256_set1_epi8(0x30);
     let mut acc = [_mm256_setzero_ps(); T];
     for b in 0..blocks {
         if let Some(ahead) = ahead {
@@ -1509,32 +1519,8 @@ pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
             sums[t] = _mm256_sub_epi32(_mm256_setzero_si256(), offset);
         }
         for h in 0..2 {
-            let half_scales = if h == 0 {
-                _mm256_permute2x128_si256::<0x00>(scales, scales)
-            } else {
-                _mm256_permute2x128_si256::<0x11>(scales, scales)
-            };
-            let ql_a = load256(x.add(64 * h));
-            let ql_b = load256(x.add(64 * h + 32));
-            let qh = load256(x.add(128 + 32 * h));
-            let values = [
-                _mm256_or_si256(
-                    _mm256_and_si256(ql_a, low4),
-                    _mm256_and_si256(_mm256_slli_epi16::<4>(qh), bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(ql_b, low4),
-                    _mm256_and_si256(_mm256_slli_epi16::<2>(qh), bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_a), low4),
-                    _mm256_and_si256(qh, bits45),
-                ),
-                _mm256_or_si256(
-                    _mm256_and_si256(_mm256_srli_epi16::<4>(ql_b), low4),
-                    _mm256_and_si256(_mm256_srli_epi16::<2>(qh), bits45),
-                ),
-            ];
+            let half_scales = q6_k_half_scales(scales, h);
+            let values = q6_k_values(x, h);
             for (k, u) in values.into_iter().enumerate() {
                 let scale = scale_pair(half_scales, k);
                 for t in 0..T {

@@ -259,6 +259,41 @@ unsafe fn f16_tokens_half<const T: usize, const H: usize>(
 }
 float_tokens_kernel!(bf16_tokens, super::dot_avx2::Bf16Elements);
 
+/// The values of the four blocks at `x` (one per row) of a 4/5-bit format, row k in
+/// lanes 4k..4k+4: elements 0..16 of each block (low nibbles, with bit 4 for the 5-bit
+/// formats), then elements 16..32 (high nibbles).
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn unpack_four_blocks<F: SmallFormat>(x: [*const u8; 4]) -> (__m512i, __m512i) {
+    let low4 = _mm512_set1_epi8(0x0F);
+    let q = _mm512_inserti32x4::<3>(
+        _mm512_inserti32x4::<2>(
+            _mm512_inserti32x4::<1>(
+                _mm512_castsi128_si512(load128(x[0].add(F::QS))),
+                load128(x[1].add(F::QS)),
+            ),
+            load128(x[2].add(F::QS)),
+        ),
+        load128(x[3].add(F::QS)),
+    );
+    let mut lo = _mm512_and_si512(q, low4);
+    let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
+    if F::QH.is_some() {
+        let bits = x.map(|x| u64::from(high_bits::<F>(x)));
+        let lo_bits = bits
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (k, b)| m | ((b & 0xFFFF) << (16 * k)));
+        let hi_bits = bits
+            .iter()
+            .enumerate()
+            .fold(0u64, |m, (k, b)| m | ((b >> 16) << (16 * k)));
+        lo = _mm512_or_si512(lo, bit4_from_mask(lo_bits));
+        hi = _mm512_or_si512(hi, bit4_from_mask(hi_bits));
+    }
+    (lo, hi)
+}
+
 /// Lanes `4k..4k+4` take lane `k` of `v`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
@@ -281,7 +316,6 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
     let next = next_rows(&rows);
-    let low4 = _mm512_set1_epi8(0x0F);
     // Row k in lanes 4k..4k+4.
     let mut acc = _mm512_setzero_ps();
     let mut min_part = _mm256_setzero_ps();
@@ -306,31 +340,7 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
         if F::HAS_MIN {
             min_part = _mm256_add_ps(min_part, scales);
         }
-        let q = _mm512_inserti32x4::<3>(
-            _mm512_inserti32x4::<2>(
-                _mm512_inserti32x4::<1>(
-                    _mm512_castsi128_si512(load128(x[0].add(F::QS))),
-                    load128(x[1].add(F::QS)),
-                ),
-                load128(x[2].add(F::QS)),
-            ),
-            load128(x[3].add(F::QS)),
-        );
-        let mut lo = _mm512_and_si512(q, low4);
-        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
-        if F::QH.is_some() {
-            let bits = x.map(|x| u64::from(high_bits::<F>(x)));
-            let lo_bits = bits
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (k, b)| m | ((b & 0xFFFF) << (16 * k)));
-            let hi_bits = bits
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (k, b)| m | ((b >> 16) << (16 * k)));
-            lo = _mm512_or_si512(lo, bit4_from_mask(lo_bits));
-            hi = _mm512_or_si512(hi, bit4_from_mask(hi_bits));
-        }
+        let (lo, hi) = unpack_four_blocks::<F>(x);
         let sums = _mm512_dpbusd_epi32(start, lo, y_lo);
         let sums = _mm512_dpbusd_epi32(sums, hi, y_hi);
         let d = spread4(_mm256_castps256_ps128(scales));
@@ -363,7 +373,6 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
     let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
     let next = next_rows(&rows);
-    let low4 = _mm512_set1_epi8(0x0F);
     let zero = _mm512_setzero_si512();
     // Row k in lanes 4k..4k+4.
     let mut acc = [_mm512_setzero_ps(); T];
@@ -374,31 +383,7 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
             prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
         }
         let x = w.map(|w| w.add(b * F::SIZE));
-        let q = _mm512_inserti32x4::<3>(
-            _mm512_inserti32x4::<2>(
-                _mm512_inserti32x4::<1>(
-                    _mm512_castsi128_si512(load128(x[0].add(F::QS))),
-                    load128(x[1].add(F::QS)),
-                ),
-                load128(x[2].add(F::QS)),
-            ),
-            load128(x[3].add(F::QS)),
-        );
-        let mut lo = _mm512_and_si512(q, low4);
-        let mut hi = _mm512_and_si512(_mm512_srli_epi16::<4>(q), low4);
-        if F::QH.is_some() {
-            let bits = x.map(|x| u64::from(high_bits::<F>(x)));
-            let lo_bits = bits
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (k, b)| m | ((b & 0xFFFF) << (16 * k)));
-            let hi_bits = bits
-                .iter()
-                .enumerate()
-                .fold(0u64, |m, (k, b)| m | ((b >> 16) << (16 * k)));
-            lo = _mm512_or_si512(lo, bit4_from_mask(lo_bits));
-            hi = _mm512_or_si512(hi, bit4_from_mask(hi_bits));
-        }
+        let (lo, hi) = unpack_four_blocks::<F>(x);
         let d = spread4(f16_gather4(x));
         let mins = if F::HAS_MIN {
             f16_gather4(x.map(|x| x.add(2)))
