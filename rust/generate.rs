@@ -13,7 +13,7 @@ use crate::text::{StopMatcher, Utf8Stream};
 
 /// Prompt tokens evaluated per forward call (see `model::transformer`); also the
 /// granularity at which a long prefill can be cancelled.
-pub use crate::model::transformer::PREFILL_CHUNK;
+pub use crate::model::transformer::{prefill_chunk_end, PREFILL_CHUNK};
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -195,7 +195,7 @@ impl SequenceRun {
         let prompt = &self.request.prompt;
         match &self.phase {
             Phase::Prefill(from) => {
-                let to = (from + PREFILL_CHUNK).min(prompt.len());
+                let to = prefill_chunk_end(*from, prompt.len());
                 BatchEntry {
                     seq: &mut self.seq,
                     tokens: &prompt[*from..to],
@@ -222,7 +222,7 @@ impl SequenceRun {
             stop: None,
         };
         if let Phase::Prefill(from) = self.phase {
-            let to = (from + PREFILL_CHUNK).min(self.request.prompt.len());
+            let to = prefill_chunk_end(from, self.request.prompt.len());
             if to < self.request.prompt.len() {
                 self.phase = Phase::Prefill(to);
                 return Ok(nothing);

@@ -1,45 +1,30 @@
-//! Causal self-attention over the KV cache, split across the thread pool.
+//! Causal self-attention over the KV cache, computed as llama.cpp's CPU backend computes
+//! it (F32 cache, no flash attention), so that its outputs equal llama.cpp's to the bit
+//! (see `ggml_f32` for why bits matter):
 //!
-//! Query heads that share a KV head (grouped-query attention) are computed together, so
-//! each key and value is read from the cache once per token rather than once per query
-//! head. The visible positions are taken in fixed chunks ([`chunk_len`] positions, at most
-//! [`CHUNK`]), aligned to absolute positions: each chunk gives a partial result (the
-//! maximum score, the sum of `exp(score - max)` and the correspondingly weighted sum of
-//! values, per query head), and the partials are merged in position order ("online
-//! softmax"), then normalised.
+//! 1. scores `q · k` by `ggml_vec_dot_f32`, times the scale (then the soft-cap, if any);
+//! 2. the softmax over the visible positions: the maximum, `exp(s - max)` by ggml's vector
+//!    `expf`, summed in blocks of 16 cache slots counted from slot 0 (each block's sum by
+//!    the halving tree, the block sums in f64), and every exponential times `1 / sum`;
+//! 3. the output `Σ p_j v_j`, one sum per output value along the positions, in the order
+//!    of the product llama.cpp uses for it: for a call of several tokens (a prompt)
+//!    llamafile's tinyBLAS, 16 lanes with position `j` in lane `j mod 16`; for a single
+//!    token `ggml_vec_dot_f32`, 64 partial sums (`j mod 64`) combined as in `ggml_f32::dot`.
+//!    A masked position adds an exact zero there, so it is simply left out here.
 //!
-//! Work is shared as (token, KV head) items, each merging its chunks in order; a single
-//! decoded token has too few of those for two threads, so then the (KV head, chunk) pieces
-//! are shared instead and merged afterwards, in the same order with the same operations.
-//! Either way every output is computed identically, whichever thread takes which piece,
-//! so results are bit-identical for any thread count.
+//! Step 3 runs vectorised along the head dimension: partial sum `k` of every output value
+//! is one row of `head_dim` floats, and the rows are combined in the reduction's order.
 //!
-//! The inner loops (scores of a chunk's keys against the group's queries, and the weighted
-//! sum of its values) have AVX2+FMA versions chosen at run time where the CPU has them,
-//! and portable versions with independent partial sums elsewhere.
+//! Work is shared as (token, query head) items; every output is computed within one item,
+//! the same way whichever thread takes it, so results are bit-identical for any thread
+//! count and whether or not other sequences share the call.
 
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use crate::error::{EngineError, Result};
-use crate::kernels::ops;
-use crate::kv_cache::{KvCache, PAGE_POSITIONS};
-use crate::quant;
+use crate::kernels::ggml_f32::{self, dispatch, LANES};
+use crate::kv_cache::KvCache;
 use crate::threads::{DisjointSlice, ThreadPool};
-
-/// Most positions per chunk. A chunk's keys (or values) should stay in L1 while every query
-/// head of the group uses them: [`chunk_len`] takes 16 KiB of them, so 64 positions of a
-/// 64-wide head and 16 of a 256-wide one. Chunk lengths divide `PAGE_POSITIONS`, so a
-/// chunk never straddles two cache pages.
-pub const CHUNK: usize = 64;
-const _: () = assert!(PAGE_POSITIONS.is_multiple_of(CHUNK));
-
-/// Positions per chunk for heads of `head_dim` values: a power of two from 8 to `CHUNK`.
-/// It depends on the model only, so every call splits a sequence the same way.
-pub fn chunk_len(head_dim: usize) -> usize {
-    let fitting = (4096 / head_dim.max(1)).clamp(8, CHUNK);
-    1 << fitting.ilog2()
-}
 
 /// The attention geometry of one layer.
 #[derive(Clone, Copy, Debug)]
@@ -69,137 +54,165 @@ impl AttentionShape {
     }
 }
 
-/// The chunks (absolute, `len`-aligned) that `visible` touches, clipped to it.
-fn chunks(visible: Range<usize>, len: usize) -> impl Iterator<Item = Range<usize>> {
-    let first_chunk = visible.start / len;
-    let last_chunk = visible.end.div_ceil(len);
-    (first_chunk..last_chunk)
-        .map(move |c| (c * len).max(visible.start)..((c + 1) * len).min(visible.end))
+/// How llama.cpp sums the weighted values: it depends on how many tokens the call holds,
+/// because a product of one column never goes through tinyBLAS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ValueSum {
+    /// Several tokens: tinyBLAS, one 16-lane accumulator.
+    Batch,
+    /// One token: `ggml_vec_dot_f32`, four 16-lane accumulators.
+    Single,
+}
+
+impl ValueSum {
+    fn for_tokens(n_tokens: usize) -> Self {
+        if n_tokens > 1 {
+            Self::Batch
+        } else {
+            Self::Single
+        }
+    }
+
+    /// Partial sums per output value.
+    fn partials(self) -> usize {
+        match self {
+            Self::Batch => LANES,
+            Self::Single => ggml_f32::DOT_STEP,
+        }
+    }
 }
 
 /// Buffers reused from call to call (kept by the sequence, so decoding does not allocate):
-/// per thread, scores and one chunk's partial result; for a decoded token, the partials
-/// of every (KV head, chunk) piece.
+/// per thread, one head's scores and partial sums.
 #[derive(Default)]
 pub struct AttentionScratch {
     per_thread: Vec<f32>,
-    pieces: Vec<f32>,
 }
 
-/// A partial result for the query heads of one group: per head, the maximum score, the
-/// sum of `exp(score - max)`, and the `head_dim` values weighted by those exponentials.
-struct Partial<'a> {
-    max: &'a mut [f32],
-    sum: &'a mut [f32],
-    out: &'a mut [f32],
+/// Score slots a head needs: the visible positions widened to whole blocks of 16.
+fn scores_len(capacity: usize) -> usize {
+    capacity.div_ceil(LANES) * LANES + LANES
 }
 
-/// Floats one `Partial` of `group` heads occupies.
-fn partial_len(group: usize, hd: usize) -> usize {
-    group * (hd + 2)
+/// Floats of one thread's work buffer.
+fn work_len(capacity: usize, hd: usize) -> usize {
+    scores_len(capacity) + ggml_f32::DOT_STEP * hd
 }
 
-impl<'a> Partial<'a> {
-    fn new(buf: &'a mut [f32], group: usize) -> Self {
-        let (max, rest) = buf.split_at_mut(group);
-        let (sum, out) = rest.split_at_mut(group);
-        Self { max, sum, out }
+fn thread_buffers<'s>(
+    scratch: &'s mut AttentionScratch,
+    n_threads: usize,
+    len: usize,
+) -> DisjointSlice<'s, f32> {
+    if scratch.per_thread.len() < n_threads * len {
+        scratch.per_thread.resize(n_threads * len, 0.0);
     }
-
-    /// Folds `next` (the partial of the positions that follow) into `self`.
-    fn merge(&mut self, next: &Partial<'_>, hd: usize) {
-        for h in 0..self.max.len() {
-            let max = self.max[h].max(next.max[h]);
-            let (a, b) = ((self.max[h] - max).exp(), (next.max[h] - max).exp());
-            self.max[h] = max;
-            self.sum[h] = a * self.sum[h] + b * next.sum[h];
-            let (out, add) = (
-                &mut self.out[h * hd..(h + 1) * hd],
-                &next.out[h * hd..(h + 1) * hd],
-            );
-            for (o, &x) in out.iter_mut().zip(add) {
-                *o = a * *o + b * x;
-            }
-        }
-    }
-
-    /// `out[h] = partial out / sum`, the attention output of each head.
-    fn finish(&self, hd: usize, out: &mut [f32]) {
-        for (h, dst) in out.chunks_exact_mut(hd).enumerate() {
-            let inv = 1.0 / self.sum[h];
-            for (d, &x) in dst.iter_mut().zip(&self.out[h * hd..(h + 1) * hd]) {
-                *d = x * inv;
-            }
-        }
-    }
+    DisjointSlice::new(&mut scratch.per_thread[..n_threads * len])
 }
 
-/// The partial of one chunk of positions (within one cache page) for the `group` query
-/// heads `q` (`group × head_dim`, contiguous) of KV head `kv_head`.
-#[allow(clippy::too_many_arguments)]
-fn chunk_partial(
-    kv: &KvCache,
-    layer: usize,
-    kv_head: usize,
-    q: &[f32],
-    positions: Range<usize>,
-    shape: &AttentionShape,
-    scores: &mut [f32],
-    partial: &mut Partial<'_>,
-) {
-    let hd = shape.head_dim;
-    let n = positions.len();
-    let Some(run) = kv.head_runs(layer, kv_head, positions).next() else {
-        return;
-    };
-    let scores = &mut scores[..partial.max.len() * n];
-    group_scores(q, run.keys, hd, shape.scale, scores);
-    for (h, row) in scores.chunks_exact_mut(n).enumerate() {
-        if let Some(cap) = shape.logit_softcap {
-            row.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-        }
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        // libm's exp, not the vectorised one: attention weights feed every later layer, and
-        // the 2-ulp polynomial moved Gemma 3 tail log-probs past the llama.cpp tolerance
-        // (worst 0.90 → 1.12 in tests/test_golden.py).
-        row.iter_mut().for_each(|s| *s = (*s - max).exp());
-        partial.max[h] = max;
-        partial.sum[h] = row.iter().sum();
-    }
-    partial.out.fill(0.0);
-    group_weighted_sum(scores, run.values, hd, partial.out);
-    debug_assert_eq!(run.values.len(), n * hd);
-}
-
-/// The attention output of the `group` query heads `q` of KV head `kv_head` for a token
-/// seeing `visible`: chunk partials merged in position order. `work` holds two partials
-/// and the chunk's scores.
-#[allow(clippy::too_many_arguments)]
-fn attend_group(
+/// The probabilities of one query head `q` over `visible` (keys of `kv_head`): written to
+/// `scores[j - base]` for the returned `base` (the first visible position rounded down to
+/// a block of 16), zero elsewhere in the blocks.
+#[inline(always)]
+fn head_probabilities(
     kv: &KvCache,
     layer: usize,
     kv_head: usize,
     q: &[f32],
     visible: Range<usize>,
     shape: &AttentionShape,
+    scores: &mut [f32],
+) -> usize {
+    let hd = shape.head_dim;
+    let base = visible.start / LANES * LANES;
+    let width = visible.end.div_ceil(LANES) * LANES - base;
+    let scores = &mut scores[..width];
+    scores.fill(f32::NEG_INFINITY);
+    for run in kv.head_runs(layer, kv_head, visible.clone()) {
+        let at = run.start - base;
+        for (s, k) in scores[at..].iter_mut().zip(run.keys.chunks_exact(hd)) {
+            let scaled = ggml_f32::dot(q, k) * shape.scale;
+            *s = match shape.logit_softcap {
+                Some(cap) => cap * (scaled / cap).tanh(),
+                None => scaled,
+            };
+        }
+    }
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let total = ggml_f32::exp_shifted_sum(scores, max);
+    let inv = (1.0 / total) as f32;
+    scores.iter_mut().for_each(|p| *p *= inv);
+    base
+}
+
+/// The attention output `out` (`head_dim` values) of query head `q` over `visible`.
+#[allow(clippy::too_many_arguments)]
+#[inline(always)]
+fn attend_head(
+    kv: &KvCache,
+    layer: usize,
+    kv_head: usize,
+    q: &[f32],
+    visible: Range<usize>,
+    shape: &AttentionShape,
+    order: ValueSum,
     work: &mut [f32],
     out: &mut [f32],
 ) {
-    let (group, hd) = (shape.group(), shape.head_dim);
-    let plen = partial_len(group, hd);
-    let (running, rest) = work.split_at_mut(plen);
-    let (next, scores) = rest.split_at_mut(plen);
-    let mut running = Partial::new(running, group);
-    let mut next = Partial::new(next, group);
-    for (i, chunk) in chunks(visible, chunk_len(hd)).enumerate() {
-        if i == 0 {
-            chunk_partial(kv, layer, kv_head, q, chunk, shape, scores, &mut running);
-        } else {
-            chunk_partial(kv, layer, kv_head, q, chunk, shape, scores, &mut next);
-            running.merge(&next, hd);
+    let hd = shape.head_dim;
+    let (scores, partials) = work.split_at_mut(scores_len(kv.capacity()));
+    let base = head_probabilities(kv, layer, kv_head, q, visible.clone(), shape, scores);
+    let n_partials = order.partials();
+    let partials = &mut partials[..n_partials * hd];
+    // Partial sum k takes the positions j ≡ k (mod n_partials), in order; a partial that
+    // no position reaches stays zero.
+    let mut touched = 0u64;
+    for run in kv.head_runs(layer, kv_head, visible.clone()) {
+        for (i, v) in run.values.chunks_exact(hd).enumerate() {
+            let j = run.start + i;
+            let p = scores[j - base];
+            let k = j % n_partials;
+            let row = &mut partials[k * hd..(k + 1) * hd];
+            if touched & (1 << k) == 0 {
+                touched |= 1 << k;
+                row.iter_mut().zip(v).for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
+            } else {
+                row.iter_mut().zip(v).for_each(|(r, &x)| *r = p.mul_add(x, *r));
+            }
         }
     }
-    running.finish(hd, out);
+    for k in 0..n_partials {
+        if touched & (1 << k) == 0 {
+            partials[k * hd..(k + 1) * hd].fill(0.0);
+        }
+    }
+    // Row-wise `a[into] = a[into] + a[from]`.
+    let add_rows = |partials: &mut [f32], into: usize, from: usize| {
+        let (low, high) = partials.split_at_mut(from * hd);
+        let (dst, src) = (&mut low[into * hd..(into + 1) * hd], &high[..hd]);
+        dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
+    };
+    if order == ValueSum::Single {
+        // The four accumulators of `ggml_vec_dot_f32`: 0 += 2, 1 += 3, 0 += 1.
+        for l in 0..LANES {
+            add_rows(partials, l, 2 * LANES + l);
+            add_rows(partials, LANES + l, 3 * LANES + l);
+        }
+        for l in 0..LANES {
+            add_rows(partials, l, LANES + l);
+        }
+    }
+    // `reduce16` on rows: l += l + 8, l += l + 4, then (2 + 0) + (3 + 1).
+    for l in 0..8 {
+        add_rows(partials, l, l + 8);
+    }
+    for l in 0..4 {
+        add_rows(partials, l, l + 4);
+    }
+    let row = |k: usize| &partials[k * hd..(k + 1) * hd];
+    for (d, o) in out.iter_mut().enumerate().take(hd) {
+        *o = (row(2)[d] + row(0)[d]) + (row(3)[d] + row(1)[d]);
+    }
 }
 
 /// Checks that `n_tokens` queries (`q_len` values) and outputs (`out_len`) at positions
@@ -254,8 +267,7 @@ pub fn attention(
     out: &mut [f32],
     last_probs: Option<&mut [f32]>,
 ) -> Result<()> {
-    let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
-    let q_dim = n_head * hd;
+    let n_head = shape.n_head;
     let end = start + n_tokens;
     check_shapes(layer, shape, kv, start, n_tokens, q.len(), out.len())?;
     if last_probs.as_ref().is_some_and(|p| p.len() != n_head * end) {
@@ -264,100 +276,12 @@ pub fn attention(
              {n_head} x {end} values"
         )));
     }
-    let group = shape.group();
-    let plen = partial_len(group, hd);
-    let chunk = chunk_len(hd);
-    let work_len = 2 * plen + group * chunk;
-    let n_threads = pool.n_threads();
-    if scratch.per_thread.len() < n_threads * work_len {
-        scratch.per_thread.resize(n_threads * work_len, 0.0);
-    }
-    let per_thread = DisjointSlice::new(&mut scratch.per_thread[..n_threads * work_len]);
-    let group_q = group * hd;
-
-    if n_tokens == 1 && n_threads > 1 {
-        // One token: share the (KV head, chunk) pieces, then merge each head's in order.
-        let visible = shape.visible(start);
-        let first_chunk = visible.start / chunk;
-        let n_chunks = visible.end.div_ceil(chunk) - first_chunk;
-        let pieces_len = n_kv * n_chunks * plen;
-        if scratch.pieces.len() < pieces_len {
-            scratch
-                .pieces
-                .resize(kv.capacity().div_ceil(chunk) * n_kv * plen, 0.0);
-        }
-        {
-            let pieces = DisjointSlice::new(&mut scratch.pieces[..pieces_len]);
-            pool.parallel_for_slots(n_kv * n_chunks, 1, |slot, items| {
-                // SAFETY: a slot is used by one thread at a time and owns its work buffer.
-                let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
-                let scores = &mut work[2 * plen..];
-                for item in items {
-                    let (g, c) = (item / n_chunks, item % n_chunks);
-                    let abs = first_chunk + c;
-                    let positions =
-                        (abs * chunk).max(visible.start)..((abs + 1) * chunk).min(visible.end);
-                    // SAFETY: piece `item` is written by the one thread that takes it.
-                    let buf = unsafe { pieces.part(item * plen..(item + 1) * plen) };
-                    let mut partial = Partial::new(buf, group);
-                    let q_group = &q[g * group_q..(g + 1) * group_q];
-                    chunk_partial(
-                        kv,
-                        layer,
-                        g,
-                        q_group,
-                        positions,
-                        shape,
-                        scores,
-                        &mut partial,
-                    );
-                }
-            });
-        }
-        for g in 0..n_kv {
-            let pieces = &mut scratch.pieces[g * n_chunks * plen..(g + 1) * n_chunks * plen];
-            let (running, later) = pieces.split_at_mut(plen);
-            let mut running = Partial::new(running, group);
-            for next in later.chunks_exact_mut(plen) {
-                let next = Partial::new(next, group);
-                running.merge(&next, hd);
-            }
-            running.finish(hd, &mut out[g * group_q..(g + 1) * group_q]);
-        }
-    } else {
-        let out = DisjointSlice::new(&mut *out);
-        pool.parallel_for_slots(n_tokens * n_kv, 1, |slot, items| {
-            // SAFETY: a slot is used by one thread at a time and owns its work buffer.
-            let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
-            for item in items {
-                let (t, g) = (item / n_kv, item % n_kv);
-                let at = t * q_dim + g * group_q;
-                // SAFETY: each item's heads are written by the one thread that takes it.
-                let dst = unsafe { out.part(at..at + group_q) };
-                let visible = shape.visible(start + t);
-                attend_group(
-                    kv,
-                    layer,
-                    g,
-                    &q[at..at + group_q],
-                    visible,
-                    shape,
-                    work,
-                    dst,
-                );
-            }
-        });
-    }
-
+    let per_thread = thread_buffers(scratch, pool.n_threads(), work_len(kv.capacity(), shape.head_dim));
+    let views = [(kv, start, n_tokens, q, DisjointSlice::new(out))];
+    run_items(pool, layer, shape, &per_thread, &views, &[n_tokens * n_head]);
     if let Some(all) = last_probs {
-        last_token_attention(
-            kv,
-            layer,
-            start + n_tokens - 1,
-            shape,
-            &q[(n_tokens - 1) * q_dim..],
-            all,
-        );
+        let q_dim = n_head * shape.head_dim;
+        last_token_attention(kv, layer, end - 1, shape, &q[(n_tokens - 1) * q_dim..], all);
     }
     Ok(())
 }
@@ -373,10 +297,8 @@ pub struct AttentionJob<'a> {
 }
 
 /// [`attention`] for the sequences of a batched forward call, in one parallel region of
-/// (sequence, token, KV head) items: several sequences' single decode tokens give the
-/// threads enough items to share without splitting chunks, and one region replaces one
-/// per sequence. Every output is computed as the solo call computes it (see the module
-/// documentation), so batching changes no bit.
+/// (sequence, token, query head) items. Each job's outputs are computed as a call with
+/// that job alone computes them, so batching changes no bit.
 pub fn attention_batch(
     pool: &ThreadPool,
     layer: usize,
@@ -384,22 +306,7 @@ pub fn attention_batch(
     jobs: &mut [AttentionJob<'_>],
     scratch: &mut AttentionScratch,
 ) -> Result<()> {
-    if let [job] = jobs {
-        return attention(
-            pool,
-            job.kv,
-            layer,
-            job.start,
-            job.n_tokens,
-            shape,
-            job.q,
-            scratch,
-            job.out,
-            None,
-        );
-    }
-    let (n_head, n_kv, hd) = (shape.n_head, shape.n_head_kv, shape.head_dim);
-    let q_dim = n_head * hd;
+    let (n_head, hd) = (shape.n_head, shape.head_dim);
     for job in jobs.iter() {
         check_shapes(
             layer,
@@ -411,24 +318,16 @@ pub fn attention_batch(
             job.out.len(),
         )?;
     }
-    let group = shape.group();
-    let work_len = 2 * partial_len(group, hd) + group * chunk_len(hd);
-    let n_threads = pool.n_threads();
-    if scratch.per_thread.len() < n_threads * work_len {
-        scratch.per_thread.resize(n_threads * work_len, 0.0);
-    }
-    let per_thread = DisjointSlice::new(&mut scratch.per_thread[..n_threads * work_len]);
+    let capacity = jobs.iter().map(|j| j.kv.capacity()).max().unwrap_or(0);
+    let per_thread = thread_buffers(scratch, pool.n_threads(), work_len(capacity, hd));
     // Item ranges of the jobs, end to end.
     let job_ends: Vec<usize> = jobs
         .iter()
         .scan(0, |end, job| {
-            *end += job.n_tokens * n_kv;
+            *end += job.n_tokens * n_head;
             Some(*end)
         })
         .collect();
-    let total = job_ends.last().copied().unwrap_or(0);
-    // (cache, start, tokens, queries, output) of each job, the output shareable by threads.
-    type View<'v> = (&'v KvCache, usize, usize, &'v [f32], DisjointSlice<'v, f32>);
     let views: Vec<View<'_>> = jobs
         .iter_mut()
         .map(|job| {
@@ -436,36 +335,56 @@ pub fn attention_batch(
             (kv, start, n_tokens, q, DisjointSlice::new(&mut *job.out))
         })
         .collect();
-    let group_q = group * hd;
+    run_items(pool, layer, shape, &per_thread, &views, &job_ends);
+    Ok(())
+}
+
+/// A job as the threads see it: (cache, start, tokens, queries, shareable output).
+type View<'v> = (&'v KvCache, usize, usize, &'v [f32], DisjointSlice<'v, f32>);
+
+/// Computes every (job, token, query head) item of `views`; `job_ends[j]` is the end of
+/// job `j`'s items, counted over all jobs.
+fn run_items(
+    pool: &ThreadPool,
+    layer: usize,
+    shape: &AttentionShape,
+    per_thread: &DisjointSlice<'_, f32>,
+    views: &[View<'_>],
+    job_ends: &[usize],
+) {
+    let (n_head, hd, group) = (shape.n_head, shape.head_dim, shape.group());
+    let total = job_ends.last().copied().unwrap_or(0);
+    let work_len = per_thread.len() / pool.n_threads();
     pool.parallel_for_slots(total, 1, |slot, items| {
         // SAFETY: a slot is used by one thread at a time and owns its work buffer.
         let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
         for item in items {
             let j = job_ends.partition_point(|&end| end <= item);
             let (kv, start, n_tokens, q, out) = &views[j];
-            let local = item - (job_ends[j] - n_tokens * n_kv);
-            let (t, g) = (local / n_kv, local % n_kv);
-            let at = t * q_dim + g * group_q;
-            // SAFETY: each item's heads are written by the one thread that takes it.
-            let dst = unsafe { out.part(at..at + group_q) };
-            attend_group(
+            let local = item - (job_ends[j] - n_tokens * n_head);
+            let (t, h) = (local / n_head, local % n_head);
+            let at = (t * n_head + h) * hd;
+            // SAFETY: each item's head is written by the one thread that takes it.
+            let dst = unsafe { out.part(at..at + hd) };
+            let order = ValueSum::for_tokens(*n_tokens);
+            dispatch!(attend_head(
                 kv,
                 layer,
-                g,
-                &q[at..at + group_q],
+                h / group,
+                &q[at..at + hd],
                 shape.visible(start + t),
                 shape,
-                work,
-                dst,
-            );
+                order,
+                &mut *work,
+                &mut *dst,
+            ));
         }
     });
-    Ok(())
 }
 
 /// Each head's attention probabilities for the token at `pos` (query `q`; `n_head × (pos +
-/// 1)` values), zero outside its window: the plain softmax, computed apart from the output
-/// because only callers who record attention patterns need it.
+/// 1)` values), zero outside its window: the softmax of [`attention`], computed apart from
+/// the output because only callers who record attention patterns need it.
 pub fn last_token_attention(
     kv: &KvCache,
     layer: usize,
@@ -477,285 +396,21 @@ pub fn last_token_attention(
     let (hd, group) = (shape.head_dim, shape.group());
     let visible = shape.visible(pos);
     let width = pos + 1;
+    let mut scores = vec![0f32; scores_len(width)];
     for (h, row) in all.chunks_exact_mut(width).enumerate().take(shape.n_head) {
         row.fill(0.0);
         let q_head = &q[h * hd..(h + 1) * hd];
-        for run in kv.head_runs(layer, h / group, visible.clone()) {
-            let n = run.keys.len() / hd;
-            group_scores(
-                q_head,
-                run.keys,
-                hd,
-                shape.scale,
-                &mut row[run.start..run.start + n],
-            );
-        }
-        let probs = &mut row[visible.clone()];
-        if let Some(cap) = shape.logit_softcap {
-            probs.iter_mut().for_each(|s| *s = cap * (*s / cap).tanh());
-        }
-        ops::softmax_in_place(probs);
-    }
-}
-
-/// Whether the AVX2+FMA loops may run: the quantized kernels' choice for this process
-/// (so `SAMPLER_SDK_SIMD=scalar` forces the portable loops here too).
-fn use_avx2() -> bool {
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| quant::kernels().level() >= quant::SimdLevel::Avx2)
-}
-
-/// `scores[h * n + j] = scale * (q[h] · keys[j])` for the query heads `q` (rows of `hd`)
-/// and the `n` rows of `keys`.
-pub fn group_scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
-    if hd == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked by `use_avx2`).
-        unsafe { avx2::group_scores(q, keys, hd, scale, scores) };
-        return;
-    }
-    group_scores_portable(q, keys, hd, scale, scores);
-}
-
-/// `out[h] += sum_j probs[h * n + j] * values[j]` for the heads of `out` (rows of `hd`)
-/// and the `n` rows of `values`.
-pub fn group_weighted_sum(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
-    if hd == 0 {
-        return;
-    }
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `group_scores`.
-        unsafe { avx2::group_weighted_sum(probs, values, hd, out) };
-        return;
-    }
-    group_weighted_sum_portable(probs, values, hd, out);
-}
-
-/// Dot product with eight independent partial sums (so the compiler can vectorise it and
-/// the additions do not wait on each other), combined pairwise at the end.
-pub fn dot_portable(a: &[f32], b: &[f32]) -> f32 {
-    let mut lanes = [0f32; 8];
-    let (a8, a_rest) = a.split_at(a.len() - a.len() % 8);
-    let (b8, b_rest) = b.split_at(a8.len().min(b.len()));
-    for (x, y) in a8.chunks_exact(8).zip(b8.chunks_exact(8)) {
-        for i in 0..8 {
-            lanes[i] += x[i] * y[i];
-        }
-    }
-    let mut tail = 0f32;
-    for (x, y) in a_rest.iter().zip(b_rest) {
-        tail += x * y;
-    }
-    let quads = [
-        lanes[0] + lanes[4],
-        lanes[1] + lanes[5],
-        lanes[2] + lanes[6],
-        lanes[3] + lanes[7],
-    ];
-    (quads[0] + quads[2]) + (quads[1] + quads[3]) + tail
-}
-
-fn group_scores_portable(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
-    let n = keys.len() / hd;
-    if n == 0 {
-        return;
-    }
-    for (q_head, row) in q.chunks_exact(hd).zip(scores.chunks_exact_mut(n)) {
-        for (s, k) in row.iter_mut().zip(keys.chunks_exact(hd)) {
-            *s = dot_portable(q_head, k) * scale;
-        }
-    }
-}
-
-fn group_weighted_sum_portable(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
-    let n = values.len() / hd;
-    if n == 0 {
-        return;
-    }
-    for (row, out_head) in probs.chunks_exact(n).zip(out.chunks_exact_mut(hd)) {
-        for (&p, v) in row.iter().zip(values.chunks_exact(hd)) {
-            for (o, &x) in out_head.iter_mut().zip(v) {
-                *o += p * x;
-            }
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// Sum of the eight lanes.
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn horizontal_sum(v: __m256) -> f32 {
-        let pair = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let quad = _mm_add_ps(pair, _mm_movehl_ps(pair, pair));
-        _mm_cvtss_f32(_mm_add_ss(quad, _mm_shuffle_ps::<1>(quad, quad)))
-    }
-
-    /// `q · k` for one head (`hd` = `q.len()` = `k.len()`).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    fn dot(q: &[f32], k: &[f32]) -> f32 {
-        let hd = q.len().min(k.len());
-        let full = hd - hd % 8;
-        // Two accumulators hide the FMA latency for the usual 64..256-wide heads.
-        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-        let mut i = 0;
-        while i + 16 <= full {
-            // SAFETY: i + 16 <= hd <= q.len(), k.len().
-            unsafe {
-                let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
-                let q1 = _mm256_loadu_ps(q.as_ptr().add(i + 8));
-                acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
-                acc1 = _mm256_fmadd_ps(q1, _mm256_loadu_ps(k.as_ptr().add(i + 8)), acc1);
-            }
-            i += 16;
-        }
-        if i < full {
-            // SAFETY: i + 8 <= full <= hd.
-            unsafe {
-                let q0 = _mm256_loadu_ps(q.as_ptr().add(i));
-                acc0 = _mm256_fmadd_ps(q0, _mm256_loadu_ps(k.as_ptr().add(i)), acc0);
-            }
-        }
-        let mut sum = horizontal_sum(_mm256_add_ps(acc0, acc1));
-        for j in full..hd {
-            sum += q[j] * k[j];
-        }
-        sum
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn group_scores(q: &[f32], keys: &[f32], hd: usize, scale: f32, scores: &mut [f32]) {
-        let n = keys.len() / hd;
-        if scores.len() < n * (q.len() / hd) {
-            return;
-        }
-        // Key-major: each key is loaded into L1 once and used by every head of the group.
-        for (j, k) in keys.chunks_exact(hd).enumerate() {
-            for (h, q_head) in q.chunks_exact(hd).enumerate() {
-                scores[h * n + j] = dot(q_head, k) * scale;
-            }
-        }
-    }
-
-    /// `W` registers (8 columns each) of `out` for heads `h0..h0 + H`, starting at column
-    /// `col`, accumulated over the `n` rows of `values`; everything stays in registers.
-    ///
-    /// # Safety
-    /// AVX2 and FMA; `col + 8 * W <= hd`, `(h0 + H) * hd <= out.len()`,
-    /// `(h0 + H) * n <= probs.len()` and `n * hd <= values.len()`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn weighted_block<const H: usize, const W: usize>(
-        probs: *const f32,
-        values: *const f32,
-        out: *mut f32,
-        n: usize,
-        hd: usize,
-        h0: usize,
-        col: usize,
-    ) {
-        // SAFETY (whole body): every offset is within the bounds the caller guarantees.
-        unsafe {
-            let mut acc = [[_mm256_setzero_ps(); W]; H];
-            for (h, a) in acc.iter_mut().enumerate() {
-                for (c, lane) in a.iter_mut().enumerate() {
-                    *lane = _mm256_loadu_ps(out.add((h0 + h) * hd + col + 8 * c));
-                }
-            }
-            for j in 0..n {
-                let v = values.add(j * hd + col);
-                let mut x = [_mm256_setzero_ps(); W];
-                for (c, xc) in x.iter_mut().enumerate() {
-                    *xc = _mm256_loadu_ps(v.add(8 * c));
-                }
-                for (h, a) in acc.iter_mut().enumerate() {
-                    let p = _mm256_broadcast_ss(&*probs.add((h0 + h) * n + j));
-                    for (lane, &xc) in a.iter_mut().zip(&x) {
-                        *lane = _mm256_fmadd_ps(p, xc, *lane);
-                    }
-                }
-            }
-            for (h, a) in acc.iter().enumerate() {
-                for (c, lane) in a.iter().enumerate() {
-                    _mm256_storeu_ps(out.add((h0 + h) * hd + col + 8 * c), *lane);
-                }
-            }
-        }
-    }
-
-    /// Heads `h0..h0 + hs` (hs <= 4), columns `col..col + 8 * W`.
-    ///
-    /// # Safety
-    /// As for `weighted_block`.
-    #[inline(always)]
-    #[allow(clippy::too_many_arguments)]
-    unsafe fn weighted_heads<const W: usize>(
-        hs: usize,
-        probs: *const f32,
-        values: *const f32,
-        out: *mut f32,
-        n: usize,
-        hd: usize,
-        h0: usize,
-        col: usize,
-    ) {
-        // SAFETY: forwarded contract.
-        unsafe {
-            match hs {
-                1 => weighted_block::<1, W>(probs, values, out, n, hd, h0, col),
-                2 => weighted_block::<2, W>(probs, values, out, n, hd, h0, col),
-                3 => weighted_block::<3, W>(probs, values, out, n, hd, h0, col),
-                _ => weighted_block::<4, W>(probs, values, out, n, hd, h0, col),
-            }
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn group_weighted_sum(probs: &[f32], values: &[f32], hd: usize, out: &mut [f32]) {
-        let n = values.len() / hd;
-        let heads = out.len() / hd;
-        if probs.len() < heads * n || n == 0 {
-            return;
-        }
-        let full = hd - hd % 8;
-        let (p, v, o) = (probs.as_ptr(), values.as_ptr(), out.as_mut_ptr());
-        // Up to four heads by 16 columns (eight accumulators, two value registers and a
-        // broadcast: no spills) per pass over the chunk's rows, which stay in L1.
-        let mut h0 = 0;
-        while h0 < heads {
-            let hs = (heads - h0).min(4);
-            let mut col = 0;
-            while col + 16 <= full {
-                // SAFETY: col + 16 <= hd, h0 + hs <= heads, sizes checked above.
-                unsafe { weighted_heads::<2>(hs, p, v, o, n, hd, h0, col) };
-                col += 16;
-            }
-            while col + 8 <= full {
-                // SAFETY: as above with col + 8 <= hd.
-                unsafe { weighted_heads::<1>(hs, p, v, o, n, hd, h0, col) };
-                col += 8;
-            }
-            h0 += hs;
-        }
-        if full < hd {
-            for h in 0..heads {
-                for j in 0..n {
-                    let p = probs[h * n + j];
-                    let v = &values[j * hd + full..(j + 1) * hd];
-                    for (o, &x) in out[h * hd + full..(h + 1) * hd].iter_mut().zip(v) {
-                        *o += p * x;
-                    }
-                }
-            }
-        }
+        let base = dispatch!(head_probabilities(
+            kv,
+            layer,
+            h / group,
+            q_head,
+            visible.clone(),
+            shape,
+            &mut scores,
+        ));
+        let probs = &scores[visible.start - base..visible.end - base];
+        row[visible.clone()].copy_from_slice(probs);
     }
 }
 
@@ -807,56 +462,6 @@ mod tests {
         (out, probs)
     }
 
-    #[test]
-    fn vector_loops_match_their_definitions() {
-        for hd in [1, 7, 8, 16, 24, 64, 72, 256] {
-            for heads in [1, 2, 3, 5] {
-                let rows = 37;
-                let q = pseudo_random(heads * hd, 1);
-                let keys = pseudo_random(hd * rows, 2);
-                let mut fast = vec![0f32; heads * rows];
-                let mut portable = vec![0f32; heads * rows];
-                group_scores(&q, &keys, hd, 0.5, &mut fast);
-                group_scores_portable(&q, &keys, hd, 0.5, &mut portable);
-                for h in 0..heads {
-                    for j in 0..rows {
-                        let exact: f64 = q[h * hd..(h + 1) * hd]
-                            .iter()
-                            .zip(&keys[j * hd..(j + 1) * hd])
-                            .map(|(&a, &b)| f64::from(a) * f64::from(b))
-                            .sum::<f64>()
-                            * 0.5;
-                        for got in [fast[h * rows + j], portable[h * rows + j]] {
-                            assert!((f64::from(got) - exact).abs() < 1e-5, "hd {hd} h {h} j {j}");
-                        }
-                    }
-                }
-                let probs = pseudo_random(heads * rows, 3);
-                let mut fast = pseudo_random(heads * hd, 4);
-                let mut portable = fast.clone();
-                let mut exact: Vec<f64> = fast.iter().map(|&v| f64::from(v)).collect();
-                group_weighted_sum(&probs, &keys, hd, &mut fast);
-                group_weighted_sum_portable(&probs, &keys, hd, &mut portable);
-                for h in 0..heads {
-                    for j in 0..rows {
-                        let p = f64::from(probs[h * rows + j]);
-                        for (e, &v) in exact[h * hd..(h + 1) * hd]
-                            .iter_mut()
-                            .zip(&keys[j * hd..(j + 1) * hd])
-                        {
-                            *e += p * f64::from(v);
-                        }
-                    }
-                }
-                for ((f, p), e) in fast.iter().zip(&portable).zip(&exact) {
-                    assert!((f64::from(*f) - e).abs() < 1e-5, "hd {hd} heads {heads}");
-                    assert!((f64::from(*p) - e).abs() < 1e-5, "hd {hd} heads {heads}");
-                }
-            }
-        }
-    }
-
-    /// Per KV head, per position, one head's entries.
     type PerHead = Vec<Vec<Vec<f32>>>;
 
     /// A cache of `n_pos` positions filled with pseudo-random keys and values, and the

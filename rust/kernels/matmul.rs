@@ -443,7 +443,7 @@ pub fn matmul_fused(pool: &ThreadPool, file: &[u8], products: &mut [Product<'_>]
 }
 
 /// Applies a gated activation in place: `gate[i] = act(gate[i]) * up[i]`
-/// (`ops::swiglu_in_place`, `ops::geglu_tanh_in_place`, ...).
+/// (`ggml_f32::swiglu_in_place`, `ops::geglu_tanh_in_place`, ...).
 pub type GateFn = fn(gate: &mut [f32], up: &[f32]);
 
 /// The gated feed-forward input: `out[t * n_ff + r] = act(G[r] · x[t]) * (U[r] · x[t])`

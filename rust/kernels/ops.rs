@@ -1,16 +1,19 @@
-//! The small element-wise and per-row operations of a transformer block.
-//! Scalar and plain where they are a small share of the time next to the matrix products;
-//! the exponentials of attention and of the SwiGLU gate (a few percent of a forward pass
-//! with libm's `expf`) have an AVX2 version, chosen at run time, tested against `f32::exp`.
+//! The small element-wise and per-row operations of a transformer block, each with the
+//! rounding of ggml's CPU implementation (squares summed in f64 by the norms, the fused
+//! multiply-adds GCC makes of RoPE, ggml's vector `expf` in the softmax; see `ggml_f32`).
+//! Scalar and plain: they are a small share of the time next to the matrix products.
 
 use std::sync::OnceLock;
+
+use crate::kernels::ggml_f32::{dispatch, exp_shifted_sum};
 
 /// `out = x / rms(x) * weight`, with rms computed in f64 like ggml's rms_norm so long rows
 /// do not lose precision in the sum of squares.
 pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
     debug_assert_eq!(x.len(), weight.len());
     debug_assert_eq!(x.len(), out.len());
-    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    // ggml squares in f32 and sums the squares in f64.
+    let sum_sq: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
     let mean = (sum_sq / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for ((o, &v), &w) in out.iter_mut().zip(x).zip(weight) {
@@ -21,7 +24,8 @@ pub fn rms_norm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
 /// In-place RMS normalisation of one row without a weight (used before Gemma's
 /// `1 + weight` convention is folded in, and by the Q/K norms).
 pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
-    let sum_sq: f64 = x.iter().map(|&v| f64::from(v) * f64::from(v)).sum();
+    // ggml squares in f32 and sums the squares in f64.
+    let sum_sq: f64 = x.iter().map(|&v| f64::from(v * v)).sum();
     let mean = (sum_sq / x.len() as f64) as f32;
     let scale = 1.0 / (mean + eps).sqrt();
     for (v, &w) in x.iter_mut().zip(weight) {
@@ -47,11 +51,18 @@ pub fn rope_angles(
     let mut theta = pos as f32;
     for i in 0..half {
         let factor = freq_factors.map_or(1.0, |f| f[i]);
-        let angle = freq_scale * theta / factor;
+        let angle = freq_scale * (theta / factor);
         cos[i] = angle.cos();
         sin[i] = angle.sin();
         theta *= theta_scale;
     }
+}
+
+/// `(a cos - b sin, a sin + b cos)` as ggml's `rotate_pairs` is compiled (GCC contracts
+/// `x0*cos - x1*sin` into one fused multiply-add of the first product).
+#[inline]
+fn rotate(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
+    (a.mul_add(c, -(b * s)), a.mul_add(s, b * c))
 }
 
 /// RoPE on adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the
@@ -59,8 +70,7 @@ pub fn rope_angles(
 pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[2 * i], head[2 * i + 1]);
-        head[2 * i] = a * c - b * s;
-        head[2 * i + 1] = a * s + b * c;
+        (head[2 * i], head[2 * i + 1]) = rotate(a, b, c, s);
     }
 }
 
@@ -70,57 +80,17 @@ pub fn rope_split_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[i], head[i + half]);
-        head[i] = a * c - b * s;
-        head[i + half] = a * s + b * c;
+        (head[i], head[i + half]) = rotate(a, b, c, s);
     }
 }
 
-/// Numerically stable softmax in place.
+/// Softmax in place, as ggml's `soft_max` computes it (`ggml_f32::exp_shifted_sum`).
 pub fn softmax_in_place(x: &mut [f32]) {
     let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    exp_shifted_in_place(x, max);
-    let sum: f64 = x.iter().map(|&v| f64::from(v)).sum();
-    let inv = (1.0 / sum) as f32;
+    let total = dispatch!(exp_shifted_sum(x, max));
+    let inv = (1.0 / total) as f32;
     for v in x.iter_mut() {
         *v *= inv;
-    }
-}
-
-/// Whether the AVX2+FMA versions may run: the quantized kernels' choice for this process
-/// (so `SAMPLER_SDK_SIMD=scalar` forces `f32::exp` here too).
-fn use_avx2() -> bool {
-    static AVX2: OnceLock<bool> = OnceLock::new();
-    *AVX2.get_or_init(|| crate::quant::kernels().level() >= crate::quant::SimdLevel::Avx2)
-}
-
-/// `x[i] = exp(x[i] - shift)`. The AVX2 version is within 2 ulp of `f32::exp` and flushes
-/// results below `f32::MIN_POSITIVE` to zero.
-pub fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: the CPU has AVX2 and FMA (checked by `use_avx2`).
-        unsafe { avx2::exp_shifted_in_place(x, shift) };
-        return;
-    }
-    for v in x.iter_mut() {
-        *v = (*v - shift).exp();
-    }
-}
-
-pub fn silu(x: f32) -> f32 {
-    x / (1.0 + (-x).exp())
-}
-
-/// `gate[i] = silu(gate[i]) * up[i]`: SwiGLU on a slice, vectorised where the CPU allows.
-pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-    #[cfg(target_arch = "x86_64")]
-    if use_avx2() {
-        // SAFETY: as in `exp_shifted_in_place`.
-        unsafe { avx2::swiglu_in_place(gate, up) };
-        return;
-    }
-    for (g, &u) in gate.iter_mut().zip(up) {
-        *g = silu(*g) * u;
     }
 }
 
@@ -142,7 +112,9 @@ pub fn geglu_tanh_f16_rounded_in_place(gate: &mut [f32], up: &[f32]) {
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF: f32 = 0.044_715;
-    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * (1.0 + COEF * x * x)).tanh())
+    // `1 + COEF*x*x` as GCC compiles ggml's `ggml_gelu_f32`: one fused multiply-add.
+    let inner = (COEF * x).mul_add(x, 1.0);
+    0.5 * x * (1.0 + (SQRT_2_OVER_PI * x * inner).tanh())
 }
 
 /// GELU as ggml evaluates it on the CPU: the input rounded to f16 and looked up in a
@@ -182,100 +154,6 @@ pub fn add_in_place(acc: &mut [f32], x: &[f32]) {
 
 pub fn dot_f32(a: &[f32], b: &[f32]) -> f32 {
     a.iter().zip(b).map(|(&x, &y)| x * y).sum()
-}
-
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use std::arch::x86_64::*;
-
-    /// `exp(x)` on eight lanes, Cephes' `expf` scheme: `x = n ln 2 + r` with `|r| <= ln 2 / 2`,
-    /// a degree-6 polynomial for `exp(r)`, and `2^n` built in the exponent bits. Inputs below
-    /// `ln(f32::MIN_POSITIVE)` give 0, above `ln(f32::MAX)` give `f32::MAX`-ish (clamped).
-    #[inline]
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp8(x: __m256) -> __m256 {
-        const LOW: f32 = -87.336_54; // ln(f32::MIN_POSITIVE)
-        const HIGH: f32 = 88.376_26;
-        let underflow = _mm256_cmp_ps::<_CMP_LT_OQ>(x, _mm256_set1_ps(LOW));
-        let x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(LOW)), _mm256_set1_ps(HIGH));
-        let n = _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(
-            _mm256_mul_ps(x, _mm256_set1_ps(std::f32::consts::LOG2_E)),
-        );
-        // r = x - n ln 2, with ln 2 split in two so n * hi is exact.
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693_359_4), x);
-        let r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.121_944_4e-4), r);
-        let mut p = _mm256_set1_ps(1.987_569_1e-4);
-        for c in [
-            1.398_199_9e-3,
-            8.333_452e-3,
-            4.166_579_6e-2,
-            0.166_666_65,
-            0.5,
-        ] {
-            p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(c));
-        }
-        let r2 = _mm256_mul_ps(r, r);
-        let y = _mm256_add_ps(_mm256_fmadd_ps(p, r2, r), _mm256_set1_ps(1.0));
-        // n in [-126, 128): 2^n as exponent bits; n = 128 only at HIGH, split as 2 * 2^127.
-        let n_int = _mm256_cvtps_epi32(n);
-        let n_low = _mm256_min_epi32(n_int, _mm256_set1_epi32(127));
-        let extra = _mm256_sub_epi32(n_int, n_low);
-        let pow_low = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            n_low,
-            _mm256_set1_epi32(127),
-        )));
-        let pow_extra = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(
-            extra,
-            _mm256_set1_epi32(127),
-        )));
-        let result = _mm256_mul_ps(_mm256_mul_ps(y, pow_low), pow_extra);
-        _mm256_andnot_ps(underflow, result)
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn exp_shifted_in_place(x: &mut [f32], shift: f32) {
-        let s = _mm256_set1_ps(shift);
-        let mut chunks = x.chunks_exact_mut(8);
-        for c in chunks.by_ref() {
-            // SAFETY: `c` holds exactly eight floats.
-            unsafe {
-                let v = _mm256_loadu_ps(c.as_ptr());
-                _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(v, s)));
-            }
-        }
-        let rest = chunks.into_remainder();
-        if !rest.is_empty() {
-            let mut buf = [0f32; 8];
-            buf[..rest.len()].copy_from_slice(rest);
-            // SAFETY: `buf` holds eight floats.
-            unsafe {
-                let v = _mm256_loadu_ps(buf.as_ptr());
-                _mm256_storeu_ps(buf.as_mut_ptr(), exp8(_mm256_sub_ps(v, s)));
-            }
-            rest.copy_from_slice(&buf[..rest.len()]);
-        }
-    }
-
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
-        let n = gate.len().min(up.len());
-        let one = _mm256_set1_ps(1.0);
-        let mut i = 0;
-        while i + 8 <= n {
-            // SAFETY: i + 8 <= n <= both lengths.
-            unsafe {
-                let g = _mm256_loadu_ps(gate.as_ptr().add(i));
-                let u = _mm256_loadu_ps(up.as_ptr().add(i));
-                let e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), g));
-                let silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
-                _mm256_storeu_ps(gate.as_mut_ptr().add(i), _mm256_mul_ps(silu, u));
-            }
-            i += 8;
-        }
-        for (g, &u) in gate[i..n].iter_mut().zip(&up[i..n]) {
-            *g = super::silu(*g) * u;
-        }
-    }
 }
 
 #[cfg(test)]
@@ -325,50 +203,6 @@ mod tests {
         rope_adjacent_pairs(&mut head, &cos, &sin);
         assert!(((head[0] * head[0] + head[1] * head[1]).sqrt() - 5.0).abs() < 1e-5);
         assert!(((head[2] * head[2] + head[3] * head[3]).sqrt() - 1.0).abs() < 1e-6);
-    }
-
-    #[test]
-    fn fast_exp_is_within_two_ulp_of_libm() {
-        let mut worst = 0u32;
-        let mut x: Vec<f32> = (-2000..2000).map(|i| i as f32 * 0.0437).collect();
-        x.extend([
-            0.0, -0.0, 1e-30, -1e-30, -87.0, -87.3, 88.0, 88.37, 0.5, -0.5,
-        ]);
-        let mut fast = x.clone();
-        exp_shifted_in_place(&mut fast, 0.0);
-        for (&v, &f) in x.iter().zip(&fast) {
-            let exact = v.exp();
-            if exact < f32::MIN_POSITIVE {
-                assert!(
-                    f == 0.0 || (f - exact).abs() <= f32::MIN_POSITIVE,
-                    "{v}: {f}"
-                );
-                continue;
-            }
-            worst = worst.max(f.to_bits().abs_diff(exact.to_bits()));
-        }
-        assert!(worst <= 2, "{worst} ulp");
-        let mut tiny = [-200.0f32, -100.0, f32::NEG_INFINITY];
-        exp_shifted_in_place(&mut tiny, 0.0);
-        assert_eq!(tiny, [0.0, 0.0, 0.0]);
-        let mut shifted = [3.0f32];
-        exp_shifted_in_place(&mut shifted, 3.0);
-        assert_eq!(shifted, [1.0]);
-    }
-
-    #[test]
-    fn swiglu_matches_the_scalar_definition() {
-        let gate: Vec<f32> = (-300..300).map(|i| i as f32 * 0.05).collect();
-        let up: Vec<f32> = (0..600).map(|i| 1.0 + (i % 7) as f32 * 0.25).collect();
-        let mut fast = gate.clone();
-        swiglu_in_place(&mut fast, &up);
-        for ((&g, &u), &f) in gate.iter().zip(&up).zip(&fast) {
-            let exact = silu(g) * u;
-            assert!(
-                (f - exact).abs() <= 4.0 * f32::EPSILON * exact.abs().max(1e-6),
-                "{g}"
-            );
-        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use crate::error::Result;
 use crate::kernels::matmul::{matmul, matmul_gated, ActivationBatch, GateFn, WeightMatrix};
-use crate::kernels::ops;
+use crate::kernels::{ggml_f32, ops};
 use crate::model::config::FfnActivation;
 use crate::model::moe::{self, ExpertGroups, Route};
 use crate::model::weights::{FfnWeights, MoeFfn};
@@ -104,7 +104,7 @@ fn gated_ffn(
 
 fn activation_function(activation: FfnActivation) -> GateFn {
     match activation {
-        FfnActivation::Silu => ops::swiglu_in_place,
+        FfnActivation::Silu => ggml_f32::swiglu_in_place,
         FfnActivation::GeluTanh => ops::geglu_tanh_in_place,
         FfnActivation::GeluTanhF16Table => ops::geglu_tanh_f16_rounded_in_place,
     }

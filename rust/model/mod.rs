@@ -5,6 +5,7 @@ pub mod config;
 mod ffn;
 pub mod moe;
 pub mod transformer;
+pub mod trace;
 pub mod weights;
 
 use std::path::Path;

@@ -17,12 +17,25 @@ use crate::kernels::ops;
 use crate::kv_cache::KvCache;
 use crate::model::config::RopeStyle;
 use crate::model::ffn::{feed_forward, FfnScratch};
-use crate::model::Model;
+use crate::model::{trace, Model};
 
 /// Prompt tokens evaluated per forward call by [`Model::prefill`] and the decode loop:
 /// bounds the scratch memory of a long prompt (a 255-token prompt in one call held 25 MB
 /// more at its peak) and fits the tiles of the matrix products.
 pub const PREFILL_CHUNK: usize = 64;
+
+/// The end of the prefill chunk of `prompt_len` tokens that starts at `from`: at most
+/// [`PREFILL_CHUNK`] tokens, and never leaving a last chunk of one token, because a call of
+/// one token sums attention values in another order (see `kernels::attention`) and the
+/// prompt would then no longer evaluate as llama.cpp evaluates it in one batch.
+pub fn prefill_chunk_end(from: usize, prompt_len: usize) -> usize {
+    let to = (from + PREFILL_CHUNK).min(prompt_len);
+    if prompt_len - to == 1 && to - from > 1 {
+        to - 1
+    } else {
+        to
+    }
+}
 
 /// One sequence's part of a batched forward call: `tokens` are appended to `seq`, and the
 /// logits of the last `n_logits` of them are returned.
@@ -157,11 +170,12 @@ impl Model {
         }
         let first_wanted = tokens.len() - n_logits;
         let mut logits = Vec::with_capacity(n_logits * self.config.n_vocab);
-        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
-            let start = i * PREFILL_CHUNK;
-            let end = start + chunk.len();
+        let mut start = 0;
+        while start < tokens.len() {
+            let end = prefill_chunk_end(start, tokens.len());
             let wanted = end - first_wanted.clamp(start, end);
-            logits.extend_from_slice(self.forward_logits(seq, chunk, wanted)?);
+            logits.extend_from_slice(self.forward_logits(seq, &tokens[start..end], wanted)?);
+            start = end;
         }
         Ok(logits)
     }
@@ -260,6 +274,7 @@ impl Model {
             for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
                 ops::rms_norm(x, &layer.attn_norm, cfg.rms_eps, normed);
             }
+            trace::dump("attn_norm", Some(li), &s.normed);
             s.acts.set_input(n, d);
             for ty in [layer.wq.ty, layer.wk.ty, layer.wv.ty] {
                 s.acts.prepare(pool, ty, &s.normed)?;
@@ -294,6 +309,9 @@ impl Model {
                     add_bias_to_rows(rows, bias);
                 }
             }
+            trace::dump("Qcur", Some(li), &s.q);
+            trace::dump("Kcur", Some(li), &s.k);
+            trace::dump("Vcur", Some(li), &s.v);
 
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
                 s.q.chunks_exact_mut(hd)
@@ -347,6 +365,8 @@ impl Model {
 
                 first += len;
             }
+            trace::dump("Qrope", Some(li), &s.q);
+            trace::dump("Krope", Some(li), &s.k);
             if let [e] = entries {
                 // One sequence (every decode step of a solo run): no job list to allocate.
                 let (start, len) = (e.seq.kv.len(), e.tokens.len());
@@ -398,6 +418,8 @@ impl Model {
             s.acts.set_input(n, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
             matmul(pool, &layer.wo, file, s.acts.get(layer.wo.ty)?, &mut s.proj)?;
+            trace::dump("kqv_out", Some(li), &s.attn);
+            trace::dump("attn_out", Some(li), &s.proj);
             if let Some(norm) = &layer.attn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
@@ -409,6 +431,8 @@ impl Model {
             for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
                 ops::rms_norm(x, &layer.ffn_norm, cfg.rms_eps, normed);
             }
+            trace::dump("ffn_inp", Some(li), &s.x);
+            trace::dump("ffn_norm", Some(li), &s.normed);
             feed_forward(
                 pool,
                 &layer.ffn,
@@ -420,12 +444,14 @@ impl Model {
                 &mut s.ffn,
                 &mut s.proj,
             )?;
+            trace::dump("ffn_out", Some(li), &s.proj);
             if let Some(norm) = &layer.ffn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
                     .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
             }
             ops::add_in_place(&mut s.x, &s.proj);
+            trace::dump("l_out", Some(li), &s.x);
         }
         let inv_heads = 1.0 / (cfg.n_layer * cfg.n_head) as f32;
         for e in entries.iter_mut() {
@@ -466,6 +492,8 @@ impl Model {
                 &mut s.logits,
             )?;
         }
+        trace::dump("result_norm", None, &s.normed[..n_logits * d]);
+        trace::dump("result_output", None, &s.logits);
         if let Some(scale) = cfg.logit_scale {
             s.logits.iter_mut().for_each(|v| *v *= scale);
         }

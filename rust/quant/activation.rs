@@ -1,6 +1,9 @@
 //! Activations converted to the format a weight type's dot product consumes (ggml's
-//! `vec_dot_type`), with the rounding of ggml's reference quantisers
-//! (`quantize_row_q8_0_ref`, `quantize_row_q8_1_ref`, `quantize_row_q8_K_ref`).
+//! `vec_dot_type`), with the rounding of ggml's x86 quantisers: Q8_0 and Q8_1 as ggml's
+//! AVX2 `quantize_row_q8_0` / `quantize_row_q8_1` (scale `127 / amax`, halves rounded to
+//! even), which the x86 builds of llama.cpp use in place of the portable
+//! `quantize_row_q8_0_ref` / `quantize_row_q8_1_ref`; Q8_K as `quantize_row_q8_K_ref`
+//! (ggml's x86 Q8_K quantiser is the reference one).
 
 use half::f16;
 
@@ -39,11 +42,13 @@ pub struct QuantizedActivations {
     /// block: the rows-by-tokens kernels read them once per (quad of rows, block, token),
     /// where widening in the kernel cost more than the dot product itself.
     block_scales: Vec<f32>,
-    /// Q8_0 only: per block, minus the four lane sums `y[4k..4k+4] + y[16+4k..16+4k+4]`
-    /// (k = 0..4), the lanes the 4/5-bit kernels use. Those kernels take `offset * sum` off
-    /// their unsigned products for every (quad of rows, block, token); reading it here
-    /// replaces two multiply-adds with a shift.
-    neg_lane_sums: Vec<i32>,
+    /// Q8_0 only: per block, the offset shares `-8 * sum y[4k..4k+4]` of the eight lanes
+    /// k = 0..8 of ggml's AVX2 dot products (lanes 0..4 meet the low nibbles of a 4/5-bit
+    /// block, lanes 4..8 the high nibbles), then `-16 * sum y[4k..4k+4]`. Q4_0 and Q5_0
+    /// kernels multiply stored values `w + 8` and `w + 16` and take these shares off their
+    /// lane sums for every (quad of rows, block, token); reading them here spares those
+    /// multiply-adds (or shifts).
+    neg_offset_sums: Vec<i32>,
 }
 
 impl Default for QuantizedActivations {
@@ -59,12 +64,12 @@ impl QuantizedActivations {
             n: 0,
             bytes: Vec::new(),
             block_scales: Vec::new(),
-            neg_lane_sums: Vec::new(),
+            neg_offset_sums: Vec::new(),
         }
     }
 
     /// Quantises `x` for dot products with weights of type `weight_type`, rounding exactly
-    /// as ggml's reference quantisers and its fp32->fp16 / fp32->bf16 conversions do.
+    /// as ggml's x86 quantisers and its fp32->fp16 / fp32->bf16 conversions do.
     /// `x.len()` must be a multiple of the weight type's block size.
     pub fn quantize(&mut self, weight_type: GgmlType, x: &[f32]) -> Result<()> {
         self.quantize_with(super::dispatch::kernels(), weight_type, x)
@@ -144,13 +149,13 @@ impl QuantizedActivations {
                 self.block_scales.push(f16::from_bits(bits).to_f32());
             }
         }
-        self.neg_lane_sums.clear();
+        self.neg_offset_sums.clear();
         if format == GgmlType::Q8_0 {
             for block in self.bytes.chunks_exact(34) {
                 let q = |i: usize| i32::from(block[2 + i] as i8);
-                for k in 0..4 {
-                    let sum: i32 = (4 * k..4 * k + 4).map(|i| q(i) + q(16 + i)).sum();
-                    self.neg_lane_sums.push(-sum);
+                let sums: [i32; 8] = std::array::from_fn(|k| (4 * k..4 * k + 4).map(q).sum());
+                for offset in [8, 16] {
+                    self.neg_offset_sums.extend(sums.map(|sum| -offset * sum));
                 }
             }
         }
@@ -181,10 +186,10 @@ impl QuantizedActivations {
         &self.block_scales
     }
 
-    /// Q8_0 only (otherwise empty): four per block, lane `k` minus the sum of the quants
-    /// `4k..4k+4` and `16+4k..16+4k+4`.
-    pub fn neg_lane_sums(&self) -> &[i32] {
-        &self.neg_lane_sums
+    /// Q8_0 only (otherwise empty): sixteen per block, `-8 * sum q[4k..4k+4]` for lanes
+    /// k = 0..8, then `-16 * sum q[4k..4k+4]`.
+    pub fn neg_offset_sums(&self) -> &[i32] {
+        &self.neg_offset_sums
     }
 }
 
@@ -198,18 +203,22 @@ pub fn fp32_to_bf16_bits(value: f32) -> u16 {
     ((u64::from(bits) + u64::from(rounding)) >> 16) as u16
 }
 
-/// `amax / 127` and its inverse (0 for an all-zero block), as the Q8_0/Q8_1 reference computes them.
+/// The scale `d = amax / 127` and the multiplier `id = 127 / amax` (0 for an all-zero
+/// block), as ggml's x86 `quantize_row_q8_0` / `q8_1` compute them. (The portable
+/// reference takes `id = 1 / d`, which differs from `127 / amax` in the last bit for some
+/// `amax`.)
 fn q8_scale(x: &[f32; 32]) -> (f32, f32) {
     let amax = x.iter().fold(0f32, |m, v| m.max(v.abs()));
     let d = amax / 127.0;
-    let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+    let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
     (d, id)
 }
 
-/// C's `roundf` (halves away from zero) then the `float -> int8_t` store; `as` saturates,
-/// which only matters for NaN or infinite inputs, where C has no defined result anyway.
+/// `_mm256_round_ps(v, _MM_ROUND_NEAREST)` (to nearest, halves to even; the reference's
+/// `roundf` takes halves away from zero) then the `cvtps` / pack to `int8_t`; `as`
+/// saturates, which only matters for NaN or infinite inputs, where ggml's result differs.
 fn round_to_i8(v: f32) -> i8 {
-    v.round() as i8
+    v.round_ties_even() as i8
 }
 
 fn activation_blocks<'a, const N: usize>(
@@ -229,7 +238,8 @@ pub fn convert_f16(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// ggml's `quantize_row_q8_0_ref`: `d = amax / 127`, `q = roundf(x / d)` (as `x * (1/d)`).
+/// ggml's x86 `quantize_row_q8_0`: `d = amax / 127`, `q = x * (127 / amax)` rounded to
+/// nearest, halves to even; `d` stored as fp16.
 pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     for (x, o) in activation_blocks::<32>(x, out, 34) {
         let (d, id) = q8_scale(x);
@@ -242,7 +252,7 @@ pub fn quantize_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
-/// ggml's `quantize_row_q8_1_ref`: Q8_0 plus `s = fp16(sum(q) * d)` with the unrounded `d`.
+/// ggml's x86 `quantize_row_q8_1`: Q8_0 plus `s = fp16(d * sum(q))` with the unrounded `d`.
 pub fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
     for (x, o) in activation_blocks::<32>(x, out, 36) {
         let (d, id) = q8_scale(x);
@@ -363,19 +373,50 @@ mod tests {
     }
 
     #[test]
-    fn q8_0_rounds_halves_away_from_zero() {
-        // amax = 127 gives d = 1 exactly, so x * (1/d) = x and ties stay ties.
+    fn q8_0_rounds_halves_to_even() {
+        // amax = 127 gives id = 127 / 127 = 1 exactly, so x * id = x and ties stay ties.
         let mut x = [0f32; 32];
         x[0] = 127.0;
         x[1] = 2.5;
         x[2] = -2.5;
         x[3] = 0.5;
+        x[4] = 3.5;
+        x[5] = -1.5;
+        x[6] = -0.5;
         let mut out = [0u8; 34];
         quantize_q8_0(&x, &mut out);
         let block = BlockQ8_0::read(&out);
         assert_eq!(
-            block.map(|b| (b.d.to_f32(), b.qs[0], b.qs[1], b.qs[2], b.qs[3])),
-            Some((1.0, 127, 3, -3, 1))
+            block.map(|b| (b.d.to_f32(), b.qs[..7].to_vec())),
+            Some((1.0, vec![127, 2, -2, 0, 4, -2, 0]))
+        );
+    }
+
+    #[test]
+    fn q8_scale_is_127_over_amax_not_the_inverse_of_d() {
+        // amax = 1.0625: 1 / d = 119.52942 but 127 / amax = 119.52941 (one ulp apart).
+        // For x = 0.029281495, x * (1 / d) is exactly 3.5 (4 with ties to even) while
+        // x * (127 / amax) is 3.4999998: ggml's x86 quantiser gives 3.
+        let amax = 1.0625f32;
+        let d = amax / 127.0;
+        assert_eq!((1.0 / d).to_bits(), 0x42ef_0f10);
+        assert_eq!((127.0 / amax).to_bits(), 0x42ef_0f0f);
+        let v = f32::from_bits(0x3cef_dfbf);
+        let mut x = [0f32; 32];
+        x[0] = -amax;
+        x[1] = v;
+        x[2] = -v;
+        assert_eq!(q8_scale(&x), (d, 127.0 / amax));
+        let mut out = [0u8; 36];
+        quantize_q8_1(&x, &mut out);
+        let block = BlockQ8_1::read(&out);
+        assert_eq!(block.map(|b| b.qs[..3].to_vec()), Some(vec![-127, 3, -3]));
+        assert_eq!(
+            block.map(|b| (b.d.to_bits(), b.s.to_bits())),
+            Some((
+                f16::from_f32(d).to_bits(),
+                f16::from_f32(d * -127.0).to_bits()
+            ))
         );
     }
 

@@ -41,7 +41,8 @@ pub fn kernel_tokens_for(ty: GgmlType) -> DotTokensFn {
 
 /// Dot product of one weight row of type `ty` (the bytes of `act.len()` elements) with
 /// activations quantised for `ty`. The scalar level does ggml's reference `ggml_vec_dot_*`
-/// arithmetic; SIMD levels agree with it to f32 summation order (see `dot_avx2`).
+/// arithmetic; SIMD levels agree with it to f32 summation order (see `dot_avx2`), and for
+/// the 32-element formats have the bits of ggml's AVX2 kernels (llama.cpp's x86 builds).
 ///
 /// Shapes are the caller's contract (matvec checks them once at model load), so they are
 /// only debug-asserted. In release a mismatch cannot read out of bounds: a row of the wrong

@@ -3,8 +3,8 @@
 //! Each weight type has a single-row kernel (the [`DotFn`]) and a four-row kernel (the
 //! [`Dot4Fn`]). The four-row kernels of the 32-element formats load each activation block
 //! once for four rows: Q8_0's is the single-row function instantiated for four rows (same
-//! per-row operations), the 4/5-bit formats pack two rows per register and their
-//! single-row kernel builds the same lanes in 128-bit registers. For the K-quants and the
+//! per-row operations), the 4/5-bit formats pack two rows per register and keep the same
+//! eight lanes per row as their single-row kernel. For the K-quants and the
 //! float formats four single-row calls are faster (see `RowKernel::FUSED_FOUR`).
 //! Either way a four-row result has exactly the bits of a single-row call (tested), so a
 //! matmul may mix them freely and its output does not depend on how rows are split.
@@ -15,6 +15,11 @@
 //! operations in its order, so each result again has the single-row bits (tested). The
 //! 4/5-bit formats keep the two-rows-per-register lanes; Q8_0 and the K-quants take one row
 //! at a time against the group. Types without one make a four-row call per token.
+//!
+//! llama.cpp: the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the Q8_0/Q8_1
+//! activation quantisers do the f32 operations of ggml's AVX2 code in its order, so their
+//! results have the bits of llama.cpp's x86 builds (`ggml_x86_tests` checks them against a
+//! transcription of that code). The K-quant and float kernels do not.
 //!
 //! Accuracy: within a block the integer sum of products is exact, as in the scalar kernels;
 //! only the f32 arithmetic after it differs. The scalar kernels add one f32 term per block
@@ -126,13 +131,13 @@ pub(super) trait TokensKernel: RowKernel {
     const NARROW: bool = false;
     /// f32 block scales per activation block the kernel reads from `block_scales`.
     const SCALES: usize = 0;
-    /// Lane sums per activation block the kernel reads from `neg_lane_sums`.
-    const LANE_SUMS: usize = 0;
+    /// Offset shares per activation block the kernel reads from `neg_offset_sums`.
+    const OFFSET_SUMS: usize = 0;
     /// # Safety
     /// As for [`RowKernel::one`]; besides, every row and every activation row holds the
     /// same number of whole blocks (`common_blocks` of any one pair, for `acts[0].len()`
-    /// elements), and every activation row has `SCALES` block scales and `LANE_SUMS` lane
-    /// sums per block.
+    /// elements), and every activation row has `SCALES` block scales and `OFFSET_SUMS`
+    /// offset shares per block.
     unsafe fn group<const T: usize>(
         rows: [&[u8]; 4],
         acts: [&QuantizedActivations; T],
@@ -159,7 +164,7 @@ pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof)
             && acts.iter().all(|act| {
                 common_blocks(K::TY, &[rows[0]], act.bytes(), n) == blocks
                     && act.block_scales().len() >= blocks * K::SCALES
-                    && act.neg_lane_sums().len() >= blocks * K::LANE_SUMS
+                    && act.neg_offset_sums().len() >= blocks * K::OFFSET_SUMS
             });
         if !uniform {
             for (act, o) in acts.iter().zip(out) {
@@ -281,7 +286,7 @@ macro_rules! tokens_kernel {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
             const SCALES: usize = if <$format as SmallFormat>::HAS_MIN { 2 } else { 1 };
-            const LANE_SUMS: usize = if <$format as SmallFormat>::OFFSET != 0 { 4 } else { 0 };
+            const OFFSET_SUMS: usize = if <$format as SmallFormat>::OFFSET != 0 { 16 } else { 0 };
             unsafe fn group<const T: usize>(
                 rows: [&[u8]; 4],
                 acts: [&QuantizedActivations; T],
@@ -608,15 +613,27 @@ unsafe fn q8_1_q8_1<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 
 // ---- 4- and 5-bit formats: Q4_0, Q4_1, Q5_0, Q5_1 ------------------------------------
 //
-// A block's 16 bytes of nibbles fill half a 256-bit register once widened, so the four-row
-// kernel packs two rows per register (four per 512-bit register at the AVX-512 level): the
-// low nibbles (elements 0..16) meet a register holding activations 0..16 in every 128-bit
-// lane, the high nibbles (16..32) one holding activations 16..32. Each row then has four
-// i32 lanes per block, lane k summing elements 4k..4k+4 and 16+4k..16+4k+4; the single-row
-// kernel builds exactly these lanes in 128-bit registers, and both apply the same f32
-// operations to them, so the two agree to the bit (and with the AVX-512 four-row kernel).
+// The f32 arithmetic is that of ggml's AVX2 `ggml_vec_dot_q{4,5}_{0,1}_q8_{0,1}`, so the
+// results have llama.cpp's x86 bits: per block, the 32 integer products are summed in eight
+// i32 lanes, lane i holding elements 4i..4i+4 (lanes 0..4 the low nibbles, elements 0..16;
+// lanes 4..8 the high nibbles, elements 16..32); each lane is converted to f32 and added as
+// `acc_i = fma(d * dy, lane_i, acc_i)`, block after block; the row's result is
+// `hsum_float_8(acc) + summs`, where `hsum_float_8` adds `h_l = acc_{l+4} + acc_l` as
+// `(h0 + h2) + (h1 + h3)` and `summs` (Q4_1, Q5_1) is the f32 sum of `m * s`, block after
+// block. Only the f32 operations and their order matter: the lane sums are exact integers
+// however they are formed.
+//
+// The single-row kernel is ggml's, lanes 0..8 in one 256-bit register. A block's 16 bytes
+// of nibbles fill half a 256-bit register once widened, so the four-row kernel packs two
+// rows per register (four per 512-bit register at the AVX-512 level): the low nibbles meet
+// a register holding activations 0..16 in every 128-bit lane, the high nibbles one holding
+// activations 16..32, and the two give each row its lanes 0..4 and 4..8 in separate
+// accumulators (`lo` and `hi`); a row's result is then `hsum4(hi + lo) + summs`, which adds
+// the same operands in the same order as `hsum_float_8`. So every kernel agrees to the bit
+// with ggml and with the others.
 // Unsigned values `u = w + OFFSET` meet the activations; `OFFSET * sum(y)` is subtracted
-// per lane, exactly, before the conversion to f32.
+// per lane, exactly, before the conversion to f32 (ggml subtracts the offset from the
+// weights instead: the same integers).
 
 /// Layout of a 32-element 4/5-bit format and of its activation block (Q8_0 or Q8_1).
 pub(super) trait SmallFormat {
@@ -629,8 +646,11 @@ pub(super) trait SmallFormat {
     const QH: Option<usize>;
     /// Offset of the 16 bytes of nibbles.
     const QS: usize;
-    /// What the stored (unsigned) values exceed the weights by.
+    /// What the stored (unsigned) values exceed the weights by (0, 8 or 16).
     const OFFSET: i8;
+    /// Where this format's shares start among a block's `neg_offset_sums` (Q4_0's first,
+    /// Q5_0's after them).
+    const OFFSET_SUMS_AT: usize = if Self::OFFSET == 16 { 8 } else { 0 };
     /// Bytes per activation block and the offset of its quants.
     const ACT: usize = if Self::HAS_MIN { 36 } else { 34 };
     const ACT_QS: usize = if Self::HAS_MIN { 4 } else { 2 };
@@ -705,20 +725,17 @@ fn bit4_from_bits_32(bits: u32) -> __m256i {
     _mm256_and_si256(set, _mm256_set1_epi8(0x10))
 }
 
-/// The activation block's lane excess `OFFSET * (sum y[4k..4k+4] + sum y[16+4k..16+4k+4])`
-/// from its quants split in halves.
+/// The activation lanes' excess `OFFSET * sum y[4k..4k+4]`, lane k of each 128-bit half
+/// summing four consecutive quants of `y` (what the unsigned products `u * y` exceed
+/// `w * y` by, lane for lane).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-pub(super) fn small_excess(offset: i8, y_lo: __m128i, y_hi: __m128i) -> __m128i {
-    let offset = _mm_set1_epi8(offset);
-    let pairs = _mm_add_epi16(
-        _mm_maddubs_epi16(offset, y_lo),
-        _mm_maddubs_epi16(offset, y_hi),
-    );
-    _mm_madd_epi16(pairs, _mm_set1_epi16(1))
+pub(super) fn small_excess(offset: i8, y: __m256i) -> __m256i {
+    dot_u8_i8(_mm256_set1_epi8(offset), y)
 }
 
-/// Sum of four lanes as `(v0 + v2) + (v1 + v3)`, the order every small-format kernel uses.
+/// Sum of four lanes as `(v0 + v2) + (v1 + v3)`, the order every small-format kernel uses;
+/// with `v = hi + lo` it is ggml's `hsum_float_8` of the eight lanes `lo, hi`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn hsum4(v: __m128) -> f32 {
@@ -743,38 +760,36 @@ unsafe fn small_scales<F: SmallFormat>(x: *const u8, y: *const u8) -> __m128 {
     _mm_mul_ps(wx, wy)
 }
 
+/// ggml's AVX2 kernel: the block's 32 values in one register (`bytes_from_nibbles_32`),
+/// eight lanes of four products, one FMA per block, `hsum_float_8` at the end.
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) unsafe fn small_one<F: SmallFormat>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let blocks = common_blocks(F::TY, &[row], act, n);
     let (w, a) = (row.as_ptr(), act.as_ptr());
-    let low4 = _mm_set1_epi8(0x0F);
-    let mut acc = _mm_setzero_ps();
+    let low4 = _mm256_set1_epi8(0x0F);
+    let mut acc = _mm256_setzero_ps();
     let mut min_part = 0f32;
     for b in 0..blocks {
         let y = a.add(b * F::ACT);
         let x = w.add(b * F::SIZE);
-        let y_lo = load128(y.add(F::ACT_QS));
-        let y_hi = load128(y.add(F::ACT_QS + 16));
+        let qy = load256(y.add(F::ACT_QS));
         let q = load128(x.add(F::QS));
-        let mut lo = _mm_and_si128(q, low4);
-        let mut hi = _mm_and_si128(_mm_srli_epi16::<4>(q), low4);
+        // Elements 0..16 (low nibbles) in the low half, 16..32 (high nibbles) in the high.
+        let mut qx = _mm256_and_si256(_mm256_set_m128i(_mm_srli_epi16::<4>(q), q), low4);
         if F::QH.is_some() {
-            let high = bit4_from_bits_32(high_bits::<F>(x));
-            lo = _mm_or_si128(lo, _mm256_castsi256_si128(high));
-            hi = _mm_or_si128(hi, _mm256_extracti128_si256::<1>(high));
+            qx = _mm256_or_si256(qx, bit4_from_bits_32(high_bits::<F>(x)));
         }
-        let pairs = _mm_add_epi16(_mm_maddubs_epi16(lo, y_lo), _mm_maddubs_epi16(hi, y_hi));
-        let mut sums = _mm_madd_epi16(pairs, _mm_set1_epi16(1));
+        let mut sums = dot_u8_i8(qx, qy);
         if F::OFFSET != 0 {
-            sums = _mm_sub_epi32(sums, small_excess(F::OFFSET, y_lo, y_hi));
+            sums = _mm256_sub_epi32(sums, small_excess(F::OFFSET, qy));
         }
         let scales = small_scales::<F>(x, y);
-        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(sums), _mm_broadcastss_ps(scales), acc);
+        acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), _mm256_broadcastss_ps(scales), acc);
         if F::HAS_MIN {
             min_part += _mm_cvtss_f32(_mm_movehdup_ps(scales));
         }
     }
-    hsum4(acc) + min_part
+    hsum(acc) + min_part
 }
 
 /// The block scale products of four rows: `d * dy` in lanes 0..4 and, for formats with a
@@ -802,15 +817,31 @@ pub(super) unsafe fn small_scales4<F: SmallFormat>(x: [*const u8; 4], y: *const 
     }
 }
 
+/// The nibbles (with bit 4 for the 5-bit formats) of the blocks at `x0` and `x1`: elements
+/// 0..16 of `x0` then of `x1`, and elements 16..32 of `x0` then of `x1`.
+#[inline(always)]
+unsafe fn unpack_two_blocks<F: SmallFormat>(x0: *const u8, x1: *const u8) -> (__m256i, __m256i) {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
+    let mut lo = _mm256_and_si256(q, low4);
+    let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+    if F::QH.is_some() {
+        let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
+        lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
+        hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+    }
+    (lo, hi)
+}
+
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
     let blocks = common_blocks(F::TY, &rows, act, n);
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
     let next = next_rows(&rows);
-    let low4 = _mm256_set1_epi8(0x0F);
-    // acc[p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
-    let mut acc = [_mm256_setzero_ps(); 2];
+    // lo[p], hi[p]: the lanes 0..4 and 4..8 of rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8).
+    let mut acc_lo = [_mm256_setzero_ps(); 2];
+    let mut acc_hi = [_mm256_setzero_ps(); 2];
     let mut min_part = _mm256_setzero_ps();
     for b in 0..blocks {
         if let Some(next) = next {
@@ -818,63 +849,42 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
         }
         let y = a.add(b * F::ACT);
         let x = w.map(|w| w.add(b * F::SIZE));
-        let y_lo = load128(y.add(F::ACT_QS));
-        let y_hi = load128(y.add(F::ACT_QS + 16));
-        let excess = if F::OFFSET != 0 {
-            let e = small_excess(F::OFFSET, y_lo, y_hi);
-            _mm256_set_m128i(e, e)
-        } else {
-            _mm256_setzero_si256()
-        };
-        let (y_lo, y_hi) = (_mm256_set_m128i(y_lo, y_lo), _mm256_set_m128i(y_hi, y_hi));
+        let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
+        let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
         let scales = small_scales4::<F>(x, y);
         if F::HAS_MIN {
             min_part = _mm256_add_ps(min_part, scales);
         }
         for p in 0..2 {
-            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
-            let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
-            let mut lo = _mm256_and_si256(q, low4);
-            let mut hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-            if F::QH.is_some() {
-                let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
-                lo = _mm256_or_si256(lo, bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
-                hi = _mm256_or_si256(hi, bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
+            let (lo, hi) = unpack_two_blocks::<F>(x[2 * p], x[2 * p + 1]);
+            let mut sums_lo = dot_u8_i8(lo, y_lo);
+            let mut sums_hi = dot_u8_i8(hi, y_hi);
+            if F::OFFSET != 0 {
+                sums_lo = _mm256_sub_epi32(sums_lo, small_excess(F::OFFSET, y_lo));
+                sums_hi = _mm256_sub_epi32(sums_hi, small_excess(F::OFFSET, y_hi));
             }
-            let pairs = _mm256_add_epi16(
-                _mm256_maddubs_epi16(lo, y_lo),
-                _mm256_maddubs_epi16(hi, y_hi),
-            );
-            let sums = _mm256_sub_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), excess);
             let lane = (2 * p) as i32;
-            let d = _mm256_permutevar8x32_ps(
-                scales,
-                _mm256_setr_epi32(
-                    lane,
-                    lane,
-                    lane,
-                    lane,
-                    lane + 1,
-                    lane + 1,
-                    lane + 1,
-                    lane + 1,
-                ),
-            );
-            acc[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[p]);
+            let (l0, l1) = (lane, lane + 1);
+            let d =
+                _mm256_permutevar8x32_ps(scales, _mm256_setr_epi32(l0, l0, l0, l0, l1, l1, l1, l1));
+            acc_lo[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_lo), d, acc_lo[p]);
+            acc_hi[p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_hi), d, acc_hi[p]);
         }
     }
+    let s01 = _mm256_add_ps(acc_hi[0], acc_lo[0]);
+    let s23 = _mm256_add_ps(acc_hi[1], acc_lo[1]);
     small_finish::<F>(
         [
-            _mm256_castps256_ps128(acc[0]),
-            _mm256_extractf128_ps::<1>(acc[0]),
-            _mm256_castps256_ps128(acc[1]),
-            _mm256_extractf128_ps::<1>(acc[1]),
+            _mm256_castps256_ps128(s01),
+            _mm256_extractf128_ps::<1>(s01),
+            _mm256_castps256_ps128(s23),
+            _mm256_extractf128_ps::<1>(s23),
         ],
         _mm256_extractf128_ps::<1>(min_part),
     )
 }
 
-/// Per-row results from the four rows' lane sums and (lane r) minimum shares.
+/// Per-row results from the four rows' `hi + lo` lane sums and (lane r) minimum shares.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -> [f32; 4] {
@@ -890,9 +900,11 @@ pub(super) fn small_finish<F: SmallFormat>(acc: [__m128; 4], min_part: __m128) -
 
 /// Four rows by `T` tokens, two rows per register as in [`small_four`]: the rows' blocks
 /// are unpacked once for all the tokens, and each token's activation loads, scale and
-/// offset share serve both register pairs. Each (row, token) lane sees `small_one`'s
+/// offset share serve both rows of a register. Each (row, token) lane sees `small_one`'s
 /// integer sums and float operations: the block scale `d * dy` and minimum `m * s` are the
-/// same products, accumulated in the same order.
+/// same products, accumulated in the same order. One pair of rows at a time: the
+/// accumulators of both pairs (16 registers for four tokens) would not fit the 16 AVX2
+/// registers with the operands.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     rows: [&[u8]; 4],
@@ -902,94 +914,128 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let w = rows.map(<[u8]>::as_ptr);
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
-    let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
-    let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
-    let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
+    let offset_sums = acts.map(|act| {
+        act.neg_offset_sums()
+            .as_ptr()
+            .wrapping_add(F::OFFSET_SUMS_AT)
+    });
     let next = next_rows(&rows);
-    let low4 = _mm256_set1_epi8(0x0F);
-    // acc[t][p]: rows 2p (lanes 0..4) and 2p + 1 (lanes 4..8) of token t.
-    let mut acc = [[_mm256_setzero_ps(); 2]; T];
-    // Lane r: row r's sum of `m * s`.
-    let mut min_part = [_mm_setzero_ps(); T];
+    // Per token, the horizontal sums `hsum4(hi + lo)` of the four rows.
+    let mut sums = [[0f32; 4]; T];
+    for p in 0..2 {
+        // Each pass prefetches half of the following rows' bytes.
+        let ahead = next.map(|next| next.wrapping_add(p * blocks * 2 * F::SIZE));
+        let pair = small_tokens_pair::<F, T>(
+            [w[2 * p], w[2 * p + 1]],
+            a,
+            act_scales,
+            offset_sums,
+            blocks,
+            ahead,
+        );
+        for t in 0..T {
+            sums[t][2 * p..2 * p + 2].copy_from_slice(&pair[t]);
+        }
+    }
+    let min_part = small_min_parts::<F, T>(w, act_scales, blocks);
+    let mut out = [[0f32; 4]; T];
+    for t in 0..T {
+        let mut mins = [0f32; 4];
+        _mm_storeu_ps(mins.as_mut_ptr(), min_part[t]);
+        for r in 0..4 {
+            out[t][r] = sums[t][r] + if F::HAS_MIN { mins[r] } else { 0.0 };
+        }
+    }
+    out
+}
+
+/// Two rows by `T` tokens for [`small_tokens`]: per token, `hsum4(hi + lo)` of each row.
+/// Not inlined: unrolled into the caller's loop over the two pairs of rows, the two
+/// passes' accumulators would not fit the registers.
+/// # Safety
+/// As for [`small_tokens`], with `blocks` the common block count, `a`, `act_scales` and
+/// `offset_sums` the activations' bytes, block scales and this format's offset shares.
+#[inline(never)]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn small_tokens_pair<F: SmallFormat, const T: usize>(
+    w: [*const u8; 2],
+    a: [*const u8; T],
+    act_scales: [*const f32; T],
+    offset_sums: [*const i32; T],
+    blocks: usize,
+    ahead: Option<*const u8>,
+) -> [[f32; 2]; T] {
+    let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
+    // Rows 0 (lanes 0..4) and 1 (lanes 4..8) of token t, lanes 0..4 and 4..8 of ggml's
+    // eight apart.
+    let mut acc_lo = [_mm256_setzero_ps(); T];
+    let mut acc_hi = [_mm256_setzero_ps(); T];
     for b in 0..blocks {
-        if let Some(next) = next {
-            prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * 2 * F::SIZE), 2 * F::SIZE);
         }
-        let x = w.map(|w| w.add(b * F::SIZE));
-        let mut lo = [_mm256_setzero_si256(); 2];
-        let mut hi = [_mm256_setzero_si256(); 2];
-        for p in 0..2 {
-            let (x0, x1) = (x[2 * p], x[2 * p + 1]);
-            let q = _mm256_set_m128i(load128(x1.add(F::QS)), load128(x0.add(F::QS)));
-            lo[p] = _mm256_and_si256(q, low4);
-            hi[p] = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-            if F::QH.is_some() {
-                let (b0, b1) = (high_bits::<F>(x0), high_bits::<F>(x1));
-                lo[p] = _mm256_or_si256(lo[p], bit4_from_bits_32((b0 & 0xFFFF) | (b1 << 16)));
-                hi[p] = _mm256_or_si256(hi[p], bit4_from_bits_32((b0 >> 16) | (b1 & 0xFFFF_0000)));
-            }
-        }
-        let (d, mins) = if F::HAS_MIN {
-            let read = |x: *const u8| u64::from(x.cast::<u32>().read_unaligned());
-            // [d0, m0, d1, m1] and [d2, m2, d3, m3]
-            let v01 = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x[0]) | (read(x[1]) << 32)) as i64));
-            let v23 = _mm_cvtph_ps(_mm_cvtsi64_si128((read(x[2]) | (read(x[3]) << 32)) as i64));
-            let pick = _mm256_setr_epi32(0, 0, 0, 0, 2, 2, 2, 2);
-            let d = [
-                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v01), pick),
-                _mm256_permutevar8x32_ps(_mm256_castps128_ps256(v23), pick),
-            ];
-            (d, _mm_shuffle_ps::<0b1101_1101>(v01, v23))
-        } else {
-            let v = _mm256_castps128_ps256(f16_gather4(x));
-            let d = [
-                _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1)),
-                _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(2, 2, 2, 2, 3, 3, 3, 3)),
-            ];
-            (d, _mm_setzero_ps())
-        };
+        let (x0, x1) = (w[0].add(b * F::SIZE), w[1].add(b * F::SIZE));
+        let (lo, hi) = unpack_two_blocks::<F>(x0, x1);
+        let bits = u32::from(x0.cast::<u16>().read_unaligned())
+            | (u32::from(x1.cast::<u16>().read_unaligned()) << 16);
+        let d = _mm256_permutevar8x32_ps(
+            _mm256_castps128_ps256(_mm_cvtph_ps(_mm_cvtsi32_si128(bits as i32))),
+            _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1),
+        );
         for t in 0..T {
             let y = a[t].add(b * F::ACT);
             let y_lo = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS)));
             let y_hi = _mm256_broadcastsi128_si256(load128(y.add(F::ACT_QS + 16)));
-            // `-OFFSET * (lane sums of y)`, both halves: what the unsigned products exceed w * y by.
-            let start = if F::OFFSET != 0 {
-                let neg_sums = load128(lane_sums[t].add(4 * b).cast());
-                _mm256_sll_epi32(_mm256_broadcastsi128_si256(neg_sums), offset_shift)
-            } else {
-                _mm256_setzero_si256()
-            };
-            let dy_s = act_scales[t].add(b * scales_per_block);
-            let dy = _mm256_set1_ps(dy_s.read());
-            for p in 0..2 {
-                let pairs = _mm256_add_epi16(
-                    _mm256_maddubs_epi16(lo[p], y_lo),
-                    _mm256_maddubs_epi16(hi[p], y_hi),
-                );
-                let sums = _mm256_add_epi32(_mm256_madd_epi16(pairs, _mm256_set1_epi16(1)), start);
-                let scale = _mm256_mul_ps(d[p], dy);
-                acc[t][p] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), scale, acc[t][p]);
+            let mut sums_lo = dot_u8_i8(lo, y_lo);
+            let mut sums_hi = dot_u8_i8(hi, y_hi);
+            if F::OFFSET != 0 {
+                // `-OFFSET * (lane sums of y)`: what the unsigned products exceed w * y by.
+                let neg = offset_sums[t].add(16 * b);
+                let neg_lo = _mm256_broadcastsi128_si256(load128(neg.cast()));
+                let neg_hi = _mm256_broadcastsi128_si256(load128(neg.add(4).cast()));
+                sums_lo = _mm256_add_epi32(sums_lo, neg_lo);
+                sums_hi = _mm256_add_epi32(sums_hi, neg_hi);
             }
-            if F::HAS_MIN {
-                let s = _mm_set1_ps(dy_s.add(1).read());
+            let dy = _mm256_set1_ps(act_scales[t].add(b * scales_per_block).read());
+            let scale = _mm256_mul_ps(d, dy);
+            acc_lo[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_lo), scale, acc_lo[t]);
+            acc_hi[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums_hi), scale, acc_hi[t]);
+        }
+    }
+    let mut out = [[0f32; 2]; T];
+    for t in 0..T {
+        let s = _mm256_add_ps(acc_hi[t], acc_lo[t]);
+        out[t] = [
+            hsum4(_mm256_castps256_ps128(s)),
+            hsum4(_mm256_extractf128_ps::<1>(s)),
+        ];
+    }
+    out
+}
+
+/// Per token, lane r: row r's sum of `m * s` over the blocks, in block order (zero for
+/// formats without a minimum). A pass of its own after the lane sums: in their loop the
+/// `T` running sums would take registers the accumulators need.
+/// # Safety
+/// Every row at `w` holds `blocks` blocks; every `act_scales` holds two scales per block.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+pub(super) unsafe fn small_min_parts<F: SmallFormat, const T: usize>(
+    w: [*const u8; 4],
+    act_scales: [*const f32; T],
+    blocks: usize,
+) -> [__m128; T] {
+    let mut min_part = [_mm_setzero_ps(); T];
+    if F::HAS_MIN {
+        for b in 0..blocks {
+            let mins = f16_gather4(w.map(|w| w.add(b * F::SIZE + 2)));
+            for t in 0..T {
+                let s = _mm_set1_ps(act_scales[t].add(2 * b + 1).read());
                 min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
             }
         }
     }
-    let mut out = [[0f32; 4]; T];
-    for t in 0..T {
-        let [a01, a23] = acc[t];
-        out[t] = small_finish::<F>(
-            [
-                _mm256_castps256_ps128(a01),
-                _mm256_extractf128_ps::<1>(a01),
-                _mm256_castps256_ps128(a23),
-                _mm256_extractf128_ps::<1>(a23),
-            ],
-            min_part[t],
-        );
-    }
-    out
+    min_part
 }
 
 // ---- K-quants -------------------------------------------------------------------------
@@ -1887,18 +1933,6 @@ fn abs(v: __m256) -> __m256 {
     _mm256_andnot_ps(_mm256_set1_ps(-0.0), v)
 }
 
-/// C's `roundf`: to nearest, halves away from zero (the rounding mode does not matter).
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c")]
-fn round_half_away(v: __m256) -> __m256 {
-    let truncated = _mm256_round_ps::<{ _MM_FROUND_TO_ZERO | _MM_FROUND_NO_EXC }>(v);
-    // Exact: |v| < 2^23 here, so v and its truncation share an exponent range.
-    let fraction = abs(_mm256_sub_ps(v, truncated));
-    let carry = _mm256_cmp_ps::<_CMP_GE_OQ>(fraction, _mm256_set1_ps(0.5));
-    let one = _mm256_or_ps(_mm256_and_ps(v, _mm256_set1_ps(-0.0)), _mm256_set1_ps(1.0));
-    _mm256_add_ps(truncated, _mm256_and_ps(carry, one))
-}
-
 /// Four vectors of eight i32 (each within i8 range) as 32 bytes in element order.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
@@ -1927,7 +1961,9 @@ fn f16_bits(v: f32) -> u16 {
     _mm_extract_epi16::<0>(h) as u16
 }
 
-/// Q8_0 (`WITH_SUM = false`) or Q8_1 blocks of `x` into `out`.
+/// Q8_0 (`WITH_SUM = false`) or Q8_1 blocks of `x` into `out`: ggml's AVX2
+/// `quantize_row_q8_0` / `quantize_row_q8_1`, operation for operation (multiplier
+/// `127 / amax`, `vroundps` to nearest even, saturating packs).
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn quantize_q8_0_or_1<const WITH_SUM: bool>(x: &[f32], out: &mut [u8]) {
     let size = if WITH_SUM { 36 } else { 34 };
@@ -1942,8 +1978,13 @@ unsafe fn quantize_q8_0_or_1<const WITH_SUM: bool>(x: &[f32], out: &mut [u8]) {
             _mm256_max_ps(abs(v[2]), abs(v[3])),
         ));
         let d = amax / 127.0;
-        let id = _mm256_set1_ps(if d != 0.0 { 1.0 / d } else { 0.0 });
-        let q = v.map(|v| _mm256_cvtps_epi32(round_half_away(_mm256_mul_ps(v, id))));
+        let id = _mm256_set1_ps(if amax != 0.0 { 127.0 / amax } else { 0.0 });
+        let q = v.map(|v| {
+            let scaled = _mm256_mul_ps(v, id);
+            let rounded =
+                _mm256_round_ps::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(scaled);
+            _mm256_cvtps_epi32(rounded)
+        });
         let block = dst.add(b * size);
         block.cast::<u16>().write_unaligned(f16_bits(d));
         if WITH_SUM {
@@ -1954,7 +1995,7 @@ unsafe fn quantize_q8_0_or_1<const WITH_SUM: bool>(x: &[f32], out: &mut [u8]) {
             block
                 .add(2)
                 .cast::<u16>()
-                .write_unaligned(f16_bits(sum as f32 * d));
+                .write_unaligned(f16_bits(d * sum as f32));
         }
         _mm256_storeu_si256(block.add(quants_at).cast(), pack_i32_to_i8(q));
     }

@@ -25,9 +25,9 @@ use std::arch::x86_64::*;
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
     bf16_bf16, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128, load256, next_rows,
-    prefetch, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish, small_one,
-    small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel,
-    SmallFormat, TokensKernel,
+    prefetch, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish,
+    small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format,
+    Q5_1Format, RowKernel, SmallFormat, TokensKernel,
 };
 use super::{GgmlType, QuantizedActivations};
 
@@ -316,9 +316,12 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
     let w = rows.map(<[u8]>::as_ptr);
     let a = act.as_ptr();
     let next = next_rows(&rows);
-    // Row k in lanes 4k..4k+4.
-    let mut acc = _mm512_setzero_ps();
+    // Row k in lanes 4k..4k+4 of both: its ggml lanes 0..4 (low nibbles) in `acc_lo`,
+    // 4..8 (high nibbles) in `acc_hi`.
+    let mut acc_lo = _mm512_setzero_ps();
+    let mut acc_hi = _mm512_setzero_ps();
     let mut min_part = _mm256_setzero_ps();
+    let zero = _mm512_setzero_si512();
     for b in 0..blocks {
         if let Some(next) = next {
             prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
@@ -328,33 +331,42 @@ unsafe fn small_four<F: SmallFormat>(rows: [&[u8]; 4], act: &[u8], n: usize) -> 
         let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
         let y_hi = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS + 16)));
         // The sums start from minus the offset's share, so `vpdpbusd` leaves w * y.
-        let start = if F::OFFSET != 0 {
+        let (start_lo, start_hi) = if F::OFFSET != 0 {
             let offset = _mm512_set1_epi8(F::OFFSET);
-            let zero = _mm512_setzero_si512();
-            let excess = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(zero, offset, y_lo), offset, y_hi);
-            _mm512_sub_epi32(zero, excess)
+            (
+                _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, y_lo)),
+                _mm512_sub_epi32(zero, _mm512_dpbusd_epi32(zero, offset, y_hi)),
+            )
         } else {
-            _mm512_setzero_si512()
+            (zero, zero)
         };
         let scales = small_scales4::<F>(x, y);
         if F::HAS_MIN {
             min_part = _mm256_add_ps(min_part, scales);
         }
         let (lo, hi) = unpack_four_blocks::<F>(x);
-        let sums = _mm512_dpbusd_epi32(start, lo, y_lo);
-        let sums = _mm512_dpbusd_epi32(sums, hi, y_hi);
+        let sums_lo = _mm512_dpbusd_epi32(start_lo, lo, y_lo);
+        let sums_hi = _mm512_dpbusd_epi32(start_hi, hi, y_hi);
         let d = spread4(_mm256_castps256_ps128(scales));
-        acc = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), d, acc);
+        acc_lo = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums_lo), d, acc_lo);
+        acc_hi = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums_hi), d, acc_hi);
     }
     small_finish::<F>(
-        [
-            _mm512_extractf32x4_ps::<0>(acc),
-            _mm512_extractf32x4_ps::<1>(acc),
-            _mm512_extractf32x4_ps::<2>(acc),
-            _mm512_extractf32x4_ps::<3>(acc),
-        ],
+        quarters(_mm512_add_ps(acc_hi, acc_lo)),
         _mm256_extractf128_ps::<1>(min_part),
     )
+}
+
+/// The four 128-bit lanes of `v`, row k's `hi + lo` in quarter k.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn quarters(v: __m512) -> [__m128; 4] {
+    [
+        _mm512_extractf32x4_ps::<0>(v),
+        _mm512_extractf32x4_ps::<1>(v),
+        _mm512_extractf32x4_ps::<2>(v),
+        _mm512_extractf32x4_ps::<3>(v),
+    ]
 }
 
 /// Four rows by `T` tokens, four rows per register as in [`small_four`], each block
@@ -370,14 +382,16 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
     let a = acts.map(|act| act.bytes().as_ptr());
     let act_scales = acts.map(|act| act.block_scales().as_ptr());
     let scales_per_block = if F::HAS_MIN { 2 } else { 1 };
-    let lane_sums = acts.map(|act| act.neg_lane_sums().as_ptr());
-    let offset_shift = _mm_cvtsi32_si128(F::OFFSET.trailing_zeros() as i32);
+    let offset_sums = acts.map(|act| {
+        act.neg_offset_sums()
+            .as_ptr()
+            .wrapping_add(F::OFFSET_SUMS_AT)
+    });
     let next = next_rows(&rows);
     let zero = _mm512_setzero_si512();
-    // Row k in lanes 4k..4k+4.
-    let mut acc = [_mm512_setzero_ps(); T];
-    // Lane k: row k's sum of `m * s`.
-    let mut min_part = [_mm_setzero_ps(); T];
+    // Row k in lanes 4k..4k+4, low and high nibbles' lanes apart as in `small_four`.
+    let mut acc_lo = [_mm512_setzero_ps(); T];
+    let mut acc_hi = [_mm512_setzero_ps(); T];
     for b in 0..blocks {
         if let Some(next) = next {
             prefetch(next.wrapping_add(b * 4 * F::SIZE), 4 * F::SIZE);
@@ -385,43 +399,32 @@ unsafe fn small_tokens<F: SmallFormat, const T: usize>(
         let x = w.map(|w| w.add(b * F::SIZE));
         let (lo, hi) = unpack_four_blocks::<F>(x);
         let d = spread4(f16_gather4(x));
-        let mins = if F::HAS_MIN {
-            f16_gather4(x.map(|x| x.add(2)))
-        } else {
-            _mm_setzero_ps()
-        };
         for t in 0..T {
             let y = a[t].add(b * F::ACT);
             let y_lo = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS)));
             let y_hi = _mm512_broadcast_i32x4(load128(y.add(F::ACT_QS + 16)));
             // Starting from minus the offset's share leaves w * y, as in `small_four`.
-            let start = if F::OFFSET != 0 {
-                let neg_sums = load128(lane_sums[t].add(4 * b).cast());
-                _mm512_sll_epi32(_mm512_broadcast_i32x4(neg_sums), offset_shift)
+            let (start_lo, start_hi) = if F::OFFSET != 0 {
+                let neg = offset_sums[t].add(16 * b);
+                (
+                    _mm512_broadcast_i32x4(load128(neg.cast())),
+                    _mm512_broadcast_i32x4(load128(neg.add(4).cast())),
+                )
             } else {
-                zero
+                (zero, zero)
             };
-            let sums = _mm512_dpbusd_epi32(_mm512_dpbusd_epi32(start, lo, y_lo), hi, y_hi);
-            let dy_s = act_scales[t].add(b * scales_per_block);
-            let dy = _mm512_set1_ps(dy_s.read());
-            acc[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), _mm512_mul_ps(d, dy), acc[t]);
-            if F::HAS_MIN {
-                let s = _mm_set1_ps(dy_s.add(1).read());
-                min_part[t] = _mm_add_ps(min_part[t], _mm_mul_ps(mins, s));
-            }
+            let sums_lo = _mm512_dpbusd_epi32(start_lo, lo, y_lo);
+            let sums_hi = _mm512_dpbusd_epi32(start_hi, hi, y_hi);
+            let dy = _mm512_set1_ps(act_scales[t].add(b * scales_per_block).read());
+            let scale = _mm512_mul_ps(d, dy);
+            acc_lo[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums_lo), scale, acc_lo[t]);
+            acc_hi[t] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums_hi), scale, acc_hi[t]);
         }
     }
+    let min_part = small_min_parts::<F, T>(w, act_scales, blocks);
     let mut out = [[0f32; 4]; T];
     for t in 0..T {
-        out[t] = small_finish::<F>(
-            [
-                _mm512_extractf32x4_ps::<0>(acc[t]),
-                _mm512_extractf32x4_ps::<1>(acc[t]),
-                _mm512_extractf32x4_ps::<2>(acc[t]),
-                _mm512_extractf32x4_ps::<3>(acc[t]),
-            ],
-            min_part[t],
-        );
+        out[t] = small_finish::<F>(quarters(_mm512_add_ps(acc_hi[t], acc_lo[t])), min_part[t]);
     }
     out
 }

@@ -4,7 +4,7 @@
 //! - `types`: the type table (ids, block and byte sizes);
 //! - `blocks`: one `#[repr(C)]` struct per block layout, read from unaligned bytes;
 //! - `dequant`: [`dequantize`], bit-exact with ggml's `dequantize_row_*`;
-//! - `activation`: [`QuantizedActivations`], ggml's `quantize_row_q8_*_ref` rounding;
+//! - `activation`: [`QuantizedActivations`], the rounding of ggml's x86 activation quantisers;
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
 //! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
 //! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
@@ -22,6 +22,8 @@ mod dot_avx512;
 mod dot_scalar;
 pub mod types;
 
+#[cfg(test)]
+mod ggml_x86_tests;
 #[cfg(test)]
 mod kernel_tests;
 #[cfg(test)]

@@ -1,0 +1,272 @@
+//! The f32 arithmetic of llama.cpp's CPU backend (ggml built for x86-64 with AVX-512),
+//! operation for operation, so that our results equal its results to the bit.
+//!
+//! Results of a transformer are chaotic in the last bits: activations are rounded to 8-bit
+//! blocks before every matrix product, so one ulp anywhere can move a quant by one step, and
+//! thirty layers later two engines that each sum "correctly" in their own order part by
+//! tenths of a logit and eventually pick different greedy tokens. Equality with llama.cpp
+//! therefore needs its summation orders and its approximations, not just its formulas:
+//!
+//! - `ggml_vec_dot_f32` (attention scores, and weighted values of a single decoded token):
+//!   four 16-lane accumulators over blocks of 64 elements, added pairwise (0+2, 1+3, then
+//!   the two), then the 16 lanes by `_mm512_reduce_add_ps`'s halving tree ([`reduce16`]);
+//!   elements past the last whole 64 are added one by one with a fused multiply-add.
+//! - llamafile's tinyBLAS F32 product (weighted values of a batch of tokens): one 16-lane
+//!   accumulator along the whole sum, then the same halving tree.
+//! - `ggml_v_expf` ([`expf`]): a degree-5 polynomial after a split by `ln 2`, scaled by
+//!   `2^n`; within 1.5 ulp of `exp`, but not `exp`, and used by the softmax and SiLU.
+//! - `ggml_vec_soft_max_f32`: `exp(x - max)` in blocks of 16 positions counted from the
+//!   first cache slot, each block's sum by the halving tree, the block sums added in f64.
+//! - `ggml_vec_swiglu_f32`: `x / (1 + expf(-x)) * g`, the vector `expf` on whole blocks of 16
+//!   and libm's `expf` on the remainder.
+//!
+//! The arithmetic is written once, portably (`f32::mul_add` is one rounding, as the FMA
+//! instructions ggml uses), and compiled three times: for AVX-512, for AVX2+FMA and plain
+//! (see [`dispatch!`]); the compiler vectorises the lane loops where it can, and every build
+//! gives the same bits.
+
+use std::sync::OnceLock;
+
+use crate::quant::{self, SimdLevel};
+
+/// Lanes of the vectors whose order ggml's reductions follow (`__m512`).
+pub const LANES: usize = 16;
+/// Elements per step of `ggml_vec_dot_f32`: four accumulators of 16 lanes.
+pub const DOT_STEP: usize = 4 * LANES;
+
+/// The SIMD level the kernels of this module are compiled for in this process: the
+/// quantized kernels' choice (so `SAMPLER_SDK_SIMD=scalar` forces the plain build here too).
+pub(crate) fn level() -> SimdLevel {
+    static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
+    *LEVEL.get_or_init(|| quant::kernels().level())
+}
+
+/// Runs an `#[inline(always)]` body compiled for the best instruction set the process
+/// uses: `dispatch!(body(args..))`. Every build computes the same bits; only speed differs.
+macro_rules! dispatch {
+    ($body:ident($($arg:expr),* $(,)?)) => {{
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx512f,avx512vl,avx2,fma")]
+            unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R { f() }
+            #[target_feature(enable = "avx2,fma")]
+            unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R { f() }
+            match $crate::kernels::ggml_f32::level() {
+                // SAFETY: the level was chosen from the CPU's features.
+                $crate::quant::SimdLevel::Avx512 => unsafe { avx512(|| $body($($arg),*)) },
+                // SAFETY: as above.
+                $crate::quant::SimdLevel::Avx2 => unsafe { avx2(|| $body($($arg),*)) },
+                $crate::quant::SimdLevel::Scalar => $body($($arg),*),
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            $body($($arg),*)
+        }
+    }};
+}
+pub(crate) use dispatch;
+
+/// `_mm512_reduce_add_ps`: lanes `l` and `l + 8` first, then `l` and `l + 4`, then `l` and
+/// `l + 2`, then the last two.
+#[inline(always)]
+pub fn reduce16(v: &[f32; LANES]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|l| v[l + 8] + v[l]);
+    let g: [f32; 4] = std::array::from_fn(|l| h[l + 4] + h[l]);
+    (g[2] + g[0]) + (g[3] + g[1])
+}
+
+/// `ggml_vec_dot_f32(x, y)` (see the module documentation).
+#[inline(always)]
+pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let whole = n - n % DOT_STEP;
+    let mut acc = [[0f32; LANES]; 4];
+    for (xs, ys) in x[..whole]
+        .chunks_exact(DOT_STEP)
+        .zip(y[..whole].chunks_exact(DOT_STEP))
+    {
+        for (c, a) in acc.iter_mut().enumerate() {
+            for l in 0..LANES {
+                a[l] = xs[c * LANES + l].mul_add(ys[c * LANES + l], a[l]);
+            }
+        }
+    }
+    let pair0: [f32; LANES] = std::array::from_fn(|l| acc[0][l] + acc[2][l]);
+    let pair1: [f32; LANES] = std::array::from_fn(|l| acc[1][l] + acc[3][l]);
+    let sum: [f32; LANES] = std::array::from_fn(|l| pair0[l] + pair1[l]);
+    let mut total = reduce16(&sum);
+    for i in whole..n {
+        total = x[i].mul_add(y[i], total);
+    }
+    total
+}
+
+const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 0x1.715476p+0
+const SHIFTER: f32 = f32::from_bits(0x4b40_0000); // 0x1.8p23: adding it rounds to an integer
+const LN2_HI: f32 = f32::from_bits(0x3f31_7200); // 0x1.62e4p-1
+const LN2_LO: f32 = f32::from_bits(0x35bf_be8e); // 0x1.7f7d1cp-20
+const P0: f32 = f32::from_bits(0x3c07_2010);
+const P1: f32 = f32::from_bits(0x3d2b_9f17);
+const P2: f32 = f32::from_bits(0x3e2a_af33);
+const P3: f32 = f32::from_bits(0x3eff_fedb);
+const P4: f32 = f32::from_bits(0x3f7f_fff6);
+
+/// `2^k` for `|k| <= 126`.
+#[inline(always)]
+fn pow2(k: i32) -> f32 {
+    f32::from_bits(((k + 127) as u32) << 23)
+}
+
+/// `ggml_v_expf`, one lane: `x = n ln 2 + b`, `exp(b)` by a polynomial, times `2^n`;
+/// 0 below about -104 and infinity above about 88.7 (`|n| > 192`), NaN for NaN.
+#[inline(always)]
+pub fn expf(x: f32) -> f32 {
+    let n = x.mul_add(LOG2E, SHIFTER) - SHIFTER;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let u = b * b;
+    let j = P0
+        .mul_add(b, P1)
+        .mul_add(u, P2.mul_add(b, P3))
+        .mul_add(u, P4.mul_add(b, 1.0));
+    // `vscalefps` multiplies by 2^n with one rounding; in two exact halves the first
+    // product stays normal, so the second rounds exactly once too (subnormal results).
+    let k = n as i32;
+    let half = k >> 1;
+    let scaled = j * pow2(half.clamp(-126, 126)) * pow2((k - half).clamp(-126, 126));
+    if n.abs() > 192.0 {
+        if n <= 0.0 {
+            0.0
+        } else {
+            f32::INFINITY
+        }
+    } else {
+        scaled
+    }
+}
+
+/// `exp(x[i] - shift)` into `x`, and the softmax denominator ggml accumulates: the sum of
+/// each block of 16 (`x` starts a block) by [`reduce16`], the block sums added in f64.
+#[inline(always)]
+pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
+    let mut total = 0f64;
+    for block in x.chunks_mut(LANES) {
+        let mut lanes = [0f32; LANES];
+        for (lane, v) in lanes.iter_mut().zip(block.iter_mut()) {
+            *v = expf(*v - shift);
+            *lane = *v;
+        }
+        total += f64::from(reduce16(&lanes));
+    }
+    total
+}
+
+/// `gate[i] = silu(gate[i]) * up[i]` as `ggml_vec_swiglu_f32`.
+pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
+    dispatch!(swiglu_body(gate, up))
+}
+
+#[inline(always)]
+fn swiglu_body(gate: &mut [f32], up: &[f32]) {
+    let n = gate.len().min(up.len());
+    let whole = n - n % LANES;
+    for (g, u) in gate[..whole]
+        .chunks_exact_mut(LANES)
+        .zip(up[..whole].chunks_exact(LANES))
+    {
+        for l in 0..LANES {
+            g[l] = g[l] / (1.0 + expf(0.0 - g[l])) * u[l];
+        }
+    }
+    for (g, &u) in gate[whole..n].iter_mut().zip(&up[whole..n]) {
+        // `ggml_silu_f32`: libm's expf.
+        *g = *g / (1.0 + (-*g).exp()) * u;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `ggml_v_expf` written with f64 for the exact steps (products of f32 fit in f64),
+    /// as an independent check of the lane code.
+    fn expf_reference(x: f32) -> f32 {
+        let fma = |a: f32, b: f32, c: f32| -> f32 {
+            // Exact product, one rounding of the sum to f64 then f32: exact for these
+            // operands except in double-rounding ties, which the sample below avoids.
+            (f64::from(a) * f64::from(b) + f64::from(c)) as f32
+        };
+        let n = fma(x, LOG2E, SHIFTER) - SHIFTER;
+        let b = fma(-n, LN2_LO, fma(-n, LN2_HI, x));
+        let u = b * b;
+        let j = fma(fma(fma(P0, b, P1), u, fma(P2, b, P3)), u, fma(P4, b, 1.0));
+        if n.abs() > 192.0 {
+            return if n <= 0.0 { 0.0 } else { f32::INFINITY };
+        }
+        (f64::from(j) * 2f64.powi(n as i32)) as f32
+    }
+
+    #[test]
+    fn expf_is_ggml_v_expf() {
+        let mut x = -110.0f32;
+        while x < 90.0 {
+            let (got, want) = (expf(x), expf_reference(x));
+            assert_eq!(got.to_bits(), want.to_bits(), "x = {x}");
+            let exact = f64::from(x).exp();
+            if exact > 1e-37 && exact < 1e38 {
+                assert!((f64::from(got) - exact).abs() <= 2.0 * exact * 2f64.powi(-23));
+            }
+            x += 0.0137;
+        }
+        assert_eq!(expf(-1000.0), 0.0);
+        assert_eq!(expf(1000.0), f32::INFINITY);
+        assert!(expf(f32::NAN).is_nan());
+        assert_eq!(expf(0.0), 1.0);
+    }
+
+    #[test]
+    fn reduce16_halves_the_lanes() {
+        // Values whose sum depends on the order: only the halving tree gives `want`.
+        let mut v = [0f32; 16];
+        v[0] = 1.0;
+        v[8] = 1e8;
+        v[4] = -1e8;
+        v[12] = 3.0;
+        let want = ((1e8f32 + 1.0) + (3.0f32 + -1e8)) + 0.0;
+        assert_eq!(reduce16(&v), want);
+    }
+
+    #[test]
+    fn dot_follows_ggml_vec_dot_f32_and_every_build_agrees() {
+        let x: Vec<f32> = (0..150).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
+        let y: Vec<f32> = (0..150).map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0).collect();
+        // By hand: accumulators c = 0..4 of lanes l over the two whole steps.
+        let mut acc = [[0f32; 16]; 4];
+        for i in 0..128 {
+            let (c, l) = ((i % 64) / 16, i % 16);
+            acc[c][l] = x[i].mul_add(y[i], acc[c][l]);
+        }
+        let lanes: [f32; 16] =
+            std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+        let mut want = reduce16(&lanes);
+        for i in 128..150 {
+            want = x[i].mul_add(y[i], want);
+        }
+        assert_eq!(dot(&x, &y).to_bits(), want.to_bits());
+        let dispatched = dispatch!(dot(&x, &y));
+        assert_eq!(dispatched.to_bits(), want.to_bits());
+    }
+
+    #[test]
+    fn swiglu_uses_the_vector_exp_on_whole_blocks() {
+        let gate: Vec<f32> = (0..37).map(|i| (i as f32 - 18.0) * 0.7).collect();
+        let up: Vec<f32> = (0..37).map(|i| 1.0 + i as f32 * 0.1).collect();
+        let mut got = gate.clone();
+        swiglu_in_place(&mut got, &up);
+        for i in 0..37 {
+            let g = gate[i];
+            let e = if i < 32 { expf(0.0 - g) } else { (-g).exp() };
+            assert_eq!(got[i].to_bits(), (g / (1.0 + e) * up[i]).to_bits(), "i = {i}");
+        }
+    }
+}
