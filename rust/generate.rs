@@ -13,7 +13,7 @@ use crate::text::{StopMatcher, Utf8Stream};
 
 /// Prompt tokens evaluated per forward call (see `model::transformer`); also the
 /// granularity at which a long prefill can be cancelled.
-pub use crate::model::transformer::{prefill_chunk_end, PREFILL_CHUNK};
+pub use crate::model::transformer::{BatchPlace, PREFILL_CHUNK};
 
 #[derive(Clone, Debug)]
 pub struct GenerateRequest {
@@ -195,17 +195,19 @@ impl SequenceRun {
         let prompt = &self.request.prompt;
         match &self.phase {
             Phase::Prefill(from) => {
-                let to = prefill_chunk_end(*from, prompt.len());
+                let to = (from + PREFILL_CHUNK).min(prompt.len());
                 BatchEntry {
                     seq: &mut self.seq,
                     tokens: &prompt[*from..to],
                     n_logits: usize::from(to == prompt.len()),
+                    place: BatchPlace::in_prompt(*from, prompt.len()),
                 }
             }
             Phase::Decode(token) => BatchEntry {
                 seq: &mut self.seq,
                 tokens: std::slice::from_ref(token),
                 n_logits: 1,
+                place: BatchPlace::whole(1),
             },
         }
     }
@@ -222,7 +224,7 @@ impl SequenceRun {
             stop: None,
         };
         if let Phase::Prefill(from) = self.phase {
-            let to = prefill_chunk_end(from, self.request.prompt.len());
+            let to = (from + PREFILL_CHUNK).min(self.request.prompt.len());
             if to < self.request.prompt.len() {
                 self.phase = Phase::Prefill(to);
                 return Ok(nothing);

@@ -65,8 +65,8 @@ enum ValueSum {
 }
 
 impl ValueSum {
-    fn for_tokens(n_tokens: usize) -> Self {
-        if n_tokens > 1 {
+    fn new(batched: bool) -> Self {
+        if batched {
             Self::Batch
         } else {
             Self::Single
@@ -252,6 +252,9 @@ fn check_shapes(
 /// `out[t][h] = softmax(scale * q[t][h] · K[visible]) · V[visible]`, with `q` and `out`
 /// laid out `[token][head][head_dim]`.
 ///
+/// `batched`: whether llama.cpp would evaluate these tokens as (part of) a batch of several,
+/// which sums the values in another order than a lone token (see the module documentation).
+///
 /// When `last_probs` is given (`n_head * (start + n_tokens)` values), it receives each
 /// head's attention probabilities of the last token, zero outside its window.
 #[allow(clippy::too_many_arguments)]
@@ -261,6 +264,7 @@ pub fn attention(
     layer: usize,
     start: usize,
     n_tokens: usize,
+    batched: bool,
     shape: &AttentionShape,
     q: &[f32],
     scratch: &mut AttentionScratch,
@@ -277,7 +281,7 @@ pub fn attention(
         )));
     }
     let per_thread = thread_buffers(scratch, pool.n_threads(), work_len(kv.capacity(), shape.head_dim));
-    let views = [(kv, start, n_tokens, q, DisjointSlice::new(out))];
+    let views = [(kv, start, n_tokens, batched, q, DisjointSlice::new(out))];
     run_items(pool, layer, shape, &per_thread, &views, &[n_tokens * n_head]);
     if let Some(all) = last_probs {
         let q_dim = n_head * shape.head_dim;
@@ -292,6 +296,8 @@ pub struct AttentionJob<'a> {
     pub kv: &'a KvCache,
     pub start: usize,
     pub n_tokens: usize,
+    /// As for [`attention`].
+    pub batched: bool,
     pub q: &'a [f32],
     pub out: &'a mut [f32],
 }
@@ -332,15 +338,15 @@ pub fn attention_batch(
         .iter_mut()
         .map(|job| {
             let (kv, start, n_tokens, q) = (job.kv, job.start, job.n_tokens, job.q);
-            (kv, start, n_tokens, q, DisjointSlice::new(&mut *job.out))
+            (kv, start, n_tokens, job.batched, q, DisjointSlice::new(&mut *job.out))
         })
         .collect();
     run_items(pool, layer, shape, &per_thread, &views, &job_ends);
     Ok(())
 }
 
-/// A job as the threads see it: (cache, start, tokens, queries, shareable output).
-type View<'v> = (&'v KvCache, usize, usize, &'v [f32], DisjointSlice<'v, f32>);
+/// A job as the threads see it: (cache, start, tokens, batched, queries, shareable output).
+type View<'v> = (&'v KvCache, usize, usize, bool, &'v [f32], DisjointSlice<'v, f32>);
 
 /// Computes every (job, token, query head) item of `views`; `job_ends[j]` is the end of
 /// job `j`'s items, counted over all jobs.
@@ -360,13 +366,13 @@ fn run_items(
         let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
         for item in items {
             let j = job_ends.partition_point(|&end| end <= item);
-            let (kv, start, n_tokens, q, out) = &views[j];
+            let (kv, start, n_tokens, batched, q, out) = &views[j];
             let local = item - (job_ends[j] - n_tokens * n_head);
             let (t, h) = (local / n_head, local % n_head);
             let at = (t * n_head + h) * hd;
             // SAFETY: each item's head is written by the one thread that takes it.
             let dst = unsafe { out.part(at..at + hd) };
-            let order = ValueSum::for_tokens(*n_tokens);
+            let order = ValueSum::new(*batched);
             dispatch!(attend_head(
                 kv,
                 layer,
@@ -523,6 +529,7 @@ mod tests {
                     0,
                     start,
                     n_tokens,
+                    n_tokens > 1,
                     &shape,
                     &q,
                     &mut scratch,
@@ -583,6 +590,7 @@ mod tests {
             0,
             3,
             1,
+            false,
             &shape,
             &[0.0; 8],
             &mut AttentionScratch::default(),

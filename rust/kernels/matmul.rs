@@ -10,10 +10,12 @@
 //! rather than once per token. With one token (decoding), four rows at a time go through
 //! the four-row kernel, which loads each activation block once for four weight rows. With
 //! several (prefill, or sequences decoded together), a tile meets [`TOKEN_GROUP`] tokens at
-//! a time through the rows-by-tokens kernel ([`quant::DotTokensFn`]), which unpacks each
-//! weight block of a quad of rows once for all those tokens instead of once per token; its
-//! results have the bits of the single-row kernel, so a token's outputs do not depend on
-//! which or how many other tokens share the call.
+//! a time through the batch kernel ([`quant::DotBatchFn`]), which unpacks each weight block
+//! of a quad of rows once for all those tokens instead of once per token. Its results are
+//! those of llama.cpp for a token at that place of that batch: the single-row kernel's bits,
+//! except for the K-quant formats llama.cpp multiplies by other kernels in batches (each
+//! activation row carries its place, set through [`ActivationBatch::set_input_placed`]), so
+//! a token's outputs do not depend on which other sequences share the call.
 //!
 //! Several products that read the same input can share one parallel region
 //! ([`matmul_fused`] for Q/K/V, [`matmul_gated`] for the gate and up projections with the
@@ -25,7 +27,7 @@ use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::TensorInfo;
-use crate::quant::{self, Dot4Fn, DotFn, DotTokensFn, GgmlType, QuantizedActivations};
+use crate::quant::{self, Dot4Fn, DotBatchFn, DotFn, GgmlType, QuantizedActivations};
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// Output rows are handed to threads in multiples of this: a multiple of the four-row
@@ -117,6 +119,8 @@ impl WeightMatrix {
 pub struct ActivationBatch {
     n_tokens: usize,
     width: usize,
+    /// Each row's `(index, len)` in the batch llama.cpp would multiply it in.
+    places: Vec<(usize, usize)>,
     /// (activation format, one quantized row per token); valid until `set_input`.
     prepared: Vec<(GgmlType, Vec<QuantizedActivations>)>,
     valid: Vec<bool>,
@@ -127,11 +131,22 @@ impl ActivationBatch {
         Self::default()
     }
 
-    /// Declares a new input; previously quantized rows become stale (buffers are kept).
+    /// Declares a new input of `n_tokens` rows multiplied together as one batch; previously
+    /// quantized rows become stale (buffers are kept).
     pub fn set_input(&mut self, n_tokens: usize, width: usize) {
+        self.places.clear();
+        self.places.extend((0..n_tokens).map(|t| (t, n_tokens)));
         self.n_tokens = n_tokens;
         self.width = width;
         self.valid.iter_mut().for_each(|v| *v = false);
+    }
+
+    /// [`Self::set_input`] for rows that sit in batches of their own: row `t` is row
+    /// `places[t].0` of a batch of `places[t].1` (see `quant::DotBatchFn`).
+    pub fn set_input_placed(&mut self, places: &[(usize, usize)], width: usize) {
+        self.set_input(places.len(), width);
+        self.places.clear();
+        self.places.extend_from_slice(places);
     }
 
     fn slot(&mut self, format: GgmlType) -> usize {
@@ -162,6 +177,9 @@ impl ActivationBatch {
         let rows = &mut self.prepared[slot].1;
         if rows.len() < n_tokens {
             rows.resize_with(n_tokens, QuantizedActivations::new);
+        }
+        for (row, &(index, len)) in rows.iter_mut().zip(&self.places) {
+            row.set_batch_place(index, len);
         }
         let rows = DisjointSlice::new(&mut rows[..n_tokens]);
         let first_error = Mutex::new(None);
@@ -211,6 +229,8 @@ impl ActivationBatch {
             rows.resize_with(self.n_tokens.max(rows.len()), QuantizedActivations::new);
             for (t, row) in rows.iter_mut().take(self.n_tokens).enumerate() {
                 row.quantize(weight_type, &x[t * self.width..(t + 1) * self.width])?;
+                let (index, len) = self.places[t];
+                row.set_batch_place(index, len);
             }
             self.valid[slot] = true;
         }
@@ -224,7 +244,39 @@ struct Kernels {
     ty: GgmlType,
     one: DotFn,
     four: Dot4Fn,
-    tokens: DotTokensFn,
+    batch: DotBatchFn,
+}
+
+/// Whether `acts` is a lone token (not part of a larger batch): the matrix-vector path.
+fn lone_token(acts: &[QuantizedActivations]) -> Option<&QuantizedActivations> {
+    match acts {
+        [act] if act.batch_place().1 == 1 => Some(act),
+        _ => None,
+    }
+}
+
+/// `acts` cut into runs of at most [`TOKEN_GROUP`] consecutive rows of one batch (as the
+/// batch kernels take them), each with the offset of its first row in `acts`.
+fn token_groups(
+    acts: &[QuantizedActivations],
+) -> impl Iterator<Item = (usize, &[QuantizedActivations])> {
+    let mut start = 0;
+    std::iter::from_fn(move || {
+        if start >= acts.len() {
+            return None;
+        }
+        let (first, len) = acts[start].batch_place();
+        let mut end = start + 1;
+        while end < acts.len()
+            && end - start < TOKEN_GROUP
+            && acts[end].batch_place() == (first + (end - start), len)
+        {
+            end += 1;
+        }
+        let group = (start, &acts[start..end]);
+        start = end;
+        Some(group)
+    })
 }
 
 impl Kernels {
@@ -233,7 +285,7 @@ impl Kernels {
             ty,
             one: quant::kernel_for(ty),
             four: quant::kernel4_for(ty),
-            tokens: quant::kernel_tokens_for(ty),
+            batch: quant::kernel_batch_for(ty),
         }
     }
 
@@ -254,10 +306,12 @@ impl Kernels {
             values.iter_mut().for_each(|v| v.fill(f32::NAN));
             return;
         }
-        let Some(n) = acts.first().map(QuantizedActivations::len) else {
+        if acts.is_empty() {
             return;
-        };
+        }
         let acts = &acts[..acts.len().min(TOKEN_GROUP)];
+        // The group is consecutive rows of one batch (see `token_groups`).
+        let (first, batch) = acts[0].batch_place();
         let mut quad_values = [[0f32; 4]; TOKEN_GROUP];
         let mut r = tile.start;
         while r + 4 <= tile.end {
@@ -267,7 +321,7 @@ impl Kernels {
                 w.row(file, r + 2),
                 w.row(file, r + 3),
             ];
-            (self.tokens)(rows4, acts, &mut quad_values);
+            (self.batch)(rows4, acts, first, batch, &mut quad_values);
             let i = r - tile.start;
             for (v, q) in values.iter_mut().zip(&quad_values[..acts.len()]) {
                 v[i..i + 4].copy_from_slice(q);
@@ -275,9 +329,12 @@ impl Kernels {
             r += 4;
         }
         while r < tile.end {
+            // A row after the last quad goes through the batch kernel as a quad of itself:
+            // the single-row kernel has the bits of a lone token, not of a batch's.
             let row = w.row(file, r);
-            for (v, act) in values.iter_mut().zip(acts) {
-                v[r - tile.start] = (self.one)(row, act.bytes(), n);
+            (self.batch)([row; 4], acts, first, batch, &mut quad_values);
+            for (v, q) in values.iter_mut().zip(&quad_values[..acts.len()]) {
+                v[r - tile.start] = q[0];
             }
             r += 1;
         }
@@ -334,16 +391,16 @@ fn product_rows(
     let mut tile_start = rows.start;
     while tile_start < rows.end {
         let tile = tile_start..(tile_start + TILE_ROWS).min(rows.end);
-        if let [act] = acts {
+        if let Some(act) = lone_token(acts) {
             // SAFETY: threads own disjoint row ranges, so for a given token their output
             // ranges are disjoint too, and this thread holds one part at a time.
             let dst = unsafe { out.part(tile.clone()) };
             kernels.dot_rows(w, file, tile.clone(), act, dst);
         } else {
-            for (g, group) in acts.chunks(TOKEN_GROUP).enumerate() {
+            for (offset, group) in token_groups(acts) {
                 kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
                 for (i, v) in values[..group.len()].iter().enumerate() {
-                    let base = (g * TOKEN_GROUP + i) * w.n_rows;
+                    let base = (offset + i) * w.n_rows;
                     // SAFETY: as above.
                     let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                     dst.copy_from_slice(&v[..tile.len()]);
@@ -466,7 +523,7 @@ pub fn matmul_gated(
     let (gate_kernels, up_kernels) = (Kernels::for_type(gate.ty), Kernels::for_type(up.ty));
     let out = DisjointSlice::new(out);
     pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
-        if let ([g_act], [u_act]) = (gate_acts, up_acts) {
+        if let (Some(g_act), Some(u_act)) = (lone_token(gate_acts), lone_token(up_acts)) {
             // Spans of many rows of one matrix, then the same rows of the other: alternating
             // the two matrices tile by tile (16 rows) halved the rate at which a thread
             // streamed them from memory.
@@ -499,10 +556,10 @@ pub fn matmul_gated(
                 let mut tile_start = span.start;
                 while tile_start < span.end {
                     let tile = tile_start..(tile_start + TILE_ROWS).min(span.end);
-                    for (g, group) in acts.chunks(TOKEN_GROUP).enumerate() {
+                    for (offset, group) in token_groups(acts) {
                         kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
                         for (i, v) in values[..group.len()].iter().enumerate() {
-                            let base = (g * TOKEN_GROUP + i) * n_rows;
+                            let base = (offset + i) * n_rows;
                             // SAFETY: as in `product_rows`.
                             let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                             if gate_pass {
@@ -521,8 +578,9 @@ pub fn matmul_gated(
     Ok(())
 }
 
-/// The row-by-row product of the previous engine: one thread, one kernel call per
-/// (row, token), the reference the tiled, threaded versions are tested against.
+/// The row-by-row product: one thread, one kernel call per (row, token), the reference the
+/// tiled, threaded versions are tested against. A token that is part of a batch gets its
+/// batch's arithmetic (the batch kernel on a quad of the one row).
 pub fn matmul_reference(
     w: &WeightMatrix,
     file: &[u8],
@@ -530,10 +588,19 @@ pub fn matmul_reference(
     out: &mut [f32],
 ) {
     let n_rows = w.n_rows;
+    let batch_kernel = quant::kernel_batch_for(w.ty);
+    let mut value = [[0f32; 4]];
     for r in 0..n_rows {
         let row = w.row(file, r);
         for (t, act) in acts.iter().enumerate() {
-            out[t * n_rows + r] = quant::dot_row(w.ty, row, act);
+            let (index, len) = act.batch_place();
+            out[t * n_rows + r] = if len == 1 {
+                quant::dot_row(w.ty, row, act)
+            } else {
+                // One (row, token) pair, as its batch computes it.
+                batch_kernel([row; 4], std::slice::from_ref(act), index, len, &mut value);
+                value[0][0]
+            };
         }
     }
 }

@@ -40,7 +40,8 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.resize(len, 0.0);
 }
 
-/// `out = FFN(x)` for `n` tokens: `x` and `out` are `n × d` row-major.
+/// `out = FFN(x)` for the tokens `places` describes (each one's `(index, len)` in its
+/// llama.cpp batch, see `transformer::BatchPlace`): `x` and `out` are `n × d` row-major.
 #[allow(clippy::too_many_arguments)]
 pub(crate) fn feed_forward(
     pool: &ThreadPool,
@@ -48,11 +49,12 @@ pub(crate) fn feed_forward(
     activation: FfnActivation,
     file: &[u8],
     x: &[f32],
-    n: usize,
+    places: &[(usize, usize)],
     d: usize,
     s: &mut FfnScratch,
     out: &mut [f32],
 ) -> Result<()> {
+    let n = places.len();
     match ffn {
         FfnWeights::Dense(f) => gated_ffn(
             pool,
@@ -60,7 +62,7 @@ pub(crate) fn feed_forward(
             activation,
             file,
             x,
-            n,
+            Rows::Placed(places),
             d,
             &mut s.gated,
             out,
@@ -69,7 +71,30 @@ pub(crate) fn feed_forward(
     }
 }
 
-/// `down(act(gate·x) * (up·x))` for `n` rows of width `d`.
+/// The rows of a product: `n` rows multiplied as one batch, or rows placed in batches.
+#[derive(Clone, Copy)]
+enum Rows<'a> {
+    Batch(usize),
+    Placed(&'a [(usize, usize)]),
+}
+
+impl Rows<'_> {
+    fn len(self) -> usize {
+        match self {
+            Rows::Batch(n) => n,
+            Rows::Placed(places) => places.len(),
+        }
+    }
+
+    fn set_input(self, acts: &mut ActivationBatch, width: usize) {
+        match self {
+            Rows::Batch(n) => acts.set_input(n, width),
+            Rows::Placed(places) => acts.set_input_placed(places, width),
+        }
+    }
+}
+
+/// `down(act(gate·x) * (up·x))` for `rows` of width `d`.
 #[allow(clippy::too_many_arguments)]
 fn gated_ffn(
     pool: &ThreadPool,
@@ -77,14 +102,14 @@ fn gated_ffn(
     activation: FfnActivation,
     file: &[u8],
     x: &[f32],
-    n: usize,
+    rows: Rows<'_>,
     d: usize,
     s: &mut GatedScratch,
     out: &mut [f32],
 ) -> Result<()> {
     let n_ff = gate.n_rows;
-    resize(&mut s.hidden, n * n_ff);
-    s.acts.set_input(n, d);
+    resize(&mut s.hidden, rows.len() * n_ff);
+    rows.set_input(&mut s.acts, d);
     s.acts.prepare(pool, gate.ty, x)?;
     s.acts.prepare(pool, up.ty, x)?;
     matmul_gated(
@@ -97,7 +122,7 @@ fn gated_ffn(
         activation_function(activation),
         &mut s.hidden,
     )?;
-    s.hidden_acts.set_input(n, n_ff);
+    rows.set_input(&mut s.hidden_acts, n_ff);
     s.hidden_acts.prepare(pool, down.ty, &s.hidden)?;
     matmul(pool, down, file, s.hidden_acts.get(down.ty)?, out)
 }
@@ -162,7 +187,7 @@ fn experts_ffn(
             activation,
             file,
             &ms.rows,
-            members.len(),
+            Rows::Batch(members.len()),
             d,
             &mut s.gated,
             &mut ms.expert_out,

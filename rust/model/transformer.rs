@@ -24,16 +24,40 @@ use crate::model::{trace, Model};
 /// more at its peak) and fits the tiles of the matrix products.
 pub const PREFILL_CHUNK: usize = 64;
 
-/// The end of the prefill chunk of `prompt_len` tokens that starts at `from`: at most
-/// [`PREFILL_CHUNK`] tokens, and never leaving a last chunk of one token, because a call of
-/// one token sums attention values in another order (see `kernels::attention`) and the
-/// prompt would then no longer evaluate as llama.cpp evaluates it in one batch.
-pub fn prefill_chunk_end(from: usize, prompt_len: usize) -> usize {
-    let to = (from + PREFILL_CHUNK).min(prompt_len);
-    if prompt_len - to == 1 && to - from > 1 {
-        to - 1
-    } else {
-        to
+/// Largest batch llama.cpp evaluates at once with its default `n_ubatch`; a longer prompt
+/// is split into batches of this many tokens.
+pub const LLAMA_UBATCH: usize = 512;
+
+/// Where the tokens of a forward call sit in the batch llama.cpp would evaluate them in:
+/// tokens `first..` of a batch of `len`. A prompt is evaluated in one batch (of up to
+/// [`LLAMA_UBATCH`] tokens), a decoded token in a batch of its own. Some of llama.cpp's
+/// kernels round differently by batch size and position in the batch (attention values, see
+/// `kernels::attention`; K-quant products, see `quant::DotBatchFn`), so the chunks a long
+/// prompt goes through in say where they fall, and compute as that one batch would.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPlace {
+    pub first: usize,
+    pub len: usize,
+}
+
+impl BatchPlace {
+    /// `n` tokens evaluated together, on their own.
+    pub fn whole(n: usize) -> Self {
+        Self { first: 0, len: n }
+    }
+
+    /// Tokens from `from` on of a prompt of `prompt_len` tokens.
+    pub fn in_prompt(from: usize, prompt_len: usize) -> Self {
+        let batch_start = from / LLAMA_UBATCH * LLAMA_UBATCH;
+        Self {
+            first: from - batch_start,
+            len: (prompt_len - batch_start).min(LLAMA_UBATCH),
+        }
+    }
+
+    /// Whether llama.cpp evaluates these tokens with others (its batched code paths).
+    pub fn is_batch(&self) -> bool {
+        self.len > 1
     }
 }
 
@@ -43,6 +67,7 @@ pub struct BatchEntry<'a> {
     pub seq: &'a mut SequenceState,
     pub tokens: &'a [u32],
     pub n_logits: usize,
+    pub place: BatchPlace,
 }
 
 /// Everything one sequence owns while it runs: its KV cache and reusable buffers, so the
@@ -75,6 +100,10 @@ pub struct BatchScratch {
     sin: Vec<f32>,
     acts: ActivationBatch,
     ffn: FfnScratch,
+    /// Each token's `(index, len)` in its llama.cpp batch (see [`BatchPlace`]), and the same
+    /// for the rows whose logits are wanted once the last layer keeps only those.
+    places: Vec<(usize, usize)>,
+    out_places: Vec<(usize, usize)>,
 }
 
 fn resize(buf: &mut Vec<f32>, len: usize) {
@@ -85,6 +114,21 @@ fn resize(buf: &mut Vec<f32>, len: usize) {
 /// `cap · tanh(x / cap)`: squashes `x` smoothly into (-cap, cap).
 fn soft_cap(x: f32, cap: f32) -> f32 {
     cap * (x / cap).tanh()
+}
+
+/// Moves the rows (`d` wide) of each entry's last `n_logits` tokens to the front of `rows`,
+/// entry after entry, and drops the others.
+fn keep_output_rows(entries: &[BatchEntry<'_>], d: usize, rows: &mut Vec<f32>) {
+    let (mut from, mut to) = (0, 0);
+    for e in entries {
+        let len = e.tokens.len();
+        for t in from + len - e.n_logits..from + len {
+            rows.copy_within(t * d..(t + 1) * d, to * d);
+            to += 1;
+        }
+        from += len;
+    }
+    rows.truncate(to * d);
 }
 
 /// Adds `bias` to each `bias.len()`-wide row of `rows`.
@@ -170,12 +214,12 @@ impl Model {
         }
         let first_wanted = tokens.len() - n_logits;
         let mut logits = Vec::with_capacity(n_logits * self.config.n_vocab);
-        let mut start = 0;
-        while start < tokens.len() {
-            let end = prefill_chunk_end(start, tokens.len());
+        for (i, chunk) in tokens.chunks(PREFILL_CHUNK).enumerate() {
+            let start = i * PREFILL_CHUNK;
+            let end = start + chunk.len();
             let wanted = end - first_wanted.clamp(start, end);
-            logits.extend_from_slice(self.forward_logits(seq, &tokens[start..end], wanted)?);
-            start = end;
+            let place = BatchPlace::in_prompt(start, tokens.len());
+            logits.extend_from_slice(self.forward_logits_at(seq, chunk, wanted, place)?);
         }
         Ok(logits)
     }
@@ -188,6 +232,17 @@ impl Model {
         tokens: &[u32],
         n_logits: usize,
     ) -> Result<&'s [f32]> {
+        self.forward_logits_at(seq, tokens, n_logits, BatchPlace::whole(tokens.len()))
+    }
+
+    /// [`Self::forward_logits`] for tokens that are part `place` of a larger batch.
+    pub fn forward_logits_at<'s>(
+        &self,
+        seq: &'s mut SequenceState,
+        tokens: &[u32],
+        n_logits: usize,
+        place: BatchPlace,
+    ) -> Result<&'s [f32]> {
         // The sequence lends its scratch to a batch of one, so a solo call and a batched
         // call run the very same code.
         let mut scratch = std::mem::take(&mut seq.scratch);
@@ -198,6 +253,7 @@ impl Model {
                     seq: &mut *seq,
                     tokens,
                     n_logits,
+                    place,
                 }],
             )
             .map(|_| ());
@@ -248,6 +304,18 @@ impl Model {
         resize(&mut s.proj, n * d);
         resize(&mut s.cos, cfg.n_rot / 2);
         resize(&mut s.sin, cfg.n_rot / 2);
+        s.places.clear();
+        s.out_places.clear();
+        for e in entries.iter() {
+            let (first, len) = (e.place.first, e.place.len);
+            s.places
+                .extend((0..e.tokens.len()).map(|t| (first + t, len)));
+            s.out_places
+                .extend((0..e.n_logits).map(|i| (i, e.n_logits)));
+        }
+        // Rows the layers compute: every token until the last layer keeps only the rows
+        // whose logits are wanted.
+        let mut rows = n;
 
         let all_tokens = entries.iter().flat_map(|e| e.tokens.iter());
         for (&tok, x) in all_tokens.zip(s.x.chunks_exact_mut(d)) {
@@ -275,7 +343,7 @@ impl Model {
                 ops::rms_norm(x, &layer.attn_norm, cfg.rms_eps, normed);
             }
             trace::dump("attn_norm", Some(li), &s.normed);
-            s.acts.set_input(n, d);
+            s.acts.set_input_placed(&s.places, d);
             for ty in [layer.wq.ty, layer.wk.ty, layer.wv.ty] {
                 s.acts.prepare(pool, ty, &s.normed)?;
             }
@@ -376,6 +444,7 @@ impl Model {
                     li,
                     start,
                     len,
+                    e.place.is_batch(),
                     &shape,
                     &s.q,
                     &mut s.attention,
@@ -394,6 +463,7 @@ impl Model {
                         kv: &e.seq.kv,
                         start: e.seq.kv.len(),
                         n_tokens: e.tokens.len(),
+                        batched: e.place.is_batch(),
                         q,
                         out,
                     });
@@ -415,11 +485,25 @@ impl Model {
                 }
                 first += len;
             }
-            s.acts.set_input(n, q_dim);
+            s.acts.set_input_placed(&s.places, q_dim);
             s.acts.prepare(pool, layer.wo.ty, &s.attn)?;
             matmul(pool, &layer.wo, file, s.acts.get(layer.wo.ty)?, &mut s.proj)?;
             trace::dump("kqv_out", Some(li), &s.attn);
             trace::dump("attn_out", Some(li), &s.proj);
+            if li + 1 == cfg.n_layer && n_logits < n {
+                // As llama.cpp, the rest of the last layer runs on the rows whose logits are
+                // wanted only: the others feed nothing. (Its products then see a batch of
+                // those rows, which rounds some formats differently, so this is also needed
+                // for equal results.)
+                keep_output_rows(entries, d, &mut s.x);
+                keep_output_rows(entries, d, &mut s.proj);
+                s.normed.truncate(n_logits * d);
+                rows = n_logits;
+                std::mem::swap(&mut s.places, &mut s.out_places);
+            }
+            if rows == 0 {
+                break;
+            }
             if let Some(norm) = &layer.attn_post_norm {
                 s.proj
                     .chunks_exact_mut(d)
@@ -439,7 +523,7 @@ impl Model {
                 cfg.ffn_activation,
                 file,
                 &s.normed,
-                n,
+                &s.places[..rows],
                 d,
                 &mut s.ffn,
                 &mut s.proj,
@@ -463,25 +547,14 @@ impl Model {
         }
 
         // Only the rows whose logits were asked for go through the vocabulary projection,
-        // the most expensive matrix of a small model; they are gathered end to end.
-        let mut first = 0;
-        let mut out_row = 0;
-        for e in entries.iter() {
-            let len = e.tokens.len();
-            for t in first + len - e.n_logits..first + len {
-                ops::rms_norm(
-                    &s.x[t * d..(t + 1) * d],
-                    &w.output_norm,
-                    cfg.rms_eps,
-                    &mut s.normed[out_row * d..(out_row + 1) * d],
-                );
-                out_row += 1;
-            }
-            first += len;
+        // the most expensive matrix of a small model: the last layer kept just those.
+        for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)).take(n_logits) {
+            ops::rms_norm(x, &w.output_norm, cfg.rms_eps, normed);
         }
         resize(&mut s.logits, n_logits * cfg.n_vocab);
         if n_logits > 0 {
-            s.acts.set_input(n_logits, d);
+            let out_places = if rows == n_logits { &s.places } else { &s.out_places };
+            s.acts.set_input_placed(&out_places[..n_logits], d);
             s.acts
                 .prepare(pool, w.output.ty, &s.normed[..n_logits * d])?;
             matmul(

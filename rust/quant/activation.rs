@@ -49,6 +49,10 @@ pub struct QuantizedActivations {
     /// lane sums for every (quad of rows, block, token); reading them here spares those
     /// multiply-adds (or shifts).
     neg_offset_sums: Vec<i32>,
+    /// Where this row sits in the batch llama.cpp would multiply it in: row `index` of
+    /// `batch_len` (see `quant::DotBatchFn`).
+    batch_index: usize,
+    batch_len: usize,
 }
 
 impl Default for QuantizedActivations {
@@ -65,7 +69,20 @@ impl QuantizedActivations {
             bytes: Vec::new(),
             block_scales: Vec::new(),
             neg_offset_sums: Vec::new(),
+            batch_index: 0,
+            batch_len: 1,
         }
+    }
+
+    /// Places this row as row `index` of a batch of `len` (a lone row is `(0, 1)`).
+    pub fn set_batch_place(&mut self, index: usize, len: usize) {
+        self.batch_index = index;
+        self.batch_len = len.max(1);
+    }
+
+    /// `(index, len)`: this row's place in its batch.
+    pub fn batch_place(&self) -> (usize, usize) {
+        (self.batch_index, self.batch_len)
     }
 
     /// Quantises `x` for dot products with weights of type `weight_type`, rounding exactly

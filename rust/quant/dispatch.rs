@@ -22,7 +22,7 @@
 use std::sync::OnceLock;
 
 use super::activation::{self, QuantizedActivations};
-use super::dot::{Dot4Fn, DotFn, DotTokensFn};
+use super::dot::{Dot4Fn, DotBatchFn, DotFn, DotTokensFn};
 use super::dot_scalar as scalar;
 use super::GgmlType;
 
@@ -120,6 +120,7 @@ pub struct Kernels {
     dot: [DotFn; GgmlType::ALL.len()],
     dot4: [Dot4Fn; GgmlType::ALL.len()],
     dot_tokens: [DotTokensFn; GgmlType::ALL.len()],
+    dot_batch: [DotBatchFn; GgmlType::ALL.len()],
     pub(super) quantize_q8_0: QuantizeFn,
     pub(super) quantize_q8_1: QuantizeFn,
     pub(super) quantize_q8_k: QuantizeFn,
@@ -141,6 +142,17 @@ fn four_rows<const T: usize>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4]
     rows.map(|row| dot(row, act, n))
 }
 
+/// [`rows_by_tokens`] whatever the batch: the scalar level's batch kernel.
+fn batch_by_tokens<const T: usize>(
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+    _first: usize,
+    _batch: usize,
+    out: &mut [[f32; 4]],
+) {
+    rows_by_tokens::<T>(rows, acts, out);
+}
+
 /// Single scalar calls per (row, token): the scalar level's rows-by-tokens kernel.
 fn rows_by_tokens<const T: usize>(
     rows: [&[u8]; 4],
@@ -156,6 +168,23 @@ fn rows_by_tokens<const T: usize>(
 
 impl Kernels {
     fn scalar() -> Self {
+        let dot_tokens: [DotTokensFn; GgmlType::ALL.len()] = [
+            rows_by_tokens::<0>,
+            rows_by_tokens::<1>,
+            rows_by_tokens::<2>,
+            rows_by_tokens::<3>,
+            rows_by_tokens::<4>,
+            rows_by_tokens::<5>,
+            rows_by_tokens::<6>,
+            rows_by_tokens::<7>,
+            rows_by_tokens::<8>,
+            rows_by_tokens::<9>,
+            rows_by_tokens::<10>,
+            rows_by_tokens::<11>,
+            rows_by_tokens::<12>,
+            rows_by_tokens::<13>,
+            rows_by_tokens::<14>,
+        ];
         Self {
             level: SimdLevel::Scalar,
             dot: GgmlType::ALL.map(scalar_kernel),
@@ -176,22 +205,23 @@ impl Kernels {
                 four_rows::<13>,
                 four_rows::<14>,
             ],
-            dot_tokens: [
-                rows_by_tokens::<0>,
-                rows_by_tokens::<1>,
-                rows_by_tokens::<2>,
-                rows_by_tokens::<3>,
-                rows_by_tokens::<4>,
-                rows_by_tokens::<5>,
-                rows_by_tokens::<6>,
-                rows_by_tokens::<7>,
-                rows_by_tokens::<8>,
-                rows_by_tokens::<9>,
-                rows_by_tokens::<10>,
-                rows_by_tokens::<11>,
-                rows_by_tokens::<12>,
-                rows_by_tokens::<13>,
-                rows_by_tokens::<14>,
+            dot_tokens,
+            dot_batch: [
+                batch_by_tokens::<0>,
+                batch_by_tokens::<1>,
+                batch_by_tokens::<2>,
+                batch_by_tokens::<3>,
+                batch_by_tokens::<4>,
+                batch_by_tokens::<5>,
+                batch_by_tokens::<6>,
+                batch_by_tokens::<7>,
+                batch_by_tokens::<8>,
+                batch_by_tokens::<9>,
+                batch_by_tokens::<10>,
+                batch_by_tokens::<11>,
+                batch_by_tokens::<12>,
+                batch_by_tokens::<13>,
+                batch_by_tokens::<14>,
             ],
             quantize_q8_0: activation::quantize_q8_0,
             quantize_q8_1: activation::quantize_q8_1,
@@ -240,6 +270,12 @@ impl Kernels {
         self.dot_tokens[slot(ty)]
     }
 
+    /// Four weight rows against some tokens of a batch, with llama.cpp's arithmetic for that
+    /// batch (see [`DotBatchFn`]).
+    pub fn dot_batch(&self, ty: GgmlType) -> DotBatchFn {
+        self.dot_batch[slot(ty)]
+    }
+
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     pub(super) fn set_dot(
         &mut self,
@@ -247,15 +283,18 @@ impl Kernels {
         single: DotFn,
         four: Dot4Fn,
         tokens: DotTokensFn,
+        batch: DotBatchFn,
     ) {
         self.dot[slot(ty)] = single;
         self.dot4[slot(ty)] = four;
         self.dot_tokens[slot(ty)] = tokens;
+        self.dot_batch[slot(ty)] = batch;
     }
 
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
-    pub(super) fn set_dot_tokens(&mut self, ty: GgmlType, tokens: DotTokensFn) {
+    pub(super) fn set_dot_tokens(&mut self, ty: GgmlType, tokens: DotTokensFn, batch: DotBatchFn) {
         self.dot_tokens[slot(ty)] = tokens;
+        self.dot_batch[slot(ty)] = batch;
     }
 }
 

@@ -4,7 +4,8 @@
 //! [`Dot4Fn`]). The four-row kernels of the 32-element formats load each activation block
 //! once for four rows: Q8_0's is the single-row function instantiated for four rows (same
 //! per-row operations), the 4/5-bit formats pack two rows per register and keep the same
-//! eight lanes per row as their single-row kernel. For the K-quants and the
+//! eight lanes per row as their single-row kernel; Q4_K's shares the activation block's
+//! loads and the folding of its integer sums between rows. For the other K-quants and the
 //! float formats four single-row calls are faster (see `RowKernel::FUSED_FOUR`).
 //! Either way a four-row result has exactly the bits of a single-row call (tested), so a
 //! matmul may mix them freely and its output does not depend on how rows are split.
@@ -16,20 +17,31 @@
 //! 4/5-bit formats keep the two-rows-per-register lanes; Q8_0 and the K-quants take one row
 //! at a time against the group. Types without one make a four-row call per token.
 //!
-//! llama.cpp: the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0) and the Q8_0/Q8_1
-//! activation quantisers do the f32 operations of ggml's AVX2 code in its order, so their
-//! results have the bits of llama.cpp's x86 builds (`ggml_x86_tests` checks them against a
-//! transcription of that code). The K-quant and float kernels do not.
+//! Batch kernels ([`DotBatchFn`]) are the rows-by-tokens kernels with, for Q4_K and Q6_K,
+//! the other arithmetic llama.cpp uses for some tokens of a batch (Q4_K: the gemm of its
+//! repacked kernels, see the Q4_K section; Q6_K: its tiled kernel, see
+//! `q6_k_tokens_body`).
+//!
+//! llama.cpp: the 32-element formats (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0), Q6_K and the
+//! Q8_0/Q8_1 activation quantisers do the f32 operations of ggml's AVX2 code in its order
+//! (`ggml_vec_dot_*`), so their results have the bits of llama.cpp's x86 builds for one
+//! token; Q4_K does those of its repacked kernels (`ggml_gemv_q4_K_8x8_q8_K`; see the
+//! Q4_K section). The batch kernels of Q4_K and Q6_K also have the bits of llama.cpp's
+//! batched kernels. `ggml_x86_tests` checks all of these against transcriptions of that
+//! code. The Q2_K, Q3_K, Q5_K, Q8_K and float kernels do not have llama.cpp's bits, nor
+//! do the Q4_0 kernels for matrices whose row count is a multiple of 8 (llama.cpp repacks
+//! those, `q4_0_8x8_q8_0`); see [`DotBatchFn`] for batches.
 //!
 //! Accuracy: within a block the integer sum of products is exact, as in the scalar kernels;
 //! only the f32 arithmetic after it differs. The scalar kernels add one f32 term per block
-//! (per lane for K-quants) in element order; these add four or eight lanes per block and sum
-//! the lanes at the end. Each is within `(terms + 8) * 2^-24 * M` of the exact sum of the
-//! block terms, where `terms` is the number of blocks (or `n / 8` for the float formats,
-//! whose scalar kernels sum in f64) and `M = sum |w_i| |x_i|` plus the magnitudes of the
-//! `min` parts; so they differ by at most `2 * (terms + 8) * 2^-24 * M`. That is the bound
-//! `kernel_tests` checks; the largest difference seen on random rows is about a tenth of it.
-//! Activation quantisation is bit-identical to the scalar quantisers.
+//! (per lane for K-quants) in element order; these add four or eight lanes per block and
+//! sum the lanes at the end (Q4_K: one term per super-block, the minimum's apart). Each is
+//! within `(terms + 8) * 2^-24 * M` of the exact sum of the block terms, where `terms` is
+//! the number of blocks (or `n / 8` for the float formats, whose scalar kernels sum in f64)
+//! and `M = sum |w_i| |x_i|` plus the magnitudes of the `min` parts; so they differ by at
+//! most `2 * (terms + 8) * 2^-24 * M`. That is the bound `kernel_tests` checks; the largest
+//! difference seen on random rows is about a tenth of it. Activation quantisation is
+//! bit-identical to the scalar quantisers.
 //!
 //! Memory is read through raw pointers, but only below `blocks * block_size` for the
 //! block count [`common_blocks`] takes from the slice lengths: a short row or activation
@@ -41,7 +53,7 @@ use std::arch::x86_64::*;
 
 use super::activation::{activation_type, QuantizedActivations};
 use super::dispatch::{Avx2Checked, Kernels};
-use super::dot::{Dot4Fn, DotFn, DotTokensFn};
+use super::dot::{Dot4Fn, DotBatchFn, DotFn, DotTokensFn};
 use super::GgmlType;
 
 // ---- Entry points ---------------------------------------------------------------------
@@ -79,9 +91,9 @@ pub(super) fn common_blocks<const R: usize>(
     blocks
 }
 
-/// Safe [`DotFn`], [`Dot4Fn`] and (a four-row call per token) [`DotTokensFn`] for `K`,
-/// given the proof that the CPU runs `K`'s instructions.
-fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn) {
+/// Safe [`DotFn`], [`Dot4Fn`] and (a four-row call per token) [`DotTokensFn`] and
+/// [`DotBatchFn`] for `K`, given the proof that the CPU runs `K`'s instructions.
+fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn, DotBatchFn) {
     fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
         // SAFETY: these functions only leave `entry_points`, which demands a `K::Proof`,
         // and a proof only exists once the CPU has been found to run `K`'s instructions.
@@ -111,13 +123,22 @@ fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn) 
             *o = four::<K>(rows, act.bytes(), n);
         }
     }
-    (single::<K>, four::<K>, per_token::<K>)
+    fn batch<K: RowKernel>(
+        rows: [&[u8]; 4],
+        acts: &[QuantizedActivations],
+        _first: usize,
+        _batch: usize,
+        out: &mut [[f32; 4]],
+    ) {
+        per_token::<K>(rows, acts, out);
+    }
+    (single::<K>, four::<K>, per_token::<K>, batch::<K>)
 }
 
 /// Installs `K` in `table`.
 pub(super) fn set<K: RowKernel>(table: &mut Kernels, proof: K::Proof) {
-    let (single, four, tokens) = entry_points::<K>(proof);
-    table.set_dot(K::TY, single, four, tokens);
+    let (single, four, tokens, batch) = entry_points::<K>(proof);
+    table.set_dot(K::TY, single, four, tokens, batch);
 }
 
 /// A rows-by-tokens kernel: four rows against a group of `T` tokens, sharing the unpacking
@@ -142,70 +163,147 @@ pub(super) trait TokensKernel: RowKernel {
         rows: [&[u8]; 4],
         acts: [&QuantizedActivations; T],
     ) -> [[f32; 4]; T];
+    /// How many of the first tokens of a batch of `batch` llama.cpp multiplies with other
+    /// float arithmetic than a single token, which [`Self::group_batched`] reproduces (for
+    /// `Kernels::dot_batch`); 0 where it does not, or where these kernels do not reproduce it.
+    fn batched_tokens(_batch: usize) -> usize {
+        0
+    }
+    /// [`Self::group`] with llama.cpp's batched arithmetic (`T` is 4 or 8).
+    /// # Safety
+    /// As for [`Self::group`].
+    unsafe fn group_batched<const T: usize>(
+        rows: [&[u8]; 4],
+        acts: [&QuantizedActivations; T],
+    ) -> [[f32; 4]; T] {
+        Self::group::<T>(rows, acts)
+    }
 }
 
-/// Installs `K`'s rows-by-tokens kernel in `table` (after [`set`] installed its row kernels).
+/// Installs `K`'s rows-by-tokens kernel in `table` (after [`set`] installed its row kernels),
+/// and its batch kernel.
 pub(super) fn set_tokens<K: TokensKernel>(table: &mut Kernels, _proof: K::Proof) {
-    fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
-        // SAFETY: only reachable through `set_tokens`, which demands a `K::Proof`.
-        unsafe { K::one(row, act, n) }
+    table.set_dot_tokens(K::TY, run::<K>, run_batch::<K>);
+}
+
+/// `K`'s row kernel, for rows and activations of different lengths.
+fn single<K: RowKernel>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    // SAFETY: only reachable through `set_tokens`, which demands a `K::Proof`.
+    unsafe { K::one(row, act, n) }
+}
+
+/// Whether every row and every activation row hold the same number of whole blocks, and
+/// the activations the block scales and offset shares `K` reads (the group kernels'
+/// precondition). Otherwise `out` gets single-row calls and the answer is no.
+fn uniform_or_single<K: TokensKernel>(
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+    out: &mut [[f32; 4]],
+) -> bool {
+    let Some(first) = acts.first() else {
+        return false;
+    };
+    let n = first.len();
+    let blocks = common_blocks(K::TY, &[rows[0]], first.bytes(), n);
+    // One pair's block count bounds them all when every row agrees with the first
+    // activation row and every activation row with the first row.
+    let uniform = rows
+        .iter()
+        .all(|row| common_blocks(K::TY, &[row], first.bytes(), n) == blocks)
+        && acts.iter().all(|act| {
+            common_blocks(K::TY, &[rows[0]], act.bytes(), n) == blocks
+                && act.block_scales().len() >= blocks * K::SCALES
+                && act.neg_offset_sums().len() >= blocks * K::OFFSET_SUMS
+        });
+    if !uniform {
+        for (act, o) in acts.iter().zip(out) {
+            *o = rows.map(|row| single::<K>(row, act.bytes(), n));
+        }
     }
-    fn run<K: TokensKernel>(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
-        let Some(first) = acts.first() else {
-            return;
-        };
-        let n = first.len();
-        let blocks = common_blocks(K::TY, &[rows[0]], first.bytes(), n);
-        // One pair's block count bounds them all when every row agrees with the first
-        // activation row and every activation row with the first row.
-        let uniform = rows
-            .iter()
-            .all(|row| common_blocks(K::TY, &[row], first.bytes(), n) == blocks)
-            && acts.iter().all(|act| {
-                common_blocks(K::TY, &[rows[0]], act.bytes(), n) == blocks
-                    && act.block_scales().len() >= blocks * K::SCALES
-                    && act.neg_offset_sums().len() >= blocks * K::OFFSET_SUMS
-            });
-        if !uniform {
-            for (act, o) in acts.iter().zip(out) {
-                *o = rows.map(|row| single::<K>(row, act.bytes(), n));
+    uniform
+}
+
+/// `K`'s rows-by-tokens kernel over any number of tokens, in groups of up to eight.
+fn run<K: TokensKernel>(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
+    if uniform_or_single::<K>(rows, acts, out) {
+        // SAFETY: `K::Proof` was presented to `set_tokens`; blocks and scales are uniform.
+        unsafe { run_groups::<K>(rows, acts, out) }
+    }
+}
+
+/// `K`'s batch kernel ([`DotBatchFn`]): the tokens among the first `K::batched_tokens(batch)`
+/// of the batch through [`TokensKernel::group_batched`], in groups of four (eight where
+/// `K::WIDE`; a last partial group is filled up with copies of its last token), the others
+/// as in [`run`].
+fn run_batch<K: TokensKernel>(
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+    first: usize,
+    batch: usize,
+    out: &mut [[f32; 4]],
+) {
+    if !uniform_or_single::<K>(rows, acts, out) {
+        return;
+    }
+    let batched = K::batched_tokens(batch)
+        .saturating_sub(first)
+        .min(acts.len());
+    let mut done = 0;
+    while done < batched {
+        let (a, o) = (&acts[done..batched], &mut out[done..batched]);
+        // SAFETY: as in `run`.
+        done += unsafe {
+            if a.len() >= 8 && K::WIDE {
+                let a = [&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7]];
+                o[..8].copy_from_slice(&K::group_batched::<8>(rows, a));
+                8
+            } else {
+                let last = a.len().min(4) - 1;
+                let a = [0, 1, 2, 3].map(|i| &a[i.min(last)]);
+                o[..=last].copy_from_slice(&K::group_batched::<4>(rows, a)[..=last]);
+                last + 1
             }
-            return;
-        }
-        let mut done = 0;
-        while done < acts.len() {
-            let (a, o) = (&acts[done..], &mut out[done..]);
-            // SAFETY: `K::Proof` was presented to `set_tokens`; blocks and scales are
-            // uniform (above).
-            let width = unsafe {
-                match a.len() {
-                    8.. if K::WIDE => {
-                        let a = [&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7]];
-                        o[..8].copy_from_slice(&K::group::<8>(rows, a));
-                        8
-                    }
-                    4.. if !K::NARROW => {
-                        o[..4].copy_from_slice(&K::group::<4>(rows, [&a[0], &a[1], &a[2], &a[3]]));
-                        4
-                    }
-                    3 if !K::NARROW => {
-                        o[..3].copy_from_slice(&K::group::<3>(rows, [&a[0], &a[1], &a[2]]));
-                        3
-                    }
-                    2.. => {
-                        o[..2].copy_from_slice(&K::group::<2>(rows, [&a[0], &a[1]]));
-                        2
-                    }
-                    _ => {
-                        o[..1].copy_from_slice(&K::group::<1>(rows, [&a[0]]));
-                        1
-                    }
-                }
-            };
-            done += width;
-        }
+        };
     }
-    table.set_dot_tokens(K::TY, run::<K>);
+    // SAFETY: as in `run`.
+    unsafe { run_groups::<K>(rows, &acts[batched..], &mut out[batched..]) }
+}
+
+/// [`TokensKernel::group`] over `acts` in groups of up to eight.
+/// # Safety
+/// As for [`TokensKernel::group`].
+unsafe fn run_groups<K: TokensKernel>(
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+    out: &mut [[f32; 4]],
+) {
+    let mut done = 0;
+    while done < acts.len() {
+        let (a, o) = (&acts[done..], &mut out[done..]);
+        done += match a.len() {
+            8.. if K::WIDE => {
+                let a = [&a[0], &a[1], &a[2], &a[3], &a[4], &a[5], &a[6], &a[7]];
+                o[..8].copy_from_slice(&K::group::<8>(rows, a));
+                8
+            }
+            4.. if !K::NARROW => {
+                o[..4].copy_from_slice(&K::group::<4>(rows, [&a[0], &a[1], &a[2], &a[3]]));
+                4
+            }
+            3 if !K::NARROW => {
+                o[..3].copy_from_slice(&K::group::<3>(rows, [&a[0], &a[1], &a[2]]));
+                3
+            }
+            2.. => {
+                o[..2].copy_from_slice(&K::group::<2>(rows, [&a[0], &a[1]]));
+                2
+            }
+            _ => {
+                o[..1].copy_from_slice(&K::group::<1>(rows, [&a[0]]));
+                1
+            }
+        };
+    }
 }
 
 /// Declares a [`RowKernel`] named `$name` for `$ty` (requiring the `Proof` type in scope
@@ -256,8 +354,30 @@ macro_rules! row_kernel {
 pub(super) use row_kernel;
 
 /// Implements [`TokensKernel`] for the row kernel `$name` with the group function `$group`
-/// (generic over the token count, after the format type when one is given).
+/// (generic over the token count, after the format type when one is given; with `batched`,
+/// also over whether it does llama.cpp's batched arithmetic, for the first
+/// `$batched(batch)` tokens of a batch).
 macro_rules! tokens_kernel {
+    ($name:ident, batched $group:ident, $batched:expr $(, wide $wide:literal)?) => {
+        impl TokensKernel for $name {
+            $(const WIDE: bool = $wide;)?
+            fn batched_tokens(batch: usize) -> usize {
+                $batched(batch)
+            }
+            unsafe fn group<const T: usize>(
+                rows: [&[u8]; 4],
+                acts: [&QuantizedActivations; T],
+            ) -> [[f32; 4]; T] {
+                $group::<T, false>(rows, acts.map(QuantizedActivations::bytes), acts[0].len())
+            }
+            unsafe fn group_batched<const T: usize>(
+                rows: [&[u8]; 4],
+                acts: [&QuantizedActivations; T],
+            ) -> [[f32; 4]; T] {
+                $group::<T, true>(rows, acts.map(QuantizedActivations::bytes), acts[0].len())
+            }
+        }
+    };
     ($name:ident, $group:ident $(, wide $wide:literal)? $(, narrow $narrow:literal)?) => {
         impl TokensKernel for $name {
             $(const WIDE: bool = $wide;)?
@@ -326,7 +446,7 @@ row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_q8_0);
 row_kernel!(Q8_1, GgmlType::Q8_1, q8_1_q8_1, single_rows);
 row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
 row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k, single_rows);
@@ -338,9 +458,9 @@ tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format);
 tokens_kernel!(Q8_0, q8_0_tokens, scales 1);
-tokens_kernel!(Q4K, q4_k_tokens);
+tokens_kernel!(Q4K, batched q4_k_tokens, q4_k_gemm_tokens);
 tokens_kernel!(Q5K, q5_k_tokens);
-tokens_kernel!(Q6K, q6_k_tokens);
+tokens_kernel!(Q6K, batched q6_k_tokens, q6_k_tiled_tokens);
 tokens_kernel!(F16, f16_tokens, narrow true);
 tokens_kernel!(BF16, bf16_tokens, narrow true);
 
@@ -1071,13 +1191,13 @@ unsafe fn q6_k_q8_k<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_k_tokens<const T: usize>(
+unsafe fn q4_k_tokens<const T: usize, const GEMM: bool>(
     rows: [&[u8]; 4],
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
     rows_by_tokens::<T>(rows, |row, ahead| {
-        q4_k_tokens_body::<T>(row, ahead, acts, n)
+        q4_k_tokens_body::<T, GEMM>(row, ahead, acts, n)
     })
 }
 
@@ -1093,13 +1213,13 @@ unsafe fn q5_k_tokens<const T: usize>(
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q6_k_tokens<const T: usize>(
+unsafe fn q6_k_tokens<const T: usize, const TILED: bool>(
     rows: [&[u8]; 4],
     acts: [&[u8]; T],
     n: usize,
 ) -> [[f32; 4]; T] {
     rows_by_tokens::<T>(rows, |row, ahead| {
-        q6_k_tokens_body::<T>(row, ahead, acts, n)
+        q6_k_tokens_body::<T, TILED>(row, ahead, acts, n)
     })
 }
 
@@ -1207,55 +1327,389 @@ pub(super) unsafe fn q3k_scales_i8(p: *const u8) -> __m128i {
     _mm_sub_epi8(unsigned, _mm_set1_epi8(32))
 }
 
+// ---- Q4_K: the arithmetic of llama.cpp's repacked Q4_K kernels ---------------------------
+//
+// On AVX2 machines llama.cpp repacks every Q4_K matrix whose row count is a multiple of 8
+// (`ggml_repack_get_optimal_repack_type` -> `q4_K_8x8_q8_K`) and multiplies it with
+// `ggml_gemv_q4_K_8x8_q8_K` (one activation row) or `ggml_gemm_q4_K_8x8_q8_K` (whole groups
+// of four activation rows; `forward_mul_mat_one_chunk` gives the last `n % 4` rows of a
+// batch to the gemv) in `ggml-cpu/arch/x86/repack.cpp`. Per (weight row, activation row)
+// pair, each super-block gives two exact integers, `S = Σ_k scale_k Σ q4 q8` over its eight
+// 32-element sub-blocks and `M = Σ_k min_k (bsums[2k] + bsums[2k+1])`, and the floats are
+// `acc = fma(S, d * dy, acc)`, `acc_min = fma(M, dmin * dy, acc_min)`, super-block after
+// super-block, with the result `acc - acc_min` (one float lane per pair). That is the gemv;
+// the gemm does the same per pair of sub-blocks (`S` and `M` of sub-blocks 2p and 2p + 1,
+// p = 0..4: four steps per super-block). ggml's i16 partial sums hold at most sixteen
+// products of a nibble and a quant (|sum| <= 16 * 15 * 128 < 2^15), so its integers are
+// exact, as are these.
+//
+// Every kernel here does the gemv arithmetic ([`DotFn`], [`Dot4Fn`], [`DotTokensFn`]),
+// except the batch kernel ([`DotBatchFn`]), which does the gemm's for the tokens that
+// llama.cpp gives the gemm ([`q4_k_gemm_tokens`]). A Q4_K matrix whose row count is not a
+// multiple of 8 is not repacked: llama.cpp multiplies it with `ggml_vec_dot_q4_K_q8_K`
+// (eight i32 lanes per super-block, as in `q5_k_body`), or with its tiled kernel for a
+// batch of 8 tokens or more; these kernels reproduce neither. The activations are Q8_K
+// from `quantize_row_q8_K_ref` (the gemm's `ggml_quantize_mat_q8_K_4x8` differs only when
+// `+max` and `-max` of a block tie and the negative one comes first; it then negates every
+// quant and the scale, which leaves every product, and so these results, unchanged).
+//
+// The integer work is `q5_k_body`'s (unsigned nibbles in `maddubs`, the sub-block scale in
+// `madd`, here through `vpshufb`s of an opaque table, [`select_one_opaque`]). The eight i32
+// lanes of the products and those of the minimums times `bsums` are then interleaved and
+// added ([`q4_k_interleave`]) and folded to `[S_a, M_a, S_b, M_b]` two rows or tokens at a
+// time ([`q4_k_totals`]), which meet `[d_a dy_a, dmin_a dy_a, d_b dy_b, dmin_b dy_b]` in one
+// 128-bit FMA; a single row folds to `[S, S, M, M]` without `hadd`s ([`q4_k_one`]).
+
+const Q4K_SIZE: usize = 144;
+
+/// How many tokens of a batch of `batch` llama.cpp multiplies by a repacked Q4_K matrix with
+/// its gemm (the first `batch - batch % 4`; the rest go through the gemv).
+pub(super) fn q4_k_gemm_tokens(batch: usize) -> usize {
+    batch - batch % 4
+}
+
+/// The Q4_K block at `x`: its eight sub-block scales as i16 in both 128-bit halves (for
+/// [`q4_k_pair_scales`]), and its eight minimums as i16, each twice (`[m0, m0, m1, m1, ..]`,
+/// for the two `bsums` of each sub-block).
+#[inline(always)]
+unsafe fn q4_k_scales_mins(x: *const u8) -> (__m256i, __m256i) {
+    let (scales, mins) = k4_scales_mins_packed(x.add(4));
+    let scales = _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+    let mins = _mm_cvtsi64_si128(mins as i64);
+    (scales, _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins)))
+}
+
+/// A super-block's scaled products (eight i32 lanes) and its minimums times the sixteen
+/// `bsums` of `y` (eight lanes, `min_k (bsums[2k] + bsums[2k + 1])` in lane k), interleaved
+/// in pairs and added: `[s, s, m, m | s, s, m, m]`, the two `s` lanes and the two `m` lanes
+/// of each half summing to `S` and `M`. [`q4_k_totals`] completes two of them.
+#[inline(always)]
+unsafe fn q4_k_interleave(sums: __m256i, mins_twice: __m256i, y: *const u8) -> __m256i {
+    let m = _mm256_madd_epi16(mins_twice, load256(y.add(Q8K_BSUMS)));
+    _mm256_add_epi32(
+        _mm256_unpacklo_epi64(sums, m),
+        _mm256_unpackhi_epi64(sums, m),
+    )
+}
+
+/// `[S_a, M_a, S_b, M_b]` from two [`q4_k_interleave`]d super-blocks.
+#[inline(always)]
+unsafe fn q4_k_totals(a: __m256i, b: __m256i) -> __m128i {
+    let z = _mm256_hadd_epi32(a, b);
+    _mm_add_epi32(_mm256_castsi256_si128(z), _mm256_extracti128_si256::<1>(z))
+}
+
+/// Sub-blocks `2j` (low nibbles of `qs[32j..32j + 32]`) and `2j + 1` (high nibbles) of the
+/// Q4_K block at `x`, one byte per element.
+#[inline(always)]
+unsafe fn q4_k_nibbles(x: *const u8, j: usize) -> (__m256i, __m256i) {
+    let low4 = _mm256_set1_epi8(0x0F);
+    let q = load256(x.add(16 + 32 * j));
+    (
+        _mm256_and_si256(q, low4),
+        _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4),
+    )
+}
+
+/// Sub-blocks `lo` and `hi` times the 64 quants at `qy`, scaled by `s_lo` and `s_hi`, in eight
+/// i32 lanes whose sum is `scale_lo Σ lo q8 + scale_hi Σ hi q8`.
+#[inline(always)]
+unsafe fn q4_k_pair_products(
+    (lo, hi): (__m256i, __m256i),
+    (s_lo, s_hi): (__m256i, __m256i),
+    qy: *const u8,
+) -> __m256i {
+    let p_lo = _mm256_madd_epi16(_mm256_maddubs_epi16(lo, load256(qy)), s_lo);
+    let p_hi = _mm256_madd_epi16(_mm256_maddubs_epi16(hi, load256(qy.add(32))), s_hi);
+    _mm256_add_epi32(p_lo, p_hi)
+}
+
+/// [`SELECT_ONE`] through a pointer the compiler cannot see through. From the constant
+/// table LLVM builds each broadcast with two shuffles (`vpshufd` or a shift, then
+/// `vpbroadcastw`); from memory it keeps one `vpshufb` per scale (measured faster).
+#[inline(always)]
+fn select_one_opaque() -> *const [u8; 32] {
+    std::hint::black_box(SELECT_ONE.as_ptr())
+}
+
+/// The scales of sub-blocks `2j` and `2j + 1`, each in all sixteen i16 lanes; `select` is
+/// [`select_one_opaque`].
+#[inline(always)]
+unsafe fn q4_k_pair_scales(
+    scales: __m256i,
+    j: usize,
+    select: *const [u8; 32],
+) -> (__m256i, __m256i) {
+    (
+        _mm256_shuffle_epi8(scales, load256(select.add(2 * j).cast())),
+        _mm256_shuffle_epi8(scales, load256(select.add(2 * j + 1).cast())),
+    )
+}
+
+/// `[d_a, dmin_a, d_b, dmin_b]`: the f16 scales of the Q4_K blocks at `a` and `b`, widened.
+#[inline(always)]
+unsafe fn q4_k_d_dmin(a: *const u8, b: *const u8) -> __m128 {
+    let a = u64::from(a.cast::<u32>().read_unaligned());
+    let b = u64::from(b.cast::<u32>().read_unaligned());
+    _mm_cvtph_ps(_mm_cvtsi64_si128((a | (b << 32)) as i64))
+}
+
+/// `acc - acc_min` of both pairs held in `acc` (`[acc_a, acc_min_a, acc_b, acc_min_b]`).
+#[inline(always)]
+unsafe fn q4_k_results(acc: __m128) -> [f32; 2] {
+    let mut v = [0f32; 4];
+    _mm_storeu_ps(v.as_mut_ptr(), acc);
+    [v[0] - v[1], v[2] - v[3]]
+}
+
+/// `R` Q4_K rows (one or four) by one activation row, with the gemv's arithmetic.
 /// # Safety
 /// Inlined into `#[target_feature]` wrappers of every level that runs AVX2 (they differ in
 /// registers and instruction selection, not in arithmetic).
 #[inline(always)]
 pub(super) unsafe fn q4_k_body<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-    const SIZE: usize = 144;
+    if R == 1 {
+        let mut out = [0f32; R];
+        out[0] = q4_k_one(rows[0], act, n);
+        return out;
+    }
     let blocks = common_blocks(GgmlType::Q4K, &rows, act, n);
     let a = act.as_ptr();
     let w = rows.map(<[u8]>::as_ptr);
-    let low4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); R];
-    let mut min_acc = [_mm256_setzero_ps(); R];
+    let next = next_rows(&rows);
+    let select = select_one_opaque();
+    // Rows 2p and 2p + 1 in acc[p].
+    let mut acc = [_mm_setzero_ps(); R];
     for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * R * Q4K_SIZE), R * Q4K_SIZE);
+        }
         let y = a.add(b * Q8K_SIZE);
-        let dy = f32_splat(y);
         let qy = y.add(Q8K_QS);
-        let bsums = load256(y.add(Q8K_BSUMS));
+        let dy = _mm_set1_ps(y.cast::<f32>().read_unaligned());
+        let x = w.map(|w| w.add(b * Q4K_SIZE));
+        let mut interleaved = [_mm256_setzero_si256(); R];
         for r in 0..R {
-            let x = w[r].add(b * SIZE);
-            let (scales, mins) = k4_scales_mins_packed(x.add(4));
-            // Minimum `g` covers bsums 2g and 2g + 1.
-            let mins = _mm_cvtsi64_si128(mins as i64);
-            let mins = _mm256_cvtepu8_epi16(_mm_unpacklo_epi8(mins, mins));
-            let min_sums = _mm256_madd_epi16(mins, bsums);
-            let dmin = _mm256_mul_ps(f16_splat(x.add(2)), dy);
-            min_acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(min_sums), dmin, min_acc[r]);
-
-            let scales =
-                _mm256_broadcastsi128_si256(_mm_cvtepu8_epi16(_mm_cvtsi64_si128(scales as i64)));
+            let (scales, mins_twice) = q4_k_scales_mins(x[r]);
             let mut sums = _mm256_setzero_si256();
             for j in 0..4 {
-                let q = load256(x.add(16 + 32 * j));
-                let lo = _mm256_and_si256(q, low4);
-                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-                let p_lo = _mm256_maddubs_epi16(lo, load256(qy.add(64 * j)));
-                let p_hi = _mm256_maddubs_epi16(hi, load256(qy.add(64 * j + 32)));
-                let p_lo = _mm256_madd_epi16(p_lo, scale_one(scales, 2 * j));
-                let p_hi = _mm256_madd_epi16(p_hi, scale_one(scales, 2 * j + 1));
-                sums = _mm256_add_epi32(sums, _mm256_add_epi32(p_lo, p_hi));
+                let p = q4_k_pair_products(
+                    q4_k_nibbles(x[r], j),
+                    q4_k_pair_scales(scales, j, select),
+                    qy.add(64 * j),
+                );
+                sums = _mm256_add_epi32(sums, p);
             }
-            let d = _mm256_mul_ps(f16_splat(x), dy);
-            acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums), d, acc[r]);
+            interleaved[r] = q4_k_interleave(sums, mins_twice, y);
+        }
+        for p in 0..R.div_ceil(2) {
+            let (ra, rb) = (2 * p, (2 * p + 1).min(R - 1));
+            let totals = q4_k_totals(interleaved[ra], interleaved[rb]);
+            let scale = _mm_mul_ps(q4_k_d_dmin(x[ra], x[rb]), dy);
+            acc[p] = _mm_fmadd_ps(_mm_cvtepi32_ps(totals), scale, acc[p]);
         }
     }
-    let mut out = [0f32; R];
-    for r in 0..R {
-        out[r] = hsum(acc[r]) - hsum(min_acc[r]);
+    std::array::from_fn(|r| q4_k_results(acc[r / 2])[r % 2])
+}
+
+/// One Q4_K row by one activation row, with the gemv's arithmetic: [`q4_k_body`]'s for a
+/// single row, its minimum sums formed from the sixteen `bsums` (each minimum twice) and
+/// the totals reduced without `hadd`s, which a single row cannot share.
+/// # Safety
+/// As for [`q4_k_body`].
+#[inline(always)]
+unsafe fn q4_k_one(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let blocks = common_blocks(GgmlType::Q4K, &[row], act, n);
+    let a = act.as_ptr();
+    let w = row.as_ptr();
+    let select = select_one_opaque();
+    // [acc, acc, acc_min, acc_min].
+    let mut acc = _mm_setzero_ps();
+    for b in 0..blocks {
+        let y = a.add(b * Q8K_SIZE);
+        let qy = y.add(Q8K_QS);
+        let x = w.add(b * Q4K_SIZE);
+        let (scales, mins_twice) = q4_k_scales_mins(x);
+        let mut sums = _mm256_setzero_si256();
+        for j in 0..4 {
+            let p = q4_k_pair_products(
+                q4_k_nibbles(x, j),
+                q4_k_pair_scales(scales, j, select),
+                qy.add(64 * j),
+            );
+            sums = _mm256_add_epi32(sums, p);
+        }
+        // The halves of the interleaved sums added, then the neighbours: [S, S, M, M].
+        let v = q4_k_interleave(sums, mins_twice, y);
+        let v = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256::<1>(v));
+        let v = _mm_add_epi32(v, _mm_shuffle_epi32::<0b10_11_00_01>(v));
+        // [d, d, dmin, dmin] * dy.
+        let d = u64::from(x.cast::<u16>().read_unaligned());
+        let dmin = u64::from(x.add(2).cast::<u16>().read_unaligned());
+        let bits = (d | (d << 16)) | ((dmin | (dmin << 16)) << 32);
+        let scale = _mm_cvtph_ps(_mm_cvtsi64_si128(bits as i64));
+        let scale = _mm_mul_ps(scale, _mm_set1_ps(y.cast::<f32>().read_unaligned()));
+        acc = _mm_fmadd_ps(_mm_cvtepi32_ps(v), scale, acc);
     }
-    out
+    let mut v = [0f32; 4];
+    _mm_storeu_ps(v.as_mut_ptr(), acc);
+    v[0] - v[2]
+}
+
+/// One Q4_K row by `T` tokens: each block's nibbles and scales are unpacked once and meet
+/// every token's activations. `GEMM = false`: per token, exactly [`q4_k_body`]'s (the
+/// gemv's) arithmetic; `GEMM = true` ([`q4_k_gemm_body`]): the gemm's.
+/// # Safety
+/// As for [`q4_k_body`]; every activation row holds as many blocks as `row`; with `GEMM`,
+/// `T` is a multiple of 4.
+#[inline(always)]
+pub(super) unsafe fn q4_k_tokens_body<const T: usize, const GEMM: bool>(
+    row: &[u8],
+    ahead: Option<*const u8>,
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    if GEMM {
+        return q4_k_gemm_body::<T>(row, ahead, acts, n);
+    }
+    let blocks = common_blocks(GgmlType::Q4K, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let select = select_one_opaque();
+    // Tokens 2p and 2p + 1 in acc[p].
+    let mut acc = [_mm_setzero_ps(); T];
+    for b in 0..blocks {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * Q4K_SIZE), Q4K_SIZE);
+        }
+        let x = w.add(b * Q4K_SIZE);
+        let (scales, mins_twice) = q4_k_scales_mins(x);
+        let y = a.map(|a| a.add(b * Q8K_SIZE));
+        let mut sums = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let nibbles = q4_k_nibbles(x, j);
+            let pair_scales = q4_k_pair_scales(scales, j, select);
+            for t in 0..T {
+                let p = q4_k_pair_products(nibbles, pair_scales, y[t].add(Q8K_QS + 64 * j));
+                sums[t] = _mm256_add_epi32(sums[t], p);
+            }
+        }
+        let d_dmin = q4_k_d_dmin(x, x);
+        for p in 0..T.div_ceil(2) {
+            let (ta, tb) = (2 * p, (2 * p + 1).min(T - 1));
+            let dy_a = y[ta].cast::<f32>().read_unaligned();
+            let dy_b = y[tb].cast::<f32>().read_unaligned();
+            let scale = _mm_mul_ps(d_dmin, _mm_setr_ps(dy_a, dy_a, dy_b, dy_b));
+            let totals = q4_k_totals(
+                q4_k_interleave(sums[ta], mins_twice, y[ta]),
+                q4_k_interleave(sums[tb], mins_twice, y[tb]),
+            );
+            acc[p] = _mm_fmadd_ps(_mm_cvtepi32_ps(totals), scale, acc[p]);
+        }
+    }
+    std::array::from_fn(|t| q4_k_results(acc[t / 2])[t % 2])
+}
+
+/// One Q4_K row by `T` tokens (a multiple of 4) with the gemm's arithmetic: per super-block
+/// and token, the sums `S_p`, `M_p` of the four pairs of sub-blocks are added to the floats
+/// in turn, `acc = fma(S_p, d dy, acc)`, `acc_min = fma(M_p, dmin dy, acc_min)`.
+///
+/// A pair's products (eight i32 lanes) are folded with `hadd`s into
+/// `[p0 p1 p2 p3 | p0 p1 p2 p3]` (lanes 0..4 of each pair's, then lanes 4..8); four tokens
+/// a, b, c, d then share each float step: register `[S_p M_p]` of a and b in the low half,
+/// of c and d in the high half, for p = 0..4.
+/// # Safety
+/// As for [`q4_k_tokens_body`].
+#[inline(always)]
+unsafe fn q4_k_gemm_body<const T: usize>(
+    row: &[u8],
+    ahead: Option<*const u8>,
+    acts: [&[u8]; T],
+    n: usize,
+) -> [f32; T] {
+    let blocks = common_blocks(GgmlType::Q4K, &[row], acts[0], n);
+    let a = acts.map(<[u8]>::as_ptr);
+    let w = row.as_ptr();
+    let select = select_one_opaque();
+    // Tokens 4q..4q + 4 in acc[q]: lanes [acc, acc_min] of each in turn.
+    let mut acc = [_mm256_setzero_ps(); T];
+    for b in 0..blocks {
+        if let Some(ahead) = ahead {
+            prefetch(ahead.wrapping_add(b * Q4K_SIZE), Q4K_SIZE);
+        }
+        let x = w.add(b * Q4K_SIZE);
+        let (scales, mins_twice) = q4_k_scales_mins(x);
+        let y = a.map(|a| a.add(b * Q8K_SIZE));
+        // Pairs 0 and 2 wait in `held` for their partners.
+        let mut sums = [_mm256_setzero_si256(); T];
+        let mut held = [_mm256_setzero_si256(); T];
+        for j in 0..4 {
+            let nibbles = q4_k_nibbles(x, j);
+            let pair_scales = q4_k_pair_scales(scales, j, select);
+            for t in 0..T {
+                let p = q4_k_pair_products(nibbles, pair_scales, y[t].add(Q8K_QS + 64 * j));
+                match j {
+                    0 | 2 => held[t] = p,
+                    1 => sums[t] = _mm256_hadd_epi32(held[t], p),
+                    _ => sums[t] = _mm256_hadd_epi32(sums[t], _mm256_hadd_epi32(held[t], p)),
+                }
+            }
+        }
+        let d_dmin = _mm256_broadcast_ps(&q4_k_d_dmin(x, x));
+        for q in 0..T / 4 {
+            let [ta, tb, tc, td] = [4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3];
+            let dy = |t: usize| y[t].cast::<f32>().read_unaligned();
+            let dy = _mm256_setr_ps(
+                dy(ta),
+                dy(ta),
+                dy(tb),
+                dy(tb),
+                dy(tc),
+                dy(tc),
+                dy(td),
+                dy(td),
+            );
+            let scale = _mm256_mul_ps(d_dmin, dy);
+            // [S_0..4 of t | S_0..4 of u] and [M_0..4 of t | M_0..4 of u].
+            let s = |t: usize, u: usize| {
+                _mm256_add_epi32(
+                    _mm256_permute2x128_si256::<0x20>(sums[t], sums[u]),
+                    _mm256_permute2x128_si256::<0x31>(sums[t], sums[u]),
+                )
+            };
+            let m = |t: usize, u: usize| {
+                let mt = _mm256_madd_epi16(mins_twice, load256(y[t].add(Q8K_BSUMS)));
+                let mu = _mm256_madd_epi16(mins_twice, load256(y[u].add(Q8K_BSUMS)));
+                // [Mt0 Mt1 Mu0 Mu1 | Mt2 Mt3 Mu2 Mu3], then the middle quarters swapped.
+                _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_hadd_epi32(mt, mu))
+            };
+            let (s_ac, m_ac) = (s(ta, tc), m(ta, tc));
+            let (s_bd, m_bd) = (s(tb, td), m(tb, td));
+            let halves = [
+                (
+                    _mm256_unpacklo_epi32(s_ac, m_ac),
+                    _mm256_unpacklo_epi32(s_bd, m_bd),
+                ),
+                (
+                    _mm256_unpackhi_epi32(s_ac, m_ac),
+                    _mm256_unpackhi_epi32(s_bd, m_bd),
+                ),
+            ];
+            for (u, v) in halves {
+                // [S M of a, S M of b | S M of c, S M of d] of pair 2h, then of 2h + 1.
+                let first = _mm256_unpacklo_epi64(u, v);
+                let second = _mm256_unpackhi_epi64(u, v);
+                acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(first), scale, acc[q]);
+                acc[q] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(second), scale, acc[q]);
+            }
+        }
+    }
+    std::array::from_fn(|t| {
+        let mut v = [0f32; 8];
+        _mm256_storeu_ps(v.as_mut_ptr(), acc[t / 4]);
+        let l = 2 * (t % 4);
+        v[l] - v[l + 1]
+    })
 }
 
 /// # Safety
@@ -1461,43 +1915,8 @@ unsafe fn k_block_scale<const T: usize>(
     }
 }
 
-/// One Q4_K row by `T` tokens: each block's nibbles and scales are unpacked once and meet
-/// every token's activations; per token, [`q4_k_body`]'s operations in its order.
-/// # Safety
-/// As for [`q4_k_body`]; every activation row holds as many blocks as `row`.
-#[inline(always)]
-pub(super) unsafe fn q4_k_tokens_body<const T: usize>(
-    row: &[u8],
-    ahead: Option<*const u8>,
-    acts: [&[u8]; T],
-    n: usize,
-) -> [f32; T] {
-    const SIZE: usize = 144;
-    let blocks = common_blocks(GgmlType::Q4K, &[row], acts[0], n);
-    let a = acts.map(<[u8]>::as_ptr);
-    let w = row.as_ptr();
-    let low4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); T];
-    let mut min_acc = [_mm256_setzero_ps(); T];
-    for b in 0..blocks {
-        if let Some(ahead) = ahead {
-            prefetch(ahead.wrapping_add(b * SIZE), SIZE);
-        }
-        let x = w.add(b * SIZE);
-        let scales = k_block_mins(x, a, b, &mut min_acc);
-        let mut sums = [_mm256_setzero_si256(); T];
-        for j in 0..4 {
-            let q = load256(x.add(16 + 32 * j));
-            let lo = _mm256_and_si256(q, low4);
-            let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
-            k_pair_products(lo, hi, scales, j, a, b, &mut sums);
-        }
-        k_block_scale(x, a, b, &sums, &mut acc);
-    }
-    std::array::from_fn(|t| hsum(acc[t]) - hsum(min_acc[t]))
-}
-
-/// One Q5_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
+/// One Q5_K row by `T` tokens: each block's nibbles and scales are unpacked once and meet
+/// every token's activations; per token, [`q5_k_body`]'s operations in its order.
 /// # Safety
 /// As for [`q5_k_body`]; every activation row holds as many blocks as `row`.
 #[inline(always)]
@@ -1537,11 +1956,26 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
     std::array::from_fn(|t| hsum(acc[t]) - hsum(min_acc[t]))
 }
 
-/// One Q6_K row by `T` tokens, as [`q4_k_tokens_body`] is to [`q4_k_body`].
+/// How many tokens of a batch of `batch` llama.cpp multiplies by a Q6_K matrix with its
+/// tiled kernel (`ggml-cpu/tiled`, taken by `ggml_compute_forward_mul_mat` for the K-quants
+/// when the batch has at least 8 tokens, unless `GGML_CPU_TILED_MM=0`): all or none.
+pub(super) fn q6_k_tiled_tokens(batch: usize) -> usize {
+    if batch >= 8 {
+        batch
+    } else {
+        0
+    }
+}
+
+/// One Q6_K row by `T` tokens, as [`q5_k_tokens_body`] is to [`q5_k_body`]. `TILED = false`:
+/// per token, [`q6_k_body`]'s (`ggml_vec_dot_q6_K_q8_K`'s) arithmetic. `TILED = true`:
+/// llama.cpp's tiled kernel's (`tiled_run_microtile`): per super-block the exact integer
+/// `S = Σ scale (Σ q6 q8 - 32 bsum)` (the sum of the vec_dot's eight lanes), then
+/// `r = (float) S * d_x` and `acc = fma(r, d_y, acc)`, super-block after super-block.
 /// # Safety
 /// As for [`q6_k_body`]; every activation row holds as many blocks as `row`.
 #[inline(always)]
-pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
+pub(super) unsafe fn q6_k_tokens_body<const T: usize, const TILED: bool>(
     row: &[u8],
     ahead: Option<*const u8>,
     acts: [&[u8]; T],
@@ -1552,6 +1986,9 @@ pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
     let a = acts.map(<[u8]>::as_ptr);
     let w = row.as_ptr();
     let mut acc = [_mm256_setzero_ps(); T];
+    // TILED: tokens 4q..4q + 4 in the lanes of tiled4[q], any others in `tiled`.
+    let mut tiled4 = [_mm_setzero_ps(); T];
+    let mut tiled = [0f32; T];
     for b in 0..blocks {
         if let Some(ahead) = ahead {
             prefetch(ahead.wrapping_add(b * SIZE), SIZE);
@@ -1576,11 +2013,39 @@ pub(super) unsafe fn q6_k_tokens_body<const T: usize>(
                 }
             }
         }
-        let d_x = f16_splat(x.add(208));
-        for t in 0..T {
-            let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
-            acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+        if TILED {
+            let d_x = super::blocks::f16_bits_to_f32(x.add(208).cast::<u16>().read_unaligned());
+            let d_y = |t: usize| a[t].add(b * Q8K_SIZE).cast::<f32>().read_unaligned();
+            // Four tokens at a time: their totals side by side (`hadd`s, then the halves).
+            for q in 0..T / 4 {
+                let [t0, t1, t2, t3] = [4 * q, 4 * q + 1, 4 * q + 2, 4 * q + 3];
+                let h = _mm256_hadd_epi32(
+                    _mm256_hadd_epi32(sums[t0], sums[t1]),
+                    _mm256_hadd_epi32(sums[t2], sums[t3]),
+                );
+                let totals =
+                    _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256::<1>(h));
+                let r = _mm_mul_ps(_mm_cvtepi32_ps(totals), _mm_set1_ps(d_x));
+                let d_y = _mm_setr_ps(d_y(t0), d_y(t1), d_y(t2), d_y(t3));
+                tiled4[q] = _mm_fmadd_ps(r, d_y, tiled4[q]);
+            }
+            for t in T / 4 * 4..T {
+                let r = hsum_i32(sums[t]) as f32 * d_x;
+                tiled[t] = r.mul_add(d_y(t), tiled[t]);
+            }
+        } else {
+            let d_x = f16_splat(x.add(208));
+            for t in 0..T {
+                let d = _mm256_mul_ps(d_x, f32_splat(a[t].add(b * Q8K_SIZE)));
+                acc[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(sums[t]), d, acc[t]);
+            }
         }
+    }
+    if TILED {
+        for q in 0..T / 4 {
+            _mm_storeu_ps(tiled.as_mut_ptr().add(4 * q), tiled4[q]);
+        }
+        return tiled;
     }
     let mut out = [0f32; T];
     for t in 0..T {

@@ -4,10 +4,12 @@
 //!   products summed in fours into i32 lanes) replaces AVX2's `vpmaddubsw` + `vpmaddwd`;
 //!   their single-row kernels stay the AVX2 ones;
 //! - the AVX2 K-quant kernels recompiled with AVX-512 enabled (VNNI fuses `vpmaddwd` +
-//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls;
+//!   `vpaddd` into `vpdpwssd`); their four-row kernels are four single-row calls, except
+//!   Q4_K's, which is the AVX2 four-row body recompiled;
 //! - rows-by-tokens kernels: the 4/5-bit formats and Q8_0 in the four-row kernels' register
 //!   layouts, the K-quants as the AVX2 bodies recompiled; all in groups of up to eight
-//!   tokens, whose accumulators the 32 vector registers hold (measured faster than fours).
+//!   tokens, whose accumulators the 32 vector registers hold (measured faster than fours);
+//!   the Q4_K and Q6_K batch kernels (`Kernels::dot_batch`) likewise.
 //!   F16 takes four rows by up to four tokens in 512-bit registers (`f16_tokens`), BF16 the
 //!   AVX2 body recompiled.
 //!
@@ -25,9 +27,9 @@ use std::arch::x86_64::*;
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
     bf16_bf16, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128, load256, next_rows,
-    prefetch, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish,
-    small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format,
-    Q5_1Format, RowKernel, SmallFormat, TokensKernel,
+    prefetch, q4_k_gemm_tokens, q6_k_tiled_tokens, q8_0_q8_0, row_kernel, rows_by_tokens, set,
+    set_tokens, small_finish, small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format,
+    Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat, TokensKernel,
 };
 use super::{GgmlType, QuantizedActivations};
 
@@ -61,7 +63,7 @@ row_kernel!(
 row_kernel!(Q8_0, GgmlType::Q8_0, q8_0_one, q8_0_four);
 row_kernel!(Q2K, GgmlType::Q2K, q2_k_q8_k, single_rows);
 row_kernel!(Q3K, GgmlType::Q3K, q3_k_q8_k, single_rows);
-row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k, single_rows);
+row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 // The AVX2 float row kernels (which stay installed), for the rows-by-tokens fallback.
@@ -72,9 +74,9 @@ tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
 tokens_kernel!(Q5_0, small_tokens, Q5_0Format, true);
 tokens_kernel!(Q5_1, small_tokens, Q5_1Format, true);
 tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
-tokens_kernel!(Q4K, q4_k_tokens, wide true);
+tokens_kernel!(Q4K, batched q4_k_tokens, q4_k_gemm_tokens, wide true);
 tokens_kernel!(Q5K, q5_k_tokens, wide true);
-tokens_kernel!(Q6K, q6_k_tokens, wide true);
+tokens_kernel!(Q6K, batched q6_k_tokens, q6_k_tiled_tokens, wide true);
 tokens_kernel!(F16, f16_tokens);
 tokens_kernel!(BF16, bf16_tokens);
 
@@ -136,9 +138,26 @@ macro_rules! k_quant_tokens_kernel {
     };
 }
 
-k_quant_tokens_kernel!(q4_k_tokens, q4_k_tokens_body);
+/// The AVX2 Q4_K and Q6_K rows-by-tokens bodies (single-token or batched arithmetic)
+/// compiled for this level, as `k_quant_tokens_kernel!` does for the others.
+macro_rules! k_quant_batched_tokens_kernel {
+    ($name:ident, $body:ident) => {
+        #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+        unsafe fn $name<const T: usize, const BATCHED: bool>(
+            rows: [&[u8]; 4],
+            acts: [&[u8]; T],
+            n: usize,
+        ) -> [[f32; 4]; T] {
+            rows_by_tokens::<T>(rows, |row, ahead| {
+                super::dot_avx2::$body::<T, BATCHED>(row, ahead, acts, n)
+            })
+        }
+    };
+}
+
+k_quant_batched_tokens_kernel!(q4_k_tokens, q4_k_tokens_body);
+k_quant_batched_tokens_kernel!(q6_k_tokens, q6_k_tokens_body);
 k_quant_tokens_kernel!(q5_k_tokens, q5_k_tokens_body);
-k_quant_tokens_kernel!(q6_k_tokens, q6_k_tokens_body);
 
 /// The float rows-by-tokens body with 32 registers: four tokens' accumulators fit.
 macro_rules! float_tokens_kernel {

@@ -402,3 +402,72 @@ fn simd_f16_conversion_is_bit_identical_to_scalar_on_special_values() {
         }
     }
 }
+
+/// `dot_batch`: where llama.cpp's batched arithmetic is its single-token one (every type
+/// but Q4_K and Q6_K, and every type at the scalar level), or is not reproduced, the bits of
+/// `dot_tokens`; Q4_K's last `batch % 4` tokens and the tokens of Q6_K batches of fewer than
+/// 8 have the single-row bits (the rest are checked against llama.cpp's kernels in
+/// `ggml_x86_tests`), and the AVX-512 level (groups of eight) gives the AVX2 level's bits.
+#[test]
+fn batch_kernels_follow_their_contract() {
+    let mut rng = Rng(53);
+    for kernels in simd_levels().into_iter().chain([scalar()]) {
+        for ty in GgmlType::ALL {
+            let block = ty.block_size().max(activation_type(ty).block_size());
+            let n = 3 * block;
+            let rows: Vec<Vec<u8>> = (0..4).map(|_| random_row(ty, n, &mut rng)).collect();
+            let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+            for batch in [1, 3, 4, 7, 8, 9, 12, 17] {
+                let acts: Vec<QuantizedActivations> = (0..batch)
+                    .map(|_| {
+                        let mut act = QuantizedActivations::new();
+                        act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+                        act
+                    })
+                    .collect();
+                let run = |k: &Kernels, batched: bool| {
+                    let mut out = vec![[f32::NAN; 4]; batch];
+                    if batched {
+                        k.dot_batch(ty)(rows, &acts, 0, batch, &mut out);
+                    } else {
+                        k.dot_tokens(ty)(rows, &acts, &mut out);
+                    }
+                    out.iter().map(|o| o.map(f32::to_bits)).collect::<Vec<_>>()
+                };
+                let (batched, single) = (run(kernels, true), run(kernels, false));
+                let label = format!("{} {ty} batch of {batch}", kernels.level().name());
+                let simd = kernels.level() != SimdLevel::Scalar;
+                let differs_from = match ty {
+                    GgmlType::Q4K if simd => batch - batch % 4,
+                    GgmlType::Q6K if simd && batch >= 8 => batch,
+                    _ => 0,
+                };
+                assert_eq!(batched[differs_from..], single[differs_from..], "{label}");
+                if let Some(avx2) = kernels_for(SimdLevel::Avx2).filter(|_| simd) {
+                    assert_eq!(batched, run(avx2, true), "{label}: AVX2 bits");
+                }
+            }
+            // Rows of different lengths: single-row calls, as `dot_tokens` makes them.
+            let size = rows[0].len() / 3;
+            let uneven = [rows[0], &rows[1][..size], &rows[2][..2 * size + 1], &[][..]];
+            let acts: Vec<QuantizedActivations> = (0..9)
+                .map(|_| {
+                    let mut act = QuantizedActivations::new();
+                    act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+                    act
+                })
+                .collect();
+            let mut out = vec![[f32::NAN; 4]; acts.len()];
+            kernels.dot_batch(ty)(uneven, &acts, 0, acts.len(), &mut out);
+            for (t, act) in acts.iter().enumerate() {
+                let single = uneven.map(|row| kernels.dot(ty)(row, act.bytes(), n).to_bits());
+                assert_eq!(
+                    out[t].map(f32::to_bits),
+                    single,
+                    "{} uneven {ty} token {t}",
+                    kernels.level().name()
+                );
+            }
+        }
+    }
+}

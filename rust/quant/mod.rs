@@ -8,7 +8,8 @@
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
 //! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
 //! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
-//! - `dot`: [`dot_row`], [`kernel_for`], [`kernel4_for`] and [`kernel_tokens_for`].
+//! - `dot`: [`dot_row`], [`kernel_for`], [`kernel4_for`], [`kernel_tokens_for`] and
+//!   [`kernel_batch_for`] (llama.cpp's arithmetic for a batch of tokens, where it differs).
 
 mod activation;
 mod blocks;
@@ -32,5 +33,8 @@ mod tests;
 pub use activation::{activation_type, QuantizedActivations};
 pub use dequant::dequantize;
 pub use dispatch::{kernels, kernels_for, simd_level, Kernels, SimdLevel, SIMD_ENV};
-pub use dot::{dot_row, kernel4_for, kernel_for, kernel_tokens_for, Dot4Fn, DotFn, DotTokensFn};
+pub use dot::{
+    dot_row, kernel4_for, kernel_batch_for, kernel_for, kernel_tokens_for, Dot4Fn, DotBatchFn,
+    DotFn, DotTokensFn,
+};
 pub use types::{GgmlType, QK_K};
