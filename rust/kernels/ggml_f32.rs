@@ -79,6 +79,22 @@ pub fn reduce16(v: &[f32; LANES]) -> f32 {
 /// `ggml_vec_dot_f32(x, y)` (see the module documentation).
 #[inline(always)]
 pub fn dot(x: &[f32], y: &[f32]) -> f32 {
+    // The compiler does not vectorise the fused multiply-adds of the portable version, and
+    // attention scores are this product per (head, position): explicit vectors where the
+    // CPU has them, the same operations lane for lane.
+    #[cfg(target_arch = "x86_64")]
+    match level() {
+        // SAFETY: the level was chosen from the CPU's features.
+        SimdLevel::Avx512 => return unsafe { x86::dot_avx512(x, y) },
+        // SAFETY: as above.
+        SimdLevel::Avx2 => return unsafe { x86::dot_avx2(x, y) },
+        SimdLevel::Scalar => {}
+    }
+    dot_portable(x, y)
+}
+
+/// [`dot`] in plain Rust: the definition the vector versions are tested against.
+pub fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
     let whole = n - n % DOT_STEP;
     let mut acc = [[0f32; LANES]; 4];
@@ -92,14 +108,88 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
             }
         }
     }
-    let pair0: [f32; LANES] = std::array::from_fn(|l| acc[0][l] + acc[2][l]);
-    let pair1: [f32; LANES] = std::array::from_fn(|l| acc[1][l] + acc[3][l]);
-    let sum: [f32; LANES] = std::array::from_fn(|l| pair0[l] + pair1[l]);
+    let mut sum = [0f32; LANES];
+    for l in 0..LANES {
+        sum[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
+    }
     let mut total = reduce16(&sum);
     for i in whole..n {
         total = x[i].mul_add(y[i], total);
     }
     total
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::DOT_STEP;
+
+    /// `(g2 + g0) + (g3 + g1)` of the four lanes `g`, the end of [`super::reduce16`].
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn finish4(g: __m128) -> f32 {
+        let t = _mm_add_ps(_mm_movehl_ps(g, g), g);
+        _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(t), t))
+    }
+
+    fn tail(x: &[f32], y: &[f32], from: usize, mut total: f32) -> f32 {
+        for i in from..x.len().min(y.len()) {
+            total = x[i].mul_add(y[i], total);
+        }
+        total
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let whole = n - n % DOT_STEP;
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        let mut acc = [_mm512_setzero_ps(); 4];
+        let mut i = 0;
+        while i < whole {
+            for (c, a) in acc.iter_mut().enumerate() {
+                let at = i + 16 * c;
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), _mm512_loadu_ps(yp.add(at)), *a);
+            }
+            i += DOT_STEP;
+        }
+        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        let h = _mm256_add_ps(
+            _mm512_extractf32x8_ps::<1>(sum),
+            _mm512_castps512_ps256(sum),
+        );
+        let g = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        tail(x, y, whole, finish4(g))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn dot_avx2(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let whole = n - n % DOT_STEP;
+        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+        // Accumulator c of 16 lanes as two halves: lanes 0..8 and 8..16.
+        let mut lo = [_mm256_setzero_ps(); 4];
+        let mut hi = [_mm256_setzero_ps(); 4];
+        let mut i = 0;
+        while i < whole {
+            for c in 0..4 {
+                let at = i + 16 * c;
+                lo[c] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(yp.add(at)), lo[c]);
+                hi[c] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(at + 8)),
+                    _mm256_loadu_ps(yp.add(at + 8)),
+                    hi[c],
+                );
+            }
+            i += DOT_STEP;
+        }
+        let sum_lo = _mm256_add_ps(_mm256_add_ps(lo[0], lo[2]), _mm256_add_ps(lo[1], lo[3]));
+        let sum_hi = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
+        let h = _mm256_add_ps(sum_hi, sum_lo);
+        let g = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
+        tail(x, y, whole, finish4(g))
+    }
 }
 
 const LOG2E: f32 = f32::from_bits(0x3fb8_aa3b); // 0x1.715476p+0
@@ -252,9 +342,22 @@ mod tests {
         for i in 128..150 {
             want = x[i].mul_add(y[i], want);
         }
+        assert_eq!(dot_portable(&x, &y).to_bits(), want.to_bits());
         assert_eq!(dot(&x, &y).to_bits(), want.to_bits());
-        let dispatched = dispatch!(dot(&x, &y));
-        assert_eq!(dispatched.to_bits(), want.to_bits());
+        #[cfg(target_arch = "x86_64")]
+        for level in [SimdLevel::Avx2, SimdLevel::Avx512] {
+            if crate::quant::kernels_for(level).is_none() {
+                continue;
+            }
+            // SAFETY: this CPU runs the level's kernels.
+            let got = unsafe {
+                match level {
+                    SimdLevel::Avx2 => x86::dot_avx2(&x, &y),
+                    _ => x86::dot_avx512(&x, &y),
+                }
+            };
+            assert_eq!(got.to_bits(), want.to_bits(), "{level:?}");
+        }
     }
 
     #[test]
