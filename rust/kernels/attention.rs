@@ -175,9 +175,13 @@ fn attend_head(
             let row = &mut partials[k * hd..(k + 1) * hd];
             if touched & (1 << k) == 0 {
                 touched |= 1 << k;
-                row.iter_mut().zip(v).for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
+                row.iter_mut()
+                    .zip(v)
+                    .for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
             } else {
-                row.iter_mut().zip(v).for_each(|(r, &x)| *r = p.mul_add(x, *r));
+                row.iter_mut()
+                    .zip(v)
+                    .for_each(|(r, &x)| *r = p.mul_add(x, *r));
             }
         }
     }
@@ -280,9 +284,20 @@ pub fn attention(
              {n_head} x {end} values"
         )));
     }
-    let per_thread = thread_buffers(scratch, pool.n_threads(), work_len(kv.capacity(), shape.head_dim));
+    let per_thread = thread_buffers(
+        scratch,
+        pool.n_threads(),
+        work_len(kv.capacity(), shape.head_dim),
+    );
     let views = [(kv, start, n_tokens, batched, q, DisjointSlice::new(out))];
-    run_items(pool, layer, shape, &per_thread, &views, &[n_tokens * n_head]);
+    run_items(
+        pool,
+        layer,
+        shape,
+        &per_thread,
+        &views,
+        &[n_tokens * n_head],
+    );
     if let Some(all) = last_probs {
         let q_dim = n_head * shape.head_dim;
         last_token_attention(kv, layer, end - 1, shape, &q[(n_tokens - 1) * q_dim..], all);
@@ -338,7 +353,14 @@ pub fn attention_batch(
         .iter_mut()
         .map(|job| {
             let (kv, start, n_tokens, q) = (job.kv, job.start, job.n_tokens, job.q);
-            (kv, start, n_tokens, job.batched, q, DisjointSlice::new(&mut *job.out))
+            (
+                kv,
+                start,
+                n_tokens,
+                job.batched,
+                q,
+                DisjointSlice::new(&mut *job.out),
+            )
         })
         .collect();
     run_items(pool, layer, shape, &per_thread, &views, &job_ends);
@@ -346,7 +368,14 @@ pub fn attention_batch(
 }
 
 /// A job as the threads see it: (cache, start, tokens, batched, queries, shareable output).
-type View<'v> = (&'v KvCache, usize, usize, bool, &'v [f32], DisjointSlice<'v, f32>);
+type View<'v> = (
+    &'v KvCache,
+    usize,
+    usize,
+    bool,
+    &'v [f32],
+    DisjointSlice<'v, f32>,
+);
 
 /// Computes every (job, token, query head) item of `views`; `job_ends[j]` is the end of
 /// job `j`'s items, counted over all jobs.

@@ -112,8 +112,13 @@ pub fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
     for l in 0..LANES {
         sum[l] = (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]);
     }
-    let mut total = reduce16(&sum);
-    for i in whole..n {
+    add_products_from(x, y, whole, reduce16(&sum))
+}
+
+/// `total` plus the products of `x` and `y` from element `from` on, one fused multiply-add
+/// each: `ggml_vec_dot_f32`'s leftover elements.
+fn add_products_from(x: &[f32], y: &[f32], from: usize, mut total: f32) -> f32 {
+    for i in from..x.len().min(y.len()) {
         total = x[i].mul_add(y[i], total);
     }
     total
@@ -123,7 +128,7 @@ pub fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
 mod x86 {
     use std::arch::x86_64::*;
 
-    use super::DOT_STEP;
+    use super::{add_products_from, DOT_STEP};
 
     /// `(g2 + g0) + (g3 + g1)` of the four lanes `g`, the end of [`super::reduce16`].
     #[inline]
@@ -131,13 +136,6 @@ mod x86 {
     fn finish4(g: __m128) -> f32 {
         let t = _mm_add_ps(_mm_movehl_ps(g, g), g);
         _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(t), t))
-    }
-
-    fn tail(x: &[f32], y: &[f32], from: usize, mut total: f32) -> f32 {
-        for i in from..x.len().min(y.len()) {
-            total = x[i].mul_add(y[i], total);
-        }
-        total
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
@@ -160,7 +158,7 @@ mod x86 {
             _mm512_castps512_ps256(sum),
         );
         let g = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-        tail(x, y, whole, finish4(g))
+        add_products_from(x, y, whole, finish4(g))
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -175,7 +173,11 @@ mod x86 {
         while i < whole {
             for c in 0..4 {
                 let at = i + 16 * c;
-                lo[c] = _mm256_fmadd_ps(_mm256_loadu_ps(xp.add(at)), _mm256_loadu_ps(yp.add(at)), lo[c]);
+                lo[c] = _mm256_fmadd_ps(
+                    _mm256_loadu_ps(xp.add(at)),
+                    _mm256_loadu_ps(yp.add(at)),
+                    lo[c],
+                );
                 hi[c] = _mm256_fmadd_ps(
                     _mm256_loadu_ps(xp.add(at + 8)),
                     _mm256_loadu_ps(yp.add(at + 8)),
@@ -188,7 +190,7 @@ mod x86 {
         let sum_hi = _mm256_add_ps(_mm256_add_ps(hi[0], hi[2]), _mm256_add_ps(hi[1], hi[3]));
         let h = _mm256_add_ps(sum_hi, sum_lo);
         let g = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
-        tail(x, y, whole, finish4(g))
+        add_products_from(x, y, whole, finish4(g))
     }
 }
 
@@ -328,8 +330,12 @@ mod tests {
 
     #[test]
     fn dot_follows_ggml_vec_dot_f32_and_every_build_agrees() {
-        let x: Vec<f32> = (0..150).map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0).collect();
-        let y: Vec<f32> = (0..150).map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0).collect();
+        let x: Vec<f32> = (0..150)
+            .map(|i| ((i * 37 % 101) as f32 - 50.0) / 7.0)
+            .collect();
+        let y: Vec<f32> = (0..150)
+            .map(|i| ((i * 53 % 97) as f32 - 48.0) / 3.0)
+            .collect();
         // By hand: accumulators c = 0..4 of lanes l over the two whole steps.
         let mut acc = [[0f32; 16]; 4];
         for i in 0..128 {
@@ -369,7 +375,11 @@ mod tests {
         for i in 0..37 {
             let g = gate[i];
             let e = if i < 32 { expf(0.0 - g) } else { (-g).exp() };
-            assert_eq!(got[i].to_bits(), (g / (1.0 + e) * up[i]).to_bits(), "i = {i}");
+            assert_eq!(
+                got[i].to_bits(),
+                (g / (1.0 + e) * up[i]).to_bits(),
+                "i = {i}"
+            );
         }
     }
 }

@@ -255,8 +255,9 @@ fn lone_token(acts: &[QuantizedActivations]) -> Option<&QuantizedActivations> {
     }
 }
 
-/// `acts` cut into runs of at most [`TOKEN_GROUP`] consecutive rows of one batch (as the
-/// batch kernels take them), each with the offset of its first row in `acts`.
+/// `acts` cut into runs of at most [`TOKEN_GROUP`] rows the batch kernels can take together,
+/// each with the offset of its first row in `acts`: consecutive rows of one batch, or lone
+/// tokens (several sequences' decode steps, which all have a lone token's arithmetic).
 fn token_groups(
     acts: &[QuantizedActivations],
 ) -> impl Iterator<Item = (usize, &[QuantizedActivations])> {
@@ -266,11 +267,12 @@ fn token_groups(
             return None;
         }
         let (first, len) = acts[start].batch_place();
+        let continues = |k: usize| {
+            let place = acts[start + k].batch_place();
+            place == (first + k, len) || (len == 1 && place.1 == 1)
+        };
         let mut end = start + 1;
-        while end < acts.len()
-            && end - start < TOKEN_GROUP
-            && acts[end].batch_place() == (first + (end - start), len)
-        {
+        while end < acts.len() && end - start < TOKEN_GROUP && continues(end - start) {
             end += 1;
         }
         let group = (start, &acts[start..end]);
@@ -310,7 +312,8 @@ impl Kernels {
             return;
         }
         let acts = &acts[..acts.len().min(TOKEN_GROUP)];
-        // The group is consecutive rows of one batch (see `token_groups`).
+        // The group is consecutive rows of one batch, or lone tokens, whose place (0, 1)
+        // gives each the single-token arithmetic (see `token_groups`).
         let (first, batch) = acts[0].batch_place();
         let mut quad_values = [[0f32; 4]; TOKEN_GROUP];
         let mut r = tile.start;

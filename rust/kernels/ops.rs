@@ -60,7 +60,7 @@ pub fn rope_angles(
 
 /// `(a cos - b sin, a sin + b cos)` as ggml's `rotate_pairs` is compiled (GCC contracts
 /// `x0*cos - x1*sin` into one fused multiply-add of the first product).
-#[inline]
+#[inline(always)]
 fn rotate(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
     (a.mul_add(c, -(b * s)), a.mul_add(s, b * c))
 }
@@ -68,6 +68,12 @@ fn rotate(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
 /// RoPE on adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the
 /// `llama` architecture whose Q/K weights were permuted at conversion time.
 pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    // Compiled with FMA where the CPU has it (`f32::mul_add` is otherwise a libm call).
+    dispatch!(rope_adjacent_pairs_body(head, cos, sin))
+}
+
+#[inline(always)]
+fn rope_adjacent_pairs_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[2 * i], head[2 * i + 1]);
         (head[2 * i], head[2 * i + 1]) = rotate(a, b, c, s);
@@ -77,6 +83,11 @@ pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 /// RoPE on split halves (x[i], x[i + n_rot/2]): llama.cpp's "NeoX" mode, used by
 /// qwen2, gemma3 and grok.
 pub fn rope_split_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    dispatch!(rope_split_halves_body(head, cos, sin))
+}
+
+#[inline(always)]
+fn rope_split_halves_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[i], head[i + half]);
@@ -96,6 +107,11 @@ pub fn softmax_in_place(x: &mut [f32]) {
 
 /// `gate[i] = gelu_tanh(gate[i]) * up[i]` (GeGLU).
 pub fn geglu_tanh_in_place(gate: &mut [f32], up: &[f32]) {
+    dispatch!(geglu_tanh_body(gate, up))
+}
+
+#[inline(always)]
+fn geglu_tanh_body(gate: &mut [f32], up: &[f32]) {
     for (g, &u) in gate.iter_mut().zip(up) {
         *g = gelu_tanh(*g) * u;
     }
@@ -109,6 +125,7 @@ pub fn geglu_tanh_f16_rounded_in_place(gate: &mut [f32], up: &[f32]) {
 }
 
 /// GELU with the tanh approximation, as ggml_gelu and Gemma/Grok use.
+#[inline(always)]
 pub fn gelu_tanh(x: f32) -> f32 {
     const SQRT_2_OVER_PI: f32 = 0.797_884_6;
     const COEF: f32 = 0.044_715;

@@ -4,8 +4,8 @@
 pub mod config;
 mod ffn;
 pub mod moe;
-pub mod transformer;
 pub mod trace;
+pub mod transformer;
 pub mod weights;
 
 use std::path::Path;

@@ -548,13 +548,18 @@ impl Model {
 
         // Only the rows whose logits were asked for go through the vocabulary projection,
         // the most expensive matrix of a small model: the last layer kept just those.
-        for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)).take(n_logits) {
+        for (x, normed) in
+            s.x.chunks_exact(d)
+                .zip(s.normed.chunks_exact_mut(d))
+                .take(n_logits)
+        {
             ops::rms_norm(x, &w.output_norm, cfg.rms_eps, normed);
         }
         resize(&mut s.logits, n_logits * cfg.n_vocab);
         if n_logits > 0 {
-            let out_places = if rows == n_logits { &s.places } else { &s.out_places };
-            s.acts.set_input_placed(&out_places[..n_logits], d);
+            // The rows left are the outputs, and `places` theirs (swapped in with the rows
+            // when the last layer kept only them).
+            s.acts.set_input_placed(&s.places[..n_logits], d);
             s.acts
                 .prepare(pool, w.output.ty, &s.normed[..n_logits * d])?;
             matmul(

@@ -126,9 +126,8 @@ def dump_llama_cpp(model: Path, prompt: str, steps: int, out: Path) -> None:
 
 
 def compare(model: Path, prompt: str, steps: int, venv: Path) -> int:
-    import numpy as np
-
     import make_golden as mg
+    import numpy as np
 
     python = mg._venv_python(venv)
     if not mg._venv_is_ready(python):
