@@ -1,6 +1,6 @@
 //! Prefill and decode timing of a GGUF model: `cargo run --profile dev-opt --example
-//! prefill_bench -- MODEL.gguf [threads] [repeats] [decoded]`. Prefill feeds 255 tokens in
-//! chunks of 64 (the decode loop's prefill chunk); decode feeds `decoded` (default 32) single
+//! prefill_bench -- MODEL.gguf [threads] [repeats] [decoded]`. Prefill feeds 255 tokens through
+//! `Model::prefill` (the decode loop's chunks, placed in one llama.cpp batch); decode feeds `decoded` (default 32) single
 //! tokens after it. Prints the median of `repeats` runs, a hash of every logit's bits and
 //! the tensor types of the file; `PREFILL_ALL_LOGITS=1` asks for every prompt token's logits.
 
@@ -63,11 +63,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     for _ in 0..repeats {
         let mut seq = model.new_sequence(512);
         let start = Instant::now();
-        for chunk in prompt.chunks(64) {
-            let logits =
-                model.forward(&mut seq, chunk, if all_logits { chunk.len() } else { 1 })?;
-            hash(&logits);
-        }
+        let logits = model.prefill(&mut seq, &prompt, if all_logits { prompt.len() } else { 1 })?;
+        hash(&logits);
         prefill.push(prompt.len() as f64 / start.elapsed().as_secs_f64());
         let start = Instant::now();
         for i in 0..decoded {

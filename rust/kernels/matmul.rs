@@ -22,12 +22,16 @@
 //! activation function applied on the fly), which saves a synchronisation per product and
 //! balances small matrices (K and V) across threads together with large ones.
 
+use std::cell::RefCell;
 use std::ops::Range;
 use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
 use crate::gguf::TensorInfo;
-use crate::quant::{self, Dot4Fn, DotBatchFn, DotFn, GgmlType, QuantizedActivations};
+use crate::quant::{
+    self, Dot4Fn, DotBatchFn, DotFn, DotLanesFn, GgmlType, QuantizedActivations, TokenLanes,
+    LANE_TOKENS,
+};
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// Output rows are handed to threads in multiples of this: a multiple of the four-row
@@ -52,6 +56,18 @@ pub const TOKEN_GROUP: usize = 16;
 
 /// A tile's results for a group of tokens, `[token][row in tile]`.
 type TileValues = [[f32; TILE_ROWS]; TOKEN_GROUP];
+
+/// Products one fused region takes at most: a fixed array keeps the decode loop
+/// allocation-free.
+const MAX_FUSED: usize = 4;
+
+// A lanes group fills a `TileValues`.
+const _: () = assert!(TOKEN_GROUP == LANE_TOKENS);
+
+/// Fewest tokens a group needs to go through a lanes kernel: it computes all sixteen lanes
+/// whatever the count, and below about ten the rows-by-tokens kernels do the fewer tokens
+/// in less time.
+const LANES_MIN_TOKENS: usize = 10;
 
 /// A 2-D weight tensor left in its quantized blocks inside the mapped file.
 #[derive(Clone, Debug)]
@@ -245,6 +261,7 @@ struct Kernels {
     one: DotFn,
     four: Dot4Fn,
     batch: DotBatchFn,
+    lanes: Option<DotLanesFn>,
 }
 
 /// Whether `acts` is a lone token (not part of a larger batch): the matrix-vector path.
@@ -281,6 +298,109 @@ fn token_groups(
     })
 }
 
+/// A product's first tokens laid out for its lanes kernel (see `quant::TokenLanes`), in
+/// groups of [`LANE_TOKENS`]: built once per product on the calling thread, read by every
+/// thread of the region.
+#[derive(Default)]
+struct LaneGroups {
+    groups: Vec<TokenLanes>,
+    /// Tokens `..covered` are in the first `covered.div_ceil(LANE_TOKENS)` groups.
+    covered: usize,
+}
+
+impl LaneGroups {
+    /// Lays out `acts` for `kernels`' lanes kernel: every run of [`LANE_TOKENS`] tokens, and
+    /// a last shorter one of at least [`LANES_MIN_TOKENS`]. Nothing for types without a
+    /// lanes kernel or for a lone token. The lanes kernels have the single-token arithmetic,
+    /// which for their formats is llama.cpp's batched arithmetic too (see
+    /// `quant::DotBatchFn`), so any tokens can share a group.
+    fn build(&mut self, kernels: &Kernels, acts: &[QuantizedActivations]) {
+        self.covered = 0;
+        let offset = quant::lanes_offset(kernels.ty);
+        let (Some(_), Some(offset), None) = (kernels.lanes, offset, lone_token(acts)) else {
+            return;
+        };
+        for (g, chunk) in acts.chunks(LANE_TOKENS).enumerate() {
+            if chunk.len() < LANES_MIN_TOKENS {
+                break;
+            }
+            if self.groups.len() == g {
+                self.groups.push(TokenLanes::new());
+            }
+            if !self.groups[g].build(chunk, offset) {
+                // Rows the lanes cannot hold (mixed lengths): all through the batch kernels.
+                self.covered = 0;
+                return;
+            }
+            self.covered += chunk.len();
+        }
+    }
+
+    fn groups(&self) -> &[TokenLanes] {
+        &self.groups[..self.covered.div_ceil(LANE_TOKENS)]
+    }
+}
+
+thread_local! {
+    /// The calling thread's lane groups, one per product of a region, kept between regions
+    /// so that their buffers are reused.
+    static LANE_GROUPS: RefCell<Vec<LaneGroups>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Runs `f` with lane groups built for each of `products` (kernels and activations), the
+/// groups of an earlier product reused when it has the same type and activation rows.
+fn with_lane_groups<R>(
+    products: &[(Kernels, &[QuantizedActivations])],
+    f: impl FnOnce(&[&LaneGroups]) -> R,
+) -> R {
+    LANE_GROUPS.with_borrow_mut(|cache| {
+        if cache.len() < products.len() {
+            cache.resize_with(products.len(), LaneGroups::default);
+        }
+        let mut source = [0usize; MAX_FUSED];
+        for (i, (kernels, acts)) in products.iter().enumerate() {
+            let same = |(k, a): &(Kernels, &[QuantizedActivations])| {
+                k.ty == kernels.ty && std::ptr::eq(*a, *acts)
+            };
+            source[i] = products[..i].iter().position(same).unwrap_or(i);
+            if source[i] == i {
+                cache[i].build(kernels, acts);
+            }
+        }
+        let mut views: [&LaneGroups; MAX_FUSED] = [&cache[0]; MAX_FUSED];
+        for (i, view) in views.iter_mut().enumerate().take(products.len()) {
+            *view = &cache[source[i]];
+        }
+        f(&views[..products.len()])
+    })
+}
+
+/// `values[t][i] = W[tile.start + i] · token t` for the tokens of one lanes group, two
+/// rows per kernel call (a last odd row paired with itself).
+fn dot_tile_lanes(
+    kernel: DotLanesFn,
+    w: &WeightMatrix,
+    file: &[u8],
+    tile: Range<usize>,
+    lanes: &TokenLanes,
+    values: &mut TileValues,
+) {
+    let mut pair = [[0f32; 2]; LANE_TOKENS];
+    let mut r = tile.start;
+    while r < tile.end {
+        let second = (r + 1).min(tile.end - 1);
+        kernel([w.row(file, r), w.row(file, second)], lanes, &mut pair);
+        let i = r - tile.start;
+        for (v, p) in values.iter_mut().zip(&pair[..lanes.tokens()]) {
+            v[i] = p[0];
+            if second > r {
+                v[i + 1] = p[1];
+            }
+        }
+        r += 2;
+    }
+}
+
 impl Kernels {
     fn for_type(ty: GgmlType) -> Self {
         Self {
@@ -288,6 +408,42 @@ impl Kernels {
             one: quant::kernel_for(ty),
             four: quant::kernel4_for(ty),
             batch: quant::kernel_batch_for(ty),
+            lanes: quant::kernels().dot_lanes(ty),
+        }
+    }
+
+    /// Every token's values for the rows of one tile: `emit(t, values)` with
+    /// `values[i] = W[tile.start + i] · acts[t]`, the tokens `lanes` holds through the lanes
+    /// kernel, the others through the batch kernel in [`token_groups`].
+    #[allow(clippy::too_many_arguments)]
+    fn tile_products(
+        &self,
+        w: &WeightMatrix,
+        file: &[u8],
+        tile: Range<usize>,
+        acts: &[QuantizedActivations],
+        lanes: &LaneGroups,
+        values: &mut TileValues,
+        mut emit: impl FnMut(usize, &[f32]),
+    ) {
+        if let Some(kernel) = self.lanes {
+            for (g, group) in lanes.groups().iter().enumerate() {
+                dot_tile_lanes(kernel, w, file, tile.clone(), group, values);
+                for (t, v) in values[..group.tokens()].iter().enumerate() {
+                    emit(g * LANE_TOKENS + t, &v[..tile.len()]);
+                }
+            }
+        }
+        let covered = if self.lanes.is_some() {
+            lanes.covered
+        } else {
+            0
+        };
+        for (offset, group) in token_groups(&acts[covered..]) {
+            self.dot_tile_tokens(w, file, tile.clone(), group, values);
+            for (i, v) in values[..group.len()].iter().enumerate() {
+                emit(covered + offset + i, &v[..tile.len()]);
+            }
         }
     }
 
@@ -387,6 +543,7 @@ fn product_rows(
     kernels: Kernels,
     file: &[u8],
     acts: &[QuantizedActivations],
+    lanes: &LaneGroups,
     rows: Range<usize>,
     out: &DisjointSlice<'_, f32>,
 ) {
@@ -400,15 +557,13 @@ fn product_rows(
             let dst = unsafe { out.part(tile.clone()) };
             kernels.dot_rows(w, file, tile.clone(), act, dst);
         } else {
-            for (offset, group) in token_groups(acts) {
-                kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
-                for (i, v) in values[..group.len()].iter().enumerate() {
-                    let base = (offset + i) * w.n_rows;
-                    // SAFETY: as above.
-                    let dst = unsafe { out.part(base + tile.start..base + tile.end) };
-                    dst.copy_from_slice(&v[..tile.len()]);
-                }
-            }
+            let emit = |t: usize, v: &[f32]| {
+                let base = t * w.n_rows;
+                // SAFETY: as above.
+                let dst = unsafe { out.part(base + tile.start..base + tile.end) };
+                dst.copy_from_slice(v);
+            };
+            kernels.tile_products(w, file, tile.clone(), acts, lanes, &mut values, emit);
         }
         tile_start = tile.end;
     }
@@ -467,14 +622,13 @@ pub fn matmul_fused(pool: &ThreadPool, file: &[u8], products: &mut [Product<'_>]
         .iter()
         .map(|p| p.w.n_rows.next_multiple_of(ROW_GRAIN))
         .sum();
-    // At most a handful of products: a fixed array keeps the decode loop allocation-free.
-    const MAX_FUSED: usize = 4;
     if products.len() > MAX_FUSED {
         return Err(EngineError::Internal(format!(
             "{} products fused into one region; at most {MAX_FUSED}",
             products.len()
         )));
     }
+    let n_products = products.len();
     let mut views: [Option<FusedPart<'_>>; MAX_FUSED] = [None, None, None, None];
     for (view, p) in views.iter_mut().zip(products.iter_mut()) {
         *view = Some((
@@ -484,20 +638,26 @@ pub fn matmul_fused(pool: &ThreadPool, file: &[u8], products: &mut [Product<'_>]
             DisjointSlice::new(p.out),
         ));
     }
-    pool.parallel_for(total_rows, ROW_GRAIN, |range| {
-        // Each product occupies `n_rows` rounded up to the grain in the joint row space,
-        // so split boundaries fall on grain multiples of every product.
-        let mut offset = 0;
-        for (w, kernels, acts, out) in views.iter().flatten() {
-            let span = w.n_rows.next_multiple_of(ROW_GRAIN);
-            let lo = range.start.max(offset);
-            let hi = range.end.min(offset + span);
-            if lo < hi {
-                let rows = (lo - offset).min(w.n_rows)..(hi - offset).min(w.n_rows);
-                product_rows(w, *kernels, file, acts, rows, out);
+    let mut inputs = [(Kernels::for_type(GgmlType::F32), &[][..]); MAX_FUSED];
+    for (input, (_, kernels, acts, _)) in inputs.iter_mut().zip(views.iter().flatten()) {
+        *input = (*kernels, *acts);
+    }
+    with_lane_groups(&inputs[..n_products], |lanes| {
+        pool.parallel_for(total_rows, ROW_GRAIN, |range| {
+            // Each product occupies `n_rows` rounded up to the grain in the joint row space,
+            // so split boundaries fall on grain multiples of every product.
+            let mut offset = 0;
+            for ((w, kernels, acts, out), lanes) in views.iter().flatten().zip(lanes) {
+                let span = w.n_rows.next_multiple_of(ROW_GRAIN);
+                let lo = range.start.max(offset);
+                let hi = range.end.min(offset + span);
+                if lo < hi {
+                    let rows = (lo - offset).min(w.n_rows)..(hi - offset).min(w.n_rows);
+                    product_rows(w, *kernels, file, acts, lanes, rows, out);
+                }
+                offset += span;
             }
-            offset += span;
-        }
+        });
     });
     Ok(())
 }
@@ -525,58 +685,67 @@ pub fn matmul_gated(
     let n_rows = gate.n_rows;
     let (gate_kernels, up_kernels) = (Kernels::for_type(gate.ty), Kernels::for_type(up.ty));
     let out = DisjointSlice::new(out);
-    pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
-        if let (Some(g_act), Some(u_act)) = (lone_token(gate_acts), lone_token(up_acts)) {
-            // Spans of many rows of one matrix, then the same rows of the other: alternating
-            // the two matrices tile by tile (16 rows) halved the rate at which a thread
-            // streamed them from memory.
-            let mut up_span = [0f32; GATED_SPAN];
+    let inputs = [(gate_kernels, gate_acts), (up_kernels, up_acts)];
+    with_lane_groups(&inputs, |lanes| {
+        pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
+            if let (Some(g_act), Some(u_act)) = (lone_token(gate_acts), lone_token(up_acts)) {
+                // Spans of many rows of one matrix, then the same rows of the other: alternating
+                // the two matrices tile by tile (16 rows) halved the rate at which a thread
+                // streamed them from memory.
+                let mut up_span = [0f32; GATED_SPAN];
+                let mut span_start = rows.start;
+                while span_start < rows.end {
+                    let span = span_start..(span_start + GATED_SPAN).min(rows.end);
+                    // SAFETY: as in `product_rows`.
+                    let dst = unsafe { out.part(span.clone()) };
+                    let up_values = &mut up_span[..span.len()];
+                    gate_kernels.dot_rows(gate, file, span.clone(), g_act, dst);
+                    up_kernels.dot_rows(up, file, span.clone(), u_act, up_values);
+                    activation(dst, up_values);
+                    span_start = span.end;
+                }
+                return;
+            }
+            // Several tokens: the same spans, tile by tile, the gate products written to the
+            // output first, then each up product applied to its gate values.
+            let mut values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
             let mut span_start = rows.start;
             while span_start < rows.end {
                 let span = span_start..(span_start + GATED_SPAN).min(rows.end);
-                // SAFETY: as in `product_rows`.
-                let dst = unsafe { out.part(span.clone()) };
-                let up_values = &mut up_span[..span.len()];
-                gate_kernels.dot_rows(gate, file, span.clone(), g_act, dst);
-                up_kernels.dot_rows(up, file, span.clone(), u_act, up_values);
-                activation(dst, up_values);
-                span_start = span.end;
-            }
-            return;
-        }
-        // Several tokens: the same spans, tile by tile, the gate products written to the
-        // output first, then each up product applied to its gate values.
-        let mut values: TileValues = [[0f32; TILE_ROWS]; TOKEN_GROUP];
-        let mut span_start = rows.start;
-        while span_start < rows.end {
-            let span = span_start..(span_start + GATED_SPAN).min(rows.end);
-            for gate_pass in [true, false] {
-                let (kernels, w, acts) = if gate_pass {
-                    (gate_kernels, gate, gate_acts)
-                } else {
-                    (up_kernels, up, up_acts)
-                };
-                let mut tile_start = span.start;
-                while tile_start < span.end {
-                    let tile = tile_start..(tile_start + TILE_ROWS).min(span.end);
-                    for (offset, group) in token_groups(acts) {
-                        kernels.dot_tile_tokens(w, file, tile.clone(), group, &mut values);
-                        for (i, v) in values[..group.len()].iter().enumerate() {
-                            let base = (offset + i) * n_rows;
+                for gate_pass in [true, false] {
+                    let (kernels, w, acts, lanes) = if gate_pass {
+                        (gate_kernels, gate, gate_acts, lanes[0])
+                    } else {
+                        (up_kernels, up, up_acts, lanes[1])
+                    };
+                    let mut tile_start = span.start;
+                    while tile_start < span.end {
+                        let tile = tile_start..(tile_start + TILE_ROWS).min(span.end);
+                        let emit = |t: usize, v: &[f32]| {
+                            let base = t * n_rows;
                             // SAFETY: as in `product_rows`.
                             let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                             if gate_pass {
-                                dst.copy_from_slice(&v[..tile.len()]);
+                                dst.copy_from_slice(v);
                             } else {
-                                activation(dst, &v[..tile.len()]);
+                                activation(dst, v);
                             }
-                        }
+                        };
+                        kernels.tile_products(
+                            w,
+                            file,
+                            tile.clone(),
+                            acts,
+                            lanes,
+                            &mut values,
+                            emit,
+                        );
+                        tile_start = tile.end;
                     }
-                    tile_start = tile.end;
                 }
+                span_start = span.end;
             }
-            span_start = span.end;
-        }
+        });
     });
     Ok(())
 }

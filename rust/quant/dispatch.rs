@@ -24,6 +24,7 @@ use std::sync::OnceLock;
 use super::activation::{self, QuantizedActivations};
 use super::dot::{Dot4Fn, DotBatchFn, DotFn, DotTokensFn};
 use super::dot_scalar as scalar;
+use super::token_lanes::DotLanesFn;
 use super::GgmlType;
 
 /// Quantises activations `x` (whole blocks) into `out` (exactly the bytes they need).
@@ -121,6 +122,7 @@ pub struct Kernels {
     dot4: [Dot4Fn; GgmlType::ALL.len()],
     dot_tokens: [DotTokensFn; GgmlType::ALL.len()],
     dot_batch: [DotBatchFn; GgmlType::ALL.len()],
+    dot_lanes: [Option<DotLanesFn>; GgmlType::ALL.len()],
     pub(super) quantize_q8_0: QuantizeFn,
     pub(super) quantize_q8_1: QuantizeFn,
     pub(super) quantize_q8_k: QuantizeFn,
@@ -223,6 +225,7 @@ impl Kernels {
                 batch_by_tokens::<13>,
                 batch_by_tokens::<14>,
             ],
+            dot_lanes: [None; GgmlType::ALL.len()],
             quantize_q8_0: activation::quantize_q8_0,
             quantize_q8_1: activation::quantize_q8_1,
             quantize_q8_k: activation::quantize_q8_k,
@@ -274,6 +277,18 @@ impl Kernels {
     /// batch (see [`DotBatchFn`]).
     pub fn dot_batch(&self, ty: GgmlType) -> DotBatchFn {
         self.dot_batch[slot(ty)]
+    }
+
+    /// Two weight rows against the tokens of a [`TokenLanes`](super::TokenLanes), for the
+    /// types and levels that have such a kernel (AVX-512: Q4_0, Q5_0, Q8_0); bit-identical
+    /// to [`Self::dot`] calls.
+    pub fn dot_lanes(&self, ty: GgmlType) -> Option<DotLanesFn> {
+        self.dot_lanes[slot(ty)]
+    }
+
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    pub(super) fn set_dot_lanes(&mut self, ty: GgmlType, lanes: DotLanesFn) {
+        self.dot_lanes[slot(ty)] = Some(lanes);
     }
 
     #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]

@@ -829,7 +829,7 @@ pub(super) unsafe fn high_bits<F: SmallFormat>(x: *const u8) -> u32 {
 /// Byte `j` is 0x10 where bit `j` of `bits` is set, else 0.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn bit4_from_bits_32(bits: u32) -> __m256i {
+pub(super) fn bit4_from_bits_32(bits: u32) -> __m256i {
     // Byte j takes byte j / 8 of the 32 bits, then tests bit j % 8 of it.
     let spread = _mm256_shuffle_epi8(
         _mm256_set1_epi32(bits as i32),

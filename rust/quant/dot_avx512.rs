@@ -26,11 +26,13 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    bf16_bf16, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128, load256, next_rows,
-    prefetch, q4_k_gemm_tokens, q6_k_tiled_tokens, q8_0_q8_0, row_kernel, rows_by_tokens, set,
-    set_tokens, small_finish, small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format,
-    Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat, TokensKernel,
+    bf16_bf16, bit4_from_bits_32, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128,
+    load256, next_rows, prefetch, q4_k_gemm_tokens, q6_k_tiled_tokens, q8_0_q8_0, row_kernel,
+    rows_by_tokens, set, set_tokens, small_finish, small_min_parts, small_one, small_scales4,
+    tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat,
+    TokensKernel,
 };
+use super::token_lanes::{lanes_offset, TokenLanes, LANE_TOKENS};
 use super::{GgmlType, QuantizedActivations};
 
 /// The proof the kernels of this module need.
@@ -102,6 +104,7 @@ pub(super) fn install(table: &mut Kernels, proof: Avx512Checked) {
     set_tokens::<Q6K>(table, proof);
     set_tokens::<F16>(table, proof);
     set_tokens::<BF16>(table, proof);
+    install_lanes(table, proof);
 }
 
 /// The AVX2 K-quant kernels compiled for this level, where LLVM fuses `vpmaddwd` +
@@ -567,4 +570,130 @@ unsafe fn q8_0_tokens<const T: usize>(
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 fn upper256(v: __m512) -> __m256 {
     _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(v)))
+}
+
+/// A 32-element weight format as the lanes kernels read it.
+trait LanesWeights {
+    const TY: GgmlType;
+    const SIZE: usize;
+    /// A block's 32 values as unsigned bytes in element order: the weights plus the
+    /// format's `lanes_offset`.
+    ///
+    /// # Safety
+    /// `x` points at a whole block; the CPU runs this module's instructions.
+    unsafe fn unsigned_values(x: *const u8) -> __m256i;
+}
+
+/// Q8_0 with the sign bit flipped (`w + 128`).
+struct Q8_0Lanes;
+
+/// Q4_0 or Q5_0: the stored nibbles (and fifth bits) are already `w + 8` or `w + 16`.
+struct SmallLanes<F>(std::marker::PhantomData<F>);
+
+impl LanesWeights for Q8_0Lanes {
+    const TY: GgmlType = GgmlType::Q8_0;
+    const SIZE: usize = 34;
+    #[inline(always)]
+    unsafe fn unsigned_values(x: *const u8) -> __m256i {
+        _mm256_xor_si256(load256(x.add(2)), _mm256_set1_epi8(-128))
+    }
+}
+
+impl<F: SmallFormat> LanesWeights for SmallLanes<F> {
+    const TY: GgmlType = F::TY;
+    const SIZE: usize = F::SIZE;
+    #[inline(always)]
+    unsafe fn unsigned_values(x: *const u8) -> __m256i {
+        let q = load128(x.add(F::QS));
+        let nibbles = _mm256_and_si256(
+            _mm256_set_m128i(_mm_srli_epi16::<4>(q), q),
+            _mm256_set1_epi8(0x0F),
+        );
+        if F::QH.is_some() {
+            _mm256_or_si256(nibbles, bit4_from_bits_32(high_bits::<F>(x)))
+        } else {
+            nibbles
+        }
+    }
+}
+
+/// Two rows against the sixteen tokens of `lanes` (see `quant::token_lanes`): for each
+/// block and ggml lane `k`, the rows' dword `k` broadcast to every token meets the tokens'
+/// quants `4k..4k+4` in one `vpdpbusd`, which starts from the tokens' offset shares, so
+/// each token's lane gets the single-token kernels' exact integer sum. Then, per token,
+/// the same float steps as those kernels: `acc_k = fma(float(sum), d * dy, acc_k)` block by
+/// block, and at the end `((acc_0 + acc_4) + (acc_2 + acc_6)) + ((acc_1 + acc_5) +
+/// (acc_3 + acc_7))`, the order of `hsum` (Q8_0) and `hsum4` of `hi + lo` (Q4_0, Q5_0).
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn lanes_two_rows<W: LanesWeights>(
+    rows: [&[u8]; 2],
+    lanes: &TokenLanes,
+    out: &mut [[f32; 2]; LANE_TOKENS],
+) {
+    let blocks = rows
+        .iter()
+        .fold(lanes.blocks(), |b, row| b.min(row.len() / W::SIZE));
+    let w = rows.map(<[u8]>::as_ptr);
+    let next = next_rows(&rows);
+    let mut acc = [[_mm512_setzero_ps(); 8]; 2];
+    // The rows' unsigned values of the current block, for broadcasting dword by dword.
+    let mut values = [[0u32; 8]; 2];
+    for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 2 * W::SIZE), 2 * W::SIZE);
+        }
+        let x = w.map(|w| w.add(b * W::SIZE));
+        for r in 0..2 {
+            _mm256_storeu_si256(values[r].as_mut_ptr().cast(), W::unsigned_values(x[r]));
+        }
+        // Through memory: a broadcast load per dword, where LLVM would otherwise extract
+        // each from the register with two or three shuffles (the kernel's bottleneck).
+        let values = std::hint::black_box(&values);
+        let v = lanes.block(b);
+        let dy = _mm512_load_ps(v[16].0.as_ptr().cast());
+        let scale = x.map(|x| {
+            let d = _mm_cvtph_ps(_mm_set1_epi16(x.cast::<i16>().read_unaligned()));
+            _mm512_mul_ps(_mm512_broadcastss_ps(d), dy)
+        });
+        for k in 0..8 {
+            let quants = _mm512_load_si512(v[k].0.as_ptr().cast());
+            let start = _mm512_load_si512(v[8 + k].0.as_ptr().cast());
+            for r in 0..2 {
+                let weights = _mm512_set1_epi32(values[r][k] as i32);
+                let sums = _mm512_dpbusd_epi32(start, weights, quants);
+                acc[r][k] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(sums), scale[r], acc[r][k]);
+            }
+        }
+    }
+    for r in 0..2 {
+        let a = acc[r];
+        let m = |k: usize| _mm512_add_ps(a[k], a[k + 4]);
+        let total = _mm512_add_ps(_mm512_add_ps(m(0), m(2)), _mm512_add_ps(m(1), m(3)));
+        let mut per_token = [0f32; LANE_TOKENS];
+        _mm512_storeu_ps(per_token.as_mut_ptr(), total);
+        for (o, v) in out.iter_mut().zip(per_token) {
+            o[r] = v;
+        }
+    }
+}
+
+/// The safe `DotLanesFn` of `W`: NaN results for lanes built for another offset.
+fn lanes_entry<W: LanesWeights>(
+    rows: [&[u8]; 2],
+    lanes: &TokenLanes,
+    out: &mut [[f32; 2]; LANE_TOKENS],
+) {
+    if Some(lanes.offset()) != lanes_offset(W::TY) {
+        out.iter_mut().for_each(|o| *o = [f32::NAN; 2]);
+        return;
+    }
+    // SAFETY: installed only by `install`, which demands an `Avx512Checked`; every block the
+    // kernel reads is inside both rows and `lanes` (it takes the least count of them).
+    unsafe { lanes_two_rows::<W>(rows, lanes, out) }
+}
+
+fn install_lanes(table: &mut Kernels, _proof: Avx512Checked) {
+    table.set_dot_lanes(GgmlType::Q4_0, lanes_entry::<SmallLanes<Q4_0Format>>);
+    table.set_dot_lanes(GgmlType::Q5_0, lanes_entry::<SmallLanes<Q5_0Format>>);
+    table.set_dot_lanes(GgmlType::Q8_0, lanes_entry::<Q8_0Lanes>);
 }

@@ -231,6 +231,85 @@ fn rows_by_tokens_kernels_give_single_row_bits() {
 }
 
 #[test]
+fn lanes_kernels_give_single_row_bits() {
+    let mut rng = Rng(53);
+    let mut checked = 0;
+    for kernels in simd_levels() {
+        for ty in GgmlType::ALL {
+            let Some(lanes_kernel) = kernels.dot_lanes(ty) else {
+                continue;
+            };
+            let offset = lanes_offset(ty).expect("a lanes kernel implies an offset");
+            for blocks in [1, 3, 18, 48] {
+                let n = blocks * 32;
+                for n_tokens in [1, 2, 7, 15, 16] {
+                    let rows: Vec<Vec<u8>> = (0..2).map(|_| random_row(ty, n, &mut rng)).collect();
+                    let acts: Vec<QuantizedActivations> = (0..n_tokens)
+                        .map(|_| {
+                            let mut act = QuantizedActivations::new();
+                            act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+                            act
+                        })
+                        .collect();
+                    let mut lanes = TokenLanes::new();
+                    assert!(
+                        lanes.build(&acts, offset),
+                        "{ty}: lanes of {n_tokens} tokens"
+                    );
+                    assert_eq!((lanes.tokens(), lanes.blocks()), (n_tokens, blocks));
+                    let mut out = [[f32::NAN; 2]; LANE_TOKENS];
+                    lanes_kernel([&rows[0], &rows[1]], &lanes, &mut out);
+                    for (t, act) in acts.iter().enumerate() {
+                        let single = [0, 1].map(|i| kernels.dot(ty)(&rows[i], act.bytes(), n));
+                        assert_eq!(
+                            out[t].map(f32::to_bits),
+                            single.map(f32::to_bits),
+                            "{ty} ({}), {blocks} blocks: token {t} of {n_tokens}",
+                            kernels.level().name()
+                        );
+                    }
+                    // Lanes laid out for another format's offset are refused, not misread.
+                    let mut wrong = TokenLanes::new();
+                    assert!(wrong.build(&acts, offset + 1));
+                    lanes_kernel([&rows[0], &rows[1]], &wrong, &mut out);
+                    assert!(out[0][0].is_nan(), "{ty}: lanes of another offset");
+                    checked += 1;
+                }
+            }
+        }
+    }
+    if SimdLevel::Avx512.is_supported() {
+        assert!(checked > 0, "the AVX-512 level has lanes kernels");
+    }
+}
+
+#[test]
+fn token_lanes_refuse_what_they_cannot_lay_out() {
+    let mut rng = Rng(59);
+    let act = |ty: GgmlType, n: usize, rng: &mut Rng| {
+        let mut act = QuantizedActivations::new();
+        act.quantize(ty, &rng.activations(n)).expect("whole blocks");
+        act
+    };
+    let mut lanes = TokenLanes::new();
+    assert!(!lanes.build(&[], 16), "no tokens");
+    let too_many: Vec<_> = (0..LANE_TOKENS + 1)
+        .map(|_| act(GgmlType::Q8_0, 64, &mut rng))
+        .collect();
+    assert!(!lanes.build(&too_many, 16), "more tokens than lanes");
+    assert_eq!(lanes.tokens(), 0);
+    let q8_1 = [act(GgmlType::Q4_1, 64, &mut rng)];
+    assert!(!lanes.build(&q8_1, 16), "Q8_1 activations");
+    let mixed = [
+        act(GgmlType::Q8_0, 64, &mut rng),
+        act(GgmlType::Q8_0, 96, &mut rng),
+    ];
+    assert!(!lanes.build(&mixed, 16), "rows of different lengths");
+    assert!(lanes.build(&mixed[..1], 16));
+    assert_eq!((lanes.tokens(), lanes.blocks(), lanes.offset()), (1, 2, 16));
+}
+
+#[test]
 fn rows_by_tokens_kernels_handle_rows_of_different_lengths() {
     let mut rng = Rng(47);
     for kernels in simd_levels().into_iter().chain([scalar()]) {

@@ -8,6 +8,8 @@
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
 //! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
 //! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
+//! - `token_lanes`: [`TokenLanes`], activations of 16 tokens across a register's lanes, for
+//!   the AVX-512 prefill kernels of the 32-element formats ([`Kernels::dot_lanes`]);
 //! - `dot`: [`dot_row`], [`kernel_for`], [`kernel4_for`], [`kernel_tokens_for`] and
 //!   [`kernel_batch_for`] (llama.cpp's arithmetic for a batch of tokens, where it differs).
 
@@ -21,6 +23,7 @@ mod dot_avx2;
 #[cfg(target_arch = "x86_64")]
 mod dot_avx512;
 mod dot_scalar;
+mod token_lanes;
 pub mod types;
 
 #[cfg(test)]
@@ -37,4 +40,5 @@ pub use dot::{
     dot_row, kernel4_for, kernel_batch_for, kernel_for, kernel_tokens_for, Dot4Fn, DotBatchFn,
     DotFn, DotTokensFn,
 };
+pub use token_lanes::{lanes_offset, DotLanesFn, TokenLanes, TokenVector, LANE_TOKENS};
 pub use types::{GgmlType, QK_K};
