@@ -299,45 +299,76 @@ fn token_groups(
 }
 
 /// A product's first tokens laid out for its lanes kernel (see `quant::TokenLanes`), in
-/// groups of [`LANE_TOKENS`]: built once per product on the calling thread, read by every
-/// thread of the region.
+/// groups of up to [`LANE_TOKENS`]: built once per product on the calling thread, read by
+/// every thread of the region.
 #[derive(Default)]
 struct LaneGroups {
     groups: Vec<TokenLanes>,
-    /// Tokens `..covered` are in the first `covered.div_ceil(LANE_TOKENS)` groups.
+    /// The index of each group's first token among the product's tokens.
+    firsts: Vec<usize>,
+    used: usize,
+    /// Tokens `..covered` are in the groups.
     covered: usize,
 }
 
 impl LaneGroups {
-    /// Lays out `acts` for `kernels`' lanes kernel: every run of [`LANE_TOKENS`] tokens, and
-    /// a last shorter one of at least [`LANES_MIN_TOKENS`]. Nothing for types without a
-    /// lanes kernel or for a lone token. The lanes kernels have the single-token arithmetic,
-    /// which for their formats is llama.cpp's batched arithmetic too (see
-    /// `quant::DotBatchFn`), so any tokens can share a group.
+    /// Lays out `acts` for `kernels`' lanes kernel, in runs of up to [`LANE_TOKENS`] tokens
+    /// that llama.cpp multiplies with the same arithmetic, as long as runs have at least
+    /// [`LANES_MIN_TOKENS`]. Nothing for types without a lanes kernel or for a lone token.
+    /// For the 32-element formats every token has the single-token arithmetic (which is
+    /// llama.cpp's batched arithmetic too, see `quant::DotBatchFn`); for Q4_K the tokens its
+    /// gemm takes and the others go in separate runs.
     fn build(&mut self, kernels: &Kernels, acts: &[QuantizedActivations]) {
+        self.used = 0;
         self.covered = 0;
         let offset = quant::lanes_offset(kernels.ty);
         let (Some(_), Some(offset), None) = (kernels.lanes, offset, lone_token(acts)) else {
             return;
         };
-        for (g, chunk) in acts.chunks(LANE_TOKENS).enumerate() {
-            if chunk.len() < LANES_MIN_TOKENS {
+        let k_quant = kernels.ty == GgmlType::Q4K;
+        let batched = |act: &QuantizedActivations| {
+            let (index, len) = act.batch_place();
+            k_quant && index < quant::q4_k_gemm_tokens(len)
+        };
+        let mut start = 0;
+        while start < acts.len() {
+            let mode = batched(&acts[start]);
+            let mut end = start + 1;
+            while end < acts.len() && end - start < LANE_TOKENS && batched(&acts[end]) == mode {
+                end += 1;
+            }
+            if end - start < LANES_MIN_TOKENS {
                 break;
             }
-            if self.groups.len() == g {
+            if self.groups.len() == self.used {
                 self.groups.push(TokenLanes::new());
+                self.firsts.push(0);
             }
-            if !self.groups[g].build(chunk, offset) {
+            let group = &mut self.groups[self.used];
+            let built = if k_quant {
+                group.build_q8_k(&acts[start..end], mode)
+            } else {
+                group.build(&acts[start..end], offset)
+            };
+            if !built {
                 // Rows the lanes cannot hold (mixed lengths): all through the batch kernels.
-                self.covered = 0;
+                self.used = 0;
                 return;
             }
-            self.covered += chunk.len();
+            self.firsts[self.used] = start;
+            self.used += 1;
+            start = end;
         }
+        self.covered = start;
     }
 
-    fn groups(&self) -> &[TokenLanes] {
-        &self.groups[..self.covered.div_ceil(LANE_TOKENS)]
+    /// The groups with the index of their first token.
+    fn groups(&self) -> impl Iterator<Item = (usize, &TokenLanes)> {
+        self.firsts
+            .iter()
+            .copied()
+            .zip(&self.groups)
+            .take(self.used)
     }
 }
 
@@ -427,10 +458,10 @@ impl Kernels {
         mut emit: impl FnMut(usize, &[f32]),
     ) {
         if let Some(kernel) = self.lanes {
-            for (g, group) in lanes.groups().iter().enumerate() {
+            for (first, group) in lanes.groups() {
                 dot_tile_lanes(kernel, w, file, tile.clone(), group, values);
                 for (t, v) in values[..group.tokens()].iter().enumerate() {
-                    emit(g * LANE_TOKENS + t, &v[..tile.len()]);
+                    emit(first + t, &v[..tile.len()]);
                 }
             }
         }

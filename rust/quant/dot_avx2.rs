@@ -1362,11 +1362,7 @@ pub(super) unsafe fn q3k_scales_i8(p: *const u8) -> __m128i {
 
 const Q4K_SIZE: usize = 144;
 
-/// How many tokens of a batch of `batch` llama.cpp multiplies by a repacked Q4_K matrix with
-/// its gemm (the first `batch - batch % 4`; the rest go through the gemv).
-pub(super) fn q4_k_gemm_tokens(batch: usize) -> usize {
-    batch - batch % 4
-}
+pub(super) use super::token_lanes::q4_k_gemm_tokens;
 
 /// The Q4_K block at `x`: its eight sub-block scales as i16 in both 128-bit halves (for
 /// [`q4_k_pair_scales`]), and its eight minimums as i16, each twice (`[m0, m0, m1, m1, ..]`,

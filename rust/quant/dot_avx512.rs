@@ -26,11 +26,11 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    bf16_bf16, bit4_from_bits_32, common_blocks, f16_f16, f16_gather4, high_bits, hsum, load128,
-    load256, next_rows, prefetch, q4_k_gemm_tokens, q6_k_tiled_tokens, q8_0_q8_0, row_kernel,
-    rows_by_tokens, set, set_tokens, small_finish, small_min_parts, small_one, small_scales4,
-    tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format, Q5_1Format, RowKernel, SmallFormat,
-    TokensKernel,
+    bf16_bf16, bit4_from_bits_32, common_blocks, f16_f16, f16_gather4, high_bits, hsum,
+    k4_scales_mins_packed, load128, load256, next_rows, prefetch, q4_k_gemm_tokens,
+    q6_k_tiled_tokens, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish,
+    small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format,
+    Q5_1Format, RowKernel, SmallFormat, TokensKernel,
 };
 use super::token_lanes::{lanes_offset, TokenLanes, LANE_TOKENS};
 use super::{GgmlType, QuantizedActivations};
@@ -683,7 +683,7 @@ fn lanes_entry<W: LanesWeights>(
     lanes: &TokenLanes,
     out: &mut [[f32; 2]; LANE_TOKENS],
 ) {
-    if Some(lanes.offset()) != lanes_offset(W::TY) {
+    if lanes.is_q8_k() || Some(lanes.offset()) != lanes_offset(W::TY) {
         out.iter_mut().for_each(|o| *o = [f32::NAN; 2]);
         return;
     }
@@ -692,7 +692,134 @@ fn lanes_entry<W: LanesWeights>(
     unsafe { lanes_two_rows::<W>(rows, lanes, out) }
 }
 
+/// Two Q4_K rows against the sixteen Q8_K tokens of `lanes`: per sub-block of 32, the
+/// rows' nibble dwords broadcast to every token meet the tokens' quants in `vpdpbusd`s
+/// (exact integer sums, in any order), which the sub-block scales weight into each pair's
+/// `S_p`; the minimums times the tokens' sub-block sums make `M_p`. Then per token the
+/// float steps of llama.cpp's repacked kernels: with `GEMM` (`ggml_gemm_q4_K_8x8_q8_K`,
+/// `q4_k_gemm_body`) `acc = fma(S_p, d dy, acc)` and `acc_min = fma(M_p, dmin dy, acc_min)`
+/// for each pair in turn, without (the gemv, `q4_k_body`) once per super-block with the
+/// sums of all four pairs; the result is `acc - acc_min`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_k_lanes<const GEMM: bool>(
+    rows: [&[u8]; 2],
+    lanes: &TokenLanes,
+    out: &mut [[f32; 2]; LANE_TOKENS],
+) {
+    const SIZE: usize = 144;
+    let blocks = rows
+        .iter()
+        .fold(lanes.blocks(), |b, row| b.min(row.len() / SIZE));
+    let w = rows.map(<[u8]>::as_ptr);
+    let next = next_rows(&rows);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); 2];
+    let mut acc_min = [_mm512_setzero_ps(); 2];
+    // Per row: the 256 nibbles as bytes (sub-block s at dwords 8s..8s + 8), the eight
+    // scales, and the minimums of each pair of sub-blocks as two i16.
+    let mut values = [[0u32; 64]; 2];
+    let mut scales = [[0i32; 8]; 2];
+    let mut min_pairs = [[0i32; 4]; 2];
+    for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 2 * SIZE), 2 * SIZE);
+        }
+        let x = w.map(|w| w.add(b * SIZE));
+        let low4 = _mm256_set1_epi8(0x0F);
+        for r in 0..2 {
+            for j in 0..4 {
+                let q = load256(x[r].add(16 + 32 * j));
+                let lo = _mm256_and_si256(q, low4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16::<4>(q), low4);
+                _mm256_storeu_si256(values[r].as_mut_ptr().add(16 * j).cast(), lo);
+                _mm256_storeu_si256(values[r].as_mut_ptr().add(16 * j + 8).cast(), hi);
+            }
+            let (sc, mn) = k4_scales_mins_packed(x[r].add(4));
+            let byte = |v: u64, i: usize| ((v >> (8 * i)) & 0xFF) as i32;
+            for s in 0..8 {
+                scales[r][s] = byte(sc, s);
+            }
+            for p in 0..4 {
+                min_pairs[r][p] = byte(mn, 2 * p) | (byte(mn, 2 * p + 1) << 16);
+            }
+        }
+        // Through memory: broadcast loads, not shuffles (see `lanes_two_rows`).
+        let (values, scales, min_pairs) = std::hint::black_box((&values, &scales, &min_pairs));
+        let v = lanes.block(b);
+        let dy = _mm512_load_ps(v[68].0.as_ptr().cast());
+        // [d, dmin] of each row, widened, times every token's dy.
+        let d_dmin = x.map(|x| _mm_cvtph_ps(_mm_cvtsi32_si128(x.cast::<i32>().read_unaligned())));
+        let scale_d = d_dmin.map(|v| _mm512_mul_ps(_mm512_broadcastss_ps(v), dy));
+        let scale_min =
+            d_dmin.map(|v| _mm512_mul_ps(_mm512_broadcastss_ps(_mm_movehdup_ps(v)), dy));
+        let mut s_all = [zero; 2];
+        let mut m_all = [zero; 2];
+        for p in 0..4 {
+            let mut s_pair = [zero; 2];
+            for s in [2 * p, 2 * p + 1] {
+                // Two partial sums per row keep four `vpdpbusd` chains in flight.
+                let mut sums = [[zero; 2]; 2];
+                for k in 0..8 {
+                    let quants = _mm512_load_si512(v[8 * s + k].0.as_ptr().cast());
+                    for r in 0..2 {
+                        let weights = _mm512_set1_epi32(values[r][8 * s + k] as i32);
+                        sums[r][k % 2] = _mm512_dpbusd_epi32(sums[r][k % 2], weights, quants);
+                    }
+                }
+                for r in 0..2 {
+                    let sub_block = _mm512_add_epi32(sums[r][0], sums[r][1]);
+                    let scaled = _mm512_mullo_epi32(sub_block, _mm512_set1_epi32(scales[r][s]));
+                    s_pair[r] = _mm512_add_epi32(s_pair[r], scaled);
+                }
+            }
+            let sub_block_sums = _mm512_load_si512(v[64 + p].0.as_ptr().cast());
+            for r in 0..2 {
+                let m_pair = _mm512_madd_epi16(_mm512_set1_epi32(min_pairs[r][p]), sub_block_sums);
+                if GEMM {
+                    acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_pair[r]), scale_d[r], acc[r]);
+                    acc_min[r] =
+                        _mm512_fmadd_ps(_mm512_cvtepi32_ps(m_pair), scale_min[r], acc_min[r]);
+                } else {
+                    s_all[r] = _mm512_add_epi32(s_all[r], s_pair[r]);
+                    m_all[r] = _mm512_add_epi32(m_all[r], m_pair);
+                }
+            }
+        }
+        if !GEMM {
+            for r in 0..2 {
+                acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(s_all[r]), scale_d[r], acc[r]);
+                acc_min[r] =
+                    _mm512_fmadd_ps(_mm512_cvtepi32_ps(m_all[r]), scale_min[r], acc_min[r]);
+            }
+        }
+    }
+    for r in 0..2 {
+        let mut per_token = [0f32; LANE_TOKENS];
+        _mm512_storeu_ps(per_token.as_mut_ptr(), _mm512_sub_ps(acc[r], acc_min[r]));
+        for (o, v) in out.iter_mut().zip(per_token) {
+            o[r] = v;
+        }
+    }
+}
+
+/// The safe `DotLanesFn` of Q4_K: NaN results for lanes not built from Q8_K rows.
+fn q4_k_lanes_entry(rows: [&[u8]; 2], lanes: &TokenLanes, out: &mut [[f32; 2]; LANE_TOKENS]) {
+    if !lanes.is_q8_k() {
+        out.iter_mut().for_each(|o| *o = [f32::NAN; 2]);
+        return;
+    }
+    // SAFETY: as in `lanes_entry`.
+    unsafe {
+        if lanes.batched() {
+            q4_k_lanes::<true>(rows, lanes, out);
+        } else {
+            q4_k_lanes::<false>(rows, lanes, out);
+        }
+    }
+}
+
 fn install_lanes(table: &mut Kernels, _proof: Avx512Checked) {
+    table.set_dot_lanes(GgmlType::Q4K, q4_k_lanes_entry);
     table.set_dot_lanes(GgmlType::Q4_0, lanes_entry::<SmallLanes<Q4_0Format>>);
     table.set_dot_lanes(GgmlType::Q5_0, lanes_entry::<SmallLanes<Q5_0Format>>);
     table.set_dot_lanes(GgmlType::Q8_0, lanes_entry::<Q8_0Lanes>);

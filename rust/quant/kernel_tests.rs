@@ -240,8 +240,11 @@ fn lanes_kernels_give_single_row_bits() {
                 continue;
             };
             let offset = lanes_offset(ty).expect("a lanes kernel implies an offset");
-            for blocks in [1, 3, 18, 48] {
-                let n = blocks * 32;
+            let k_quant = ty == GgmlType::Q4K;
+            let block = ty.block_size();
+            let block_counts: &[usize] = if k_quant { &[1, 3, 4] } else { &[1, 3, 18, 48] };
+            for &blocks in block_counts {
+                let n = blocks * block;
                 for n_tokens in [1, 2, 7, 15, 16] {
                     let rows: Vec<Vec<u8>> = (0..2).map(|_| random_row(ty, n, &mut rng)).collect();
                     let acts: Vec<QuantizedActivations> = (0..n_tokens)
@@ -251,26 +254,62 @@ fn lanes_kernels_give_single_row_bits() {
                             act
                         })
                         .collect();
-                    let mut lanes = TokenLanes::new();
-                    assert!(
-                        lanes.build(&acts, offset),
-                        "{ty}: lanes of {n_tokens} tokens"
-                    );
-                    assert_eq!((lanes.tokens(), lanes.blocks()), (n_tokens, blocks));
-                    let mut out = [[f32::NAN; 2]; LANE_TOKENS];
-                    lanes_kernel([&rows[0], &rows[1]], &lanes, &mut out);
-                    for (t, act) in acts.iter().enumerate() {
-                        let single = [0, 1].map(|i| kernels.dot(ty)(&rows[i], act.bytes(), n));
-                        assert_eq!(
-                            out[t].map(f32::to_bits),
-                            single.map(f32::to_bits),
-                            "{ty} ({}), {blocks} blocks: token {t} of {n_tokens}",
-                            kernels.level().name()
-                        );
+                    // Q4_K: the gemm's arithmetic (the tokens of a batch of 16, a multiple of
+                    // 4) and the gemv's (a lone token's).
+                    for batched in [false, true].into_iter().take(if k_quant { 2 } else { 1 }) {
+                        let mut lanes = TokenLanes::new();
+                        let built = if k_quant {
+                            lanes.build_q8_k(&acts, batched)
+                        } else {
+                            lanes.build(&acts, offset)
+                        };
+                        assert!(built, "{ty}: lanes of {n_tokens} tokens");
+                        assert_eq!((lanes.tokens(), lanes.blocks()), (n_tokens, blocks));
+                        let mut out = [[f32::NAN; 2]; LANE_TOKENS];
+                        lanes_kernel([&rows[0], &rows[1]], &lanes, &mut out);
+                        let rows4 = [&rows[0][..], &rows[1], &rows[0], &rows[1]];
+                        let mut expected = vec![[0f32; 4]; n_tokens];
+                        let batch = if batched { LANE_TOKENS } else { 1 };
+                        for (t, e) in expected.iter_mut().enumerate() {
+                            let first = if batched { t } else { 0 };
+                            let act = std::slice::from_ref(&acts[t]);
+                            kernels.dot_batch(ty)(
+                                rows4,
+                                act,
+                                first,
+                                batch,
+                                std::slice::from_mut(e),
+                            );
+                        }
+                        for (t, act) in acts.iter().enumerate() {
+                            if !batched {
+                                let single =
+                                    [0, 1].map(|i| kernels.dot(ty)(&rows[i], act.bytes(), n));
+                                assert_eq!(
+                                    single.map(f32::to_bits),
+                                    [0, 1].map(|i| expected[t][i].to_bits())
+                                );
+                            }
+                            assert_eq!(
+                                out[t].map(f32::to_bits),
+                                [0, 1].map(|i| expected[t][i].to_bits()),
+                                "{ty} ({}), {blocks} blocks, batched {batched}: token {t} of {n_tokens}",
+                                kernels.level().name()
+                            );
+                        }
                     }
-                    // Lanes laid out for another format's offset are refused, not misread.
+                    // Lanes laid out for another format are refused, not misread.
                     let mut wrong = TokenLanes::new();
-                    assert!(wrong.build(&acts, offset + 1));
+                    let q8_0_rows: Vec<QuantizedActivations> = (0..n_tokens)
+                        .map(|_| {
+                            let mut act = QuantizedActivations::new();
+                            act.quantize(GgmlType::Q8_0, &rng.activations(n))
+                                .expect("whole blocks");
+                            act
+                        })
+                        .collect();
+                    assert!(wrong.build(&q8_0_rows, offset + 1));
+                    let mut out = [[0f32; 2]; LANE_TOKENS];
                     lanes_kernel([&rows[0], &rows[1]], &wrong, &mut out);
                     assert!(out[0][0].is_nan(), "{ty}: lanes of another offset");
                     checked += 1;

@@ -40,5 +40,7 @@ pub use dot::{
     dot_row, kernel4_for, kernel_batch_for, kernel_for, kernel_tokens_for, Dot4Fn, DotBatchFn,
     DotFn, DotTokensFn,
 };
-pub use token_lanes::{lanes_offset, DotLanesFn, TokenLanes, TokenVector, LANE_TOKENS};
+pub use token_lanes::{
+    lanes_offset, q4_k_gemm_tokens, DotLanesFn, TokenLanes, TokenVector, LANE_TOKENS,
+};
 pub use types::{GgmlType, QK_K};

@@ -19,8 +19,11 @@ pub const LANE_TOKENS: usize = 16;
 /// ggml's lanes per block of 32 elements: lane `k` sums elements `4k..4k+4`.
 const LANES_PER_BLOCK: usize = 8;
 
-/// Vectors per block: eight of quants, eight of starting sums, one of scales.
+/// Vectors per Q8_0 block: eight of quants, eight of starting sums, one of scales.
 const VECTORS_PER_BLOCK: usize = 2 * LANES_PER_BLOCK + 1;
+
+/// Vectors per Q8_K super-block: 64 of quants, four of sub-block sums, one of scales.
+const VECTORS_PER_SUPER_BLOCK: usize = 64 + 4 + 1;
 
 /// One 512-bit vector: a 32-bit value per token.
 #[derive(Clone, Copy, Debug, Default)]
@@ -35,6 +38,12 @@ pub struct TokenVector(pub [u32; LANE_TOKENS]);
 ///   offset weights starts from so that `vpdpbusd` leaves `sum(w * y)`;
 /// - each token's block scale `dy` (f32 bits).
 ///
+/// Or, built by [`Self::build_q8_k`], Q8_K rows for the K-quant kernels; per super-block:
+/// - dwords `k = 0..64` of each token's 256 quants;
+/// - pairs `p = 0..4`: each token's sums over sub-blocks `2p` and `2p + 1` (32 quants each,
+///   from its `bsums`), as two i16 in a dword, for `vpmaddwd` with the pair's minimums;
+/// - each token's `d` (f32 bits).
+///
 /// Tokens past [`Self::tokens`] are zero (their results are zero and ignored). Buffers are
 /// kept between builds, so rebuilding for inputs of the same size does not allocate.
 #[derive(Clone, Debug, Default)]
@@ -42,6 +51,9 @@ pub struct TokenLanes {
     tokens: usize,
     blocks: usize,
     offset: i32,
+    /// Whether the tokens take llama.cpp's batched arithmetic (see `quant::DotBatchFn`).
+    batched: bool,
+    per_block: usize,
     vectors: Vec<TokenVector>,
 }
 
@@ -88,7 +100,71 @@ impl TokenLanes {
         self.tokens = acts.len();
         self.blocks = blocks;
         self.offset = offset;
+        self.batched = false;
+        self.per_block = VECTORS_PER_BLOCK;
         true
+    }
+
+    /// Transposes `acts` (at most [`LANE_TOKENS`] Q8_K rows of one length), to be multiplied
+    /// with llama.cpp's batched arithmetic or not. Returns false, leaving nothing usable,
+    /// when the rows are not that.
+    pub fn build_q8_k(&mut self, acts: &[QuantizedActivations], batched: bool) -> bool {
+        const BLOCK: usize = 292;
+        const QS: usize = 4;
+        const BSUMS: usize = 260;
+        let Some(first) = acts.first() else {
+            return false;
+        };
+        let blocks = first.len() / 256;
+        let usable = acts.len() <= LANE_TOKENS
+            && acts.iter().all(|a| {
+                a.format() == GgmlType::Q8K
+                    && a.len() == first.len()
+                    && a.bytes().len() >= blocks * BLOCK
+            });
+        self.tokens = 0;
+        self.blocks = 0;
+        if !usable {
+            return false;
+        }
+        self.vectors.clear();
+        self.vectors
+            .resize(blocks * VECTORS_PER_SUPER_BLOCK, TokenVector::default());
+        for (t, act) in acts.iter().enumerate() {
+            let bytes = act.bytes();
+            let vectors = self.vectors.chunks_exact_mut(VECTORS_PER_SUPER_BLOCK);
+            for (b, block) in vectors.enumerate() {
+                let y = &bytes[b * BLOCK..(b + 1) * BLOCK];
+                for (k, four) in y[QS..BSUMS].chunks_exact(4).enumerate() {
+                    block[k].0[t] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
+                }
+                let bsum = |i: usize| i16::from_le_bytes([y[BSUMS + 2 * i], y[BSUMS + 2 * i + 1]]);
+                // A sub-block's sum is at most 32 * 128 in magnitude: an i16.
+                let sub_block = |s: usize| (bsum(2 * s) + bsum(2 * s + 1)) as u16;
+                for p in 0..4 {
+                    let pair =
+                        u32::from(sub_block(2 * p)) | (u32::from(sub_block(2 * p + 1)) << 16);
+                    block[64 + p].0[t] = pair;
+                }
+                block[68].0[t] = u32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+            }
+        }
+        self.tokens = acts.len();
+        self.blocks = blocks;
+        self.offset = 0;
+        self.batched = batched;
+        self.per_block = VECTORS_PER_SUPER_BLOCK;
+        true
+    }
+
+    /// Whether the tokens take llama.cpp's batched arithmetic ([`Self::build_q8_k`]).
+    pub fn batched(&self) -> bool {
+        self.batched
+    }
+
+    /// Whether the layout is [`Self::build_q8_k`]'s.
+    pub fn is_q8_k(&self) -> bool {
+        self.per_block == VECTORS_PER_SUPER_BLOCK
     }
 
     /// Tokens held (the first lanes).
@@ -96,7 +172,7 @@ impl TokenLanes {
         self.tokens
     }
 
-    /// Blocks of 32 elements per token.
+    /// Blocks (of 32 elements, or of 256 for Q8_K) per token.
     pub fn blocks(&self) -> usize {
         self.blocks
     }
@@ -106,27 +182,35 @@ impl TokenLanes {
         self.offset
     }
 
-    /// Block `b`'s quants (lane `k` at `[k]`), starting sums (at `[8 + k]`) and scales
-    /// (at `[16]`); `b < blocks()`.
+    /// Block `b`'s vectors in the order the type documentation gives; `b < blocks()`.
     pub fn block(&self, b: usize) -> &[TokenVector] {
-        &self.vectors[b * VECTORS_PER_BLOCK..(b + 1) * VECTORS_PER_BLOCK]
+        &self.vectors[b * self.per_block..(b + 1) * self.per_block]
     }
 }
 
-/// Two weight rows of a 32-element format against the tokens of a [`TokenLanes`] built for
-/// the format's offset: `out[t][i] = rows[i] · token t` for `t < lanes.tokens()`, each
-/// bit-identical to `DotFn(rows[i], token t)` of the same kernel set. Rows shorter than
-/// the activations are the caller's error (results are then unspecified, never out of
-/// bounds); see `Kernels::dot_lanes` for which types have one.
+/// Two weight rows against the tokens of a [`TokenLanes`] built for their type (a 32-element
+/// format's offset, or Q8_K for Q4_K): `out[t][i] = rows[i] · token t` for
+/// `t < lanes.tokens()`, each bit-identical to `DotFn(rows[i], token t)` of the same kernel
+/// set, or for lanes built `batched`, to `DotBatchFn` for a token llama.cpp multiplies with
+/// its batched arithmetic. Lanes built for another type give NaN. Rows shorter than the
+/// activations are the caller's error (results are then unspecified, never out of bounds);
+/// see `Kernels::dot_lanes` for which types have one.
 pub type DotLanesFn = fn(rows: [&[u8]; 2], lanes: &TokenLanes, out: &mut [[f32; 2]; LANE_TOKENS]);
 
 /// The stored-value offset of `ty`'s weights in the lanes kernels, for the types that have
-/// them.
+/// them (Q4_K's nibbles are unsigned weights themselves; its lanes are Q8_K's).
 pub fn lanes_offset(ty: GgmlType) -> Option<i32> {
     match ty {
         GgmlType::Q4_0 => Some(8),
         GgmlType::Q5_0 => Some(16),
         GgmlType::Q8_0 => Some(128),
+        GgmlType::Q4K => Some(0),
         _ => None,
     }
+}
+
+/// How many tokens of a batch of `batch` llama.cpp multiplies by a repacked Q4_K matrix with
+/// its gemm (the first `batch - batch % 4`; the rest go through the gemv).
+pub fn q4_k_gemm_tokens(batch: usize) -> usize {
+    batch - batch % 4
 }
