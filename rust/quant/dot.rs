@@ -46,7 +46,10 @@ pub fn kernel4_for(ty: GgmlType) -> Dot4Fn {
 ///   go through the gemv;
 /// - Q6_K: a batch of 8 or more tokens goes through ggml's tiled kernel
 ///   (`ggml-cpu/tiled`), which rounds `S * d_x` before `fma(.., d_y, acc)` where
-///   `ggml_vec_dot_q6_K_q8_K` keeps eight lanes; a smaller batch through the vec_dot.
+///   `ggml_vec_dot_q6_K_q8_K` keeps eight lanes; a smaller batch through the vec_dot;
+/// - F16: a batch of 2 or more tokens with rows a multiple of 16 long goes through
+///   llamafile's tinyBLAS (one 16-lane accumulator per pair, see `dot_f16`), where
+///   `ggml_vec_dot_f16` keeps four.
 ///
 /// For Q8_0, Q5_0 and Q4_1, llama.cpp's batches round as its single tokens do (checked
 /// against libggml 0.25.3 for batches of up to 33 tokens), so [`DotTokensFn`] has its bits.
@@ -77,7 +80,8 @@ pub fn kernel_batch_for(ty: GgmlType) -> DotBatchFn {
 /// activations quantised for `ty`. The scalar level does ggml's reference `ggml_vec_dot_*`
 /// arithmetic; SIMD levels agree with it to f32 summation order (see `dot_avx2`), and for
 /// the 32-element formats, Q4_K and Q6_K have the bits of what llama.cpp's x86 builds
-/// compute for one token: ggml's AVX2 `ggml_vec_dot_*`, and for Q4_K the repacked
+/// compute for one token: ggml's AVX2 `ggml_vec_dot_*` (F16: the AVX-512 build's
+/// `ggml_vec_dot_f16`), and for Q4_K the repacked
 /// `ggml_gemv_q4_K_8x8_q8_K` (llama.cpp repacks Q4_K matrices whose row count is a multiple
 /// of 8; one with another row count it multiplies with `ggml_vec_dot_q4_K_q8_K`, whose bits
 /// these kernels do not reproduce). It repacks Q4_0 matrices of such row counts too, and

@@ -451,7 +451,12 @@ row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 row_kernel!(Q8K, GgmlType::Q8K, q8_k_q8_k, single_rows);
 row_kernel!(F32, GgmlType::F32, f32_f32, single_rows);
-row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
+row_kernel!(
+    F16,
+    GgmlType::F16,
+    super::dot_f16::vec_dot_avx2,
+    super::dot_f16::vec_dot4_avx2
+);
 row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 tokens_kernel!(Q4_0, small_tokens, Q4_0Format);
 tokens_kernel!(Q4_1, small_tokens, Q4_1Format);
@@ -461,7 +466,7 @@ tokens_kernel!(Q8_0, q8_0_tokens, scales 1);
 tokens_kernel!(Q4K, batched q4_k_tokens, q4_k_gemm_tokens);
 tokens_kernel!(Q5K, q5_k_tokens);
 tokens_kernel!(Q6K, batched q6_k_tokens, q6_k_tiled_tokens);
-tokens_kernel!(F16, f16_tokens, narrow true);
+tokens_kernel!(F16, batched f16_tokens, super::dot_f16::tiny_blas_tokens);
 tokens_kernel!(BF16, bf16_tokens, narrow true);
 
 /// Replaces the scalar kernels of `table` with the AVX2 ones.
@@ -2202,7 +2207,6 @@ pub(super) trait FloatElements {
 }
 
 struct F32Elements;
-pub(super) struct F16Elements;
 pub(super) struct Bf16Elements;
 
 impl FloatElements for F32Elements {
@@ -2216,20 +2220,6 @@ impl FloatElements for F32Elements {
     #[inline(always)]
     unsafe fn load1(p: *const u8) -> f32 {
         p.cast::<f32>().read_unaligned()
-    }
-}
-
-impl FloatElements for F16Elements {
-    const TY: GgmlType = GgmlType::F16;
-    const BYTES: usize = 2;
-    #[inline]
-    #[target_feature(enable = "avx2,fma,f16c")]
-    unsafe fn load8(p: *const u8) -> __m256 {
-        _mm256_cvtph_ps(load128(p))
-    }
-    #[inline(always)]
-    unsafe fn load1(p: *const u8) -> f32 {
-        super::blocks::f16_bits_to_f32(p.cast::<u16>().read_unaligned())
     }
 }
 
@@ -2336,16 +2326,7 @@ pub(super) unsafe fn float_tokens_body<E: FloatElements, const T: usize>(
     out
 }
 
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn f16_tokens<const T: usize>(
-    rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    n: usize,
-) -> [[f32; 4]; T] {
-    rows_by_tokens::<T>(rows, |row, ahead| {
-        float_tokens_body::<F16Elements, T>(row, ahead, acts, n)
-    })
-}
+use super::dot_f16::tokens_avx2 as f16_tokens;
 
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn bf16_tokens<const T: usize>(
@@ -2361,11 +2342,6 @@ unsafe fn bf16_tokens<const T: usize>(
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn f32_f32<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
     float_dot::<F32Elements, R>(rows, act, n)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-pub(super) unsafe fn f16_f16<const R: usize>(rows: [&[u8]; R], act: &[u8], n: usize) -> [f32; R] {
-    float_dot::<F16Elements, R>(rows, act, n)
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]

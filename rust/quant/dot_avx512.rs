@@ -10,8 +10,10 @@
 //!   layouts, the K-quants as the AVX2 bodies recompiled; all in groups of up to eight
 //!   tokens, whose accumulators the 32 vector registers hold (measured faster than fours);
 //!   the Q4_K and Q6_K batch kernels (`Kernels::dot_batch`) likewise.
-//!   F16 takes four rows by up to four tokens in 512-bit registers (`f16_tokens`), BF16 the
-//!   AVX2 body recompiled.
+//!   F16 takes `dot_f16`'s 512-bit kernels (ggml's sixteen lanes in one register), BF16 the
+//!   AVX2 body recompiled;
+//! - lanes kernels (`Kernels::dot_lanes`) for Q4_0, Q5_0, Q8_0 and Q4_K: sixteen tokens
+//!   across a register (see `token_lanes`), what prefill spends most of its time in.
 //!
 //! Each row's lanes see the same integer sums and the same f32 operations as in the AVX2
 //! single-row kernel, so every result here is bit-identical to the AVX2 level's (see
@@ -26,7 +28,7 @@ use std::arch::x86_64::*;
 
 use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
-    bf16_bf16, bit4_from_bits_32, common_blocks, f16_f16, f16_gather4, high_bits, hsum,
+    bf16_bf16, bit4_from_bits_32, common_blocks, f16_gather4, high_bits, hsum,
     k4_scales_mins_packed, load128, load256, next_rows, prefetch, q4_k_gemm_tokens,
     q6_k_tiled_tokens, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish,
     small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format,
@@ -69,7 +71,7 @@ row_kernel!(Q4K, GgmlType::Q4K, q4_k_q8_k);
 row_kernel!(Q5K, GgmlType::Q5K, q5_k_q8_k, single_rows);
 row_kernel!(Q6K, GgmlType::Q6K, q6_k_q8_k, single_rows);
 // The AVX2 float row kernels (which stay installed), for the rows-by-tokens fallback.
-row_kernel!(F16, GgmlType::F16, f16_f16, single_rows);
+row_kernel!(F16, GgmlType::F16, f16_vec_dot);
 row_kernel!(BF16, GgmlType::BF16, bf16_bf16, single_rows);
 tokens_kernel!(Q4_0, small_tokens, Q4_0Format, true);
 tokens_kernel!(Q4_1, small_tokens, Q4_1Format, true);
@@ -79,7 +81,7 @@ tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
 tokens_kernel!(Q4K, batched q4_k_tokens, q4_k_gemm_tokens, wide true);
 tokens_kernel!(Q5K, q5_k_tokens, wide true);
 tokens_kernel!(Q6K, batched q6_k_tokens, q6_k_tiled_tokens, wide true);
-tokens_kernel!(F16, f16_tokens);
+tokens_kernel!(F16, batched f16_tokens, super::dot_f16::tiny_blas_tokens);
 tokens_kernel!(BF16, bf16_tokens);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.
@@ -178,107 +180,8 @@ macro_rules! float_tokens_kernel {
     };
 }
 
-/// F16, four rows by `T` (at most four) tokens in 512-bit registers: per 16 elements, the
-/// four rows' and the `T` tokens' elements are widened once each for `4 * T` FMAs (the
-/// AVX2 body widens every token's elements again for each row).
-///
-/// Lanes are the AVX2 `float_dot`'s: of each 32 elements, the first 16 are its
-/// `acc[0]` and `acc[1]` side by side, the last 16 its `acc[2]` and `acc[3]`. The two halves
-/// are separate accumulators, so they are summed in two passes over the row (the second
-/// reads the rows again from L1), which keeps `4 * T` accumulators live rather than
-/// `8 * T`. Each lane sees the same FMAs in the same order, and the halves are combined as
-/// `(acc[0] + acc[1]) + (acc[2] + acc[3])`, so every result has the AVX2 bits. Rows whose
-/// length is not a multiple of 32 take the AVX2 body.
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn f16_tokens<const T: usize>(
-    rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    n: usize,
-) -> [[f32; 4]; T] {
-    let len = common_blocks(GgmlType::F16, &rows, acts[0], n);
-    if T > 4 || len % 32 != 0 {
-        return rows_by_tokens::<T>(rows, |row, ahead| {
-            super::dot_avx2::float_tokens_body::<super::dot_avx2::F16Elements, T>(
-                row, ahead, acts, n,
-            )
-        });
-    }
-    let low = f16_tokens_half::<T, 0>(rows, acts, len);
-    let high = f16_tokens_half::<T, 1>(rows, acts, len);
-    let mut out = [[0f32; 4]; T];
-    for t in 0..T {
-        out[t] = f16_finish_rows(low[t], high[t]);
-    }
-    out
-}
+use super::dot_f16::{tokens_avx512 as f16_tokens, vec_dot_avx512 as f16_vec_dot};
 
-/// `float_dot`'s final sums for four rows at once: per row `r`, with `s` the eight lanes
-/// `(low[r][..8] + low[r][8..]) + (high[r][..8] + high[r][8..])`, the horizontal sum
-/// `(s[0..4] + s[4..8])` folded as `hsum` folds it, `(a0 + a2) + (a1 + a3)`, then the
-/// (here empty) scalar tail added. The same additions of the same operands as four
-/// `hsum` calls, so the same bits; the shuffles put the four rows side by side in
-/// 128-bit lanes so that each addition serves all of them.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn f16_finish_rows(low: [__m512; 4], high: [__m512; 4]) -> [f32; 4] {
-    // Rows `2p` and `2p + 1`: their first eight lanes side by side, then their last eight.
-    let halves_added = |v: [__m512; 4], p: usize| {
-        let firsts = _mm512_shuffle_f32x4::<0b01_00_01_00>(v[2 * p], v[2 * p + 1]);
-        let lasts = _mm512_shuffle_f32x4::<0b11_10_11_10>(v[2 * p], v[2 * p + 1]);
-        _mm512_add_ps(firsts, lasts)
-    };
-    // `s` of rows 0 and 1, then of rows 2 and 3 (eight lanes each).
-    let s01 = _mm512_add_ps(halves_added(low, 0), halves_added(high, 0));
-    let s23 = _mm512_add_ps(halves_added(low, 1), halves_added(high, 1));
-    // 128-bit lane k: row k's `s[0..4]`, then its `s[4..8]`; added, its four `a`.
-    let first_quads = _mm512_shuffle_f32x4::<0b10_00_10_00>(s01, s23);
-    let second_quads = _mm512_shuffle_f32x4::<0b11_01_11_01>(s01, s23);
-    let a = _mm512_add_ps(first_quads, second_quads);
-    // (a0 + a2, a1 + a3), then their sum, in element 0 of each 128-bit lane.
-    let b = _mm512_add_ps(a, _mm512_permute_ps::<0b11_10_11_10>(a));
-    let c = _mm512_add_ps(b, _mm512_permute_ps::<0b01_01_01_01>(b));
-    let sums = _mm512_castps512_ps128(_mm512_permutexvar_ps(
-        _mm512_setr_epi32(0, 4, 8, 12, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0),
-        c,
-    ));
-    let mut out = [0f32; 4];
-    // SAFETY: `out` holds four f32.
-    unsafe { _mm_storeu_ps(out.as_mut_ptr(), _mm_add_ps(sums, _mm_setzero_ps())) };
-    out
-}
-
-/// Elements `32 i + 16 H .. 32 i + 16 H + 16` of every 32, per (token, row); `len` is a
-/// multiple of 32 that every row and activation row holds. The first pass prefetches the
-/// following four rows, as the other multi-row kernels do.
-#[inline]
-#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn f16_tokens_half<const T: usize, const H: usize>(
-    rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    len: usize,
-) -> [[__m512; 4]; T] {
-    let w = rows.map(<[u8]>::as_ptr);
-    let a = acts.map(<[u8]>::as_ptr);
-    let next = if H == 0 { next_rows(&rows) } else { None };
-    let mut acc = [[_mm512_setzero_ps(); 4]; T];
-    let mut i = 0;
-    while i < len {
-        if let Some(next) = next {
-            // 64 bytes of each of four rows per step: the following rows, linearly.
-            prefetch(next.wrapping_add(8 * i), 256);
-        }
-        let at = 2 * (i + 16 * H);
-        let x = w.map(|w| _mm512_cvtph_ps(load256(w.add(at))));
-        for t in 0..T {
-            let y = _mm512_cvtph_ps(load256(a[t].add(at)));
-            for r in 0..4 {
-                acc[t][r] = _mm512_fmadd_ps(x[r], y, acc[t][r]);
-            }
-        }
-        i += 32;
-    }
-    acc
-}
 float_tokens_kernel!(bf16_tokens, super::dot_avx2::Bf16Elements);
 
 /// The values of the four blocks at `x` (one per row) of a 4/5-bit format, row k in

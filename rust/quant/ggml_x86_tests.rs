@@ -4,7 +4,8 @@
 //! quantisation by `quantize_row_q8_0` / `quantize_row_q8_1`, the dot products
 //! `ggml_vec_dot_{q4_0,q5_0,q8_0}_q8_0`, `ggml_vec_dot_{q4_1,q5_1}_q8_1` and
 //! `ggml_vec_dot_q6_K_q8_K`, and the repacked Q4_K products `ggml_gemv_q4_K_8x8_q8_K` /
-//! `ggml_gemm_q4_K_8x8_q8_K`. Every SIMD level must give exactly these bits; the scalar
+//! `ggml_gemm_q4_K_8x8_q8_K`; and F16 by `ggml_vec_dot_f16` (AVX-512 build) for one token
+//! and llamafile's tinyBLAS for a batch. Every SIMD level must give exactly these bits; the scalar
 //! level's quantisers too (its dot products keep ggml's generic order and are only checked
 //! within a rounding bound, in `kernel_tests`).
 //!
@@ -649,6 +650,113 @@ fn k_quant_batch_kernels_give_the_bits_of_ggml_x86() {
                             );
                         }
                     }
+                }
+            }
+        }
+    }
+}
+
+/// `_mm512_reduce_add_ps` as GCC expands it: lanes `l + 8` and `l`, then `l + 4` and `l`,
+/// then `(g0 + g2) + (g1 + g3)`.
+fn reduce_add_16(v: [f32; 16]) -> f32 {
+    let h: [f32; 8] = std::array::from_fn(|l| v[l + 8] + v[l]);
+    let g: [f32; 4] = std::array::from_fn(|l| h[l + 4] + h[l]);
+    (g[0] + g[2]) + (g[1] + g[3])
+}
+
+/// The f16 values of a little-endian F16 row.
+fn f16_values(bytes: &[u8]) -> Vec<f32> {
+    (0..bytes.len() / 2).map(|i| f16_at(bytes, 2 * i)).collect()
+}
+
+/// `ggml_vec_dot_f16` of the AVX-512 build (`GGML_F16_STEP` 64, `GGML_F16_EPR` 16): four
+/// accumulators of sixteen lanes, `GGML_F16_VEC_REDUCE` (`x0 + x2`, `x1 + x3`, their sum,
+/// `_mm512_reduce_add_ps`) into a `ggml_float`, the leftovers added in double.
+fn ggml_vec_dot_f16(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len();
+    let whole = n - n % 64;
+    let mut sum = [[0f32; 16]; 4];
+    for i in (0..whole).step_by(64) {
+        for (j, acc) in sum.iter_mut().enumerate() {
+            for (l, a) in acc.iter_mut().enumerate() {
+                let k = i + 16 * j + l;
+                *a = x[k].mul_add(y[k], *a);
+            }
+        }
+    }
+    let folded: [f32; 16] =
+        std::array::from_fn(|l| (sum[0][l] + sum[2][l]) + (sum[1][l] + sum[3][l]));
+    let mut total = f64::from(reduce_add_16(folded));
+    for k in whole..n {
+        total += f64::from(x[k] * y[k]);
+    }
+    total as f32
+}
+
+/// llamafile's `tinyBLAS<16, __m512, __m512, ggml_fp16_t, ggml_fp16_t, float>` for one
+/// (row, column): `Cv = madd(A, B, Cv)` per sixteen elements, then `hsum`
+/// (`_mm512_reduce_add_ps`).
+fn tiny_blas_f16(x: &[f32], y: &[f32]) -> f32 {
+    let mut acc = [0f32; 16];
+    for i in (0..x.len()).step_by(16) {
+        for (l, a) in acc.iter_mut().enumerate() {
+            *a = x[i + l].mul_add(y[i + l], *a);
+        }
+    }
+    reduce_add_16(acc)
+}
+
+#[test]
+fn f16_simd_dots_give_the_bits_of_ggml_x86() {
+    let mut rng = Rng(131);
+    for kernels in levels()
+        .into_iter()
+        .filter(|k| k.level() != SimdLevel::Scalar)
+    {
+        let ty = GgmlType::F16;
+        // Multiples of 64, of 16 only, and neither (the vec_dot's leftovers; no tinyBLAS).
+        for n in [64, 576, 80, 1536, 70] {
+            let rows: Vec<Vec<u8>> = (0..4)
+                .map(|_| {
+                    let mut row: Vec<u8> = (0..2 * n).map(|_| rng.next_u64() as u8).collect();
+                    sanitise_floats(ty, &mut row, &mut rng);
+                    row
+                })
+                .collect();
+            let rows = [&rows[0][..], &rows[1], &rows[2], &rows[3]];
+            let values = rows.map(f16_values);
+            for batch in [1, 2, 3, 5, 9] {
+                let acts: Vec<QuantizedActivations> = (0..batch)
+                    .map(|_| {
+                        let mut act = QuantizedActivations::new();
+                        act.quantize_with(kernels, ty, &rng.activations(n))
+                            .expect("f16 activations");
+                        act
+                    })
+                    .collect();
+                let label = format!("{} F16 of {n}, batch of {batch}", kernels.level().name());
+                let mut out = vec![[f32::NAN; 4]; batch];
+                kernels.dot_batch(ty)(rows, &acts, 0, batch, &mut out);
+                let mut tokens = vec![[f32::NAN; 4]; batch];
+                kernels.dot_tokens(ty)(rows, &acts, &mut tokens);
+                for (t, act) in acts.iter().enumerate() {
+                    let y = f16_values(act.bytes());
+                    let single = values.clone().map(|x| ggml_vec_dot_f16(&x, &y).to_bits());
+                    let batched = if batch >= 2 && n % 16 == 0 {
+                        values.clone().map(|x| tiny_blas_f16(&x, &y).to_bits())
+                    } else {
+                        single
+                    };
+                    assert_eq!(out[t].map(f32::to_bits), batched, "{label}: token {t}");
+                    assert_eq!(
+                        tokens[t].map(f32::to_bits),
+                        single,
+                        "{label}: rows by tokens"
+                    );
+                    let one = rows.map(|row| kernels.dot(ty)(row, act.bytes(), n).to_bits());
+                    assert_eq!(one, single, "{label}: single row");
+                    let four = kernels.dot4(ty)(rows, act.bytes(), n).map(f32::to_bits);
+                    assert_eq!(four, single, "{label}: four rows");
                 }
             }
         }

@@ -7,6 +7,7 @@
 //! - `activation`: [`QuantizedActivations`], the rounding of ggml's x86 activation quantisers;
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
 //! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
+//! - `dot_f16`: F16 products with llama.cpp's arithmetic (`ggml_vec_dot_f16`, tinyBLAS);
 //! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
 //! - `token_lanes`: [`TokenLanes`], activations of 16 tokens across a register's lanes, for
 //!   the AVX-512 prefill kernels of the 32-element formats ([`Kernels::dot_lanes`]);
@@ -22,6 +23,8 @@ mod dot;
 mod dot_avx2;
 #[cfg(target_arch = "x86_64")]
 mod dot_avx512;
+#[cfg(target_arch = "x86_64")]
+mod dot_f16;
 mod dot_scalar;
 mod token_lanes;
 pub mod types;
