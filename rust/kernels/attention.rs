@@ -130,8 +130,10 @@ fn head_probabilities(
     scores.fill(f32::NEG_INFINITY);
     for run in kv.head_runs(layer, kv_head, visible.clone()) {
         let at = run.start - base;
-        for (s, k) in scores[at..].iter_mut().zip(run.keys.chunks_exact(hd)) {
-            let scaled = ggml_f32::dot(q, k) * shape.scale;
+        let dst = &mut scores[at..at + run.keys.len() / hd];
+        ggml_f32::dots(q, run.keys, dst);
+        for s in dst {
+            let scaled = *s * shape.scale;
             *s = match shape.logit_softcap {
                 Some(cap) => cap * (scaled / cap).tanh(),
                 None => scaled,

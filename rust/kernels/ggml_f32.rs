@@ -93,6 +93,30 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
     dot_portable(x, y)
 }
 
+/// `out[p] = dot(q, keys[p * q.len()..(p + 1) * q.len()])` for every position `p` of `out`
+/// (attention scores of one query over consecutive keys), with [`dot`]'s bits. With
+/// AVX-512, sixteen keys at a time share one reduction: their sixteen lane vectors are
+/// folded together, each addition `reduce16` makes serving all of them.
+#[inline(always)]
+pub fn dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    let hd = q.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(DOT_STEP) {
+        while done + LANES <= out.len() {
+            let group = &keys[done * hd..(done + LANES) * hd];
+            // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
+            // keys of `hd` elements, a multiple of DOT_STEP.
+            let sums = unsafe { x86::dots16_avx512(q, group) };
+            out[done..done + LANES].copy_from_slice(&sums);
+            done += LANES;
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate().skip(done) {
+        *o = dot(q, &keys[p * hd..(p + 1) * hd]);
+    }
+}
+
 /// [`dot`] in plain Rust: the definition the vector versions are tested against.
 pub fn dot_portable(x: &[f32], y: &[f32]) -> f32 {
     let n = x.len().min(y.len());
@@ -153,12 +177,73 @@ mod x86 {
             i += DOT_STEP;
         }
         let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-        let h = _mm256_add_ps(
-            _mm512_extractf32x8_ps::<1>(sum),
-            _mm512_castps512_ps256(sum),
-        );
+        // The upper eight lanes (through the f64 view: AVX-512F, where the f32 extract
+        // needs AVX-512DQ and would not inline here).
+        let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum)));
+        let h = _mm256_add_ps(upper, _mm512_castps512_ps256(sum));
         let g = _mm_add_ps(_mm256_extractf128_ps::<1>(h), _mm256_castps256_ps128(h));
         add_products_from(x, y, whole, finish4(g))
+    }
+
+    /// [`dot_avx512`] of `q` with each of the sixteen keys in `keys` (`q.len()` elements each,
+    /// a multiple of DOT_STEP): per key the same FMAs and `(s0 + s2) + (s1 + s3)`, then the
+    /// sixteen `reduce16` trees side by side. `reduce16(v)` adds lanes `l` and `l + 8`, then
+    /// `l` and `l + 4`, then `(g2 + g0) + (g3 + g1)`; here the first step puts two keys' eight
+    /// sums in one register, the second four keys' four, the third adds `g2 + g0` and
+    /// `g3 + g1` for four keys per instruction and the fourth their pairs, which leaves key
+    /// `4i + q` in lane `4q + i`, put back in order by a permutation.
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn dots16_avx512(q: &[f32], keys: &[f32]) -> [f32; 16] {
+        let hd = q.len();
+        debug_assert!(hd.is_multiple_of(DOT_STEP) && keys.len() >= 16 * hd);
+        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        let mut sums = [_mm512_setzero_ps(); 16];
+        for (p, sum) in sums.iter_mut().enumerate() {
+            let key = kp.add(p * hd);
+            let mut acc = [_mm512_setzero_ps(); 4];
+            let mut i = 0;
+            while i < hd {
+                for (c, a) in acc.iter_mut().enumerate() {
+                    let at = i + 16 * c;
+                    *a = _mm512_fmadd_ps(
+                        _mm512_loadu_ps(qp.add(at)),
+                        _mm512_loadu_ps(key.add(at)),
+                        *a,
+                    );
+                }
+                i += DOT_STEP;
+            }
+            *sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        }
+        // Keys 2i and 2i + 1: lanes l + 8 and l added, eight each.
+        let halves: [__m512; 8] = std::array::from_fn(|i| {
+            let (a, b) = (sums[2 * i], sums[2 * i + 1]);
+            let low = _mm512_shuffle_f32x4::<0b01_00_01_00>(a, b);
+            let high = _mm512_shuffle_f32x4::<0b11_10_11_10>(a, b);
+            _mm512_add_ps(high, low)
+        });
+        // Keys 4i..4i + 4: lanes l + 4 and l added, four each (key 4i + q in quarter q).
+        let quads: [__m512; 4] = std::array::from_fn(|i| {
+            let (a, b) = (halves[2 * i], halves[2 * i + 1]);
+            let low = _mm512_shuffle_f32x4::<0b10_00_10_00>(a, b);
+            let high = _mm512_shuffle_f32x4::<0b11_01_11_01>(a, b);
+            _mm512_add_ps(high, low)
+        });
+        // Per quarter q: [g2 + g0, g3 + g1] of keys 4i + q and 4(i + 1) + q side by side.
+        let pair = |a: __m512, b: __m512| {
+            let g01 = _mm512_shuffle_ps::<0b01_00_01_00>(a, b);
+            let g23 = _mm512_shuffle_ps::<0b11_10_11_10>(a, b);
+            _mm512_add_ps(g23, g01)
+        };
+        let (u01, u23) = (pair(quads[0], quads[1]), pair(quads[2], quads[3]));
+        let even = _mm512_shuffle_ps::<0b10_00_10_00>(u01, u23);
+        let odd = _mm512_shuffle_ps::<0b11_01_11_01>(u01, u23);
+        // Lane 4q + i: key 4i + q.
+        let totals = _mm512_add_ps(even, odd);
+        let order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
+        let mut out = [0f32; 16];
+        _mm512_storeu_ps(out.as_mut_ptr(), _mm512_permutexvar_ps(order, totals));
+        out
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -326,6 +411,33 @@ mod tests {
         v[12] = 3.0;
         let want = ((1e8f32 + 1.0) + (3.0f32 + -1e8)) + 0.0;
         assert_eq!(reduce16(&v), want);
+    }
+
+    #[test]
+    fn dots_give_the_bits_of_one_dot_per_key() {
+        // Magnitudes spread over many binades, so any other summation order shows.
+        let value = |i: usize| {
+            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
+            m * 2f32.powi((i % 23) as i32 - 11)
+        };
+        for hd in [64, 128, 256, 80, 40] {
+            let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
+            for n_keys in [0, 1, 15, 16, 17, 33, 48] {
+                let keys: Vec<f32> = (0..n_keys * hd).map(|i| value(3 * i + 1)).collect();
+                let mut got = vec![f32::NAN; n_keys];
+                dots(&q, &keys, &mut got);
+                for (p, g) in got.iter().enumerate() {
+                    let want = dot(&q, &keys[p * hd..(p + 1) * hd]);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "head of {hd}, key {p} of {n_keys}"
+                    );
+                    let portable = dot_portable(&q, &keys[p * hd..(p + 1) * hd]);
+                    assert_eq!(g.to_bits(), portable.to_bits(), "portable, key {p}");
+                }
+            }
+        }
     }
 
     #[test]
