@@ -18,7 +18,11 @@ and the table reports medians. Per engine and model it measures:
   numbers in the speed issue were taken;
 - stream tok/s (sampler-sdk only): the same decode seen from Python through the streaming
   `Model.generate` callback (first to last token event), which includes sampling and the
-  hop into Python per token;
+  hop into Python per token. Decode and stream are measured --stream-pairs times each,
+  alternating, in every sampler-sdk process, and the stream's ratio to decode is taken per
+  adjacent pair (the table: the median over repeats of each process's median pair ratio),
+  since one measurement of either varies by several percent on a shared machine, more than
+  the gap itself;
 - peak RSS: `ru_maxrss` of the subprocess at exit (Python itself included, for both).
 
 Setup, cached under --cache-dir: llama-cpp-python is installed into a private venv unless
@@ -179,7 +183,7 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
 
-def worker_sampler(model: str, threads: int, ids: list[int], gen: int) -> dict:
+def worker_sampler(model: str, threads: int, ids: list[int], gen: int, pairs: int = 3) -> dict:
     import threading
     from time import perf_counter
 
@@ -199,32 +203,53 @@ def worker_sampler(model: str, threads: int, ids: list[int], gen: int) -> dict:
     engine.logits(ids)
     prefill_s = perf_counter() - t0
 
-    t0 = perf_counter()
-    engine.generate_greedy(ids, 1)
-    one_s = perf_counter() - t0
-    t0 = perf_counter()
-    out = engine.generate_greedy(ids, gen)
-    all_s = perf_counter() - t0
-    decoded = len(out) - 1
+    def decode() -> tuple[Optional[float], int]:
+        t0 = perf_counter()
+        engine.generate_greedy(ids, 1)
+        one_s = perf_counter() - t0
+        t0 = perf_counter()
+        out = engine.generate_greedy(ids, gen)
+        all_s = perf_counter() - t0
+        decoded = len(out) - 1
+        return (decoded / (all_s - one_s) if decoded > 0 and all_s > one_s else None), decoded
 
-    stamps: list[float] = []
-    done = threading.Event()
+    def stream() -> Optional[float]:
+        stamps: list[float] = []
+        done = threading.Event()
 
-    def on_event(kind: str, payload: object) -> None:
-        if kind == "token":
-            stamps.append(perf_counter())
+        def on_event(kind: str, payload: object) -> None:
+            if kind == "token":
+                stamps.append(perf_counter())
+            else:
+                done.set()
+
+        engine.generate(ids, on_event, max_len=gen, temperature=0.0, seed=0)
+        done.wait(600)
+        return (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None
+
+    # Decode and stream alternate within the process, and the stream's ratio to decode is
+    # taken per adjacent pair: a single measurement of each on a shared 2-core machine
+    # varies by +-10%, more than the gap being measured.
+    decodes: list[Optional[float]] = []
+    streams: list[Optional[float]] = []
+    decoded = 0
+    for pair in range(pairs):
+        if pair % 2 == 0:
+            d, decoded = decode()
+            s = stream()
         else:
-            done.set()
-
-    engine.generate(ids, on_event, max_len=gen, temperature=0.0, seed=0)
-    done.wait(600)
-    stream = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) > 2 else None
+            s = stream()
+            d, decoded = decode()
+        decodes.append(d)
+        streams.append(s)
+    ratios = [s / d for s, d in zip(streams, decodes) if s is not None and d]
     return {
         "load_s": load_s,
         "prefill_tps": len(ids) / prefill_s,
-        "decode_tps": decoded / (all_s - one_s) if decoded > 0 and all_s > one_s else None,
+        "decode_tps": median(decodes),
         "decoded": decoded,
-        "stream_tps": stream,
+        "stream_tps": median(streams),
+        "stream_ratio": statistics.median(ratios) if ratios else None,
         "peak_rss_mb": peak_rss_mb(),
     }
 
@@ -277,7 +302,7 @@ def worker_llama(model: str, threads: int, ids: list[int], gen: int) -> dict:
 
 
 def run_worker(
-    python: Path, engine: str, model: Path, threads: int, ids_file: Path, gen: int
+    python: Path, engine: str, model: Path, threads: int, ids_file: Path, gen: int, pairs: int
 ) -> Optional[dict]:
     cmd = [
         str(python),
@@ -288,6 +313,7 @@ def run_worker(
         str(threads),
         str(ids_file),
         str(gen),
+        str(pairs),
     ]
     env = dict(os.environ, SAMPLER_SDK_THREADS=str(threads))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -331,6 +357,15 @@ def ratio(ours: Optional[float], theirs: Optional[float], higher_is_better: bool
     return f"{(ours / theirs if higher_is_better else theirs / ours):.2f}x"
 
 
+def stream_ratio(ours: dict) -> str:
+    """The median of the paired stream/decode ratios (see worker_sampler); the ratio of the
+    medians for results without them."""
+    paired = ours.get("stream_ratio")
+    if paired is None:
+        return ratio(ours.get("stream_tps"), ours.get("decode_tps"))
+    return f"{paired:.2f}x"
+
+
 def machine_summary() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -356,10 +391,13 @@ def git_commit() -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_worker"]:
-        engine, model, threads, ids_file, gen = argv[1:6]
+        engine, model, threads, ids_file, gen, pairs = argv[1:7]
         ids = json.loads(Path(ids_file).read_text())
-        work = worker_sampler if engine == "sampler-sdk" else worker_llama
-        print(json.dumps(work(model, int(threads), ids, int(gen))))
+        if engine == "sampler-sdk":
+            result = worker_sampler(model, int(threads), ids, int(gen), int(pairs))
+        else:
+            result = worker_llama(model, int(threads), ids, int(gen))
+        print(json.dumps(result))
         return 0
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -368,6 +406,12 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--prompt-tokens", type=int, default=255)
     parser.add_argument("--gen-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument(
+        "--stream-pairs",
+        type=int,
+        default=3,
+        help="decode/stream measurement pairs per sampler-sdk process (the stream ratio is their median)",
+    )
     parser.add_argument("--llama-venv", help="a venv with llama-cpp-python (skip installing one)")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
     parser.add_argument("--results-dir", default=str(HERE / "results"))
@@ -400,7 +444,9 @@ def main(argv: list[str]) -> int:
                     # Alternate the order so neither engine always runs first.
                     order = engines if rep % 2 == 0 else engines[::-1]
                     for engine in order:
-                        r = run_worker(python_for[engine], engine, path, threads, ids_file, args.gen_tokens)
+                        r = run_worker(
+                            python_for[engine], engine, path, threads, ids_file, args.gen_tokens, args.stream_pairs
+                        )
                         if r is not None:
                             samples[engine].append(r)
                 summary = {
@@ -429,7 +475,7 @@ def main(argv: list[str]) -> int:
             f"| {name} | {threads} "
             f"| {fmt(o.get('prefill_tps'))} / {fmt(t.get('prefill_tps'))} / {ratio(o.get('prefill_tps'), t.get('prefill_tps'))} "
             f"| {fmt(o.get('decode_tps'))} / {fmt(t.get('decode_tps'))} / {ratio(o.get('decode_tps'), t.get('decode_tps'))} "
-            f"| {fmt(o.get('stream_tps'))} / {ratio(o.get('stream_tps'), o.get('decode_tps'))} "
+            f"| {fmt(o.get('stream_tps'))} / {stream_ratio(o)} "
             f"| {fmt(o.get('load_s'), 3)} / {fmt(t.get('load_s'), 3)} / {ratio(o.get('load_s'), t.get('load_s'), False)} "
             f"| {fmt(o.get('peak_rss_mb'), 0)} / {fmt(t.get('peak_rss_mb'), 0)} / {ratio(o.get('peak_rss_mb'), t.get('peak_rss_mb'), False)} |"
         )
