@@ -317,7 +317,8 @@ impl LaneGroups {
     /// [`LANES_MIN_TOKENS`]. Nothing for types without a lanes kernel or for a lone token.
     /// For the 32-element formats every token has the single-token arithmetic (which is
     /// llama.cpp's batched arithmetic too, see `quant::DotBatchFn`); for Q4_K the tokens its
-    /// gemm takes and the others go in separate runs.
+    /// gemm takes and the others go in separate runs; for Q6_K only tokens of batches its
+    /// tiled kernel takes (8 or more) have lanes.
     fn build(&mut self, kernels: &Kernels, acts: &[QuantizedActivations]) {
         self.used = 0;
         self.covered = 0;
@@ -325,14 +326,22 @@ impl LaneGroups {
         let (Some(_), Some(offset), None) = (kernels.lanes, offset, lone_token(acts)) else {
             return;
         };
-        let k_quant = kernels.ty == GgmlType::Q4K;
+        let k_quant = matches!(kernels.ty, GgmlType::Q4K | GgmlType::Q6K);
         let batched = |act: &QuantizedActivations| {
             let (index, len) = act.batch_place();
-            k_quant && index < quant::q4_k_gemm_tokens(len)
+            match kernels.ty {
+                GgmlType::Q4K => index < quant::q4_k_gemm_tokens(len),
+                GgmlType::Q6K => index < quant::q6_k_tiled_tokens(len),
+                _ => false,
+            }
         };
         let mut start = 0;
         while start < acts.len() {
             let mode = batched(&acts[start]);
+            if kernels.ty == GgmlType::Q6K && !mode {
+                // Q6_K's lanes kernel has the tiled kernel's arithmetic only.
+                break;
+            }
             let mut end = start + 1;
             while end < acts.len() && end - start < LANE_TOKENS && batched(&acts[end]) == mode {
                 end += 1;

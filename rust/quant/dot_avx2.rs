@@ -1783,7 +1783,7 @@ unsafe fn q6_k_half_scales(scales: __m256i, h: usize) -> __m256i {
 /// The 128 unsigned 6-bit values of half `h` of the Q6_K block at `x`, as four registers
 /// of 32 bytes: low four bits from `ql`, bits 4 and 5 from `qh`.
 #[inline(always)]
-unsafe fn q6_k_values(x: *const u8, h: usize) -> [__m256i; 4] {
+pub(super) unsafe fn q6_k_values(x: *const u8, h: usize) -> [__m256i; 4] {
     let (low4, bits45) = (_mm256_set1_epi8(0x0F), _mm256_set1_epi8(0x30));
     let ql_a = load256(x.add(64 * h));
     let ql_b = load256(x.add(64 * h + 32));
@@ -1960,13 +1960,7 @@ pub(super) unsafe fn q5_k_tokens_body<const T: usize>(
 /// How many tokens of a batch of `batch` llama.cpp multiplies by a Q6_K matrix with its
 /// tiled kernel (`ggml-cpu/tiled`, taken by `ggml_compute_forward_mul_mat` for the K-quants
 /// when the batch has at least 8 tokens, unless `GGML_CPU_TILED_MM=0`): all or none.
-pub(super) fn q6_k_tiled_tokens(batch: usize) -> usize {
-    if batch >= 8 {
-        batch
-    } else {
-        0
-    }
-}
+pub(super) use super::token_lanes::q6_k_tiled_tokens;
 
 /// One Q6_K row by `T` tokens, as [`q5_k_tokens_body`] is to [`q5_k_body`]. `TILED = false`:
 /// per token, [`q6_k_body`]'s (`ggml_vec_dot_q6_K_q8_K`'s) arithmetic. `TILED = true`:

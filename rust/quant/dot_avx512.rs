@@ -30,9 +30,9 @@ use super::dispatch::{Avx512Checked, Kernels};
 use super::dot_avx2::{
     bf16_bf16, bit4_from_bits_32, common_blocks, f16_gather4, high_bits, hsum,
     k4_scales_mins_packed, load128, load256, next_rows, prefetch, q4_k_gemm_tokens,
-    q6_k_tiled_tokens, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens, small_finish,
-    small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format, Q5_0Format,
-    Q5_1Format, RowKernel, SmallFormat, TokensKernel,
+    q6_k_tiled_tokens, q6_k_values, q8_0_q8_0, row_kernel, rows_by_tokens, set, set_tokens,
+    small_finish, small_min_parts, small_one, small_scales4, tokens_kernel, Q4_0Format, Q4_1Format,
+    Q5_0Format, Q5_1Format, RowKernel, SmallFormat, TokensKernel,
 };
 use super::token_lanes::{lanes_offset, TokenLanes, LANE_TOKENS};
 use super::{GgmlType, QuantizedActivations};
@@ -721,7 +721,107 @@ fn q4_k_lanes_entry(rows: [&[u8]; 2], lanes: &TokenLanes, out: &mut [[f32; 2]; L
     }
 }
 
+/// Two Q6_K rows against the sixteen Q8_K tokens of `lanes`, with the arithmetic of
+/// llama.cpp's tiled kernel (`q6_k_tokens_body` with `TILED`): per super-block the exact
+/// integer `S = Σ scale (Σ u q8) - 32 Σ scale bsum` (stored values `u = w + 32` broadcast
+/// dword by dword to the tokens' quants; the offset's share from the 16-element block sums
+/// by `vpmaddwd` with pairs of scales), then `acc = fma((float) S * d_x, d_y, acc)`.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q6_k_tiled_lanes(
+    rows: [&[u8]; 2],
+    lanes: &TokenLanes,
+    out: &mut [[f32; 2]; LANE_TOKENS],
+) {
+    const SIZE: usize = 210;
+    let blocks = rows
+        .iter()
+        .fold(lanes.blocks(), |b, row| b.min(row.len() / SIZE));
+    let w = rows.map(<[u8]>::as_ptr);
+    let next = next_rows(&rows);
+    let zero = _mm512_setzero_si512();
+    let mut acc = [_mm512_setzero_ps(); 2];
+    // Per row: the 256 values as bytes in element order, the sixteen scales, and the scales
+    // in pairs as two i16.
+    let mut values = [[0u32; 64]; 2];
+    let mut scales = [[0i32; 16]; 2];
+    let mut scale_pairs = [[0i32; 8]; 2];
+    for b in 0..blocks {
+        if let Some(next) = next {
+            prefetch(next.wrapping_add(b * 2 * SIZE), 2 * SIZE);
+        }
+        let x = w.map(|w| w.add(b * SIZE));
+        for r in 0..2 {
+            for h in 0..2 {
+                for (k, v) in q6_k_values(x[r], h).into_iter().enumerate() {
+                    _mm256_storeu_si256(values[r].as_mut_ptr().add(32 * h + 8 * k).cast(), v);
+                }
+            }
+            for s in 0..16 {
+                scales[r][s] = i32::from(x[r].add(192 + s).cast::<i8>().read());
+            }
+            for i in 0..8 {
+                let pair = |s: usize| u32::from(scales[r][s] as i16 as u16);
+                scale_pairs[r][i] = (pair(2 * i) | (pair(2 * i + 1) << 16)) as i32;
+            }
+        }
+        // Through memory: broadcast loads, not shuffles (see `lanes_two_rows`).
+        let (values, scales, scale_pairs) = std::hint::black_box((&values, &scales, &scale_pairs));
+        let v = lanes.block(b);
+        let dy = _mm512_load_ps(v[68].0.as_ptr().cast());
+        let mut totals = [zero; 2];
+        let mut offsets = [zero; 2];
+        for s in 0..16 {
+            let mut sums = [zero; 2];
+            for k in 0..4 {
+                let quants = _mm512_load_si512(v[4 * s + k].0.as_ptr().cast());
+                for r in 0..2 {
+                    let weights = _mm512_set1_epi32(values[r][4 * s + k] as i32);
+                    sums[r] = _mm512_dpbusd_epi32(sums[r], weights, quants);
+                }
+            }
+            for r in 0..2 {
+                let scaled = _mm512_mullo_epi32(sums[r], _mm512_set1_epi32(scales[r][s]));
+                totals[r] = _mm512_add_epi32(totals[r], scaled);
+            }
+        }
+        for i in 0..8 {
+            let bsums = _mm512_load_si512(v[69 + i].0.as_ptr().cast());
+            for r in 0..2 {
+                let share = _mm512_madd_epi16(_mm512_set1_epi32(scale_pairs[r][i]), bsums);
+                offsets[r] = _mm512_add_epi32(offsets[r], share);
+            }
+        }
+        for r in 0..2 {
+            let total = _mm512_sub_epi32(totals[r], _mm512_slli_epi32::<5>(offsets[r]));
+            let d_x = _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+                x[r].add(208).cast::<u16>().read_unaligned(),
+            )));
+            let scaled = _mm512_mul_ps(_mm512_cvtepi32_ps(total), _mm512_broadcastss_ps(d_x));
+            acc[r] = _mm512_fmadd_ps(scaled, dy, acc[r]);
+        }
+    }
+    for r in 0..2 {
+        let mut per_token = [0f32; LANE_TOKENS];
+        _mm512_storeu_ps(per_token.as_mut_ptr(), acc[r]);
+        for (o, v) in out.iter_mut().zip(per_token) {
+            o[r] = v;
+        }
+    }
+}
+
+/// The safe `DotLanesFn` of Q6_K: NaN results for lanes not built from Q8_K rows of tokens
+/// the tiled kernel takes.
+fn q6_k_lanes_entry(rows: [&[u8]; 2], lanes: &TokenLanes, out: &mut [[f32; 2]; LANE_TOKENS]) {
+    if !lanes.is_q8_k() || !lanes.batched() {
+        out.iter_mut().for_each(|o| *o = [f32::NAN; 2]);
+        return;
+    }
+    // SAFETY: as in `lanes_entry`.
+    unsafe { q6_k_tiled_lanes(rows, lanes, out) }
+}
+
 fn install_lanes(table: &mut Kernels, _proof: Avx512Checked) {
+    table.set_dot_lanes(GgmlType::Q6K, q6_k_lanes_entry);
     table.set_dot_lanes(GgmlType::Q4K, q4_k_lanes_entry);
     table.set_dot_lanes(GgmlType::Q4_0, lanes_entry::<SmallLanes<Q4_0Format>>);
     table.set_dot_lanes(GgmlType::Q5_0, lanes_entry::<SmallLanes<Q5_0Format>>);

@@ -240,7 +240,7 @@ fn lanes_kernels_give_single_row_bits() {
                 continue;
             };
             let offset = lanes_offset(ty).expect("a lanes kernel implies an offset");
-            let k_quant = ty == GgmlType::Q4K;
+            let k_quant = matches!(ty, GgmlType::Q4K | GgmlType::Q6K);
             let block = ty.block_size();
             let block_counts: &[usize] = if k_quant { &[1, 3, 4] } else { &[1, 3, 18, 48] };
             for &blocks in block_counts {
@@ -256,7 +256,12 @@ fn lanes_kernels_give_single_row_bits() {
                         .collect();
                     // Q4_K: the gemm's arithmetic (the tokens of a batch of 16, a multiple of
                     // 4) and the gemv's (a lone token's).
-                    for batched in [false, true].into_iter().take(if k_quant { 2 } else { 1 }) {
+                    let modes: &[bool] = match ty {
+                        GgmlType::Q4K => &[false, true],
+                        GgmlType::Q6K => &[true],
+                        _ => &[false],
+                    };
+                    for &batched in modes {
                         let mut lanes = TokenLanes::new();
                         let built = if k_quant {
                             lanes.build_q8_k(&acts, batched)

@@ -44,6 +44,7 @@ pub use dot::{
     DotFn, DotTokensFn,
 };
 pub use token_lanes::{
-    lanes_offset, q4_k_gemm_tokens, DotLanesFn, TokenLanes, TokenVector, LANE_TOKENS,
+    lanes_offset, q4_k_gemm_tokens, q6_k_tiled_tokens, DotLanesFn, TokenLanes, TokenVector,
+    LANE_TOKENS,
 };
 pub use types::{GgmlType, QK_K};

@@ -22,8 +22,9 @@ const LANES_PER_BLOCK: usize = 8;
 /// Vectors per Q8_0 block: eight of quants, eight of starting sums, one of scales.
 const VECTORS_PER_BLOCK: usize = 2 * LANES_PER_BLOCK + 1;
 
-/// Vectors per Q8_K super-block: 64 of quants, four of sub-block sums, one of scales.
-const VECTORS_PER_SUPER_BLOCK: usize = 64 + 4 + 1;
+/// Vectors per Q8_K super-block: 64 of quants, four of 32-element sums, one of scales,
+/// eight of 16-element sums.
+const VECTORS_PER_SUPER_BLOCK: usize = 64 + 4 + 1 + 8;
 
 /// One 512-bit vector: a 32-bit value per token.
 #[derive(Clone, Copy, Debug, Default)]
@@ -42,7 +43,9 @@ pub struct TokenVector(pub [u32; LANE_TOKENS]);
 /// - dwords `k = 0..64` of each token's 256 quants;
 /// - pairs `p = 0..4`: each token's sums over sub-blocks `2p` and `2p + 1` (32 quants each,
 ///   from its `bsums`), as two i16 in a dword, for `vpmaddwd` with the pair's minimums;
-/// - each token's `d` (f32 bits).
+/// - each token's `d` (f32 bits);
+/// - pairs `i = 0..8`: each token's `bsums[2i]` and `bsums[2i + 1]` (sums of 16 quants), two
+///   i16 in a dword, for `vpmaddwd` with Q6_K's pairs of scales.
 ///
 /// Tokens past [`Self::tokens`] are zero (their results are zero and ignored). Buffers are
 /// kept between builds, so rebuilding for inputs of the same size does not allocate.
@@ -147,6 +150,11 @@ impl TokenLanes {
                     block[64 + p].0[t] = pair;
                 }
                 block[68].0[t] = u32::from_le_bytes([y[0], y[1], y[2], y[3]]);
+                for i in 0..8 {
+                    let at = BSUMS + 4 * i;
+                    block[69 + i].0[t] =
+                        u32::from_le_bytes([y[at], y[at + 1], y[at + 2], y[at + 3]]);
+                }
             }
         }
         self.tokens = acts.len();
@@ -198,13 +206,14 @@ impl TokenLanes {
 pub type DotLanesFn = fn(rows: [&[u8]; 2], lanes: &TokenLanes, out: &mut [[f32; 2]; LANE_TOKENS]);
 
 /// The stored-value offset of `ty`'s weights in the lanes kernels, for the types that have
-/// them (Q4_K's nibbles are unsigned weights themselves; its lanes are Q8_K's).
+/// them (for Q4_K and Q6_K, whose lanes are Q8_K's, 0: their kernels take the offsets off
+/// with the block sums).
 pub fn lanes_offset(ty: GgmlType) -> Option<i32> {
     match ty {
         GgmlType::Q4_0 => Some(8),
         GgmlType::Q5_0 => Some(16),
         GgmlType::Q8_0 => Some(128),
-        GgmlType::Q4K => Some(0),
+        GgmlType::Q4K | GgmlType::Q6K => Some(0),
         _ => None,
     }
 }
@@ -213,4 +222,15 @@ pub fn lanes_offset(ty: GgmlType) -> Option<i32> {
 /// its gemm (the first `batch - batch % 4`; the rest go through the gemv).
 pub fn q4_k_gemm_tokens(batch: usize) -> usize {
     batch - batch % 4
+}
+
+/// How many tokens of a batch of `batch` llama.cpp multiplies by a Q6_K matrix with its
+/// tiled kernel (`ggml-cpu/tiled`, taken by `ggml_compute_forward_mul_mat` for the K-quants
+/// when the batch has at least 8 tokens, unless `GGML_CPU_TILED_MM=0`): all or none.
+pub fn q6_k_tiled_tokens(batch: usize) -> usize {
+    if batch >= 8 {
+        batch
+    } else {
+        0
+    }
 }
