@@ -520,6 +520,26 @@ impl<F: SmallFormat> LanesWeights for SmallLanes<F> {
     }
 }
 
+/// Whole blocks of `size` bytes both rows and every token of `lanes` hold.
+fn lane_blocks(rows: &[&[u8]; 2], lanes: &TokenLanes, size: usize) -> usize {
+    rows.iter()
+        .fold(lanes.blocks(), |b, row| b.min(row.len() / size))
+}
+
+/// `out[t][r]` = lane `t` of `totals[r]`.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn write_lanes(totals: [__m512; 2], out: &mut [[f32; 2]; LANE_TOKENS]) {
+    for (r, total) in totals.into_iter().enumerate() {
+        let mut per_token = [0f32; LANE_TOKENS];
+        // SAFETY: `per_token` holds sixteen f32.
+        unsafe { _mm512_storeu_ps(per_token.as_mut_ptr(), total) };
+        for (o, v) in out.iter_mut().zip(per_token) {
+            o[r] = v;
+        }
+    }
+}
+
 /// Two rows against the sixteen tokens of `lanes` (see `quant::token_lanes`): for each
 /// block and ggml lane `k`, the rows' dword `k` broadcast to every token meets the tokens'
 /// quants `4k..4k+4` in one `vpdpbusd`, which starts from the tokens' offset shares, so
@@ -533,9 +553,7 @@ unsafe fn lanes_two_rows<W: LanesWeights>(
     lanes: &TokenLanes,
     out: &mut [[f32; 2]; LANE_TOKENS],
 ) {
-    let blocks = rows
-        .iter()
-        .fold(lanes.blocks(), |b, row| b.min(row.len() / W::SIZE));
+    let blocks = lane_blocks(&rows, lanes, W::SIZE);
     let w = rows.map(<[u8]>::as_ptr);
     let next = next_rows(&rows);
     let mut acc = [[_mm512_setzero_ps(); 8]; 2];
@@ -568,16 +586,11 @@ unsafe fn lanes_two_rows<W: LanesWeights>(
             }
         }
     }
-    for r in 0..2 {
-        let a = acc[r];
+    let totals = acc.map(|a| {
         let m = |k: usize| _mm512_add_ps(a[k], a[k + 4]);
-        let total = _mm512_add_ps(_mm512_add_ps(m(0), m(2)), _mm512_add_ps(m(1), m(3)));
-        let mut per_token = [0f32; LANE_TOKENS];
-        _mm512_storeu_ps(per_token.as_mut_ptr(), total);
-        for (o, v) in out.iter_mut().zip(per_token) {
-            o[r] = v;
-        }
-    }
+        _mm512_add_ps(_mm512_add_ps(m(0), m(2)), _mm512_add_ps(m(1), m(3)))
+    });
+    write_lanes(totals, out);
 }
 
 /// The safe `DotLanesFn` of `W`: NaN results for lanes built for another offset.
@@ -610,9 +623,7 @@ unsafe fn q4_k_lanes<const GEMM: bool>(
     out: &mut [[f32; 2]; LANE_TOKENS],
 ) {
     const SIZE: usize = 144;
-    let blocks = rows
-        .iter()
-        .fold(lanes.blocks(), |b, row| b.min(row.len() / SIZE));
+    let blocks = lane_blocks(&rows, lanes, SIZE);
     let w = rows.map(<[u8]>::as_ptr);
     let next = next_rows(&rows);
     let zero = _mm512_setzero_si512();
@@ -696,13 +707,7 @@ unsafe fn q4_k_lanes<const GEMM: bool>(
             }
         }
     }
-    for r in 0..2 {
-        let mut per_token = [0f32; LANE_TOKENS];
-        _mm512_storeu_ps(per_token.as_mut_ptr(), _mm512_sub_ps(acc[r], acc_min[r]));
-        for (o, v) in out.iter_mut().zip(per_token) {
-            o[r] = v;
-        }
-    }
+    write_lanes([0, 1].map(|r| _mm512_sub_ps(acc[r], acc_min[r])), out);
 }
 
 /// The safe `DotLanesFn` of Q4_K: NaN results for lanes not built from Q8_K rows.
@@ -733,9 +738,7 @@ unsafe fn q6_k_tiled_lanes(
     out: &mut [[f32; 2]; LANE_TOKENS],
 ) {
     const SIZE: usize = 210;
-    let blocks = rows
-        .iter()
-        .fold(lanes.blocks(), |b, row| b.min(row.len() / SIZE));
+    let blocks = lane_blocks(&rows, lanes, SIZE);
     let w = rows.map(<[u8]>::as_ptr);
     let next = next_rows(&rows);
     let zero = _mm512_setzero_si512();
@@ -800,13 +803,7 @@ unsafe fn q6_k_tiled_lanes(
             acc[r] = _mm512_fmadd_ps(scaled, dy, acc[r]);
         }
     }
-    for r in 0..2 {
-        let mut per_token = [0f32; LANE_TOKENS];
-        _mm512_storeu_ps(per_token.as_mut_ptr(), acc[r]);
-        for (o, v) in out.iter_mut().zip(per_token) {
-            o[r] = v;
-        }
-    }
+    write_lanes(acc, out);
 }
 
 /// The safe `DotLanesFn` of Q6_K: NaN results for lanes not built from Q8_K rows of tokens

@@ -65,29 +65,44 @@ impl TokenLanes {
         Self::default()
     }
 
+    /// Empties the layout and, when `acts` are at most [`LANE_TOKENS`] whole rows of `format`
+    /// of one length (with their block scales), makes room for them: `per_block` zeroed
+    /// vectors per block. Returns the block count.
+    fn reset(
+        &mut self,
+        acts: &[QuantizedActivations],
+        format: GgmlType,
+        per_block: usize,
+    ) -> Option<usize> {
+        self.tokens = 0;
+        self.blocks = 0;
+        let first = acts.first()?;
+        let blocks = first.len() / format.block_size();
+        let block_bytes = format.bytes_for((blocks * format.block_size()) as u64)? as usize;
+        let scales = if format == GgmlType::Q8_0 { blocks } else { 0 };
+        let usable = acts.len() <= LANE_TOKENS
+            && acts.iter().all(|a| {
+                a.format() == format
+                    && a.len() == first.len()
+                    && a.bytes().len() >= block_bytes
+                    && a.block_scales().len() >= scales
+            });
+        if !usable {
+            return None;
+        }
+        self.vectors.clear();
+        self.vectors
+            .resize(blocks * per_block, TokenVector::default());
+        Some(blocks)
+    }
+
     /// Transposes `acts` (at most [`LANE_TOKENS`] Q8_0 rows of one length) for weights stored
     /// with `offset`. Returns false, leaving nothing usable, when the rows are not that.
     pub fn build(&mut self, acts: &[QuantizedActivations], offset: i32) -> bool {
         const BLOCK: usize = 34;
-        let Some(first) = acts.first() else {
+        let Some(blocks) = self.reset(acts, GgmlType::Q8_0, VECTORS_PER_BLOCK) else {
             return false;
         };
-        let blocks = first.len() / 32;
-        let usable = acts.len() <= LANE_TOKENS
-            && acts.iter().all(|a| {
-                a.format() == GgmlType::Q8_0
-                    && a.len() == first.len()
-                    && a.bytes().len() >= blocks * BLOCK
-                    && a.block_scales().len() >= blocks
-            });
-        self.tokens = 0;
-        self.blocks = 0;
-        if !usable {
-            return false;
-        }
-        self.vectors.clear();
-        self.vectors
-            .resize(blocks * VECTORS_PER_BLOCK, TokenVector::default());
         for (t, act) in acts.iter().enumerate() {
             let (bytes, scales) = (act.bytes(), act.block_scales());
             for (b, block) in self.vectors.chunks_exact_mut(VECTORS_PER_BLOCK).enumerate() {
@@ -115,24 +130,9 @@ impl TokenLanes {
         const BLOCK: usize = 292;
         const QS: usize = 4;
         const BSUMS: usize = 260;
-        let Some(first) = acts.first() else {
+        let Some(blocks) = self.reset(acts, GgmlType::Q8K, VECTORS_PER_SUPER_BLOCK) else {
             return false;
         };
-        let blocks = first.len() / 256;
-        let usable = acts.len() <= LANE_TOKENS
-            && acts.iter().all(|a| {
-                a.format() == GgmlType::Q8K
-                    && a.len() == first.len()
-                    && a.bytes().len() >= blocks * BLOCK
-            });
-        self.tokens = 0;
-        self.blocks = 0;
-        if !usable {
-            return false;
-        }
-        self.vectors.clear();
-        self.vectors
-            .resize(blocks * VECTORS_PER_SUPER_BLOCK, TokenVector::default());
         for (t, act) in acts.iter().enumerate() {
             let bytes = act.bytes();
             let vectors = self.vectors.chunks_exact_mut(VECTORS_PER_SUPER_BLOCK);
