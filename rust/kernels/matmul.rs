@@ -936,6 +936,44 @@ mod tests {
     }
 
     #[test]
+    fn placed_tokens_get_their_batch_arithmetic_through_the_lanes_kernels() {
+        // Lone tokens of many sequences (batched decoding), the end of a prompt batch that
+        // straddles Q4_K's gemm/gemv cut (index 52 of 55), and a short batch Q6_K's tiled
+        // kernel does not take (7 tokens).
+        let lone = vec![(0, 1); 12];
+        let straddling: Vec<(usize, usize)> = (40..55).map(|i| (i, 55)).collect();
+        let short: Vec<(usize, usize)> = (0..7).map(|i| (i, 7)).collect();
+        let mixed: Vec<(usize, usize)> = straddling.iter().chain(&lone).copied().collect();
+        let row_len = 512;
+        for ty in [GgmlType::Q4K, GgmlType::Q6K, GgmlType::Q8_0, GgmlType::Q5_0] {
+            let n_rows = 45;
+            let w = matrix(ty, n_rows, row_len);
+            let file = weight_bytes(ty, n_rows, row_len, 11);
+            for places in [&lone, &straddling, &short, &mixed] {
+                let x = small_values(places.len() * row_len, 13);
+                let mut batch = ActivationBatch::new();
+                batch.set_input_placed(places, row_len);
+                let acts = batch.for_weight(ty, &x).unwrap().to_vec();
+                let mut expected = vec![0f32; places.len() * n_rows];
+                matmul_reference(&w, &file, &acts, &mut expected);
+                for threads in [1, 2] {
+                    let pool = ThreadPool::new(threads).unwrap();
+                    let mut out = vec![f32::NAN; expected.len()];
+                    matmul(&pool, &w, &file, &acts, &mut out).unwrap();
+                    for (i, (a, b)) in out.iter().zip(&expected).enumerate() {
+                        assert_eq!(
+                            a.to_bits(),
+                            b.to_bits(),
+                            "{ty}, token {} of {places:?}, {threads} threads",
+                            i / n_rows
+                        );
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
     fn fused_and_gated_products_equal_separate_ones() {
         let (row_len, n_tokens) = (256, 3);
         let wq = matrix(GgmlType::Q4_0, 70, row_len);
