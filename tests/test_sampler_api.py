@@ -242,6 +242,68 @@ def test_sync_sampler(client):
     assert client.sync_sampler.tokenize("Hello")[0].token_type == TokenType.PROMPT
 
 
+def test_sync_stream_gives_the_async_stream_tokens_and_finish(client):
+    kwargs = dict(inputs=(PROMPT,), max_len=6, temperature=1.0, rng_seed=77, stop_strings=["\n\n"])
+    stream = client.sync_sampler.sample(**kwargs)
+    sync_tokens = list(stream)
+    async_tokens, async_stream = collect(client, **kwargs)
+    assert sync_tokens == async_tokens
+    assert (stream.stop_reason, stream.stop_string, stream.usage) == (
+        async_stream.stop_reason,
+        async_stream.stop_string,
+        async_stream.usage,
+    )
+    assert next(stream, None) is None  # exhausted stays exhausted
+
+
+def _engine_handle(stream):
+    """The in-process generation behind a sync stream (None over gRPC)."""
+    return getattr(stream._stream._call, "_handle", None)
+
+
+def test_sync_close_stops_the_generation(client):
+    with client.sync_sampler.sample(inputs=(PROMPT,), max_len=500, temperature=1.0) as stream:
+        next(stream)
+    assert stream.stop_reason == "cancelled"
+    assert list(stream) == []
+    handle = _engine_handle(stream)
+    if handle is not None:
+        assert handle.wait(timeout=10)
+
+
+def test_sync_abandoned_stream_stops_the_generation(client):
+    stream = client.sync_sampler.sample(inputs=(PROMPT,), max_len=500, temperature=1.0)
+    next(stream)
+    handle = _engine_handle(stream)
+    del stream
+    if handle is not None:
+        assert handle.wait(timeout=10)
+
+
+def test_closing_the_sync_sampler_stops_its_streams(smollm_path):
+    client = Client(str(smollm_path))
+    stream = client.sync_sampler.sample(inputs=(PROMPT,), max_len=500, temperature=1.0)
+    next(stream)
+    client.close()
+    assert _engine_handle(stream).wait(timeout=10)
+    with pytest.raises(RuntimeError):
+        next(stream)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(inputs=([10**9],)), ValueError, "token id"),
+        (dict(inputs=(PROMPT,), model_name="no-such-model"), ValueError, "model_name"),
+        (dict(inputs=("word " * 9000,)), ValueError, "context"),
+    ],
+)
+def test_sync_bad_requests_raise_when_iterated(client, kwargs, exc, match):
+    stream = client.sync_sampler.sample(max_len=2, **kwargs)
+    with pytest.raises(exc, match=match):
+        list(stream)
+
+
 def test_first_token_distribution_matches_the_filtered_softmax(client, engine):
     """Chi-square of 240 first-token draws against softmax(logits / T) after the nucleus."""
     prompt = "My favourite colour is"

@@ -198,13 +198,14 @@ class LoadedModel:
         )
 
 
-class LocalSampleCall:
-    """Async iterator over one engine generation's events."""
+class _LocalCall:
+    """One engine generation: starts it, and turns its raw events into sample events.
+
+    Subclasses set up the queue ``_on_event`` feeds before calling ``__init__``.
+    """
 
     def __init__(self, model: LoadedModel, request: SampleRequest):
         self._model = model
-        self._loop = asyncio.get_running_loop()
-        self._queue: "asyncio.Queue[tuple]" = asyncio.Queue()
         self._done = False
         self._stop_strings = list(request.stop_strings)
         engine = model.engine
@@ -241,21 +242,10 @@ class LocalSampleCall:
         _live_generations.add(self._handle)
 
     def _on_event(self, kind: str, payload: object) -> None:
-        # Runs on the engine thread. If the loop is closed this raises, which tells the
-        # engine its consumer is gone.
-        _waker.call_soon_threadsafe(self._loop, self._queue.put_nowait, (kind, payload))
+        raise NotImplementedError
 
-    def __aiter__(self) -> "LocalSampleCall":
-        return self
-
-    async def __anext__(self):
-        if self._done:
-            raise StopAsyncIteration
-        try:
-            kind, payload = await self._queue.get()
-        except BaseException:
-            self.cancel()
-            raise
+    def _event(self, kind: str, payload):
+        """The sample event for one engine event; raises the engine's error."""
         if kind == "token":
             return self._token(payload)
         self._done = True
@@ -297,6 +287,66 @@ class LocalSampleCall:
             handle.cancel()
 
 
+class LocalSampleCall(_LocalCall):
+    """Async iterator over one engine generation's events."""
+
+    def __init__(self, model: LoadedModel, request: SampleRequest):
+        self._loop = asyncio.get_running_loop()
+        self._queue: "asyncio.Queue[tuple]" = asyncio.Queue()
+        super().__init__(model, request)
+
+    def _on_event(self, kind: str, payload: object) -> None:
+        # Runs on the engine thread. If the loop is closed this raises, which tells the
+        # engine its consumer is gone.
+        _waker.call_soon_threadsafe(self._loop, self._queue.put_nowait, (kind, payload))
+
+    def __aiter__(self) -> "LocalSampleCall":
+        return self
+
+    async def __anext__(self):
+        if self._done:
+            raise StopAsyncIteration
+        try:
+            kind, payload = await self._queue.get()
+        except BaseException:
+            self.cancel()
+            raise
+        return self._event(kind, payload)
+
+
+class BlockingLocalSampleCall(_LocalCall):
+    """Plain iterator over one engine generation's events, for the synchronous API.
+
+    The engine thread puts each event on a ``SimpleQueue`` (no system call when nobody
+    waits, one futex wake when the consumer does; the GIL kept) and the consuming thread
+    takes it from there: one hand-off a token, where going through an event loop took
+    four (engine -> waker -> loop -> the thread blocked on the loop's future, plus the
+    caller's request to the loop). Events stay in order; the consumer being gone shows as
+    ``cancel`` (``SampleStream.__del__``, ``SyncSampler.close``).
+    """
+
+    def __init__(self, model: LoadedModel, request: SampleRequest):
+        self._queue: "queue.SimpleQueue[tuple]" = queue.SimpleQueue()
+        super().__init__(model, request)
+
+    def _on_event(self, kind: str, payload: object) -> None:
+        # Runs on the engine thread.
+        self._queue.put((kind, payload))
+
+    def __iter__(self) -> "BlockingLocalSampleCall":
+        return self
+
+    def __next__(self):
+        if self._done:
+            raise StopIteration
+        try:
+            kind, payload = self._queue.get()
+        except BaseException:
+            self.cancel()
+            raise
+        return self._event(kind, payload)
+
+
 class LocalStub:
     """Serves sample/tokenize/list_models from models loaded in this process."""
 
@@ -334,6 +384,11 @@ class LocalStub:
 
     def sample(self, request: SampleRequest) -> LocalSampleCall:
         return LocalSampleCall(self.model(request.model_name), request)
+
+    def sample_blocking(self, request: SampleRequest) -> BlockingLocalSampleCall:
+        """``sample`` for a thread that blocks on each event rather than awaiting it
+        (``SyncSampler``); needs no event loop."""
+        return BlockingLocalSampleCall(self.model(request.model_name), request)
 
     async def tokenize(self, text: str, model_name: str = "") -> List[Token]:
         model = self.model(model_name)

@@ -7,6 +7,7 @@ import logging
 import random
 import threading
 import warnings
+import weakref
 from typing import Any, Iterator, List, Optional, Sequence, Union
 
 from . import _engine
@@ -101,18 +102,48 @@ class SampleStream:
                 event = await self._call.__anext__()
             except StopAsyncIteration:
                 raise RuntimeError("sample stream ended without a finish event") from None
-            if isinstance(event, Token):
-                return event
-            if isinstance(event, BudgetUpdate):
-                log_budget_update(event)
-                continue
-            if isinstance(event, Finished):
-                self.finished = event
+            token = self._take(event)
+            if token is not None:
+                return token
+            if self.finished is not None:
                 raise StopAsyncIteration
-            raise RuntimeError(f"unexpected sample event {event!r}")
+
+    def _next_blocking(self) -> Optional[Token]:
+        """``__anext__`` in the calling thread, for a stub with ``sample_blocking``
+        (events without an event loop); None once exhausted."""
+        if self.finished is not None:
+            return None
+        if self._call is None:
+            self._call = self._stub.sample_blocking(self._request)  # type: ignore[attr-defined]
+        while True:
+            try:
+                event = next(self._call)  # type: ignore[call-overload]
+            except StopIteration:
+                raise RuntimeError("sample stream ended without a finish event") from None
+            token = self._take(event)
+            if token is not None:
+                return token
+            if self.finished is not None:
+                return None
+
+    def _take(self, event: object) -> Optional[Token]:
+        """The token to yield for ``event``, or None (a budget update is logged; a
+        ``Finished`` is recorded in ``finished``)."""
+        if isinstance(event, Token):
+            return event
+        if isinstance(event, BudgetUpdate):
+            log_budget_update(event)
+            return None
+        if isinstance(event, Finished):
+            self.finished = event
+            return None
+        raise RuntimeError(f"unexpected sample event {event!r}")
 
     async def aclose(self) -> None:
         """Stops the generation (if still running)."""
+        self._cancel()
+
+    def _cancel(self) -> None:
         if self._call is not None and self.finished is None:
             self._call.cancel()
             self.finished = Finished("cancelled", Usage(0, 0))
@@ -247,11 +278,20 @@ class SyncSampler:
     """Blocking wrapper for scripts: the same arguments, plain iterators.
 
     Runs a private event loop on a background thread, so it also works where an event
-    loop is already running in the calling thread (e.g. Jupyter).
+    loop is already running in the calling thread (e.g. Jupyter). A stub that can deliver
+    events to a blocked thread (``sample_blocking``, the in-process engine) streams
+    straight to the iterating thread instead, without a round trip through that loop per
+    token.
     """
 
     def __init__(self, sampler: AsyncSampler):
         self._async = sampler
+        self._blocking = callable(getattr(sampler._stub, "sample_blocking", None))
+        # Streams iterated without the loop: close() cancels them, as closing the loop
+        # stops the generations that deliver to it.
+        self._direct: "weakref.WeakSet[SampleStream]" = weakref.WeakSet()
+        self._direct_lock = threading.Lock()
+        self._closed = False
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="sampler-sdk-sync", daemon=True)
         self._thread.start()
@@ -266,6 +306,11 @@ class SyncSampler:
         return self._run(self._async.tokenize(prompt, model_name))
 
     def close(self) -> None:
+        self._closed = True
+        with self._direct_lock:
+            direct = list(self._direct)
+        for stream in direct:
+            stream._cancel()
         if self._loop.is_running():
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5)
@@ -285,11 +330,22 @@ class SyncSampleStream:
     def __init__(self, owner: SyncSampler, stream: SampleStream):
         self._owner = owner
         self._stream = stream
+        if owner._blocking:
+            with owner._direct_lock:
+                owner._direct.add(stream)
 
     def __iter__(self) -> Iterator[Token]:
         return self
 
     def __next__(self) -> Token:
+        if self._owner._blocking:
+            if self._owner._closed:
+                raise RuntimeError("SyncSampler is closed")
+            token = self._stream._next_blocking()
+            if token is None:
+                raise StopIteration
+            return token
+
         async def step():
             try:
                 return await self._stream.__anext__()
@@ -302,7 +358,10 @@ class SyncSampleStream:
         return token
 
     def close(self) -> None:
-        self._owner._run(self._stream.aclose())
+        if self._owner._blocking:
+            self._stream._cancel()
+        else:
+            self._owner._run(self._stream.aclose())
 
     def __enter__(self) -> "SyncSampleStream":
         return self
