@@ -6,6 +6,7 @@
 //! (ggml's x86 Q8_K quantiser is the reference one).
 
 use half::f16;
+use half::slice::HalfFloatSliceExt;
 
 use super::blocks::{Block as _, BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K};
 use super::dispatch::Kernels;
@@ -49,6 +50,9 @@ pub struct QuantizedActivations {
     /// lane sums for every (quad of rows, block, token); reading them here spares those
     /// multiply-adds (or shifts).
     neg_offset_sums: Vec<i32>,
+    /// F16 only: the values widened back to f32 (exactly), which the batch kernels read
+    /// rather than converting every token's values again for every four rows.
+    widened: Vec<f32>,
     /// Where this row sits in the batch llama.cpp would multiply it in: row `index` of
     /// `batch_len` (see `quant::DotBatchFn`).
     batch_index: usize,
@@ -69,6 +73,7 @@ impl QuantizedActivations {
             bytes: Vec::new(),
             block_scales: Vec::new(),
             neg_offset_sums: Vec::new(),
+            widened: Vec::new(),
             batch_index: 0,
             batch_len: 1,
         }
@@ -166,6 +171,19 @@ impl QuantizedActivations {
                 self.block_scales.push(f16::from_bits(bits).to_f32());
             }
         }
+        self.widened.clear();
+        if format == GgmlType::F16 {
+            // A chunk at a time through half's slice conversion (F16C where the CPU has it).
+            self.widened.resize(x.len(), 0.0);
+            let mut halves = [f16::ZERO; 256];
+            for (bytes, out) in self.bytes.chunks(512).zip(self.widened.chunks_mut(256)) {
+                let halves = &mut halves[..out.len()];
+                for (h, b) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
+                    *h = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
+                }
+                halves.convert_to_f32_slice(out);
+            }
+        }
         self.neg_offset_sums.clear();
         if format == GgmlType::Q8_0 {
             for block in self.bytes.chunks_exact(34) {
@@ -201,6 +219,11 @@ impl QuantizedActivations {
     /// (`d`), two per Q8_1 block (`d`, `s`), none for other formats.
     pub fn block_scales(&self) -> &[f32] {
         &self.block_scales
+    }
+
+    /// F16 only (otherwise empty): the f16 values widened to f32.
+    pub fn widened(&self) -> &[f32] {
+        &self.widened
     }
 
     /// Q8_0 only (otherwise empty): sixteen per block, `-8 * sum q[4k..4k+4]` for lanes

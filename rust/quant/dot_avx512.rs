@@ -81,7 +81,24 @@ tokens_kernel!(Q8_0, q8_0_tokens, scales 1, true);
 tokens_kernel!(Q4K, batched q4_k_tokens, q4_k_gemm_tokens, wide true);
 tokens_kernel!(Q5K, q5_k_tokens, wide true);
 tokens_kernel!(Q6K, batched q6_k_tokens, q6_k_tiled_tokens, wide true);
-tokens_kernel!(F16, batched f16_tokens, super::dot_f16::tiny_blas_tokens);
+impl TokensKernel for F16 {
+    const SCALES: usize = 0;
+    fn batched_tokens(batch: usize) -> usize {
+        super::dot_f16::tiny_blas_tokens(batch)
+    }
+    unsafe fn group<const T: usize>(
+        rows: [&[u8]; 4],
+        acts: [&QuantizedActivations; T],
+    ) -> [[f32; 4]; T] {
+        f16_tokens::<T, false>(rows, acts)
+    }
+    unsafe fn group_batched<const T: usize>(
+        rows: [&[u8]; 4],
+        acts: [&QuantizedActivations; T],
+    ) -> [[f32; 4]; T] {
+        f16_tokens::<T, true>(rows, acts)
+    }
+}
 tokens_kernel!(BF16, bf16_tokens);
 
 /// Replaces the AVX2 kernels of `table` with AVX-512 ones where they are faster.

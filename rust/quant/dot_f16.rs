@@ -22,6 +22,7 @@ use std::arch::x86_64::*;
 
 use super::blocks::f16_bits_to_f32;
 use super::dot_avx2::{hsum, next_rows, prefetch};
+use super::QuantizedActivations;
 
 /// Elements per step of `ggml_vec_dot_f16`: four registers of sixteen.
 const STEP: usize = 64;
@@ -205,18 +206,20 @@ pub(super) unsafe fn vec_dot_avx512<const R: usize>(
 }
 
 /// [`tokens_avx2`] with 512-bit registers: tinyBLAS's sixteen lanes in one register per
-/// (row, token).
+/// (row, token). The activations come widened already (`QuantizedActivations::widened`,
+/// the same values), so each step converts only the four rows.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 pub(super) unsafe fn tokens_avx512<const T: usize, const BATCHED: bool>(
     rows: [&[u8]; 4],
-    acts: [&[u8]; T],
-    n: usize,
+    acts: [&QuantizedActivations; T],
 ) -> [[f32; 4]; T] {
-    if !BATCHED || !n.is_multiple_of(16) {
-        return acts.map(|act| vec_dot_avx512::<4>(rows, act, n));
+    let n = acts[0].len();
+    let widened_ok = acts.iter().all(|a| a.widened().len() >= n);
+    if !BATCHED || !n.is_multiple_of(16) || !widened_ok {
+        return acts.map(|act| vec_dot_avx512::<4>(rows, act.bytes(), n));
     }
     let x = rows.map(<[u8]>::as_ptr);
-    let y = acts.map(<[u8]>::as_ptr);
+    let y = acts.map(|a| a.widened().as_ptr());
     let next = next_rows(&rows);
     let mut acc = [[_mm512_setzero_ps(); 4]; T];
     let mut i = 0;
@@ -228,7 +231,7 @@ pub(super) unsafe fn tokens_avx512<const T: usize, const BATCHED: bool>(
         }
         let w = x.map(|x| load16(x.add(at)));
         for t in 0..T {
-            let a = load16(y[t].add(at));
+            let a = _mm512_loadu_ps(y[t].add(i));
             for r in 0..4 {
                 acc[t][r] = _mm512_fmadd_ps(w[r], a, acc[t][r]);
             }
