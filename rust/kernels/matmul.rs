@@ -576,6 +576,20 @@ impl Kernels {
     }
 }
 
+/// `dst = src` for one token's values of a tile: a whole tile as a fixed-size copy (a few
+/// vector moves), where a slice copy of unknown length is a `memcpy` call per token and
+/// tile (3% of an F16 prefill).
+#[inline(always)]
+fn copy_tile(dst: &mut [f32], src: &[f32]) {
+    match (
+        <&mut [f32; TILE_ROWS]>::try_from(&mut *dst),
+        <&[f32; TILE_ROWS]>::try_from(src),
+    ) {
+        (Ok(dst), Ok(src)) => *dst = *src,
+        _ => dst.copy_from_slice(src),
+    }
+}
+
 /// For rows `rows` of `w` and every token `t`: `out[t * w.n_rows + r] = W[r] · acts[t]`,
 /// tile by tile (see the module documentation).
 fn product_rows(
@@ -601,7 +615,7 @@ fn product_rows(
                 let base = t * w.n_rows;
                 // SAFETY: as above.
                 let dst = unsafe { out.part(base + tile.start..base + tile.end) };
-                dst.copy_from_slice(v);
+                copy_tile(dst, v);
             };
             kernels.tile_products(w, file, tile.clone(), acts, lanes, &mut values, emit);
         }
@@ -766,7 +780,7 @@ pub fn matmul_gated(
                             // SAFETY: as in `product_rows`.
                             let dst = unsafe { out.part(base + tile.start..base + tile.end) };
                             if gate_pass {
-                                dst.copy_from_slice(v);
+                                copy_tile(dst, v);
                             } else {
                                 activation(dst, v);
                             }
