@@ -539,6 +539,12 @@ mod real_models {
                 if !every_byte_has_a_token(tok, &text) {
                     continue;
                 }
+                // A SentencePiece vocabulary writes spaces as U+2581, so a literal U+2581 in
+                // the text comes back as a space, in llama.cpp, sentencepiece and HF
+                // tokenizers alike (Gemma's `token_id("▁")` is its space token).
+                if text.contains('\u{2581}') && tok.token_id("\u{2581}").is_some() {
+                    continue;
+                }
                 let ids = tok.encode(&text, false, false);
                 let decoded = tok.decode(&ids, false);
                 prop_assert_eq!(String::from_utf8_lossy(&decoded), text.as_str());
