@@ -162,11 +162,12 @@ mod x86 {
         _mm_cvtss_f32(_mm_add_ss(_mm_movehdup_ps(t), t))
     }
 
+    /// `ggml_vec_dot_f32`'s four accumulators over the first `whole` elements (a multiple
+    /// of DOT_STEP) of `x` and `y`, folded `(s0 + s2) + (s1 + s3)`: sixteen lanes left for
+    /// `reduce16`.
+    #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
-        let n = x.len().min(y.len());
-        let whole = n - n % DOT_STEP;
-        let (xp, yp) = (x.as_ptr(), y.as_ptr());
+    unsafe fn folded_lanes(xp: *const f32, yp: *const f32, whole: usize) -> __m512 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i < whole {
@@ -176,7 +177,14 @@ mod x86 {
             }
             i += DOT_STEP;
         }
-        let sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
+        _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
+        let n = x.len().min(y.len());
+        let whole = n - n % DOT_STEP;
+        let sum = folded_lanes(x.as_ptr(), y.as_ptr(), whole);
         // The upper eight lanes (through the f64 view: AVX-512F, where the f32 extract
         // needs AVX-512DQ and would not inline here).
         let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum)));
@@ -197,24 +205,7 @@ mod x86 {
         let hd = q.len();
         debug_assert!(hd.is_multiple_of(DOT_STEP) && keys.len() >= 16 * hd);
         let (qp, kp) = (q.as_ptr(), keys.as_ptr());
-        let mut sums = [_mm512_setzero_ps(); 16];
-        for (p, sum) in sums.iter_mut().enumerate() {
-            let key = kp.add(p * hd);
-            let mut acc = [_mm512_setzero_ps(); 4];
-            let mut i = 0;
-            while i < hd {
-                for (c, a) in acc.iter_mut().enumerate() {
-                    let at = i + 16 * c;
-                    *a = _mm512_fmadd_ps(
-                        _mm512_loadu_ps(qp.add(at)),
-                        _mm512_loadu_ps(key.add(at)),
-                        *a,
-                    );
-                }
-                i += DOT_STEP;
-            }
-            *sum = _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]));
-        }
+        let sums: [__m512; 16] = std::array::from_fn(|p| folded_lanes(qp, kp.add(p * hd), hd));
         // Keys 2i and 2i + 1: lanes l + 8 and l added, eight each.
         let halves: [__m512; 8] = std::array::from_fn(|i| {
             let (a, b) = (sums[2 * i], sums[2 * i + 1]);
