@@ -19,22 +19,27 @@ pub(crate) const EXP_ORDER_GAP: f32 = 1e-4;
 /// Number of interleaved f64 accumulators in [`lane_sum`] (and of lanes in [`lane_max`]).
 const LANES: usize = 8;
 
-/// Defines `$name`, which runs `$body` compiled for AVX2 (as `$avx2`) when the CPU has it
-/// and as plain baseline code otherwise. The passes over the vocabulary dominate a call and
-/// vectorise twice as wide with AVX2. Rust never fuses a multiply and an add on its own, so
-/// both copies perform the same IEEE operations in the same order: identical results.
-macro_rules! with_avx2_dispatch {
+/// Defines `$name`, which runs `$body` compiled for AVX-512F (as `$avx512`) or AVX2 (as
+/// `$avx2`) as the kernel set in use does (the widest the CPU has, or what
+/// `SAMPLER_SDK_SIMD` forces), and as plain baseline code otherwise. The passes over
+/// the vocabulary dominate a call and vectorise as wide as the registers. Rust never fuses a
+/// multiply and an add on its own, so every copy performs the same IEEE operations in the
+/// same order: identical results.
+macro_rules! with_simd_dispatch {
     (
         $(#[$meta:meta])*
-        $vis:vis fn $name:ident / $avx2:ident = $body:ident ($($arg:ident : $ty:ty),* $(,)?)
+        $vis:vis fn $name:ident / $avx2:ident, $avx512:ident = $body:ident ($($arg:ident : $ty:ty),* $(,)?)
         $(-> $ret:ty)?
     ) => {
         $(#[$meta])*
         $vis fn $name($($arg: $ty),*) $(-> $ret)? {
             #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU supports AVX2, checked just above.
-                return unsafe { $avx2($($arg),*) };
+            match crate::quant::kernels().level() {
+                // SAFETY: a kernel set's level is one the CPU runs (AVX-512 implies
+                // AVX-512F, AVX2 is AVX2 itself).
+                crate::quant::SimdLevel::Avx512 => return unsafe { $avx512($($arg),*) },
+                crate::quant::SimdLevel::Avx2 => return unsafe { $avx2($($arg),*) },
+                crate::quant::SimdLevel::Scalar => {}
             }
             $body($($arg),*)
         }
@@ -42,6 +47,12 @@ macro_rules! with_avx2_dispatch {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
         unsafe fn $avx2($($arg: $ty),*) $(-> $ret)? {
+            $body($($arg),*)
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx512f")]
+        unsafe fn $avx512($($arg: $ty),*) $(-> $ret)? {
             $body($($arg),*)
         }
     };
@@ -100,9 +111,9 @@ pub(crate) fn exp32(x: f32) -> f32 {
     }
 }
 
-with_avx2_dispatch! {
+with_simd_dispatch! {
     /// The maximum of `values`, ignoring NaN; -inf for an empty slice (or only NaN).
-    pub(crate) fn lane_max / lane_max_avx2 = lane_max_body(values: &[f32]) -> f32
+    pub(crate) fn lane_max / lane_max_avx2, lane_max_avx512 = lane_max_body(values: &[f32]) -> f32
 }
 
 #[inline(always)]
@@ -229,8 +240,8 @@ fn fill_scaled(
     }
 }
 
-with_avx2_dispatch! {
-    fn scale_all / scale_all_avx2 = scale_all_body(
+with_simd_dispatch! {
+    fn scale_all / scale_all_avx2, scale_all_avx512 = scale_all_body(
         logits: &[f32],
         scaled: &mut [f32],
         shift: f32,
@@ -253,18 +264,18 @@ pub(crate) fn softmax_weights(scaled: &[f32], max: f32, weights: &mut Vec<f32>) 
     weights_into(scaled, max, weights)
 }
 
-with_avx2_dispatch! {
-    fn weights_into / softmax_weights_avx2 = softmax_weights_body(
+with_simd_dispatch! {
+    fn weights_into / softmax_weights_avx2, softmax_weights_avx512 = softmax_weights_body(
         scaled: &[f32],
         max: f32,
         weights: &mut [f32],
     ) -> f64
 }
 
-with_avx2_dispatch! {
+with_simd_dispatch! {
     /// The log-softmax of the raw logits (sanitized, unmasked, temperature 1) needs their
     /// maximum M and normaliser Z = canonical sum of exp32(logit - M); computed without storing.
-    pub(crate) fn raw_log_normaliser / raw_log_normaliser_avx2 = raw_log_normaliser_body(
+    pub(crate) fn raw_log_normaliser / raw_log_normaliser_avx2, raw_log_normaliser_avx512 = raw_log_normaliser_body(
         logits: &[f32],
     ) -> (f32, f64)
 }
@@ -390,8 +401,8 @@ pub(crate) fn collect_candidates(
     }
 }
 
-with_avx2_dispatch! {
-    fn scan_band / scan_band_avx2 = scan_band_body(
+with_simd_dispatch! {
+    fn scan_band / scan_band_avx2, scan_band_avx512 = scan_band_body(
         scaled: &[f32],
         weights: &[f32],
         lower: f32,
@@ -599,11 +610,9 @@ mod tests {
 
     #[test]
     #[cfg(target_arch = "x86_64")]
-    fn avx2_passes_match_the_baseline_bit_for_bit() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("skipped: this CPU has no AVX2");
-            return;
-        }
+    fn simd_passes_match_the_baseline_bit_for_bit() {
+        type WeightsFn = unsafe fn(&[f32], f32, &mut [f32]) -> f64;
+        type RawFn = unsafe fn(&[f32]) -> (f32, f64);
         let logits: Vec<f32> = (0..1003u32)
             .map(|i| match i % 97 {
                 0 => f32::NAN,
@@ -612,24 +621,47 @@ mod tests {
             })
             .collect();
         let scaled: Vec<f32> = logits.iter().map(|&l| sanitize(l) / 0.7).collect();
-        let max = lane_max(&scaled);
-        let (mut baseline, mut avx2) = (vec![0.0; scaled.len()], vec![0.0; scaled.len()]);
+        let max = lane_max_body(&scaled);
+        let mut baseline = vec![0.0; scaled.len()];
         let baseline_sum = softmax_weights_body(&scaled, max, &mut baseline);
-        // SAFETY: AVX2 support was checked above.
-        let avx2_sum = unsafe { softmax_weights_avx2(&scaled, max, &mut avx2) };
-        assert_eq!(baseline_sum.to_bits(), avx2_sum.to_bits());
-        assert!(baseline
-            .iter()
-            .zip(&avx2)
-            .all(|(a, b)| a.to_bits() == b.to_bits()));
         let baseline_raw = raw_log_normaliser_body(&logits);
-        // SAFETY: AVX2 support was checked above.
-        let avx2_raw = unsafe { raw_log_normaliser_avx2(&logits) };
-        assert_eq!(
-            (baseline_raw.0.to_bits(), baseline_raw.1.to_bits()),
-            (avx2_raw.0.to_bits(), avx2_raw.1.to_bits())
-        );
         assert_eq!(baseline_sum.to_bits(), lane_sum(&baseline).to_bits());
+        let widths: [(&str, bool, WeightsFn, RawFn); 2] = [
+            (
+                "avx2",
+                std::arch::is_x86_feature_detected!("avx2"),
+                softmax_weights_avx2,
+                raw_log_normaliser_avx2,
+            ),
+            (
+                "avx512f",
+                std::arch::is_x86_feature_detected!("avx512f"),
+                softmax_weights_avx512,
+                raw_log_normaliser_avx512,
+            ),
+        ];
+        for (name, supported, weights_fn, raw_fn) in widths {
+            if !supported {
+                eprintln!("skipped {name}: this CPU lacks it");
+                continue;
+            }
+            let mut weights = vec![0.0; scaled.len()];
+            // SAFETY: support for the feature was checked just above.
+            let (sum, raw) = unsafe { (weights_fn(&scaled, max, &mut weights), raw_fn(&logits)) };
+            assert_eq!(baseline_sum.to_bits(), sum.to_bits(), "{name}");
+            assert!(
+                baseline
+                    .iter()
+                    .zip(&weights)
+                    .all(|(a, b)| a.to_bits() == b.to_bits()),
+                "{name}"
+            );
+            assert_eq!(
+                (baseline_raw.0.to_bits(), baseline_raw.1.to_bits()),
+                (raw.0.to_bits(), raw.1.to_bits()),
+                "{name}"
+            );
+        }
     }
 
     #[test]
