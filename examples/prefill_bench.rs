@@ -2,13 +2,15 @@
 //! prefill_bench -- MODEL.gguf [threads] [repeats] [decoded]`. Prefill feeds 255 tokens through
 //! `Model::prefill` (the decode loop's chunks, placed in one llama.cpp batch); decode feeds `decoded` (default 32) single
 //! tokens after it. Prints the median of `repeats` runs, a hash of every logit's bits and
-//! the tensor types of the file; `PREFILL_ALL_LOGITS=1` asks for every prompt token's logits.
+//! the tensor types of the file; `PREFILL_ALL_LOGITS=1` asks for every prompt token's logits,
+//! `PREFILL_KV_TYPE=f32` an f32 KV cache.
 
 use std::collections::BTreeMap;
 use std::path::Path;
 use std::time::Instant;
 
 use sampler_sdk::gguf::file::GgufFile;
+use sampler_sdk::kv_cache::KvType;
 use sampler_sdk::model::Model;
 
 fn median(mut v: Vec<f64>) -> f64 {
@@ -50,7 +52,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     println!("tensor types: {types:?}");
 
-    let model = Model::load_with_threads(path, threads)?;
+    let kv_type = match std::env::var("PREFILL_KV_TYPE") {
+        Ok(name) => KvType::from_name(&name)?,
+        Err(_) => KvType::default(),
+    };
+    let model = Model::load_with_threads(path, threads)?.with_kv_type(kv_type);
     let prompt: Vec<u32> = (0..255u32).map(|i| 100 + (i * 37) % 5000).collect();
     let (mut prefill, mut decode) = (Vec::new(), Vec::new());
     // FNV-1a over the bits of every logit: equal hashes mean bit-identical outputs.

@@ -17,6 +17,7 @@ use crate::batching::{Batcher, TokenSink, DEFAULT_MAX_BATCH};
 use crate::error::{panic_message, EngineError};
 use crate::generate::{GenerateRequest, GeneratedToken, Outcome, StopReason};
 use crate::gguf::{GgufFile, MetadataArray, MetadataValue};
+use crate::kv_cache::KvType;
 use crate::model::Model;
 use crate::sampling::{derive_call_seed, SamplingParams, TokenMask};
 use crate::tokenizer::Tokenizer;
@@ -81,26 +82,34 @@ struct PyModel {
 impl PyModel {
     /// `threads`: forward-pass threads (default: physical cores); `tokenizer`: a SentencePiece
     /// `.model` file to use instead of the GGUF's vocabulary; `max_batch`: generations
-    /// decoded together at most (more wait for a place).
+    /// decoded together at most (more wait for a place); `kv_cache_type`: "f16" (default,
+    /// as llama.cpp's) or "f32".
     #[new]
-    #[pyo3(signature = (path, threads = None, tokenizer = None, max_batch = None))]
+    #[pyo3(signature = (path, threads = None, tokenizer = None, max_batch = None, kv_cache_type = None))]
     fn new(
         py: Python<'_>,
         path: PathBuf,
         threads: Option<usize>,
         tokenizer: Option<PathBuf>,
         max_batch: Option<usize>,
+        kv_cache_type: Option<String>,
     ) -> PyResult<Self> {
         let max_batch = max_batch.unwrap_or(DEFAULT_MAX_BATCH);
         if max_batch == 0 {
             return Err(PyValueError::new_err("max_batch: must be at least 1"));
         }
+        let kv_type = kv_cache_type
+            .as_deref()
+            .map(KvType::from_name)
+            .transpose()
+            .map_err(PyErr::from)?
+            .unwrap_or_default();
         let p = path.clone();
         let model = run_detached(py, move || {
             let tokenizer = tokenizer
                 .map(|t| Tokenizer::from_sentencepiece_file(&t))
                 .transpose()?;
-            Model::load_with(&p, threads, tokenizer)
+            Ok(Model::load_with(&p, threads, tokenizer)?.with_kv_type(kv_type))
         })?;
         Ok(Self {
             inner: Arc::new(model),
@@ -119,6 +128,12 @@ impl PyModel {
     #[getter]
     fn n_threads(&self) -> usize {
         self.inner.n_threads()
+    }
+
+    /// How sequences cache keys and values: "f16" (the default, as llama.cpp's) or "f32".
+    #[getter]
+    fn kv_cache_type(&self) -> &'static str {
+        self.inner.kv_type().name()
     }
 
     #[getter]

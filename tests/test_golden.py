@@ -1,5 +1,7 @@
 """Parity with llama.cpp, from golden files written by tests/scripts/make_golden.py
-(llama-cpp-python 0.3.36, F32 KV cache, flash attention off; see each file's header).
+(llama-cpp-python 0.3.36, flash attention off; see each file's header). The forward-pass checks
+run twice per model: with an F32 KV cache against generation_<model>.json, and with an F16 cache
+(llama.cpp's default and ours) against generation_<model>.kv-f16.json.
 
 Our forward pass reproduces llama.cpp's CPU arithmetic (its x86 build with AVX-512) operation
 for operation: the same activation quantisation, the same summation orders in the matrix
@@ -49,8 +51,12 @@ MODELS = {
 }
 
 
-def _load(kind: str, model: str) -> dict:
-    with open(GOLDEN_DIR / f"{kind}_{model}.json") as f:
+KV_CACHE_TYPES = ["f32", "f16"]
+
+
+def _load(kind: str, model: str, kv_cache_type: str = "f32") -> dict:
+    suffix = "" if kv_cache_type == "f32" else f".kv-{kv_cache_type}"
+    with open(GOLDEN_DIR / f"{kind}_{model}{suffix}.json") as f:
         return json.load(f)
 
 
@@ -60,6 +66,24 @@ def model_and_name(request):
 
     path = request.getfixturevalue(MODELS[request.param])
     return Model(str(path)), request.param
+
+
+@pytest.fixture(
+    scope="module",
+    params=[(m, kv) for m in MODELS for kv in KV_CACHE_TYPES],
+    ids=lambda p: f"{p[0]}-kv-{p[1]}",
+)
+def forward_case(request):
+    """(model with that KV cache type, model name, the golden generation file for it)."""
+    from sampler_sdk import Model
+
+    name, kv_cache_type = request.param
+    path = request.getfixturevalue(MODELS[name])
+    model = Model(str(path), kv_cache_type=kv_cache_type)
+    assert model.kv_cache_type == kv_cache_type
+    golden = _load("generation", name, kv_cache_type)
+    assert golden["settings"]["context"]["kv_cache_type"] == kv_cache_type
+    return model, name, golden
 
 
 def _logsumexp(x: np.ndarray) -> float:
@@ -117,11 +141,11 @@ def test_prompt_ids_equal_llama_cpp(model_and_name):
         assert model.tokenize(p["prompt"], add_special=True, parse_special=True) == p["prompt_ids"], p["name"]
 
 
-def test_final_position_logits_equal_llama_cpp(model_and_name):
-    model, name = model_and_name
+def test_final_position_logits_equal_llama_cpp(forward_case):
+    model, name, golden = forward_case
     if name not in EXACT_MODELS:
         pytest.skip(f"{name} is compared within rounding noise (see the module docstring)")
-    for p in _load("generation", name)["prompts"]:
+    for p in golden["prompts"]:
         ours = model.logits(p["prompt_ids"])
         final = p["final_prompt_position"]
         for token_id, logit in final["top"] + final["random"]:
@@ -131,9 +155,8 @@ def test_final_position_logits_equal_llama_cpp(model_and_name):
         assert abs(lse - final["logsumexp"]) <= LOGIT_DIGITS_TOLERANCE * max(abs(lse), 1.0), p["name"]
 
 
-def test_final_position_logprobs_match_llama_cpp(model_and_name):
-    model, name = model_and_name
-    golden = _load("generation", name)
+def test_final_position_logprobs_match_llama_cpp(forward_case):
+    model, name, golden = forward_case
     worst = (0.0, None)
     worst_top10 = (0.0, None)
     for p in golden["prompts"]:
@@ -155,9 +178,9 @@ def test_final_position_logprobs_match_llama_cpp(model_and_name):
     assert worst[0] <= ALL_TOLERANCE, f"worst |Δ log p| {worst[0]:.4f} at {worst[1]}"
 
 
-def test_teacher_forced_argmax_is_one_llama_cpp_ranks_near_its_best(model_and_name):
-    model, name = model_and_name
-    for p in _load("generation", name)["prompts"]:
+def test_teacher_forced_argmax_is_one_llama_cpp_ranks_near_its_best(forward_case):
+    model, name, golden = forward_case
+    for p in golden["prompts"]:
         gen = p["generated_ids"]
         if not gen:
             continue
@@ -177,10 +200,10 @@ def _golden_margin(step: dict) -> float:
     return top[0] - top[1]
 
 
-def test_greedy_continuations_equal_llama_cpp(model_and_name):
+def test_greedy_continuations_equal_llama_cpp(forward_case):
     """Exact models: every token of every continuation. Others: up to the first near tie."""
-    model, name = model_and_name
-    prompts = _load("generation", name)["prompts"]
+    model, name, golden = forward_case
+    prompts = golden["prompts"]
     strictly_equal = 0
     for p in prompts:
         golden = p["generated_ids"]

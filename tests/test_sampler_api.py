@@ -232,7 +232,9 @@ def test_concurrent_calls_from_tasks_and_threads_match_sequential_results(client
     sequential = [asyncio.run(one(s)) for s in seeds[:4]]
     assert concurrent[:4] == sequential
     assert [thread_results[s] for s in seeds[:4]] == sequential
-    assert all(len(c) == 3 for c in concurrent)
+    # At temperature 1 a call may draw the end of generation before its third token.
+    assert all(1 <= len(c) <= 3 for c in concurrent)
+    assert sum(len(c) == 3 for c in concurrent) >= len(seeds) // 2
 
 
 def test_sync_sampler(client):
@@ -402,3 +404,17 @@ def test_several_models_by_name(smollm_path, gemma_path):
     models = asyncio.run(c.sampler.list_models())
     assert {m.name for m in models} == {"small", "gemma"}
     c.close()
+
+
+def test_kv_cache_type_defaults_to_llama_cpp_f16_and_names_a_bad_choice(smollm_path):
+    assert sampler_sdk.Model(str(smollm_path)).kv_cache_type == "f16"
+    exact = sampler_sdk.Model(str(smollm_path), kv_cache_type="F32")
+    assert exact.kv_cache_type == "f32"
+    with pytest.raises(ValueError, match="kv_cache_type"):
+        sampler_sdk.Model(str(smollm_path), kv_cache_type="q8_0")
+    local = Client(str(smollm_path), kv_cache_type="f32")
+    try:
+        tokens = local.sync_sampler.sample(inputs=("Hello",), max_len=2, temperature=0)
+        assert [t.token_id for t in tokens] == exact.generate_greedy(exact.tokenize("Hello"), 2)
+    finally:
+        local.close()

@@ -37,6 +37,7 @@ class Client:
         threads: Optional[int] = None,
         root_certificates: Optional[bytes] = None,
         tokenizer: Union[str, os.PathLike, None] = None,
+        kv_cache_type: Optional[str] = None,
     ):
         if model is not None and models is not None:
             raise ValueError("model, models: give at most one of the two")
@@ -48,6 +49,8 @@ class Client:
                 raise ValueError("model, models: choose models on the server, not with api_host")
             if tokenizer is not None:
                 raise ValueError("tokenizer: the server chooses tokenizers, not the api_host client")
+            if kv_cache_type is not None:
+                raise ValueError("kv_cache_type: the server chooses its cache, not the api_host client")
             from .grpc_stub import GrpcStub
 
             self._stub = GrpcStub(api_host, api_key=api_key, root_certificates=root_certificates)
@@ -58,7 +61,7 @@ class Client:
                 source = model if model is not None else registry.DEFAULT_MODEL
                 name = source if isinstance(source, str) and source in registry.KNOWN_MODELS else os.fspath(source)
                 models = {name: source}
-            self._stub = LocalStub(dict(models), threads=threads, tokenizer=tokenizer)
+            self._stub = LocalStub(dict(models), threads=threads, tokenizer=tokenizer, kv_cache_type=kv_cache_type)
         self.sampler = AsyncSampler(self._stub, initial_rng_seed=initial_rng_seed)
         self._sync: Optional[SyncSampler] = None
 

@@ -357,9 +357,11 @@ class LocalStub:
         threads: Optional[int] = None,
         tokenizer: Union[str, os.PathLike, None] = None,
         max_batch: Optional[int] = None,
+        kv_cache_type: Optional[str] = None,
     ):
         """`tokenizer`: a SentencePiece ``.model`` file replacing the GGUF's vocabulary (one
-        model only); `max_batch`: generations each model decodes together at most."""
+        model only); `max_batch`: generations each model decodes together at most;
+        `kv_cache_type`: ``"f16"`` (the default, as llama.cpp's) or ``"f32"``."""
         if not models:
             raise ValueError("models: at least one model is needed")
         if tokenizer is not None and len(models) != 1:
@@ -368,7 +370,9 @@ class LocalStub:
         self._models: Dict[str, LoadedModel] = {}
         for name, source in models.items():
             path = registry.resolve(source if source is not None else name)
-            engine = _engine.Model(str(path), threads=threads, tokenizer=tokenizer, max_batch=max_batch)
+            engine = _engine.Model(
+                str(path), threads=threads, tokenizer=tokenizer, max_batch=max_batch, kv_cache_type=kv_cache_type
+            )
             self._models[name] = LoadedModel(name, engine)
         self.default = default or next(iter(self._models))
         if self.default not in self._models:

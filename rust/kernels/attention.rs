@@ -15,6 +15,13 @@
 //! Step 3 runs vectorised along the head dimension: partial sum `k` of every output value
 //! is one row of `head_dim` floats, and the rows are combined in the reduction's order.
 //!
+//! With an f16 cache (llama.cpp's default), llama.cpp converts the other operand of each
+//! product to f16 as well: the query before the scores and the probabilities before the
+//! values (`vec_dot_type` of f16 is f16). Its f16 dots then widen both sides and sum in the
+//! f32 order of the f32 dots above, and a product of two f16 values is exact in f32, so
+//! the same code computes them once the query and probabilities are rounded to f16 and the
+//! cached rows widened.
+//!
 //! Work is shared as (token, query head) items; every output is computed within one item,
 //! the same way whichever thread takes it, so results are bit-identical for any thread
 //! count and whether or not other sequences share the call.
@@ -22,8 +29,8 @@
 use std::ops::Range;
 
 use crate::error::{EngineError, Result};
-use crate::kernels::ggml_f32::{self, dispatch, LANES};
-use crate::kv_cache::KvCache;
+use crate::kernels::ggml_f32::{self, dispatch, round_to_f16, LANES};
+use crate::kv_cache::{CacheRows, HeadRun, KvCache, KvType};
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// The attention geometry of one layer.
@@ -34,6 +41,12 @@ pub struct AttentionShape {
     pub head_dim: usize,
     /// Multiplies every score before the softmax (usually `1 / sqrt(head_dim)`).
     pub scale: f32,
+    /// Whether llama.cpp's graph applies `scale` to the query before the products (gemma3)
+    /// rather than to the scores. The same bits either way with an f32 cache (the scale is
+    /// a power of two); with an f16 cache the query is rounded after scaling, and a small
+    /// component of the scaled query may fall among the f16 subnormals, losing bits that
+    /// rounding the unscaled query keeps.
+    pub scale_on_query: bool,
     /// `cap · tanh(score / cap)` on every scaled score before the softmax (grok).
     pub logit_softcap: Option<f32>,
     /// Sliding-window layers: a token at `pos` sees only positions `pos + 1 - window ..= pos`.
@@ -82,58 +95,206 @@ impl ValueSum {
     }
 }
 
+/// The order of llama.cpp's score products: `ggml_vec_dot_f32` (or `_f16`, whose order is
+/// the same) unless the query is converted to f16 for a batch of several tokens. The
+/// converted copy is contiguous, and llamafile's tinyBLAS then takes the product (it needs
+/// whole vectors of 16 along the head).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum ScoreSum {
+    VecDot,
+    TinyBlas,
+}
+
+impl ScoreSum {
+    fn new(kv_type: KvType, batched: bool, head_dim: usize) -> Self {
+        if kv_type == KvType::F16 && batched && head_dim.is_multiple_of(LANES) {
+            Self::TinyBlas
+        } else {
+            Self::VecDot
+        }
+    }
+}
+
 /// Buffers reused from call to call (kept by the sequence, so decoding does not allocate):
-/// per thread, one head's scores and partial sums.
+/// per thread, one head's scores and partial sums, and which KV head's entries it holds
+/// widened from an f16 cache.
 #[derive(Default)]
 pub struct AttentionScratch {
     per_thread: Vec<f32>,
+    widened_for: Vec<Option<WidenedKey>>,
 }
+
+/// The entries a thread's widened copy holds: those its item of (job, token, KV head)
+/// sees. Valid within one parallel region only (a cache may change between calls).
+type WidenedKey = (usize, usize, usize);
 
 /// Score slots a head needs: the visible positions widened to whole blocks of 16.
 fn scores_len(capacity: usize) -> usize {
     capacity.div_ceil(LANES) * LANES + LANES
 }
 
-/// Floats of one thread's work buffer.
-fn work_len(capacity: usize, hd: usize) -> usize {
-    scores_len(capacity) + ggml_f32::DOT_STEP * hd
+/// Cached rows widened to f32 at a time (from an f16 cache).
+const ROW_CHUNK: usize = 2 * LANES;
+
+/// Floats of one f16 cache's keys (and as many of its values) a thread widens to f32 once
+/// for every query head of a group: the heads sharing a KV head then read them as from an
+/// f32 cache, and the conversion is paid once, not once per query head. Longer spans are
+/// widened a chunk at a time per head instead.
+const WIDENED_FLOATS: usize = 1 << 18;
+
+/// Positions of one KV head a thread's widened copy holds (none for an f32 cache).
+fn widened_positions(capacity: usize, hd: usize, kv_type: KvType) -> usize {
+    match kv_type {
+        KvType::F32 => 0,
+        KvType::F16 => capacity.min(WIDENED_FLOATS / hd.max(1)),
+    }
 }
 
+/// Floats of one thread's work buffer: scores, partial sums, the query as the products
+/// see it, a chunk of widened rows, then the widened keys and values of one KV head.
+fn work_len(capacity: usize, hd: usize, kv_type: KvType) -> usize {
+    scores_len(capacity)
+        + ggml_f32::DOT_STEP * hd
+        + hd
+        + ROW_CHUNK * hd
+        + 2 * widened_positions(capacity, hd, kv_type) * hd
+}
+
+/// Where one head's visible keys and values are read: the cache's own runs, or a single
+/// run widened to f32 beforehand.
+#[derive(Clone, Copy)]
+enum Entries<'a> {
+    /// (cache, layer, KV head).
+    Cache(&'a KvCache, usize, usize),
+    /// (first position, keys, values).
+    Widened(usize, &'a [f32], &'a [f32]),
+}
+
+impl<'a> Entries<'a> {
+    fn runs(self, visible: Range<usize>) -> impl Iterator<Item = HeadRun<'a>> + 'a {
+        let (cached, widened) = match self {
+            Self::Cache(kv, layer, kv_head) => (Some(kv.head_runs(layer, kv_head, visible)), None),
+            Self::Widened(start, keys, values) => (
+                None,
+                Some(HeadRun {
+                    start,
+                    keys: CacheRows::F32(keys),
+                    values: CacheRows::F32(values),
+                }),
+            ),
+        };
+        cached.into_iter().flatten().chain(widened)
+    }
+}
+
+/// Rows `first..` of `rows` (whole rows of `hd` values) as f32: an f32 cache's rows as
+/// they are, to the end; an f16 cache's widened into `buffer`, up to [`ROW_CHUNK`] of them.
+/// (A loop over chunks rather than a callback: a closure would not inherit the caller's
+/// target features, and its multiply-adds would become calls.)
+#[inline(always)]
+fn widened_rows<'r>(
+    rows: CacheRows<'r>,
+    first: usize,
+    hd: usize,
+    buffer: &'r mut [f32],
+) -> &'r [f32] {
+    match rows {
+        CacheRows::F32(values) => &values[first * hd..],
+        CacheRows::F16(_) => {
+            let n = ROW_CHUNK.min(rows.len() / hd - first);
+            let widened = &mut buffer[..n * hd];
+            rows.widen_into(first * hd..(first + n) * hd, widened);
+            widened
+        }
+    }
+}
+
+/// The query as the score products see it, and the factor left for the scores: `q`
+/// itself and `shape.scale` for an f32 cache; for an f16 one, `q` rounded to f16 in
+/// `buffer`, scaled first where llama.cpp scales the query (then the scores keep 1).
+fn query_for<'q>(
+    kv: &KvCache,
+    shape: &AttentionShape,
+    q: &'q [f32],
+    buffer: &'q mut [f32],
+) -> (&'q [f32], f32) {
+    match kv.kv_type() {
+        KvType::F32 => (q, shape.scale),
+        KvType::F16 => {
+            let score_scale = if shape.scale_on_query {
+                buffer
+                    .iter_mut()
+                    .zip(q)
+                    .for_each(|(b, &x)| *b = x * shape.scale);
+                1.0
+            } else {
+                buffer.copy_from_slice(q);
+                shape.scale
+            };
+            round_to_f16(buffer);
+            (buffer, score_scale)
+        }
+    }
+}
+
+/// Every thread's work buffer (`len` floats) and widened-entries key, the keys cleared.
 fn thread_buffers<'s>(
     scratch: &'s mut AttentionScratch,
     n_threads: usize,
     len: usize,
-) -> DisjointSlice<'s, f32> {
+) -> (
+    DisjointSlice<'s, f32>,
+    DisjointSlice<'s, Option<WidenedKey>>,
+) {
     if scratch.per_thread.len() < n_threads * len {
         scratch.per_thread.resize(n_threads * len, 0.0);
     }
-    DisjointSlice::new(&mut scratch.per_thread[..n_threads * len])
+    scratch.widened_for.clear();
+    scratch.widened_for.resize(n_threads, None);
+    (
+        DisjointSlice::new(&mut scratch.per_thread[..n_threads * len]),
+        DisjointSlice::new(&mut scratch.widened_for[..]),
+    )
 }
 
-/// The probabilities of one query head `q` over `visible` (keys of `kv_head`): written to
-/// `scores[j - base]` for the returned `base` (the first visible position rounded down to
-/// a block of 16), zero elsewhere in the blocks.
+/// The probabilities of one query head `q` (as [`query_for`] gives it) over `visible`
+/// (keys of `kv_head`): written to `scores[j - base]` for the returned `base` (the first
+/// visible position rounded down to a block of 16), zero elsewhere in the blocks.
+/// `rows` is room for [`ROW_CHUNK`] widened keys.
+#[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn head_probabilities(
-    kv: &KvCache,
-    layer: usize,
-    kv_head: usize,
+    entries: Entries<'_>,
     q: &[f32],
+    score_scale: f32,
+    score_sum: ScoreSum,
     visible: Range<usize>,
     shape: &AttentionShape,
     scores: &mut [f32],
+    rows: &mut [f32],
 ) -> usize {
     let hd = shape.head_dim;
     let base = visible.start / LANES * LANES;
     let width = visible.end.div_ceil(LANES) * LANES - base;
     let scores = &mut scores[..width];
     scores.fill(f32::NEG_INFINITY);
-    for run in kv.head_runs(layer, kv_head, visible.clone()) {
+    for run in entries.runs(visible.clone()) {
         let at = run.start - base;
-        let dst = &mut scores[at..at + run.keys.len() / hd];
-        ggml_f32::dots(q, run.keys, dst);
+        let n_rows = run.keys.len() / hd;
+        let dst = &mut scores[at..at + n_rows];
+        let mut first = 0;
+        while first < n_rows {
+            let keys = widened_rows(run.keys, first, hd, rows);
+            let n = keys.len() / hd;
+            let dst = &mut dst[first..first + n];
+            match score_sum {
+                ScoreSum::VecDot => ggml_f32::dots(q, keys, dst),
+                ScoreSum::TinyBlas => ggml_f32::tinyblas_dots(q, keys, dst),
+            }
+            first += n;
+        }
         for s in dst {
-            let scaled = *s * shape.scale;
+            let scaled = *s * score_scale;
             *s = match shape.logit_softcap {
                 Some(cap) => cap * (scaled / cap).tanh(),
                 None => scaled,
@@ -148,6 +309,9 @@ fn head_probabilities(
 }
 
 /// The attention output `out` (`head_dim` values) of query head `q` over `visible`.
+/// From an f16 cache, the visible entries are first widened into the end of `work`, unless
+/// `widened` says they are there already (from the previous head of the group); returns
+/// whether they are there now.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_head(
@@ -159,32 +323,72 @@ fn attend_head(
     shape: &AttentionShape,
     order: ValueSum,
     work: &mut [f32],
+    widened: bool,
     out: &mut [f32],
-) {
+) -> bool {
     let hd = shape.head_dim;
-    let (scores, partials) = work.split_at_mut(scores_len(kv.capacity()));
-    let base = head_probabilities(kv, layer, kv_head, q, visible.clone(), shape, scores);
+    let (scores, rest) = work.split_at_mut(scores_len(kv.capacity()));
+    let (partials, rest) = rest.split_at_mut(ggml_f32::DOT_STEP * hd);
+    let (query, rest) = rest.split_at_mut(hd);
+    let (rows, wide) = rest.split_at_mut(ROW_CHUNK * hd);
+    let span = visible.len() * hd;
+    let widens = kv.kv_type() == KvType::F16 && 2 * span <= wide.len();
+    let (wide_keys, wide_values) = wide.split_at_mut(wide.len() / 2);
+    if widens && !widened {
+        for run in kv.head_runs(layer, kv_head, visible.clone()) {
+            let at = (run.start - visible.start) * hd;
+            let n = run.keys.len();
+            run.keys.widen_into(0..n, &mut wide_keys[at..at + n]);
+            run.values.widen_into(0..n, &mut wide_values[at..at + n]);
+        }
+    }
+    let entries = if widens {
+        Entries::Widened(visible.start, &wide_keys[..span], &wide_values[..span])
+    } else {
+        Entries::Cache(kv, layer, kv_head)
+    };
+    let (q, score_scale) = query_for(kv, shape, q, query);
+    let score_sum = ScoreSum::new(kv.kv_type(), order == ValueSum::Batch, hd);
+    let base = head_probabilities(
+        entries,
+        q,
+        score_scale,
+        score_sum,
+        visible.clone(),
+        shape,
+        scores,
+        rows,
+    );
+    if kv.kv_type() == KvType::F16 {
+        round_to_f16(&mut scores[visible.start - base..visible.end - base]);
+    }
     let n_partials = order.partials();
     let partials = &mut partials[..n_partials * hd];
     // Partial sum k takes the positions j ≡ k (mod n_partials), in order; a partial that
     // no position reaches stays zero.
     let mut touched = 0u64;
-    for run in kv.head_runs(layer, kv_head, visible.clone()) {
-        for (i, v) in run.values.chunks_exact(hd).enumerate() {
-            let j = run.start + i;
-            let p = scores[j - base];
-            let k = j % n_partials;
-            let row = &mut partials[k * hd..(k + 1) * hd];
-            if touched & (1 << k) == 0 {
-                touched |= 1 << k;
-                row.iter_mut()
-                    .zip(v)
-                    .for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
-            } else {
-                row.iter_mut()
-                    .zip(v)
-                    .for_each(|(r, &x)| *r = p.mul_add(x, *r));
+    for run in entries.runs(visible.clone()) {
+        let n_rows = run.values.len() / hd;
+        let mut first = 0;
+        while first < n_rows {
+            let values = widened_rows(run.values, first, hd, rows);
+            for (i, v) in values.chunks_exact(hd).enumerate() {
+                let j = run.start + first + i;
+                let p = scores[j - base];
+                let k = j % n_partials;
+                let row = &mut partials[k * hd..(k + 1) * hd];
+                if touched & (1 << k) == 0 {
+                    touched |= 1 << k;
+                    row.iter_mut()
+                        .zip(v)
+                        .for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
+                } else {
+                    row.iter_mut()
+                        .zip(v)
+                        .for_each(|(r, &x)| *r = p.mul_add(x, *r));
+                }
             }
+            first += values.len() / hd;
         }
     }
     for k in 0..n_partials {
@@ -219,6 +423,7 @@ fn attend_head(
     for (d, o) in out.iter_mut().enumerate().take(hd) {
         *o = (row(2)[d] + row(0)[d]) + (row(3)[d] + row(1)[d]);
     }
+    widens
 }
 
 /// Checks that `n_tokens` queries (`q_len` values) and outputs (`out_len`) at positions
@@ -286,23 +491,22 @@ pub fn attention(
              {n_head} x {end} values"
         )));
     }
-    let per_thread = thread_buffers(
-        scratch,
-        pool.n_threads(),
-        work_len(kv.capacity(), shape.head_dim),
-    );
+    let len = work_len(kv.capacity(), shape.head_dim, kv.kv_type());
+    let (per_thread, widened_for) = thread_buffers(scratch, pool.n_threads(), len);
     let views = [(kv, start, n_tokens, batched, q, DisjointSlice::new(out))];
     run_items(
         pool,
         layer,
         shape,
         &per_thread,
+        &widened_for,
         &views,
         &[n_tokens * n_head],
     );
     if let Some(all) = last_probs {
         let q_dim = n_head * shape.head_dim;
-        last_token_attention(kv, layer, end - 1, shape, &q[(n_tokens - 1) * q_dim..], all);
+        let q_last = &q[(n_tokens - 1) * q_dim..];
+        last_token_attention(kv, layer, end - 1, batched, shape, q_last, all);
     }
     Ok(())
 }
@@ -341,8 +545,12 @@ pub fn attention_batch(
             job.out.len(),
         )?;
     }
-    let capacity = jobs.iter().map(|j| j.kv.capacity()).max().unwrap_or(0);
-    let per_thread = thread_buffers(scratch, pool.n_threads(), work_len(capacity, hd));
+    let len = jobs
+        .iter()
+        .map(|j| work_len(j.kv.capacity(), hd, j.kv.kv_type()))
+        .max()
+        .unwrap_or(0);
+    let (per_thread, widened_for) = thread_buffers(scratch, pool.n_threads(), len);
     // Item ranges of the jobs, end to end.
     let job_ends: Vec<usize> = jobs
         .iter()
@@ -365,7 +573,15 @@ pub fn attention_batch(
             )
         })
         .collect();
-    run_items(pool, layer, shape, &per_thread, &views, &job_ends);
+    run_items(
+        pool,
+        layer,
+        shape,
+        &per_thread,
+        &widened_for,
+        &views,
+        &job_ends,
+    );
     Ok(())
 }
 
@@ -386,6 +602,7 @@ fn run_items(
     layer: usize,
     shape: &AttentionShape,
     per_thread: &DisjointSlice<'_, f32>,
+    widened_for: &DisjointSlice<'_, Option<WidenedKey>>,
     views: &[View<'_>],
     job_ends: &[usize],
 ) {
@@ -393,8 +610,9 @@ fn run_items(
     let total = job_ends.last().copied().unwrap_or(0);
     let work_len = per_thread.len() / pool.n_threads();
     pool.parallel_for_slots(total, 1, |slot, items| {
-        // SAFETY: a slot is used by one thread at a time and owns its work buffer.
+        // SAFETY: a slot is used by one thread at a time and owns its work buffer and key.
         let work = unsafe { per_thread.part(slot * work_len..(slot + 1) * work_len) };
+        let widened_for = unsafe { &mut widened_for.part(slot..slot + 1)[0] };
         for item in items {
             let j = job_ends.partition_point(|&end| end <= item);
             let (kv, start, n_tokens, batched, q, out) = &views[j];
@@ -404,7 +622,8 @@ fn run_items(
             // SAFETY: each item's head is written by the one thread that takes it.
             let dst = unsafe { out.part(at..at + hd) };
             let order = ValueSum::new(*batched);
-            dispatch!(attend_head(
+            let key = (j, t, h / group);
+            let widened = dispatch!(attend_head(
                 kv,
                 layer,
                 h / group,
@@ -413,8 +632,10 @@ fn run_items(
                 shape,
                 order,
                 &mut *work,
+                *widened_for == Some(key),
                 &mut *dst,
             ));
+            *widened_for = widened.then_some(key);
         }
     });
 }
@@ -426,6 +647,7 @@ pub fn last_token_attention(
     kv: &KvCache,
     layer: usize,
     pos: usize,
+    batched: bool,
     shape: &AttentionShape,
     q: &[f32],
     all: &mut [f32],
@@ -434,17 +656,19 @@ pub fn last_token_attention(
     let visible = shape.visible(pos);
     let width = pos + 1;
     let mut scores = vec![0f32; scores_len(width)];
+    let (mut query, mut rows) = (vec![0f32; hd], vec![0f32; ROW_CHUNK * hd]);
     for (h, row) in all.chunks_exact_mut(width).enumerate().take(shape.n_head) {
         row.fill(0.0);
-        let q_head = &q[h * hd..(h + 1) * hd];
+        let (q_head, score_scale) = query_for(kv, shape, &q[h * hd..(h + 1) * hd], &mut query);
         let base = dispatch!(head_probabilities(
-            kv,
-            layer,
-            h / group,
+            Entries::Cache(kv, layer, h / group),
             q_head,
+            score_scale,
+            ScoreSum::new(kv.kv_type(), batched, hd),
             visible.clone(),
             shape,
             &mut scores,
+            &mut rows,
         ));
         let probs = &scores[visible.start - base..visible.end - base];
         row[visible.clone()].copy_from_slice(probs);
@@ -503,8 +727,13 @@ mod tests {
 
     /// A cache of `n_pos` positions filled with pseudo-random keys and values, and the
     /// same entries per head for the reference.
-    fn filled_cache(n_head_kv: usize, hd: usize, n_pos: usize) -> (KvCache, PerHead, PerHead) {
-        let mut kv = KvCache::new(1, n_head_kv, hd, n_pos);
+    fn filled_cache(
+        n_head_kv: usize,
+        hd: usize,
+        n_pos: usize,
+        kv_type: KvType,
+    ) -> (KvCache, PerHead, PerHead) {
+        let mut kv = KvCache::new(1, n_head_kv, hd, n_pos, kv_type);
         kv.reserve_to(n_pos);
         let mut keys = vec![Vec::new(); n_head_kv];
         let mut values = vec![Vec::new(); n_head_kv];
@@ -513,8 +742,9 @@ mod tests {
             let v = pseudo_random(n_head_kv * hd, 5000 + pos as u32);
             kv.store(0, pos, &k, &v);
             for h in 0..n_head_kv {
-                keys[h].push(k[h * hd..(h + 1) * hd].to_vec());
-                values[h].push(v[h * hd..(h + 1) * hd].to_vec());
+                // As stored: rounded to f16 in an f16 cache.
+                keys[h].push(kv.key(0, pos, h));
+                values[h].push(kv.value(0, pos, h));
             }
         }
         kv.set_len(n_pos);
@@ -523,9 +753,22 @@ mod tests {
 
     #[test]
     fn matches_the_definition_across_pages_windows_and_thread_counts() {
+        for kv_type in KvType::ALL {
+            matches_the_definition_with(kv_type);
+        }
+    }
+
+    /// The reference takes the entries as the cache stores them and, for an f16 cache,
+    /// the query rounded to f16, which leaves the probabilities as tight as with f32; the
+    /// outputs also carry the probabilities' rounding to f16 (up to 2^-11 of each term).
+    fn matches_the_definition_with(kv_type: KvType) {
         let (n_head, n_head_kv, hd) = (6, 2, 16);
         let n_pos = crate::kv_cache::PAGE_POSITIONS + 40;
-        let (kv, keys, values) = filled_cache(n_head_kv, hd, n_pos);
+        let (kv, keys, values) = filled_cache(n_head_kv, hd, n_pos, kv_type);
+        let output_tolerance = match kv_type {
+            KvType::F32 => 1e-5,
+            KvType::F16 => 1e-3,
+        };
         let cases = [
             (None, None),
             (Some(1), None),
@@ -545,6 +788,7 @@ mod tests {
                 n_head_kv,
                 head_dim: hd,
                 scale: 0.25,
+                scale_on_query: false,
                 logit_softcap,
                 window,
             };
@@ -580,21 +824,26 @@ mod tests {
                 for h in 0..n_head {
                     let kvh = h / (n_head / n_head_kv);
                     let at = (t * n_head + h) * hd;
+                    let mut query = q[at..at + hd].to_vec();
+                    if kv_type == KvType::F16 {
+                        round_to_f16(&mut query);
+                    }
                     let (expected, expected_probs) = reference_head(
-                        &q[at..at + hd],
+                        &query,
                         &keys[kvh][visible.clone()],
                         &values[kvh][visible.clone()],
                         0.25,
                         logit_softcap,
                     );
                     for (o, e) in out[at..at + hd].iter().zip(&expected) {
-                        assert!((f64::from(*o) - e).abs() < 1e-5, "t {t} h {h}");
+                        let error = (f64::from(*o) - e).abs();
+                        assert!(error < output_tolerance, "{kv_type:?} t {t} h {h}: {error}");
                     }
                     if t + 1 == n_tokens {
                         let row = &probs[h * end..(h + 1) * end];
                         assert!(row[..visible.start].iter().all(|&p| p == 0.0));
                         for (p, e) in row[visible.clone()].iter().zip(&expected_probs) {
-                            assert!((f64::from(*p) - e).abs() < 1e-6);
+                            assert!((f64::from(*p) - e).abs() < 1e-6, "{kv_type:?}");
                         }
                     }
                 }
@@ -604,12 +853,13 @@ mod tests {
 
     #[test]
     fn rejects_mismatched_shapes() {
-        let (kv, _, _) = filled_cache(1, 8, 4);
+        let (kv, _, _) = filled_cache(1, 8, 4, KvType::F32);
         let shape = AttentionShape {
             n_head: 2,
             n_head_kv: 1,
             head_dim: 8,
             scale: 1.0,
+            scale_on_query: false,
             logit_softcap: None,
             window: None,
         };

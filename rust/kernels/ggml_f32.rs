@@ -148,9 +148,117 @@ fn add_products_from(x: &[f32], y: &[f32], from: usize, mut total: f32) -> f32 {
     total
 }
 
+/// llamafile's tinyBLAS dot product of `x` and `y` (lengths a multiple of 16): one 16-lane
+/// accumulator along the whole sum, then [`reduce16`]. llama.cpp's attention scores take
+/// this order for a batch of tokens over an f16 cache (the query, converted to f16, is then
+/// contiguous and tinyBLAS accepts the product).
+#[inline(always)]
+pub fn tinyblas_dot(x: &[f32], y: &[f32]) -> f32 {
+    let mut lanes = [0f32; LANES];
+    for (xs, ys) in x.chunks_exact(LANES).zip(y.chunks_exact(LANES)) {
+        for l in 0..LANES {
+            lanes[l] = xs[l].mul_add(ys[l], lanes[l]);
+        }
+    }
+    reduce16(&lanes)
+}
+
+/// [`tinyblas_dot`] of `q` with each of the consecutive keys in `keys`, into `out`.
+#[inline(always)]
+pub fn tinyblas_dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
+        *o = tinyblas_dot(q, key);
+    }
+}
+
+/// `dst[i] = src[i]` as f32 (exact): an f16 cache's entries, widened for the f32 code.
+pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
+    assert_eq!(src.len(), dst.len(), "widen_f16: lengths differ");
+    #[cfg(target_arch = "x86_64")]
+    match level() {
+        // SAFETY: the level was chosen from the CPU's features (AVX2's includes F16C).
+        SimdLevel::Avx512 => return unsafe { x86::widen_f16_avx512(src, dst) },
+        // SAFETY: as above.
+        SimdLevel::Avx2 => return unsafe { x86::widen_f16_avx2(src, dst) },
+        SimdLevel::Scalar => {}
+    }
+    dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
+}
+
+/// Rounds every value to the nearest f16 (ties to even), kept as f32: what ggml's
+/// `fp32_to_fp16` conversion (F16C's `vcvtps2ph` with round-to-nearest) leaves of it.
+pub fn round_to_f16(values: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    match level() {
+        // SAFETY: the level was chosen from the CPU's features (AVX2's includes F16C).
+        SimdLevel::Avx512 => return unsafe { x86::round_to_f16_avx512(values) },
+        // SAFETY: as above.
+        SimdLevel::Avx2 => return unsafe { x86::round_to_f16_avx2(values) },
+        SimdLevel::Scalar => {}
+    }
+    values
+        .iter_mut()
+        .for_each(|v| *v = half::f16::from_f32(*v).to_f32());
+}
+
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use std::arch::x86_64::*;
+
+    /// Widens whole vectors with `vcvtph2ps`, the tail one value at a time.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn widen_f16_avx512(src: &[half::f16], dst: &mut [f32]) {
+        let whole = src.len() / 16 * 16;
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for i in (0..whole).step_by(16) {
+            _mm512_storeu_ps(
+                d.add(i),
+                _mm512_cvtph_ps(_mm256_loadu_si256(s.add(i).cast())),
+            );
+        }
+        for i in whole..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn widen_f16_avx2(src: &[half::f16], dst: &mut [f32]) {
+        let whole = src.len() / 8 * 8;
+        let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
+        for i in (0..whole).step_by(8) {
+            _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(_mm_loadu_si128(s.add(i).cast())));
+        }
+        for i in whole..src.len() {
+            dst[i] = src[i].to_f32();
+        }
+    }
+
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn round_to_f16_avx512(values: &mut [f32]) {
+        const NEAREST: i32 = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+        let whole = values.len() / 16 * 16;
+        let p = values.as_mut_ptr();
+        for i in (0..whole).step_by(16) {
+            let halves = _mm512_cvtps_ph::<NEAREST>(_mm512_loadu_ps(p.add(i)));
+            _mm512_storeu_ps(p.add(i), _mm512_cvtph_ps(halves));
+        }
+        for v in &mut values[whole..] {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub(super) unsafe fn round_to_f16_avx2(values: &mut [f32]) {
+        let whole = values.len() / 8 * 8;
+        let p = values.as_mut_ptr();
+        for i in (0..whole).step_by(8) {
+            let halves = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(p.add(i)));
+            _mm256_storeu_ps(p.add(i), _mm256_cvtph_ps(halves));
+        }
+        for v in &mut values[whole..] {
+            *v = half::f16::from_f32(*v).to_f32();
+        }
+    }
 
     use super::{add_products_from, DOT_STEP};
 
@@ -372,6 +480,88 @@ mod tests {
             return if n <= 0.0 { 0.0 } else { f32::INFINITY };
         }
         (f64::from(j) * 2f64.powi(n as i32)) as f32
+    }
+
+    #[test]
+    fn f16_conversions_match_ieee_round_to_nearest_even_at_every_level() {
+        // Ties both ways, subnormals, overflow to infinity, signed zeros, and an odd length
+        // so that every vector path has a tail.
+        let mut values: Vec<f32> = vec![
+            1.0 + 2f32.powi(-11),
+            1.0 + 3.0 * 2f32.powi(-11),
+            -(1.0 + 2f32.powi(-11)),
+            65504.0,
+            65519.0,
+            65520.0,
+            -1e9,
+            3e-8,
+            2.9802322e-8,
+            6e-5,
+            -0.0,
+            0.0,
+            f32::INFINITY,
+        ];
+        let mut state = 12345u32;
+        values.extend((0..250).map(|_| {
+            state = state.wrapping_mul(1_103_515_245).wrapping_add(12345);
+            f32::from_bits(state & 0xBFFF_FFFF) * 0.5
+        }));
+        let expected: Vec<f32> = values
+            .iter()
+            .map(|&v| half::f16::from_f32(v).to_f32())
+            .collect();
+        let halves: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
+        #[allow(clippy::type_complexity)]
+        let mut levels: Vec<(
+            &str,
+            Box<dyn Fn(&mut [f32])>,
+            Box<dyn Fn(&[half::f16], &mut [f32])>,
+        )> = vec![(
+            "dispatched",
+            Box::new(|v: &mut [f32]| round_to_f16(v)),
+            Box::new(|h: &[half::f16], d: &mut [f32]| widen_f16(h, d)),
+        )];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if SimdLevel::Avx512.is_supported() {
+                levels.push((
+                    "avx512",
+                    // SAFETY: supported, checked just above.
+                    Box::new(|v: &mut [f32]| unsafe { x86::round_to_f16_avx512(v) }),
+                    Box::new(|h: &[half::f16], d: &mut [f32]| unsafe {
+                        x86::widen_f16_avx512(h, d)
+                    }),
+                ));
+            }
+            if SimdLevel::Avx2.is_supported() {
+                levels.push((
+                    "avx2",
+                    // SAFETY: supported, checked just above.
+                    Box::new(|v: &mut [f32]| unsafe { x86::round_to_f16_avx2(v) }),
+                    Box::new(|h: &[half::f16], d: &mut [f32]| unsafe { x86::widen_f16_avx2(h, d) }),
+                ));
+            }
+        }
+        for (name, round, widen) in &levels {
+            let mut rounded = values.clone();
+            round(&mut rounded);
+            let mut widened = vec![f32::NAN; halves.len()];
+            widen(&halves, &mut widened);
+            for (i, e) in expected.iter().enumerate() {
+                assert_eq!(
+                    rounded[i].to_bits(),
+                    e.to_bits(),
+                    "{name} round {}",
+                    values[i]
+                );
+                assert_eq!(
+                    widened[i].to_bits(),
+                    e.to_bits(),
+                    "{name} widen {}",
+                    values[i]
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use crate::error::{EngineError, Result};
 use crate::gguf::GgufFile;
 use crate::kernels::resident::ResidentBytes;
+use crate::kv_cache::KvType;
 use crate::threads::ThreadPool;
 use crate::tokenizer::Tokenizer;
 
@@ -33,6 +34,8 @@ pub struct Model {
     /// has them but could not map the file in them (see `kernels::resident`); otherwise the
     /// forward pass reads the file mapping.
     resident: Option<ResidentBytes>,
+    /// How new sequences cache keys and values.
+    kv_type: KvType,
 }
 
 impl Model {
@@ -106,6 +109,17 @@ impl Model {
         self.pool.n_threads()
     }
 
+    /// How sequences created from now on cache keys and values (f16 unless set).
+    pub fn kv_type(&self) -> KvType {
+        self.kv_type
+    }
+
+    /// The model, its new sequences caching keys and values as `kv_type`.
+    pub fn with_kv_type(mut self, kv_type: KvType) -> Self {
+        self.kv_type = kv_type;
+        self
+    }
+
     pub fn from_gguf_with_pool(file: GgufFile, pool: Arc<ThreadPool>) -> Result<Self> {
         Self::from_gguf_with(file, pool, None)
     }
@@ -145,6 +159,7 @@ impl Model {
             tokenizer,
             pool,
             resident: None,
+            kv_type: KvType::default(),
         })
     }
 

@@ -15,7 +15,7 @@ use crate::kernels::attention::{
 use crate::kernels::matmul::{matmul, matmul_fused, ActivationBatch, Product};
 use crate::kernels::ops;
 use crate::kv_cache::KvCache;
-use crate::model::config::RopeStyle;
+use crate::model::config::{Architecture, RopeStyle};
 use crate::model::ffn::{feed_forward, FfnScratch};
 use crate::model::{trace, Model};
 
@@ -181,6 +181,7 @@ impl Model {
                 cfg.n_head_kv,
                 cfg.head_dim,
                 capacity.min(cfg.n_ctx_train),
+                self.kv_type(),
             ),
             scratch: BatchScratch::default(),
             record_attention: false,
@@ -330,6 +331,7 @@ impl Model {
             n_head_kv: cfg.n_head_kv,
             head_dim: hd,
             scale: cfg.attn_scale,
+            scale_on_query: cfg.arch == Architecture::Gemma3,
             logit_softcap: cfg.attn_logit_softcap,
             window: None,
         };
@@ -478,7 +480,9 @@ impl Model {
                     let pos = start + len - 1;
                     resize(&mut s.head_probs, cfg.n_head * (pos + 1));
                     let q_last = &s.q[(first + len - 1) * q_dim..(first + len) * q_dim];
-                    last_token_attention(&e.seq.kv, li, pos, &shape, q_last, &mut s.head_probs);
+                    let batched = e.place.is_batch();
+                    let kv = &e.seq.kv;
+                    last_token_attention(kv, li, pos, batched, &shape, q_last, &mut s.head_probs);
                     for head in s.head_probs.chunks_exact(pos + 1) {
                         ops::add_in_place(sum, head);
                     }

@@ -4,7 +4,7 @@
 Our engine reproduces llama.cpp's CPU arithmetic to the bit (see rust/kernels/ggml_f32.rs), so a
 regression shows up as a first tensor that differs. This script evaluates one prompt and N greedy
 decode steps in both engines with the settings of tests/golden (F32 KV cache, no flash attention,
-2 threads) and prints, per step, the first traced tensor (layer by layer, in graph order) that is
+2 threads; --kv-cache-type f16 for llama.cpp's default cache instead) and prints, per step, the first traced tensor (layer by layer, in graph order) that is
 not bit-identical, then whether the final logits are.
 
     python tests/scripts/compare_with_llama_cpp.py --model smollm2-135m-instruct \\
@@ -57,7 +57,7 @@ TRACE_ORDER = list(LLAMA_NAMES)
 MODEL_WIDE = ["result_norm", "result_output"]
 
 
-def dump_llama_cpp(model: Path, prompt: str, steps: int, out: Path) -> None:
+def dump_llama_cpp(model: Path, prompt: str, steps: int, out: Path, kv_cache_type: str) -> None:
     """Child process: run llama.cpp and save every f32 tensor of every evaluation."""
     import make_golden as mg
     import numpy as np
@@ -111,7 +111,7 @@ def dump_llama_cpp(model: Path, prompt: str, steps: int, out: Path) -> None:
         return create_context(model_handle, params)
 
     llama_cpp.llama_init_from_model = with_callback
-    run = mg.LlamaRun(model, verbose=False)
+    run = mg.LlamaRun(model, verbose=False, kv_cache_type=kv_cache_type)
     ids = run.tokenize(prompt, True, True)
     logits = run.decode(ids, 0)
     generated = []
@@ -125,7 +125,7 @@ def dump_llama_cpp(model: Path, prompt: str, steps: int, out: Path) -> None:
     out.with_suffix(".json").write_text(json.dumps({"prompt_ids": ids, "generated": generated}))
 
 
-def compare(model: Path, prompt: str, steps: int, venv: Path) -> int:
+def compare(model: Path, prompt: str, steps: int, venv: Path, kv_cache_type: str) -> int:
     import make_golden as mg
     import numpy as np
 
@@ -136,7 +136,7 @@ def compare(model: Path, prompt: str, steps: int, venv: Path) -> int:
     dump = work / "llama.npz"
     subprocess.check_call(
         [str(python), str(SCRIPT_PATH), "--dump-to", str(dump), "--model-path", str(model),
-         "--prompt", prompt, "--steps", str(steps)]
+         "--prompt", prompt, "--steps", str(steps), "--kv-cache-type", kv_cache_type]
     )
     ref = np.load(dump)
     meta = json.loads(dump.with_suffix(".json").read_text())
@@ -146,7 +146,7 @@ def compare(model: Path, prompt: str, steps: int, venv: Path) -> int:
     os.environ.setdefault("SAMPLER_SDK_THREADS", "2")
     from sampler_sdk import Model
 
-    ours_model = Model(str(model))
+    ours_model = Model(str(model), kv_cache_type=kv_cache_type)
     names = ARCH_NAMES.get(ours_model.architecture, LLAMA_NAMES)
     n_layer = 1 + max(int(k.rsplit("-", 1)[1]) for k in ref.files if k.startswith("0__l_out-"))
     failures = 0
@@ -191,17 +191,18 @@ def main() -> None:
     parser.add_argument("--prompt", default="The capital of France is")
     parser.add_argument("--steps", type=int, default=2, help="greedy decode steps after the prompt")
     parser.add_argument("--venv", type=Path, default=os.environ.get("SAMPLER_SDK_GOLDEN_VENV", ".golden-venv"))
+    parser.add_argument("--kv-cache-type", choices=["f32", "f16"], default="f32")
     parser.add_argument("--dump-to", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.dump_to:
-        dump_llama_cpp(args.model_path, args.prompt, args.steps, args.dump_to)
+        dump_llama_cpp(args.model_path, args.prompt, args.steps, args.dump_to, args.kv_cache_type)
         return
     model = args.model_path
     if model is None:
         import make_golden as mg
 
         model = mg.default_model_path(args.model)
-    sys.exit(compare(model, args.prompt, args.steps, args.venv))
+    sys.exit(compare(model, args.prompt, args.steps, args.venv, args.kv_cache_type))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,11 @@ How to run (by hand; CI never runs this and nothing in the package depends on ll
     python tests/scripts/make_golden.py --venv /tmp/golden-venv \\
         --smollm /path/SmolLM2-135M-Instruct.Q4_1.gguf --gemma /path/gemma-3-270m-q4_k_m.gguf
     python tests/scripts/make_golden.py --models gemma3-270m
+    python tests/scripts/make_golden.py --kv-cache-type f16  # llama.cpp's default cache
+
+The default run uses an F32 KV cache and writes tokenizer_<model>.json and generation_<model>.json;
+`--kv-cache-type f16` writes generation_<model>.kv-f16.json, the same prompts under llama.cpp's own
+default cache type, which sampler-sdk's default cache reproduces.
 
 This script alone installs llama-cpp-python: when the running interpreter lacks llama_cpp at the
 pinned version, it creates a virtual environment (--venv, else $SAMPLER_SDK_GOLDEN_VENV, else
@@ -244,7 +249,7 @@ def write_json(path: Path, payload: dict[str, Any]) -> None:
 class LlamaRun:
     """One model and one context, driven through llama_cpp's ctypes bindings."""
 
-    def __init__(self, model_path: Path, verbose: bool) -> None:
+    def __init__(self, model_path: Path, verbose: bool, kv_cache_type: str = "f32") -> None:
         self.llama = llama_cpp
         if not verbose:
             # Keep a reference: ctypes callbacks must outlive the C side's use of them.
@@ -272,8 +277,9 @@ class LlamaRun:
         context_params.n_threads = N_THREADS
         context_params.n_threads_batch = N_THREADS
         context_params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        context_params.type_k = llama_cpp.GGML_TYPE_F32
-        context_params.type_v = llama_cpp.GGML_TYPE_F32
+        cache_type = {"f32": llama_cpp.GGML_TYPE_F32, "f16": llama_cpp.GGML_TYPE_F16}[kv_cache_type]
+        context_params.type_k = cache_type
+        context_params.type_v = cache_type
         self.context_settings = {
             "n_ctx": N_CTX,
             "n_batch": N_BATCH,
@@ -281,7 +287,7 @@ class LlamaRun:
             "n_threads": N_THREADS,
             "n_threads_batch": N_THREADS,
             "flash_attn": "disabled",
-            "kv_cache_type": "f32",
+            "kv_cache_type": kv_cache_type,
             "n_seq_max": int(context_params.n_seq_max),
             "swa_full": bool(context_params.swa_full),
         }
@@ -606,6 +612,11 @@ def generation_golden(name: str, path: Path, run: LlamaRun, generator: dict) -> 
 # ---------------------------------------------------------------------------------------------
 
 
+def generation_file_name(model: str, kv_cache_type: str) -> str:
+    """The generation golden of `model` under llama.cpp's `kv_cache_type` cache."""
+    return f"generation_{model}.json" if kv_cache_type == "f32" else f"generation_{model}.kv-{kv_cache_type}.json"
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
@@ -619,6 +630,13 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         nargs="+",
         choices=sorted(MODEL_FILES),
         default=sorted(MODEL_FILES, reverse=True),
+    )
+    parser.add_argument(
+        "--kv-cache-type",
+        choices=["f32", "f16"],
+        default="f32",
+        help="llama.cpp's KV cache type; f16 (its default) writes generation_<model>.kv-f16.json "
+        "only, the tokenizer goldens not depending on it",
     )
     parser.add_argument("--out-dir", type=Path, default=DEFAULT_OUT_DIR)
     parser.add_argument("--verbose", action="store_true", help="show llama.cpp's own log")
@@ -642,14 +660,15 @@ def main(argv: list[str]) -> int:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         print(f"make_golden: {name} ({paths[name]})", file=sys.stderr)
-        run = LlamaRun(paths[name], verbose=args.verbose)
+        run = LlamaRun(paths[name], verbose=args.verbose, kv_cache_type=args.kv_cache_type)
         try:
+            if args.kv_cache_type == "f32":
+                write_json(
+                    args.out_dir / f"tokenizer_{name}.json",
+                    tokenizer_golden(name, paths[name], run, corpus, generator),
+                )
             write_json(
-                args.out_dir / f"tokenizer_{name}.json",
-                tokenizer_golden(name, paths[name], run, corpus, generator),
-            )
-            write_json(
-                args.out_dir / f"generation_{name}.json",
+                args.out_dir / generation_file_name(name, args.kv_cache_type),
                 generation_golden(name, paths[name], run, generator),
             )
         finally:
