@@ -169,7 +169,13 @@ def _token_args(values):
 def _cmd_sample(args: argparse.Namespace) -> int:
     from .client import Client
 
-    client = Client(args.model, initial_rng_seed=args.seed, threads=args.threads, tokenizer=args.tokenizer)
+    client = Client(
+        args.model,
+        initial_rng_seed=args.seed,
+        threads=args.threads,
+        tokenizer=args.tokenizer,
+        kv_cache_type=args.kv_cache_type,
+    )
     sampler = client.sync_sampler
     stream = sampler.sample(
         prompt="",
@@ -231,9 +237,19 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         shutdown_grace=args.shutdown_grace,
         threads=args.threads,
         tokenizer=args.tokenizer,
+        kv_cache_type=args.kv_cache_type,
     )
     app.configure_logging()
     return asyncio.run(app.serve(config))
+
+
+def _add_kv_cache_type(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--kv-cache-type",
+        choices=["f16", "f32"],
+        default=None,
+        help="how keys and values are cached (default f16, as llama.cpp's)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -248,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--nucleus-p", type=float, default=0.95, help="top-p threshold in (0, 1]")
     p.add_argument("--seed", type=int, default=None, help="initial RNG seed (default: random)")
     p.add_argument("--threads", type=int, default=None, help="compute threads (default: physical cores)")
+    _add_kv_cache_type(p)
     p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="a SentencePiece .model file to use instead of the GGUF's vocabulary")
     p.add_argument("--stop-token", action="append", default=[], help="stop when this token is sampled")
     p.add_argument("--stop-string", action="append", default=[], help="stop once the output contains this")
@@ -284,6 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-key", type=Path, default=None, help="PEM private key")
     p.add_argument("--shutdown-grace", type=float, default=10.0, metavar="SECONDS", help="on SIGTERM, how long in-flight calls may finish")
     p.add_argument("--threads", type=int, default=None, help="compute threads per model (default: physical cores)")
+    _add_kv_cache_type(p)
     p.add_argument("--tokenizer", type=Path, default=None, metavar="FILE", help="a SentencePiece .model file for the (single) model")
     p.set_defaults(func=_cmd_serve)
 

@@ -107,7 +107,7 @@ pub fn dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
             let group = &keys[done * hd..(done + LANES) * hd];
             // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
             // keys of `hd` elements, a multiple of DOT_STEP.
-            let sums = unsafe { x86::dots16_avx512(q, group) };
+            let sums = unsafe { x86::dots16_avx512::<false>(q, group) };
             out[done..done + LANES].copy_from_slice(&sums);
             done += LANES;
         }
@@ -163,11 +163,25 @@ pub fn tinyblas_dot(x: &[f32], y: &[f32]) -> f32 {
     reduce16(&lanes)
 }
 
-/// [`tinyblas_dot`] of `q` with each of the consecutive keys in `keys`, into `out`.
+/// [`tinyblas_dot`] of `q` with each of the consecutive keys in `keys`, into `out`; with
+/// AVX-512, sixteen keys at a time share one reduction as in [`dots`].
 #[inline(always)]
 pub fn tinyblas_dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
-    for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
-        *o = tinyblas_dot(q, key);
+    let hd = q.len();
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(LANES) {
+        while done + LANES <= out.len() {
+            let group = &keys[done * hd..(done + LANES) * hd];
+            // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
+            // keys of `hd` elements, a multiple of 16.
+            let sums = unsafe { x86::dots16_avx512::<true>(q, group) };
+            out[done..done + LANES].copy_from_slice(&sums);
+            done += LANES;
+        }
+    }
+    for (p, o) in out.iter_mut().enumerate().skip(done) {
+        *o = tinyblas_dot(q, &keys[p * hd..(p + 1) * hd]);
     }
 }
 
@@ -288,6 +302,21 @@ mod x86 {
         _mm512_add_ps(_mm512_add_ps(acc[0], acc[2]), _mm512_add_ps(acc[1], acc[3]))
     }
 
+    /// tinyBLAS's one accumulator over the first `n` elements (a multiple of 16).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    unsafe fn single_accumulator(xp: *const f32, yp: *const f32, n: usize) -> __m512 {
+        let mut acc = _mm512_setzero_ps();
+        for at in (0..n).step_by(16) {
+            acc = _mm512_fmadd_ps(
+                _mm512_loadu_ps(xp.add(at)),
+                _mm512_loadu_ps(yp.add(at)),
+                acc,
+            );
+        }
+        acc
+    }
+
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
         let n = x.len().min(y.len());
@@ -308,12 +337,22 @@ mod x86 {
     /// sums in one register, the second four keys' four, the third adds `g2 + g0` and
     /// `g3 + g1` for four keys per instruction and the fourth their pairs, which leaves key
     /// `4i + q` in lane `4q + i`, put back in order by a permutation.
+    ///
+    /// `TINYBLAS`: each key's sixteen lanes are tinyBLAS's single accumulator instead (`hd` a
+    /// multiple of 16), for [`super::tinyblas_dots`].
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn dots16_avx512(q: &[f32], keys: &[f32]) -> [f32; 16] {
+    pub(super) unsafe fn dots16_avx512<const TINYBLAS: bool>(q: &[f32], keys: &[f32]) -> [f32; 16] {
         let hd = q.len();
-        debug_assert!(hd.is_multiple_of(DOT_STEP) && keys.len() >= 16 * hd);
+        let step = if TINYBLAS { 16 } else { DOT_STEP };
+        debug_assert!(hd.is_multiple_of(step) && keys.len() >= 16 * hd);
         let (qp, kp) = (q.as_ptr(), keys.as_ptr());
-        let sums: [__m512; 16] = std::array::from_fn(|p| folded_lanes(qp, kp.add(p * hd), hd));
+        let sums: [__m512; 16] = std::array::from_fn(|p| {
+            if TINYBLAS {
+                single_accumulator(qp, kp.add(p * hd), hd)
+            } else {
+                folded_lanes(qp, kp.add(p * hd), hd)
+            }
+        });
         // Keys 2i and 2i + 1: lanes l + 8 and l added, eight each.
         let halves: [__m512; 8] = std::array::from_fn(|i| {
             let (a, b) = (sums[2 * i], sums[2 * i + 1]);
@@ -616,6 +655,37 @@ mod tests {
                     );
                     let portable = dot_portable(&q, &keys[p * hd..(p + 1) * hd]);
                     assert_eq!(g.to_bits(), portable.to_bits(), "portable, key {p}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn tinyblas_dots_give_one_accumulator_then_reduce16_per_key() {
+        let value = |i: usize| {
+            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
+            m * 2f32.powi((i % 23) as i32 - 11)
+        };
+        for hd in [16, 64, 80, 256] {
+            let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
+            for n_keys in [0, 1, 15, 16, 17, 33] {
+                let keys: Vec<f32> = (0..n_keys * hd).map(|i| value(3 * i + 1)).collect();
+                let mut got = vec![f32::NAN; n_keys];
+                tinyblas_dots(&q, &keys, &mut got);
+                for (p, g) in got.iter().enumerate() {
+                    // tinyBLAS: lane l accumulates elements l, l + 16, ... by fused
+                    // multiply-adds in order, then `_mm512_reduce_add_ps`.
+                    let key = &keys[p * hd..(p + 1) * hd];
+                    let mut lanes = [0f32; LANES];
+                    for (i, (&a, &b)) in q.iter().zip(key).enumerate() {
+                        lanes[i % LANES] = a.mul_add(b, lanes[i % LANES]);
+                    }
+                    let want = reduce16(&lanes);
+                    assert_eq!(
+                        g.to_bits(),
+                        want.to_bits(),
+                        "head of {hd}, key {p} of {n_keys}"
+                    );
                 }
             }
         }

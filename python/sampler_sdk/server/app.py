@@ -75,6 +75,7 @@ class ServerConfig:
     shutdown_grace: float = 10.0
     threads: Optional[int] = None
     tokenizer: Optional[Path] = None
+    kv_cache_type: Optional[str] = None
     extra_options: Sequence[tuple] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
@@ -105,6 +106,7 @@ class SamplerServer:
                 threads=config.threads,
                 tokenizer=config.tokenizer,
                 max_batch=config.max_concurrent,
+                kv_cache_type=config.kv_cache_type,
             )
         self.stub = stub
         self.keyring = KeyRing(config.api_keys)
