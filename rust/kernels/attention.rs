@@ -31,6 +31,7 @@ use std::ops::Range;
 use crate::error::{EngineError, Result};
 use crate::kernels::ggml_f32::{self, dispatch, round_to_f16, LANES};
 use crate::kv_cache::{CacheRows, HeadRun, KvCache, KvType};
+use crate::quant::SimdLevel;
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// The attention geometry of one layer.
@@ -367,11 +368,34 @@ fn attend_head(
     // Partial sum k takes the positions j ≡ k (mod n_partials), in order; a partial that
     // no position reaches stays zero.
     let mut touched = 0u64;
+    #[cfg(target_arch = "x86_64")]
+    let registers = ggml_f32::level() == SimdLevel::Avx512 && hd.is_multiple_of(LANES);
     for run in entries.runs(visible.clone()) {
         let n_rows = run.values.len() / hd;
         let mut first = 0;
         while first < n_rows {
             let values = widened_rows(run.values, first, hd, rows);
+            #[cfg(target_arch = "x86_64")]
+            if registers {
+                let fresh = touched == 0;
+                touched = u64::MAX;
+                // SAFETY: AVX-512 is the level in use; `hd` is a multiple of 16, the partial
+                // count (16 or 64) too, and `scores` covers the run's positions from `base`.
+                unsafe {
+                    x86::accumulate_values(
+                        scores,
+                        base,
+                        run.start + first,
+                        values,
+                        hd,
+                        n_partials,
+                        partials,
+                        fresh,
+                    )
+                };
+                first += values.len() / hd;
+                continue;
+            }
             for (i, v) in values.chunks_exact(hd).enumerate() {
                 let j = run.start + first + i;
                 let p = scores[j - base];
@@ -675,6 +699,74 @@ pub fn last_token_attention(
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// For every position `j` of `start..start + values.len() / hd` (row `j - start` of
+    /// `values`): partial `j % n_partials` (a row of `hd` in `partials`) += `probs[j - base]`
+    /// times the row, by fused multiply-adds in position order, as the portable loop does.
+    /// The partials stay in registers: sixteen of them at a time, over one 16-wide column of
+    /// the head at a time, so a position costs a load and an FMA per column instead of also
+    /// a load and a store of its partial. `fresh`: the partials start at zero (every one is
+    /// written, touched or not).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx2,fma")]
+    pub(super) unsafe fn accumulate_values(
+        probs: &[f32],
+        base: usize,
+        start: usize,
+        values: &[f32],
+        hd: usize,
+        n_partials: usize,
+        partials: &mut [f32],
+        fresh: bool,
+    ) {
+        let n = values.len() / hd;
+        if n == 0 {
+            return;
+        }
+        let end = start + n;
+        debug_assert!(probs.len() >= end - base && partials.len() >= n_partials * hd);
+        let (vp, pp, out) = (values.as_ptr(), probs.as_ptr(), partials.as_mut_ptr());
+        let (first_block, last_block) = (start / n_partials, (end - 1) / n_partials);
+        for column in (0..hd).step_by(16) {
+            for group in (0..n_partials).step_by(16) {
+                let slot = |i: usize| out.add((group + i) * hd + column);
+                let mut acc: [__m512; 16] = std::array::from_fn(|i| {
+                    if fresh {
+                        _mm512_setzero_ps()
+                    } else {
+                        _mm512_loadu_ps(slot(i))
+                    }
+                });
+                let add = |acc: &mut __m512, j: usize| {
+                    let p = _mm512_set1_ps(*pp.add(j - base));
+                    let v = _mm512_loadu_ps(vp.add((j - start) * hd + column));
+                    *acc = _mm512_fmadd_ps(p, v, *acc);
+                };
+                for block in first_block..=last_block {
+                    let j0 = block * n_partials + group;
+                    if j0 >= start && j0 + 16 <= end {
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            add(a, j0 + i);
+                        }
+                    } else {
+                        for (i, a) in acc.iter_mut().enumerate() {
+                            if (start..end).contains(&(j0 + i)) {
+                                add(a, j0 + i);
+                            }
+                        }
+                    }
+                }
+                for (i, a) in acc.iter().enumerate() {
+                    _mm512_storeu_ps(slot(i), *a);
+                }
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -847,6 +939,59 @@ mod tests {
                         }
                     }
                 }
+            }
+        }
+    }
+
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    #[allow(clippy::single_range_in_vec_init)]
+    fn register_blocked_values_sum_as_the_portable_loop() {
+        if !SimdLevel::Avx512.is_supported() {
+            eprintln!("skipped: this CPU has no AVX-512");
+            return;
+        }
+        let hd = 32;
+        let probs = pseudo_random(400, 3);
+        let values = pseudo_random(400 * hd, 4);
+        for n_partials in [LANES, ggml_f32::DOT_STEP] {
+            // Runs starting mid-block and ending mid-block, and a second run added on top.
+            for (base, runs) in [
+                (0, vec![0..300]),
+                (16, vec![21..90, 90..256, 256..333]),
+                (0, vec![5..6]),
+            ] {
+                let mut expected = vec![0f32; n_partials * hd];
+                let mut got = vec![f32::NAN; n_partials * hd];
+                for (r, run) in runs.iter().enumerate() {
+                    let rows = &values[(run.start - base) * hd..(run.end - base) * hd];
+                    for (i, v) in rows.chunks_exact(hd).enumerate() {
+                        let j = run.start + i;
+                        let k = j % n_partials;
+                        for (e, &x) in expected[k * hd..(k + 1) * hd].iter_mut().zip(v) {
+                            *e = probs[j - base].mul_add(x, *e);
+                        }
+                    }
+                    // SAFETY: AVX-512 support was checked above.
+                    unsafe {
+                        x86::accumulate_values(
+                            &probs,
+                            base,
+                            run.start,
+                            rows,
+                            hd,
+                            n_partials,
+                            &mut got,
+                            r == 0,
+                        )
+                    };
+                }
+                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                assert_eq!(
+                    bits(&got),
+                    bits(&expected),
+                    "{n_partials} partials, {runs:?}"
+                );
             }
         }
     }
