@@ -11,7 +11,10 @@ shared between them); engines alternate within a repeat so both see the same mac
 and the table reports medians. Per engine and model it measures:
 
 - load: seconds to construct the model object (file mapping, metadata, tokenizer);
-- prefill tok/s: a prompt of --prompt-tokens tokens evaluated from an empty context;
+- prefill tok/s: a prompt of --prompt-tokens tokens evaluated from an empty context, the
+  median of --prefill-runs evaluations in each process (one evaluation of well under a
+  second varies by 10-20% on a shared machine), timed around the evaluation call for both
+  engines (llama.cpp's perf counters read zero for a prompt evaluated again after a reset);
 - decode tok/s: greedy tokens after that prompt. For sampler-sdk, engine-side:
   (gen - 1) tokens over the time `generate_greedy(prompt, gen)` takes beyond
   `generate_greedy(prompt, 1)`; for llama.cpp, its own perf counters (`t_eval_ms`), as the
@@ -183,7 +186,9 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale / 1e6
 
 
-def worker_sampler(model: str, threads: int, ids: list[int], gen: int, pairs: int = 3) -> dict:
+def worker_sampler(
+    model: str, threads: int, ids: list[int], gen: int, pairs: int = 3, prefill_runs: int = 3
+) -> dict:
     import threading
     from time import perf_counter
 
@@ -199,9 +204,12 @@ def worker_sampler(model: str, threads: int, ids: list[int], gen: int, pairs: in
     load_s = perf_counter() - t0
 
     engine.generate_greedy(ids[:16], 4)  # warm-up: page in weights, size buffers
-    t0 = perf_counter()
-    engine.logits(ids)
-    prefill_s = perf_counter() - t0
+    prefill_times = []
+    for _ in range(prefill_runs):
+        t0 = perf_counter()
+        engine.logits(ids)
+        prefill_times.append(perf_counter() - t0)
+    prefill_s = statistics.median(prefill_times)
 
     def decode() -> tuple[Optional[float], int]:
         t0 = perf_counter()
@@ -254,7 +262,7 @@ def worker_sampler(model: str, threads: int, ids: list[int], gen: int, pairs: in
     }
 
 
-def worker_llama(model: str, threads: int, ids: list[int], gen: int) -> dict:
+def worker_llama(model: str, threads: int, ids: list[int], gen: int, prefill_runs: int = 3) -> dict:
     from time import perf_counter
 
     import llama_cpp
@@ -278,12 +286,16 @@ def worker_llama(model: str, threads: int, ids: list[int], gen: int) -> dict:
         return int(np.argmax(logits))
 
     llm.eval(ids[:16])  # warm-up, as for sampler-sdk
-    llm.reset()
-    llama_cpp.llama_perf_context_reset(llm.ctx)
-    t0 = perf_counter()
-    llm.eval(ids)
-    prefill_wall = perf_counter() - t0
+    # Wall time of the evaluation call, as for sampler-sdk: llama.cpp's perf counters read
+    # zero for a prompt evaluated again after a reset (0.3.36).
+    prefill_walls = []
+    for _ in range(prefill_runs):
+        llm.reset()
+        t0 = perf_counter()
+        llm.eval(ids)
+        prefill_walls.append(perf_counter() - t0)
     token = last_argmax()
+    llama_cpp.llama_perf_context_reset(llm.ctx)
     t0 = perf_counter()
     for _ in range(gen - 1):
         llm.eval([token])
@@ -292,8 +304,7 @@ def worker_llama(model: str, threads: int, ids: list[int], gen: int) -> dict:
     perf = llama_cpp.llama_perf_context(llm.ctx)
     return {
         "load_s": load_s,
-        "prefill_tps": perf.n_p_eval / (perf.t_p_eval_ms / 1e3),
-        "prefill_wall_tps": len(ids) / prefill_wall,
+        "prefill_tps": len(ids) / statistics.median(prefill_walls),
         "decode_tps": perf.n_eval / (perf.t_eval_ms / 1e3),
         "decode_wall_tps": (gen - 1) / decode_wall,
         "decoded": gen - 1,
@@ -302,7 +313,7 @@ def worker_llama(model: str, threads: int, ids: list[int], gen: int) -> dict:
 
 
 def run_worker(
-    python: Path, engine: str, model: Path, threads: int, ids_file: Path, gen: int, pairs: int
+    python: Path, engine: str, model: Path, threads: int, ids_file: Path, gen: int, pairs: int, prefill_runs: int
 ) -> Optional[dict]:
     cmd = [
         str(python),
@@ -314,6 +325,7 @@ def run_worker(
         str(ids_file),
         str(gen),
         str(pairs),
+        str(prefill_runs),
     ]
     env = dict(os.environ, SAMPLER_SDK_THREADS=str(threads))
     result = subprocess.run(cmd, capture_output=True, text=True, env=env)
@@ -391,12 +403,12 @@ def git_commit() -> str:
 
 def main(argv: list[str]) -> int:
     if argv[:1] == ["_worker"]:
-        engine, model, threads, ids_file, gen, pairs = argv[1:7]
+        engine, model, threads, ids_file, gen, pairs, prefill_runs = argv[1:8]
         ids = json.loads(Path(ids_file).read_text())
         if engine == "sampler-sdk":
-            result = worker_sampler(model, int(threads), ids, int(gen), int(pairs))
+            result = worker_sampler(model, int(threads), ids, int(gen), int(pairs), int(prefill_runs))
         else:
-            result = worker_llama(model, int(threads), ids, int(gen))
+            result = worker_llama(model, int(threads), ids, int(gen), int(prefill_runs))
         print(json.dumps(result))
         return 0
 
@@ -409,8 +421,11 @@ def main(argv: list[str]) -> int:
     parser.add_argument(
         "--stream-pairs",
         type=int,
-        default=3,
+        default=5,
         help="decode/stream measurement pairs per sampler-sdk process (the stream ratio is their median)",
+    )
+    parser.add_argument(
+        "--prefill-runs", type=int, default=3, help="prompt evaluations per process (their median is taken)"
     )
     parser.add_argument("--llama-venv", help="a venv with llama-cpp-python (skip installing one)")
     parser.add_argument("--cache-dir", default=str(default_cache_dir()))
@@ -445,7 +460,14 @@ def main(argv: list[str]) -> int:
                     order = engines if rep % 2 == 0 else engines[::-1]
                     for engine in order:
                         r = run_worker(
-                            python_for[engine], engine, path, threads, ids_file, args.gen_tokens, args.stream_pairs
+                            python_for[engine],
+                            engine,
+                            path,
+                            threads,
+                            ids_file,
+                            args.gen_tokens,
+                            args.stream_pairs,
+                            args.prefill_runs,
                         )
                         if r is not None:
                             samples[engine].append(r)
