@@ -99,21 +99,38 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 /// folded together, each addition `reduce16` makes serving all of them.
 #[inline(always)]
 pub fn dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    dots_with::<false>(q, keys, out, dot);
+}
+
+/// `out[p] = one(q, key p)` for every key, sixteen keys at a time through
+/// [`x86::dots16_avx512`] where AVX-512 is in use and the head length suits `TINYBLAS`'s
+/// order (a multiple of 16 for tinyBLAS, of DOT_STEP for `ggml_vec_dot_f32`); `one` must be
+/// the same order for a single key.
+#[inline(always)]
+fn dots_with<const TINYBLAS: bool>(
+    q: &[f32],
+    keys: &[f32],
+    out: &mut [f32],
+    one: impl Fn(&[f32], &[f32]) -> f32,
+) {
     let hd = q.len();
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(DOT_STEP) {
+    if level() == SimdLevel::Avx512
+        && hd > 0
+        && hd.is_multiple_of(if TINYBLAS { LANES } else { DOT_STEP })
+    {
         while done + LANES <= out.len() {
             let group = &keys[done * hd..(done + LANES) * hd];
             // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
-            // keys of `hd` elements, a multiple of DOT_STEP.
-            let sums = unsafe { x86::dots16_avx512::<false>(q, group) };
+            // keys of `hd` elements, a multiple of the order's step.
+            let sums = unsafe { x86::dots16_avx512::<TINYBLAS>(q, group) };
             out[done..done + LANES].copy_from_slice(&sums);
             done += LANES;
         }
     }
     for (p, o) in out.iter_mut().enumerate().skip(done) {
-        *o = dot(q, &keys[p * hd..(p + 1) * hd]);
+        *o = one(q, &keys[p * hd..(p + 1) * hd]);
     }
 }
 
@@ -167,22 +184,7 @@ pub fn tinyblas_dot(x: &[f32], y: &[f32]) -> f32 {
 /// AVX-512, sixteen keys at a time share one reduction as in [`dots`].
 #[inline(always)]
 pub fn tinyblas_dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
-    let hd = q.len();
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(LANES) {
-        while done + LANES <= out.len() {
-            let group = &keys[done * hd..(done + LANES) * hd];
-            // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
-            // keys of `hd` elements, a multiple of 16.
-            let sums = unsafe { x86::dots16_avx512::<true>(q, group) };
-            out[done..done + LANES].copy_from_slice(&sums);
-            done += LANES;
-        }
-    }
-    for (p, o) in out.iter_mut().enumerate().skip(done) {
-        *o = tinyblas_dot(q, &keys[p * hd..(p + 1) * hd]);
-    }
+    dots_with::<true>(q, keys, out, tinyblas_dot);
 }
 
 /// `dst[i] = src[i]` as f32 (exact): an f16 cache's entries, widened for the f32 code.
