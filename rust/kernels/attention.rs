@@ -125,9 +125,10 @@ pub struct AttentionScratch {
     widened_for: Vec<Option<WidenedKey>>,
 }
 
-/// The entries a thread's widened copy holds: those its item of (job, token, KV head)
-/// sees. Valid within one parallel region only (a cache may change between calls).
-type WidenedKey = (usize, usize, usize);
+/// Which entries a thread's widened copies hold: (job, bit `h` set when KV head `h`'s
+/// entries over the job's span are there). Valid within one parallel region only (a cache
+/// may change between calls).
+type WidenedKey = (usize, u64);
 
 /// Score slots a head needs: the visible positions widened to whole blocks of 16.
 fn scores_len(capacity: usize) -> usize {
@@ -137,28 +138,31 @@ fn scores_len(capacity: usize) -> usize {
 /// Cached rows widened to f32 at a time (from an f16 cache).
 const ROW_CHUNK: usize = 2 * LANES;
 
-/// Floats of one f16 cache's keys (and as many of its values) a thread widens to f32 once
-/// for every query head of a group: the heads sharing a KV head then read them as from an
-/// f32 cache, and the conversion is paid once, not once per query head. Longer spans are
-/// widened a chunk at a time per head instead.
+/// Floats of an f16 cache's keys (and as many of its values) a thread widens to f32 at
+/// most, over every KV head: the entries a job's tokens see (the span from the first
+/// token's window to the last token), widened once per KV head and thread and then read by
+/// every query head and token of the job as from an f32 cache. The conversion is paid once
+/// per entry, not once per (token, query head). Longer spans are widened a chunk at a time
+/// per item instead.
 const WIDENED_FLOATS: usize = 1 << 18;
 
-/// Positions of one KV head a thread's widened copy holds (none for an f32 cache).
-fn widened_positions(capacity: usize, hd: usize, kv_type: KvType) -> usize {
+/// Positions of one KV head a thread's widened copies hold (none for an f32 cache).
+fn widened_positions(capacity: usize, hd: usize, n_head_kv: usize, kv_type: KvType) -> usize {
     match kv_type {
         KvType::F32 => 0,
-        KvType::F16 => capacity.min(WIDENED_FLOATS / hd.max(1)),
+        KvType::F16 if n_head_kv > 64 => 0,
+        KvType::F16 => capacity.min(WIDENED_FLOATS / (hd * n_head_kv).max(1)),
     }
 }
 
 /// Floats of one thread's work buffer: scores, partial sums, the query as the products
-/// see it, a chunk of widened rows, then the widened keys and values of one KV head.
-fn work_len(capacity: usize, hd: usize, kv_type: KvType) -> usize {
+/// see it, a chunk of widened rows, then the widened keys and values of every KV head.
+fn work_len(capacity: usize, hd: usize, n_head_kv: usize, kv_type: KvType) -> usize {
     scores_len(capacity)
         + ggml_f32::DOT_STEP * hd
         + hd
         + ROW_CHUNK * hd
-        + 2 * widened_positions(capacity, hd, kv_type) * hd
+        + 2 * n_head_kv * widened_positions(capacity, hd, n_head_kv, kv_type) * hd
 }
 
 /// Where one head's visible keys and values are read: the cache's own runs, or a single
@@ -310,9 +314,9 @@ fn head_probabilities(
 }
 
 /// The attention output `out` (`head_dim` values) of query head `q` over `visible`.
-/// From an f16 cache, the visible entries are first widened into the end of `work`, unless
-/// `widened` says they are there already (from the previous head of the group); returns
-/// whether they are there now.
+/// From an f16 cache, KV head `kv_head`'s entries over `span` (which holds `visible`) are
+/// first widened into its place at the end of `work`, unless `widened` says they are there
+/// already (from an earlier item of the job); returns whether they are there now.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
 fn attend_head(
@@ -321,6 +325,7 @@ fn attend_head(
     kv_head: usize,
     q: &[f32],
     visible: Range<usize>,
+    span: Range<usize>,
     shape: &AttentionShape,
     order: ValueSum,
     work: &mut [f32],
@@ -332,19 +337,22 @@ fn attend_head(
     let (partials, rest) = rest.split_at_mut(ggml_f32::DOT_STEP * hd);
     let (query, rest) = rest.split_at_mut(hd);
     let (rows, wide) = rest.split_at_mut(ROW_CHUNK * hd);
-    let span = visible.len() * hd;
-    let widens = kv.kv_type() == KvType::F16 && 2 * span <= wide.len();
-    let (wide_keys, wide_values) = wide.split_at_mut(wide.len() / 2);
+    // KV head h's widened keys and values: the h-th of n_head_kv equal slots.
+    let slot = wide.len() / kv.n_head_kv().max(1);
+    let wide = &mut wide[kv_head * slot..(kv_head + 1) * slot];
+    let widens = kv.kv_type() == KvType::F16 && 2 * span.len() * hd <= slot;
+    let (wide_keys, wide_values) = wide.split_at_mut(slot / 2);
     if widens && !widened {
-        for run in kv.head_runs(layer, kv_head, visible.clone()) {
-            let at = (run.start - visible.start) * hd;
+        for run in kv.head_runs(layer, kv_head, span.clone()) {
+            let at = (run.start - span.start) * hd;
             let n = run.keys.len();
             run.keys.widen_into(0..n, &mut wide_keys[at..at + n]);
             run.values.widen_into(0..n, &mut wide_values[at..at + n]);
         }
     }
     let entries = if widens {
-        Entries::Widened(visible.start, &wide_keys[..span], &wide_values[..span])
+        let seen = (visible.start - span.start) * hd..(visible.end - span.start) * hd;
+        Entries::Widened(visible.start, &wide_keys[seen.clone()], &wide_values[seen])
     } else {
         Entries::Cache(kv, layer, kv_head)
     };
@@ -515,7 +523,7 @@ pub fn attention(
              {n_head} x {end} values"
         )));
     }
-    let len = work_len(kv.capacity(), shape.head_dim, kv.kv_type());
+    let len = work_len(kv.capacity(), shape.head_dim, kv.n_head_kv(), kv.kv_type());
     let (per_thread, widened_for) = thread_buffers(scratch, pool.n_threads(), len);
     let views = [(kv, start, n_tokens, batched, q, DisjointSlice::new(out))];
     run_items(
@@ -571,7 +579,7 @@ pub fn attention_batch(
     }
     let len = jobs
         .iter()
-        .map(|j| work_len(j.kv.capacity(), hd, j.kv.kv_type()))
+        .map(|j| work_len(j.kv.capacity(), hd, j.kv.n_head_kv(), j.kv.kv_type()))
         .max()
         .unwrap_or(0);
     let (per_thread, widened_for) = thread_buffers(scratch, pool.n_threads(), len);
@@ -646,20 +654,30 @@ fn run_items(
             // SAFETY: each item's head is written by the one thread that takes it.
             let dst = unsafe { out.part(at..at + hd) };
             let order = ValueSum::new(*batched);
-            let key = (j, t, h / group);
+            let kv_head = h / group;
+            // The job's span: from its first token's window to its last token.
+            let span = shape.visible(*start).start..start + n_tokens;
+            // No bit (never widened) past 64 KV heads, where widened_positions is 0.
+            let bit = 1u64.checked_shl(kv_head as u32).unwrap_or(0);
+            let held = match *widened_for {
+                Some((job, heads)) if job == j => heads,
+                _ => 0,
+            };
             let widened = dispatch!(attend_head(
                 kv,
                 layer,
-                h / group,
+                kv_head,
                 &q[at..at + hd],
                 shape.visible(start + t),
+                span,
                 shape,
                 order,
                 &mut *work,
-                *widened_for == Some(key),
+                held & bit != 0,
                 &mut *dst,
             ));
-            *widened_for = widened.then_some(key);
+            let held = if widened { held | bit } else { held };
+            *widened_for = Some((j, held));
         }
     });
 }
