@@ -6,7 +6,6 @@
 //! (ggml's x86 Q8_K quantiser is the reference one).
 
 use half::f16;
-use half::slice::HalfFloatSliceExt;
 
 use super::blocks::{Block as _, BlockQ8K, BlockQ8_0, BlockQ8_1, QK_K};
 use super::dispatch::Kernels;
@@ -173,16 +172,10 @@ impl QuantizedActivations {
         }
         self.widened.clear();
         if format == GgmlType::F16 {
-            // A chunk at a time through half's slice conversion (F16C where the CPU has it).
-            self.widened.resize(x.len(), 0.0);
-            let mut halves = [f16::ZERO; 256];
-            for (bytes, out) in self.bytes.chunks(512).zip(self.widened.chunks_mut(256)) {
-                let halves = &mut halves[..out.len()];
-                for (h, b) in halves.iter_mut().zip(bytes.chunks_exact(2)) {
-                    *h = f16::from_bits(u16::from_le_bytes([b[0], b[1]]));
-                }
-                halves.convert_to_f32_slice(out);
-            }
+            // The f16 values widened back are `x` rounded to f16 (both conversions round to
+            // nearest even), which the vector rounding gets in one pass over a copy.
+            self.widened.extend_from_slice(x);
+            crate::kernels::ggml_f32::round_to_f16(&mut self.widened);
         }
         self.neg_offset_sums.clear();
         if format == GgmlType::Q8_0 {
