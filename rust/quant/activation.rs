@@ -159,15 +159,17 @@ impl QuantizedActivations {
             }
         }
         self.block_scales.clear();
-        let (block_bytes, scales) = match format {
-            GgmlType::Q8_0 => (34, 1),
-            GgmlType::Q8_1 => (36, 2),
-            _ => (1, 0),
+        let scaled_blocks = match format {
+            GgmlType::Q8_0 => Some((34, 1)),
+            GgmlType::Q8_1 => Some((36, 2)),
+            _ => None,
         };
-        for block in self.bytes.chunks_exact(block_bytes) {
-            for pair in block[..2 * scales].chunks_exact(2) {
-                let bits = u16::from_le_bytes([pair[0], pair[1]]);
-                self.block_scales.push(f16::from_bits(bits).to_f32());
+        if let Some((block_bytes, scales)) = scaled_blocks {
+            for block in self.bytes.chunks_exact(block_bytes) {
+                for pair in block[..2 * scales].chunks_exact(2) {
+                    let bits = u16::from_le_bytes([pair[0], pair[1]]);
+                    self.block_scales.push(f16::from_bits(bits).to_f32());
+                }
             }
         }
         self.widened.clear();
