@@ -108,6 +108,10 @@ use steps::Candidate;
 /// weight (`exp32` is 0 below -87), so it stands for "the whole support".
 const WHOLE_SUPPORT_DISTANCE: f32 = 88.0;
 
+/// How many times the tokens it must settle the greedy search's first band holds at least:
+/// room for the top-k list's proof (a lighter token, then one clearly lighter still).
+const TOP_COUNT_MARGIN: usize = 2;
+
 /// One sampled token with the probabilities reported to the user.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SampledToken {
@@ -130,6 +134,8 @@ pub struct Sampler {
     weights: Vec<f32>,
     candidates: Vec<Candidate>,
     histogram: steps::DistanceHistogram,
+    /// Scratch of the greedy search's first band.
+    chunk_maxima: Vec<f32>,
 }
 
 /// What the candidate search settled: the drawn token and its final probability.
@@ -211,6 +217,19 @@ impl Sampler {
         self.histogram.clear();
         let mut sorted_len = 0;
         let mut bands = steps::BandSchedule::new(n_allowed, normaliser, nucleus_p);
+        if min_mass == 0.0 {
+            // Only a count is needed (greedy): a band that surely holds a few times that
+            // many tokens, often a few dozen where the first band would hold thousands.
+            // (Where the top-k proof needs more, the band widens as usual.)
+            if let Some(distance) = steps::distance_holding(
+                &self.scaled,
+                max,
+                TOP_COUNT_MARGIN * min_count,
+                &mut self.chunk_maxima,
+            ) {
+                bands = bands.starting_within(distance);
+            }
+        }
         let mut upper = f32::INFINITY;
         loop {
             let complete = bands.distance() >= WHOLE_SUPPORT_DISTANCE;

@@ -135,6 +135,42 @@ fn lane_max_body(values: &[f32]) -> f32 {
     )
 }
 
+/// Logits per chunk in [`chunk_maxima`].
+pub(crate) const MAXIMA_CHUNK: usize = 64;
+
+with_simd_dispatch! {
+    /// The maximum of every [`MAXIMA_CHUNK`] consecutive values of `values` (the last chunk
+    /// may be shorter), ignoring NaN, into `out` (cleared first).
+    pub(crate) fn chunk_maxima / chunk_maxima_avx2, chunk_maxima_avx512 = chunk_maxima_body(
+        values: &[f32],
+        out: &mut Vec<f32>,
+    )
+}
+
+#[inline(always)]
+fn chunk_maxima_body(values: &[f32], out: &mut Vec<f32>) {
+    out.clear();
+    out.extend(values.chunks(MAXIMA_CHUNK).map(lane_max_body));
+}
+
+/// A distance below `max` within which at least `count` of `values` lie: the gap to the
+/// `count`-th largest of the chunk maxima (each of those chunks holds a value at least that
+/// large). `None` when fewer than `count` chunks hold a finite value. `maxima` is scratch.
+pub(crate) fn distance_holding(
+    values: &[f32],
+    max: f32,
+    count: usize,
+    maxima: &mut Vec<f32>,
+) -> Option<f32> {
+    chunk_maxima(values, maxima);
+    if count == 0 || maxima.len() < count {
+        return None;
+    }
+    let (_, kth, _) = maxima.select_nth_unstable_by(count - 1, |a, b| b.total_cmp(a));
+    let kth = *kth;
+    kth.is_finite().then_some(max - kth)
+}
+
 /// Combines the interleaved accumulators in a fixed tree order (part of the canonical sum).
 fn combine_lanes(lanes: &[f64; LANES]) -> f64 {
     ((lanes[0] + lanes[1]) + (lanes[2] + lanes[3]))
@@ -514,6 +550,15 @@ impl BandSchedule {
             distance: Self::FIRST_DISTANCE.min(sufficient),
             sufficient,
         }
+    }
+
+    /// Starts with a band no wider than `distance` (when that is narrower than the first
+    /// band would be): for a caller who knows that band already holds what it needs. Kept
+    /// above a floor so that widening grows it.
+    pub fn starting_within(mut self, distance: f32) -> Self {
+        const NARROWEST: f32 = 0.25;
+        self.distance = self.distance.min(distance.max(NARROWEST));
+        self
     }
 
     /// Where the current band ends.
