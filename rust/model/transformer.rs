@@ -559,7 +559,9 @@ impl Model {
         {
             ops::rms_norm(x, &w.output_norm, cfg.rms_eps, normed);
         }
-        resize(&mut s.logits, n_logits * cfg.n_vocab);
+        // The output projection writes every logit: no zeroing first (a megabyte per token
+        // for a 262k vocabulary).
+        s.logits.resize(n_logits * cfg.n_vocab, 0.0);
         if n_logits > 0 {
             // The rows left are the outputs, and `places` theirs (swapped in with the rows
             // when the last layer kept only them).
