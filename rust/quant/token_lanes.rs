@@ -90,7 +90,11 @@ impl TokenLanes {
         if !usable {
             return None;
         }
-        self.vectors.clear();
+        if acts.len() < LANE_TOKENS {
+            // The lanes past the tokens must read zero.
+            self.vectors.clear();
+        }
+        // A full group overwrites every lane, so the buffer is only resized, not zeroed.
         self.vectors
             .resize(blocks * per_block, TokenVector::default());
         Some(blocks)
@@ -103,9 +107,10 @@ impl TokenLanes {
         let Some(blocks) = self.reset(acts, GgmlType::Q8_0, VECTORS_PER_BLOCK) else {
             return false;
         };
-        for (t, act) in acts.iter().enumerate() {
-            let (bytes, scales) = (act.bytes(), act.block_scales());
-            for (b, block) in self.vectors.chunks_exact_mut(VECTORS_PER_BLOCK).enumerate() {
+        // Block by block, so a block's vectors are filled while they sit in L1.
+        for (b, block) in self.vectors.chunks_exact_mut(VECTORS_PER_BLOCK).enumerate() {
+            for (t, act) in acts.iter().enumerate() {
+                let (bytes, scales) = (act.bytes(), act.block_scales());
                 let quants = &bytes[b * BLOCK + 2..(b + 1) * BLOCK];
                 for (k, four) in quants.chunks_exact(4).enumerate() {
                     let sum: i32 = four.iter().map(|&q| i32::from(q as i8)).sum();
@@ -133,11 +138,10 @@ impl TokenLanes {
         let Some(blocks) = self.reset(acts, GgmlType::Q8K, VECTORS_PER_SUPER_BLOCK) else {
             return false;
         };
-        for (t, act) in acts.iter().enumerate() {
-            let bytes = act.bytes();
-            let vectors = self.vectors.chunks_exact_mut(VECTORS_PER_SUPER_BLOCK);
-            for (b, block) in vectors.enumerate() {
-                let y = &bytes[b * BLOCK..(b + 1) * BLOCK];
+        let vectors = self.vectors.chunks_exact_mut(VECTORS_PER_SUPER_BLOCK);
+        for (b, block) in vectors.enumerate() {
+            for (t, act) in acts.iter().enumerate() {
+                let y = &act.bytes()[b * BLOCK..(b + 1) * BLOCK];
                 for (k, four) in y[QS..BSUMS].chunks_exact(4).enumerate() {
                     block[k].0[t] = u32::from_le_bytes([four[0], four[1], four[2], four[3]]);
                 }
