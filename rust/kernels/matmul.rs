@@ -24,6 +24,7 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use crate::error::{EngineError, Result};
@@ -299,13 +300,14 @@ fn token_groups(
 }
 
 /// A product's first tokens laid out for its lanes kernel (see `quant::TokenLanes`), in
-/// groups of up to [`LANE_TOKENS`]: built once per product on the calling thread, read by
-/// every thread of the region.
+/// groups of up to [`LANE_TOKENS`]: built once per product before its region (the groups
+/// in parallel), read by every thread of the region.
 #[derive(Default)]
 struct LaneGroups {
     groups: Vec<TokenLanes>,
-    /// The index of each group's first token among the product's tokens.
-    firsts: Vec<usize>,
+    /// Each group's tokens among the product's, and whether they take llama.cpp's batched
+    /// arithmetic.
+    runs: Vec<(Range<usize>, bool)>,
     used: usize,
     /// Tokens `..covered` are in the groups.
     covered: usize,
@@ -319,9 +321,10 @@ impl LaneGroups {
     /// llama.cpp's batched arithmetic too, see `quant::DotBatchFn`); for Q4_K the tokens its
     /// gemm takes and the others go in separate runs; for Q6_K only tokens of batches its
     /// tiled kernel takes (8 or more) have lanes.
-    fn build(&mut self, kernels: &Kernels, acts: &[QuantizedActivations]) {
+    fn build(&mut self, pool: &ThreadPool, kernels: &Kernels, acts: &[QuantizedActivations]) {
         self.used = 0;
         self.covered = 0;
+        self.runs.clear();
         let offset = quant::lanes_offset(kernels.ty);
         let (Some(_), Some(offset), None) = (kernels.lanes, offset, lone_token(acts)) else {
             return;
@@ -349,33 +352,44 @@ impl LaneGroups {
             if end - start < LANES_MIN_TOKENS {
                 break;
             }
-            if self.groups.len() == self.used {
-                self.groups.push(TokenLanes::new());
-                self.firsts.push(0);
-            }
-            let group = &mut self.groups[self.used];
-            let built = if k_quant {
-                group.build_q8_k(&acts[start..end], mode)
-            } else {
-                group.build(&acts[start..end], offset)
-            };
-            if !built {
-                // Rows the lanes cannot hold (mixed lengths): all through the batch kernels.
-                self.used = 0;
-                return;
-            }
-            self.firsts[self.used] = start;
-            self.used += 1;
+            self.runs.push((start..end, mode));
             start = end;
         }
+        let n_groups = self.runs.len();
+        if self.groups.len() < n_groups {
+            self.groups.resize_with(n_groups, TokenLanes::new);
+        }
+        // The transposition is serial work otherwise: the region's other threads would wait.
+        let failed = AtomicBool::new(false);
+        let groups = DisjointSlice::new(&mut self.groups[..n_groups]);
+        let runs = &self.runs;
+        pool.parallel_for(n_groups, 1, |range| {
+            // SAFETY: parallel_for hands each thread its own range of groups.
+            let mine = unsafe { groups.part(range.clone()) };
+            for (group, (tokens, mode)) in mine.iter_mut().zip(&runs[range]) {
+                let built = if k_quant {
+                    group.build_q8_k(&acts[tokens.clone()], *mode)
+                } else {
+                    group.build(&acts[tokens.clone()], offset)
+                };
+                if !built {
+                    failed.store(true, Ordering::Relaxed);
+                }
+            }
+        });
+        if failed.load(Ordering::Relaxed) {
+            // Rows the lanes cannot hold (mixed lengths): all through the batch kernels.
+            return;
+        }
+        self.used = n_groups;
         self.covered = start;
     }
 
     /// The groups with the index of their first token.
     fn groups(&self) -> impl Iterator<Item = (usize, &TokenLanes)> {
-        self.firsts
+        self.runs
             .iter()
-            .copied()
+            .map(|(tokens, _)| tokens.start)
             .zip(&self.groups)
             .take(self.used)
     }
@@ -390,6 +404,7 @@ thread_local! {
 /// Runs `f` with lane groups built for each of `products` (kernels and activations), the
 /// groups of an earlier product reused when it has the same type and activation rows.
 fn with_lane_groups<R>(
+    pool: &ThreadPool,
     products: &[(Kernels, &[QuantizedActivations])],
     f: impl FnOnce(&[&LaneGroups]) -> R,
 ) -> R {
@@ -404,7 +419,7 @@ fn with_lane_groups<R>(
             };
             source[i] = products[..i].iter().position(same).unwrap_or(i);
             if source[i] == i {
-                cache[i].build(kernels, acts);
+                cache[i].build(pool, kernels, acts);
             }
         }
         let mut views: [&LaneGroups; MAX_FUSED] = [&cache[0]; MAX_FUSED];
@@ -696,7 +711,7 @@ pub fn matmul_fused(pool: &ThreadPool, file: &[u8], products: &mut [Product<'_>]
     for (input, (_, kernels, acts, _)) in inputs.iter_mut().zip(views.iter().flatten()) {
         *input = (*kernels, *acts);
     }
-    with_lane_groups(&inputs[..n_products], |lanes| {
+    with_lane_groups(pool, &inputs[..n_products], |lanes| {
         pool.parallel_for(total_rows, ROW_GRAIN, |range| {
             // Each product occupies `n_rows` rounded up to the grain in the joint row space,
             // so split boundaries fall on grain multiples of every product.
@@ -740,7 +755,7 @@ pub fn matmul_gated(
     let (gate_kernels, up_kernels) = (Kernels::for_type(gate.ty), Kernels::for_type(up.ty));
     let out = DisjointSlice::new(out);
     let inputs = [(gate_kernels, gate_acts), (up_kernels, up_acts)];
-    with_lane_groups(&inputs, |lanes| {
+    with_lane_groups(pool, &inputs, |lanes| {
         pool.parallel_for(n_rows, ROW_GRAIN, |rows| {
             if let (Some(g_act), Some(u_act)) = (lone_token(gate_acts), lone_token(up_acts)) {
                 // Spans of many rows of one matrix, then the same rows of the other: alternating
