@@ -33,6 +33,72 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// Rows whose sums of squares [`rms_norm_rows`] runs side by side. Each row's f64 sum is a
+/// chain of dependent additions (ggml's order, which the bits depend on), so a row alone
+/// waits on the adder's latency at every element; eight independent chains keep it busy.
+const NORM_ROWS: usize = 8;
+
+/// The factor [`rms_norm`] scales each of `rows` by: `1 / sqrt(mean(x^2) + eps)`, with the
+/// squares summed in f64 in element order, the rows' chains interleaved.
+#[inline(always)]
+fn rms_scales<const R: usize>(rows: [&[f32]; R], eps: f32) -> [f32; R] {
+    let n = rows[0].len();
+    let rows = rows.map(|row| &row[..n]);
+    let mut sums = [0f64; R];
+    for i in 0..n {
+        for (sum, row) in sums.iter_mut().zip(&rows) {
+            *sum += f64::from(row[i] * row[i]);
+        }
+    }
+    sums.map(|sum| {
+        let mean = (sum / n as f64) as f32;
+        1.0 / (mean + eps).sqrt()
+    })
+}
+
+/// [`rms_norm`] of every `weight.len()`-long row of `x` into the same row of `out`: the
+/// same bits, eight rows at a time.
+pub fn rms_norm_rows(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let d = weight.len();
+    debug_assert_eq!(x.len(), out.len());
+    let (mut xs, mut outs) = (
+        x.chunks_exact(d * NORM_ROWS),
+        out.chunks_exact_mut(d * NORM_ROWS),
+    );
+    for (x8, out8) in xs.by_ref().zip(outs.by_ref()) {
+        let scales = rms_scales::<NORM_ROWS>(std::array::from_fn(|r| &x8[r * d..(r + 1) * d]), eps);
+        for ((x, o), scale) in x8.chunks_exact(d).zip(out8.chunks_exact_mut(d)).zip(scales) {
+            for ((o, &v), &w) in o.iter_mut().zip(x).zip(weight) {
+                *o = v * scale * w;
+            }
+        }
+    }
+    for (x, o) in xs
+        .remainder()
+        .chunks_exact(d)
+        .zip(outs.into_remainder().chunks_exact_mut(d))
+    {
+        rms_norm(x, weight, eps, o);
+    }
+}
+
+/// [`rms_norm_in_place`] of every `weight.len()`-long row of `x`, eight rows at a time.
+pub fn rms_norm_in_place_rows(x: &mut [f32], weight: &[f32], eps: f32) {
+    let d = weight.len();
+    let mut groups = x.chunks_exact_mut(d * NORM_ROWS);
+    for x8 in groups.by_ref() {
+        let scales = rms_scales::<NORM_ROWS>(std::array::from_fn(|r| &x8[r * d..(r + 1) * d]), eps);
+        for (x, scale) in x8.chunks_exact_mut(d).zip(scales) {
+            for (v, &w) in x.iter_mut().zip(weight) {
+                *v = *v * scale * w;
+            }
+        }
+    }
+    for x in groups.into_remainder().chunks_exact_mut(d) {
+        rms_norm_in_place(x, weight, eps);
+    }
+}
+
 /// Rotary position embedding tables for one position: cos/sin per rotated pair.
 /// `freq_factors` (llama3-style `rope_freqs.weight`) divide the base frequency per pair.
 pub fn rope_angles(
@@ -184,6 +250,36 @@ mod tests {
         rms_norm(&x, &[1.0; 4], 0.0, &mut out);
         let rms = (out.iter().map(|v| v * v).sum::<f32>() / 4.0).sqrt();
         assert!((rms - 1.0).abs() < 1e-6);
+    }
+
+    #[test]
+    fn norms_of_many_rows_equal_the_one_row_norms_bit_for_bit() {
+        // Rows of lengths that do and do not fill whole groups, with values spanning many
+        // magnitudes so the f64 sums' order matters.
+        for (d, n_rows) in [(64, 1), (576, 8), (576, 13), (256, 27), (7, 17)] {
+            let x: Vec<f32> = (0..d * n_rows)
+                .map(|i| {
+                    let v = ((i * 2_654_435_761) % 10_007) as f32 / 97.0 - 51.0;
+                    v * 10f32.powi((i % 9) as i32 - 4)
+                })
+                .collect();
+            let weight: Vec<f32> = (0..d).map(|i| 0.5 + (i % 5) as f32 * 0.25).collect();
+            let mut expected = vec![0f32; x.len()];
+            for (row, out) in x.chunks_exact(d).zip(expected.chunks_exact_mut(d)) {
+                rms_norm(row, &weight, 1e-6, out);
+            }
+            let mut rows = vec![0f32; x.len()];
+            rms_norm_rows(&x, &weight, 1e-6, &mut rows);
+            let bits = |v: &[f32]| v.iter().map(|f| f.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&rows), bits(&expected), "d {d}, {n_rows} rows");
+            let mut in_place = x.clone();
+            rms_norm_in_place_rows(&mut in_place, &weight, 1e-6);
+            let mut expected_in_place = x.clone();
+            for row in expected_in_place.chunks_exact_mut(d) {
+                rms_norm_in_place(row, &weight, 1e-6);
+            }
+            assert_eq!(bits(&in_place), bits(&expected_in_place), "in place, d {d}");
+        }
     }
 
     #[test]

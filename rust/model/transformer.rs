@@ -18,6 +18,7 @@ use crate::kv_cache::KvCache;
 use crate::model::config::{Architecture, RopeStyle};
 use crate::model::ffn::{feed_forward, FfnScratch};
 use crate::model::{trace, Model};
+use crate::threads::{DisjointSlice, ThreadPool};
 
 /// Prompt tokens evaluated per forward call by [`Model::prefill`] and the decode loop:
 /// bounds the scratch memory of a long prompt (a 255-token prompt in one call held 25 MB
@@ -96,8 +97,9 @@ pub struct BatchScratch {
     /// Each head's attention probabilities for the last token (only when recording).
     head_probs: Vec<f32>,
     logits: Vec<f32>,
-    cos: Vec<f32>,
-    sin: Vec<f32>,
+    /// Every token's RoPE angles (`n_rot / 2` cos and sin per token), for the global
+    /// layers' base and for the sliding-window layers' (see [`RopeTables`]).
+    rope: [RopeTables; 2],
     acts: ActivationBatch,
     ffn: FfnScratch,
     /// Each token's `(index, len)` in its llama.cpp batch (see [`BatchPlace`]), and the same
@@ -109,6 +111,81 @@ pub struct BatchScratch {
 fn resize(buf: &mut Vec<f32>, len: usize) {
     buf.clear();
     buf.resize(len, 0.0);
+}
+
+/// The cos and sin of every token's RoPE angles for one (base, frequency scale), computed
+/// once per forward call rather than once per layer (the sines and cosines were most of
+/// the serial time between a prefill's matrix products).
+#[derive(Debug, Default)]
+struct RopeTables {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+}
+
+impl RopeTables {
+    fn fill(
+        &mut self,
+        positions: impl Iterator<Item = usize>,
+        n_rot: usize,
+        (base, freq_scale): (f32, f32),
+        freq_factors: Option<&[f32]>,
+    ) {
+        let half = n_rot / 2;
+        self.cos.clear();
+        self.sin.clear();
+        for pos in positions {
+            let at = self.cos.len();
+            self.cos.resize(at + half, 0.0);
+            self.sin.resize(at + half, 0.0);
+            ops::rope_angles(
+                pos,
+                n_rot,
+                base,
+                freq_scale,
+                freq_factors,
+                &mut self.cos[at..],
+                &mut self.sin[at..],
+            );
+        }
+    }
+
+    /// Row `t`'s cos and sin.
+    fn row(&self, t: usize, half: usize) -> (&[f32], &[f32]) {
+        let at = t * half..(t + 1) * half;
+        (&self.cos[at.clone()], &self.sin[at])
+    }
+}
+
+/// Rows of one parallel chunk of the per-token norms: a multiple of what
+/// `ops::rms_norm_rows` interleaves.
+const NORM_GRAIN: usize = 8;
+
+/// `normed` row `t` = `rms_norm(x row t)` for every row, after `x += add` row by row when
+/// `add` is given, rows split across the pool (a prefill's norms were serial work that
+/// left the other threads waiting).
+fn add_and_norm_rows(
+    pool: &ThreadPool,
+    x: &mut [f32],
+    add: Option<&[f32]>,
+    weight: &[f32],
+    eps: f32,
+    normed: &mut [f32],
+) {
+    let d = weight.len();
+    let n_rows = x.len() / d;
+    let (xs, outs) = (
+        DisjointSlice::new(x),
+        DisjointSlice::new(&mut normed[..n_rows * d]),
+    );
+    pool.parallel_for(n_rows, NORM_GRAIN, |rows| {
+        let span = rows.start * d..rows.end * d;
+        // SAFETY: parallel_for hands each thread its own rows.
+        let (x, out) = unsafe { (xs.part(span.clone()), outs.part(span.clone())) };
+        if let Some(add) = add {
+            ops::add_in_place(x, &add[span]);
+        }
+        ops::rms_norm_rows(x, weight, eps, out);
+    });
 }
 
 /// `cap · tanh(x / cap)`: squashes `x` smoothly into (-cap, cap).
@@ -303,8 +380,6 @@ impl Model {
         resize(&mut s.v, n * kv_dim);
         resize(&mut s.attn, n * q_dim);
         resize(&mut s.proj, n * d);
-        resize(&mut s.cos, cfg.n_rot / 2);
-        resize(&mut s.sin, cfg.n_rot / 2);
         s.places.clear();
         s.out_places.clear();
         for e in entries.iter() {
@@ -317,6 +392,20 @@ impl Model {
         // Rows the layers compute: every token until the last layer keeps only the rows
         // whose logits are wanted.
         let mut rows = n;
+
+        let positions = || {
+            entries
+                .iter()
+                .flat_map(|e| (0..e.tokens.len()).map(|t| e.seq.kv.len() + t))
+        };
+        let half_rot = cfg.n_rot / 2;
+        let global_rope = (cfg.rope_base, cfg.rope_freq_scale);
+        let local_rope = (cfg.rope_base_local, 1.0);
+        let factors = w.rope_freq_factors.as_deref();
+        s.rope[0].fill(positions(), cfg.n_rot, global_rope, factors);
+        if cfg.layer_window.iter().any(Option::is_some) {
+            s.rope[1].fill(positions(), cfg.n_rot, local_rope, factors);
+        }
 
         let all_tokens = entries.iter().flat_map(|e| e.tokens.iter());
         for (&tok, x) in all_tokens.zip(s.x.chunks_exact_mut(d)) {
@@ -341,9 +430,14 @@ impl Model {
         }
         for (li, layer) in w.layers.iter().enumerate() {
             // Attention block.
-            for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
-                ops::rms_norm(x, &layer.attn_norm, cfg.rms_eps, normed);
-            }
+            add_and_norm_rows(
+                pool,
+                &mut s.x,
+                None,
+                &layer.attn_norm,
+                cfg.rms_eps,
+                &mut s.normed,
+            );
             trace::dump("attn_norm", Some(li), &s.normed);
             s.acts.set_input_placed(&s.places, d);
             for ty in [layer.wq.ty, layer.wk.ty, layer.wv.ty] {
@@ -384,16 +478,11 @@ impl Model {
             trace::dump("Vcur", Some(li), &s.v);
 
             if let (Some(qn), Some(kn)) = (&layer.q_norm, &layer.k_norm) {
-                s.q.chunks_exact_mut(hd)
-                    .for_each(|head| ops::rms_norm_in_place(head, qn, cfg.rms_eps));
-                s.k.chunks_exact_mut(hd)
-                    .for_each(|head| ops::rms_norm_in_place(head, kn, cfg.rms_eps));
+                ops::rms_norm_in_place_rows(&mut s.q, qn, cfg.rms_eps);
+                ops::rms_norm_in_place_rows(&mut s.k, kn, cfg.rms_eps);
             }
             let window = cfg.layer_window[li];
-            let (rope_base, rope_freq_scale) = match window {
-                Some(_) => (cfg.rope_base_local, 1.0),
-                None => (cfg.rope_base, cfg.rope_freq_scale),
-            };
+            let rope = &s.rope[usize::from(window.is_some())];
             let shape = AttentionShape { window, ..shape };
             // Rows of the batch before the current entry's.
             let mut first = 0;
@@ -402,21 +491,13 @@ impl Model {
                 let (start, len) = (seq.kv.len(), e.tokens.len());
                 for t in first..first + len {
                     let pos = start + (t - first);
-                    ops::rope_angles(
-                        pos,
-                        cfg.n_rot,
-                        rope_base,
-                        rope_freq_scale,
-                        w.rope_freq_factors.as_deref(),
-                        &mut s.cos,
-                        &mut s.sin,
-                    );
+                    let (cos, sin) = rope.row(t, half_rot);
                     let rotate = |head: &mut [f32]| match cfg.rope_style {
                         RopeStyle::AdjacentPairs => {
-                            ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                            ops::rope_adjacent_pairs(&mut head[..cfg.n_rot], cos, sin)
                         }
                         RopeStyle::SplitHalves => {
-                            ops::rope_split_halves(&mut head[..cfg.n_rot], &s.cos, &s.sin)
+                            ops::rope_split_halves(&mut head[..cfg.n_rot], cos, sin)
                         }
                     };
                     s.q[t * q_dim..(t + 1) * q_dim]
@@ -509,16 +590,18 @@ impl Model {
                 break;
             }
             if let Some(norm) = &layer.attn_post_norm {
-                s.proj
-                    .chunks_exact_mut(d)
-                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+                ops::rms_norm_in_place_rows(&mut s.proj, norm, cfg.rms_eps);
             }
-            ops::add_in_place(&mut s.x, &s.proj);
 
-            // Feed-forward block.
-            for (x, normed) in s.x.chunks_exact(d).zip(s.normed.chunks_exact_mut(d)) {
-                ops::rms_norm(x, &layer.ffn_norm, cfg.rms_eps, normed);
-            }
+            // Feed-forward block, its input the residual stream plus the attention output.
+            add_and_norm_rows(
+                pool,
+                &mut s.x,
+                Some(&s.proj),
+                &layer.ffn_norm,
+                cfg.rms_eps,
+                &mut s.normed,
+            );
             trace::dump("ffn_inp", Some(li), &s.x);
             trace::dump("ffn_norm", Some(li), &s.normed);
             feed_forward(
@@ -534,9 +617,7 @@ impl Model {
             )?;
             trace::dump("ffn_out", Some(li), &s.proj);
             if let Some(norm) = &layer.ffn_post_norm {
-                s.proj
-                    .chunks_exact_mut(d)
-                    .for_each(|row| ops::rms_norm_in_place(row, norm, cfg.rms_eps));
+                ops::rms_norm_in_place_rows(&mut s.proj, norm, cfg.rms_eps);
             }
             ops::add_in_place(&mut s.x, &s.proj);
             trace::dump("l_out", Some(li), &s.x);
