@@ -22,9 +22,12 @@
 //! the same code computes them once the query and probabilities are rounded to f16 and the
 //! cached rows widened.
 //!
-//! Work is shared as (token, query head) items; every output is computed within one item,
-//! the same way whichever thread takes it, so results are bit-identical for any thread
-//! count and whether or not other sequences share the call.
+//! Work is shared as (token, query heads) items: for a batch, the query heads of a group
+//! (up to four, sharing a KV head) go together, so each value is loaded once for all of
+//! them; a lone token's heads go one by one. Every output is computed within one item, by
+//! the same operations in the same order whichever thread takes it and whichever heads
+//! share the item, so results are bit-identical for any thread count and whether or not
+//! other sequences share the call.
 
 use std::ops::Range;
 
@@ -138,6 +141,28 @@ fn scores_len(capacity: usize) -> usize {
 /// Cached rows widened to f32 at a time (from an f16 cache).
 const ROW_CHUNK: usize = 2 * LANES;
 
+/// Query heads one work item covers at most. The query heads of a group read the same
+/// keys and values, and the value sum loads each value once for all the item's heads.
+const MAX_ITEM_HEADS: usize = 4;
+
+/// Query heads per work item of a job of `n_tokens`: for a batch, the largest of 4, 3 and
+/// 2 that divides the group (the heads sharing a KV head); for a lone token 1, so that its
+/// few items still spread over the threads.
+fn heads_per_item(group: usize, n_tokens: usize) -> usize {
+    if n_tokens < 2 {
+        return 1;
+    }
+    [4, 3, 2]
+        .into_iter()
+        .find(|&g| g <= MAX_ITEM_HEADS && group.is_multiple_of(g))
+        .unwrap_or(1)
+}
+
+/// Work items of a job of `n_tokens`: (token, run of query heads) pairs.
+fn job_items(shape: &AttentionShape, n_tokens: usize) -> usize {
+    n_tokens * (shape.n_head / heads_per_item(shape.group(), n_tokens))
+}
+
 /// Floats of an f16 cache's keys (and as many of its values) a thread widens to f32 at
 /// most, over every KV head: the entries a job's tokens see (the span from the first
 /// token's window to the last token), widened once per KV head and thread and then read by
@@ -155,12 +180,11 @@ fn widened_positions(capacity: usize, hd: usize, n_head_kv: usize, kv_type: KvTy
     }
 }
 
-/// Floats of one thread's work buffer: scores, partial sums, the query as the products
-/// see it, a chunk of widened rows, then the widened keys and values of every KV head.
+/// Floats of one thread's work buffer: per query head of an item, scores, partial sums and
+/// the query as the products see it; a chunk of widened rows; then the widened keys and
+/// values of every KV head.
 fn work_len(capacity: usize, hd: usize, n_head_kv: usize, kv_type: KvType) -> usize {
-    scores_len(capacity)
-        + ggml_f32::DOT_STEP * hd
-        + hd
+    MAX_ITEM_HEADS * (scores_len(capacity) + ggml_f32::DOT_STEP * hd + hd)
         + ROW_CHUNK * hd
         + 2 * n_head_kv * widened_positions(capacity, hd, n_head_kv, kv_type) * hd
 }
@@ -313,13 +337,14 @@ fn head_probabilities(
     base
 }
 
-/// The attention output `out` (`head_dim` values) of query head `q` over `visible`.
-/// From an f16 cache, KV head `kv_head`'s entries over `span` (which holds `visible`) are
-/// first widened into its place at the end of `work`, unless `widened` says they are there
-/// already (from an earlier item of the job); returns whether they are there now.
+/// The attention outputs `out` (`head_dim` values per head) of the query heads `q` (as
+/// many, at most [`MAX_ITEM_HEADS`], all of KV head `kv_head`) over `visible`. From an f16
+/// cache, the KV head's entries over `span` (which holds `visible`) are first widened into
+/// their place at the end of `work`, unless `widened` says they are there already (from an
+/// earlier item of the job); returns whether they are there now.
 #[allow(clippy::too_many_arguments)]
 #[inline(always)]
-fn attend_head(
+fn attend_heads(
     kv: &KvCache,
     layer: usize,
     kv_head: usize,
@@ -333,9 +358,12 @@ fn attend_head(
     out: &mut [f32],
 ) -> bool {
     let hd = shape.head_dim;
-    let (scores, rest) = work.split_at_mut(scores_len(kv.capacity()));
-    let (partials, rest) = rest.split_at_mut(ggml_f32::DOT_STEP * hd);
-    let (query, rest) = rest.split_at_mut(hd);
+    let heads = (q.len() / hd).min(MAX_ITEM_HEADS);
+    let n_scores = scores_len(kv.capacity());
+    let n_partial_floats = ggml_f32::DOT_STEP * hd;
+    let (all_scores, rest) = work.split_at_mut(MAX_ITEM_HEADS * n_scores);
+    let (all_partials, rest) = rest.split_at_mut(MAX_ITEM_HEADS * n_partial_floats);
+    let (queries, rest) = rest.split_at_mut(MAX_ITEM_HEADS * hd);
     let (rows, wide) = rest.split_at_mut(ROW_CHUNK * hd);
     // KV head h's widened keys and values: the h-th of n_head_kv equal slots.
     let slot = wide.len() / kv.n_head_kv().max(1);
@@ -356,23 +384,28 @@ fn attend_head(
     } else {
         Entries::Cache(kv, layer, kv_head)
     };
-    let (q, score_scale) = query_for(kv, shape, q, query);
     let score_sum = ScoreSum::new(kv.kv_type(), order == ValueSum::Batch, hd);
-    let base = head_probabilities(
-        entries,
-        q,
-        score_scale,
-        score_sum,
-        visible.clone(),
-        shape,
-        scores,
-        rows,
-    );
-    if kv.kv_type() == KvType::F16 {
-        round_to_f16(&mut scores[visible.start - base..visible.end - base]);
+    // The first visible position rounded down to a block: the same for every head.
+    let mut base = visible.start / LANES * LANES;
+    for g in 0..heads {
+        let scores = &mut all_scores[g * n_scores..(g + 1) * n_scores];
+        let query = &mut queries[g * hd..(g + 1) * hd];
+        let (q, score_scale) = query_for(kv, shape, &q[g * hd..(g + 1) * hd], query);
+        base = head_probabilities(
+            entries,
+            q,
+            score_scale,
+            score_sum,
+            visible.clone(),
+            shape,
+            scores,
+            rows,
+        );
+        if kv.kv_type() == KvType::F16 {
+            round_to_f16(&mut scores[visible.start - base..visible.end - base]);
+        }
     }
     let n_partials = order.partials();
-    let partials = &mut partials[..n_partials * hd];
     // Partial sum k takes the positions j ≡ k (mod n_partials), in order; a partial that
     // no position reaches stays zero.
     let mut touched = 0u64;
@@ -387,18 +420,25 @@ fn attend_head(
             if registers {
                 let fresh = touched == 0;
                 touched = u64::MAX;
+                let place = ValuePlace {
+                    base,
+                    start: run.start + first,
+                    hd,
+                    n_partials,
+                    fresh,
+                };
                 // SAFETY: AVX-512 is the level in use; `hd` is a multiple of 16, the partial
-                // count (16 or 64) too, and `scores` covers the run's positions from `base`.
+                // count (16 or 64) one of every pass width, and each head's scores cover
+                // the run's positions from `base`.
                 unsafe {
-                    x86::accumulate_values(
-                        scores,
-                        base,
-                        run.start + first,
+                    accumulate_heads(
+                        heads,
+                        all_scores,
+                        n_scores,
                         values,
-                        hd,
-                        n_partials,
-                        partials,
-                        fresh,
+                        all_partials,
+                        n_partial_floats,
+                        place,
                     )
                 };
                 first += values.len() / hd;
@@ -406,23 +446,139 @@ fn attend_head(
             }
             for (i, v) in values.chunks_exact(hd).enumerate() {
                 let j = run.start + first + i;
-                let p = scores[j - base];
                 let k = j % n_partials;
-                let row = &mut partials[k * hd..(k + 1) * hd];
-                if touched & (1 << k) == 0 {
-                    touched |= 1 << k;
-                    row.iter_mut()
-                        .zip(v)
-                        .for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
-                } else {
-                    row.iter_mut()
-                        .zip(v)
-                        .for_each(|(r, &x)| *r = p.mul_add(x, *r));
+                let fresh = touched & (1 << k) == 0;
+                touched |= 1 << k;
+                for g in 0..heads {
+                    let p = all_scores[g * n_scores + j - base];
+                    let at = g * n_partial_floats + k * hd;
+                    let row = &mut all_partials[at..at + hd];
+                    if fresh {
+                        row.iter_mut()
+                            .zip(v)
+                            .for_each(|(r, &x)| *r = p.mul_add(x, 0.0));
+                    } else {
+                        row.iter_mut()
+                            .zip(v)
+                            .for_each(|(r, &x)| *r = p.mul_add(x, *r));
+                    }
                 }
             }
             first += values.len() / hd;
         }
     }
+    for (g, out) in out.chunks_exact_mut(hd).take(heads).enumerate() {
+        let partials = &mut all_partials[g * n_partial_floats..][..n_partials * hd];
+        reduce_partials(partials, touched, hd, order, out);
+    }
+    widens
+}
+
+/// Where a chunk of values sits for [`accumulate_heads`]: scores are indexed from `base`,
+/// the chunk's first row is position `start`.
+#[cfg(target_arch = "x86_64")]
+#[derive(Clone, Copy)]
+struct ValuePlace {
+    base: usize,
+    start: usize,
+    hd: usize,
+    n_partials: usize,
+    fresh: bool,
+}
+
+/// `x86::accumulate_values` for the first `heads` heads (each `n_scores` floats of
+/// `all_scores`, `n_partial_floats` of `all_partials`), with as many partials per pass as
+/// fit the registers next to that many heads.
+///
+/// # Safety
+/// As for `x86::accumulate_values`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn accumulate_heads(
+    heads: usize,
+    all_scores: &[f32],
+    n_scores: usize,
+    values: &[f32],
+    all_partials: &mut [f32],
+    n_partial_floats: usize,
+    place: ValuePlace,
+) {
+    fn each_head<const G: usize>(all: &mut [f32], stride: usize) -> [&mut [f32]; G] {
+        let mut rest = all;
+        std::array::from_fn(|_| {
+            let len = stride.min(rest.len());
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len);
+            rest = tail;
+            head
+        })
+    }
+    let probs = |g: usize| &all_scores[(g * n_scores).min(all_scores.len())..];
+    let ValuePlace {
+        base,
+        start,
+        hd,
+        n_partials,
+        fresh,
+    } = place;
+    let parts = all_partials;
+    let stride = n_partial_floats;
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match heads {
+            4 => x86::accumulate_values::<4, 4>(
+                std::array::from_fn(probs),
+                base,
+                start,
+                values,
+                hd,
+                n_partials,
+                each_head(parts, stride),
+                fresh,
+            ),
+            3 => x86::accumulate_values::<3, 8>(
+                std::array::from_fn(probs),
+                base,
+                start,
+                values,
+                hd,
+                n_partials,
+                each_head(parts, stride),
+                fresh,
+            ),
+            2 => x86::accumulate_values::<2, 8>(
+                std::array::from_fn(probs),
+                base,
+                start,
+                values,
+                hd,
+                n_partials,
+                each_head(parts, stride),
+                fresh,
+            ),
+            _ => x86::accumulate_values::<1, 16>(
+                [probs(0)],
+                base,
+                start,
+                values,
+                hd,
+                n_partials,
+                each_head(parts, stride),
+                fresh,
+            ),
+        }
+    }
+}
+
+/// Combines one head's partial sums (`n_partials` rows of `hd`; those not in `touched`
+/// are zero) into `out` in the order of the reduction llama.cpp's product ends with.
+fn reduce_partials(
+    partials: &mut [f32],
+    touched: u64,
+    hd: usize,
+    order: ValueSum,
+    out: &mut [f32],
+) {
+    let n_partials = order.partials();
     for k in 0..n_partials {
         if touched & (1 << k) == 0 {
             partials[k * hd..(k + 1) * hd].fill(0.0);
@@ -455,7 +611,6 @@ fn attend_head(
     for (d, o) in out.iter_mut().enumerate().take(hd) {
         *o = (row(2)[d] + row(0)[d]) + (row(3)[d] + row(1)[d]);
     }
-    widens
 }
 
 /// Checks that `n_tokens` queries (`q_len` values) and outputs (`out_len`) at positions
@@ -533,7 +688,7 @@ pub fn attention(
         &per_thread,
         &widened_for,
         &views,
-        &[n_tokens * n_head],
+        &[job_items(shape, n_tokens)],
     );
     if let Some(all) = last_probs {
         let q_dim = n_head * shape.head_dim;
@@ -565,7 +720,7 @@ pub fn attention_batch(
     jobs: &mut [AttentionJob<'_>],
     scratch: &mut AttentionScratch,
 ) -> Result<()> {
-    let (n_head, hd) = (shape.n_head, shape.head_dim);
+    let hd = shape.head_dim;
     for job in jobs.iter() {
         check_shapes(
             layer,
@@ -587,7 +742,7 @@ pub fn attention_batch(
     let job_ends: Vec<usize> = jobs
         .iter()
         .scan(0, |end, job| {
-            *end += job.n_tokens * n_head;
+            *end += job_items(shape, job.n_tokens);
             Some(*end)
         })
         .collect();
@@ -648,11 +803,14 @@ fn run_items(
         for item in items {
             let j = job_ends.partition_point(|&end| end <= item);
             let (kv, start, n_tokens, batched, q, out) = &views[j];
-            let local = item - (job_ends[j] - n_tokens * n_head);
-            let (t, h) = (local / n_head, local % n_head);
+            let local = item - (job_ends[j] - job_items(shape, *n_tokens));
+            let heads = heads_per_item(group, *n_tokens);
+            let runs_per_token = n_head / heads;
+            let (t, h) = (local / runs_per_token, local % runs_per_token * heads);
             let at = (t * n_head + h) * hd;
-            // SAFETY: each item's head is written by the one thread that takes it.
-            let dst = unsafe { out.part(at..at + hd) };
+            let len = heads * hd;
+            // SAFETY: each item's heads are written by the one thread that takes it.
+            let dst = unsafe { out.part(at..at + len) };
             let order = ValueSum::new(*batched);
             let kv_head = h / group;
             // The job's span: from its first token's window to its last token.
@@ -663,11 +821,11 @@ fn run_items(
                 Some((job, heads)) if job == j => heads,
                 _ => 0,
             };
-            let widened = dispatch!(attend_head(
+            let widened = dispatch!(attend_heads(
                 kv,
                 layer,
                 kv_head,
-                &q[at..at + hd],
+                &q[at..at + len],
                 shape.visible(start + t),
                 span,
                 shape,
@@ -722,22 +880,29 @@ mod x86 {
     use std::arch::x86_64::*;
 
     /// For every position `j` of `start..start + values.len() / hd` (row `j - start` of
-    /// `values`): partial `j % n_partials` (a row of `hd` in `partials`) += `probs[j - base]`
-    /// times the row, by fused multiply-adds in position order, as the portable loop does.
-    /// The partials stay in registers: sixteen of them at a time, over one 16-wide column of
-    /// the head at a time, so a position costs a load and an FMA per column instead of also
-    /// a load and a store of its partial. `fresh`: the partials start at zero (every one is
-    /// written, touched or not).
+    /// `values`) and every head `g` of the `G` query heads sharing these values:
+    /// partial `j % n_partials` of head `g` (a row of `hd` in `partials[g]`) +=
+    /// `probs[g][j - base]` times the row, by fused multiply-adds in position order, as the
+    /// portable loop does for each head alone.
+    ///
+    /// The partials stay in registers: `P` of them per head at a time (`G * P` registers),
+    /// over one 16-wide column of the head at a time, so a position costs one load of its
+    /// values per column for all `G` heads, and no load or store of a partial. `fresh`: the
+    /// partials start at zero (every one is written, touched or not).
+    ///
+    /// # Safety
+    /// AVX-512F; `hd` a multiple of 16 and `n_partials` of `P`; every `probs[g]` covers
+    /// `base..start + n` and every `partials[g]` holds `n_partials * hd` floats.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn accumulate_values(
-        probs: &[f32],
+    pub(super) unsafe fn accumulate_values<const G: usize, const P: usize>(
+        probs: [&[f32]; G],
         base: usize,
         start: usize,
         values: &[f32],
         hd: usize,
         n_partials: usize,
-        partials: &mut [f32],
+        partials: [&mut [f32]; G],
         fresh: bool,
     ) {
         let n = values.len() / hd;
@@ -745,40 +910,49 @@ mod x86 {
             return;
         }
         let end = start + n;
-        debug_assert!(probs.len() >= end - base && partials.len() >= n_partials * hd);
-        let (vp, pp, out) = (values.as_ptr(), probs.as_ptr(), partials.as_mut_ptr());
+        debug_assert!(probs.iter().all(|p| p.len() >= end - base));
+        debug_assert!(partials.iter().all(|p| p.len() >= n_partials * hd));
+        let vp = values.as_ptr();
+        let pp = probs.map(<[f32]>::as_ptr);
+        let out = partials.map(<[f32]>::as_mut_ptr);
         let (first_block, last_block) = (start / n_partials, (end - 1) / n_partials);
         for column in (0..hd).step_by(16) {
-            for group in (0..n_partials).step_by(16) {
-                let slot = |i: usize| out.add((group + i) * hd + column);
-                let mut acc: [__m512; 16] = std::array::from_fn(|i| {
-                    if fresh {
-                        _mm512_setzero_ps()
-                    } else {
-                        _mm512_loadu_ps(slot(i))
-                    }
+            for group in (0..n_partials).step_by(P) {
+                let slot = |g: usize, i: usize| out[g].add((group + i) * hd + column);
+                let mut acc: [[__m512; P]; G] = std::array::from_fn(|g| {
+                    std::array::from_fn(|i| {
+                        if fresh {
+                            _mm512_setzero_ps()
+                        } else {
+                            _mm512_loadu_ps(slot(g, i))
+                        }
+                    })
                 });
-                let add = |acc: &mut __m512, j: usize| {
-                    let p = _mm512_set1_ps(*pp.add(j - base));
+                let mut add = |i: usize, j: usize| {
                     let v = _mm512_loadu_ps(vp.add((j - start) * hd + column));
-                    *acc = _mm512_fmadd_ps(p, v, *acc);
+                    for g in 0..G {
+                        let p = _mm512_set1_ps(*pp[g].add(j - base));
+                        acc[g][i] = _mm512_fmadd_ps(p, v, acc[g][i]);
+                    }
                 };
                 for block in first_block..=last_block {
                     let j0 = block * n_partials + group;
-                    if j0 >= start && j0 + 16 <= end {
-                        for (i, a) in acc.iter_mut().enumerate() {
-                            add(a, j0 + i);
+                    if j0 >= start && j0 + P <= end {
+                        for i in 0..P {
+                            add(i, j0 + i);
                         }
                     } else {
-                        for (i, a) in acc.iter_mut().enumerate() {
+                        for i in 0..P {
                             if (start..end).contains(&(j0 + i)) {
-                                add(a, j0 + i);
+                                add(i, j0 + i);
                             }
                         }
                     }
                 }
-                for (i, a) in acc.iter().enumerate() {
-                    _mm512_storeu_ps(slot(i), *a);
+                for (g, acc) in acc.iter().enumerate() {
+                    for (i, a) in acc.iter().enumerate() {
+                        _mm512_storeu_ps(slot(g, i), *a);
+                    }
                 }
             }
         }
@@ -970,46 +1144,66 @@ mod tests {
             return;
         }
         let hd = 32;
-        let probs = pseudo_random(400, 3);
+        let n_scores = 400;
         let values = pseudo_random(400 * hd, 4);
-        for n_partials in [LANES, ggml_f32::DOT_STEP] {
-            // Runs starting mid-block and ending mid-block, and a second run added on top.
-            for (base, runs) in [
-                (0, vec![0..300]),
-                (16, vec![21..90, 90..256, 256..333]),
-                (0, vec![5..6]),
-            ] {
-                let mut expected = vec![0f32; n_partials * hd];
-                let mut got = vec![f32::NAN; n_partials * hd];
-                for (r, run) in runs.iter().enumerate() {
-                    let rows = &values[(run.start - base) * hd..(run.end - base) * hd];
-                    for (i, v) in rows.chunks_exact(hd).enumerate() {
-                        let j = run.start + i;
-                        let k = j % n_partials;
-                        for (e, &x) in expected[k * hd..(k + 1) * hd].iter_mut().zip(v) {
-                            *e = probs[j - base].mul_add(x, *e);
+        for heads in 1..=MAX_ITEM_HEADS {
+            // Each head's probabilities, end to end as in a work buffer.
+            let all_scores: Vec<f32> = (0..heads)
+                .flat_map(|g| pseudo_random(n_scores, 3 + g as u32))
+                .collect();
+            for n_partials in [LANES, ggml_f32::DOT_STEP] {
+                let stride = ggml_f32::DOT_STEP * hd;
+                // Runs starting mid-block and ending mid-block, and a second run added on top.
+                for (base, runs) in [
+                    (0, vec![0..300]),
+                    (16, vec![21..90, 90..256, 256..333]),
+                    (0, vec![5..6]),
+                ] {
+                    let mut expected = vec![0f32; heads * stride];
+                    let mut got = vec![f32::NAN; heads * stride];
+                    for (r, run) in runs.iter().enumerate() {
+                        let rows = &values[(run.start - base) * hd..(run.end - base) * hd];
+                        for (i, v) in rows.chunks_exact(hd).enumerate() {
+                            let j = run.start + i;
+                            let k = j % n_partials;
+                            for g in 0..heads {
+                                let p = all_scores[g * n_scores + j - base];
+                                let row = &mut expected[g * stride + k * hd..][..hd];
+                                for (e, &x) in row.iter_mut().zip(v) {
+                                    *e = p.mul_add(x, *e);
+                                }
+                            }
                         }
-                    }
-                    // SAFETY: AVX-512 support was checked above.
-                    unsafe {
-                        x86::accumulate_values(
-                            &probs,
+                        let place = ValuePlace {
                             base,
-                            run.start,
-                            rows,
+                            start: run.start,
                             hd,
                             n_partials,
-                            &mut got,
-                            r == 0,
-                        )
-                    };
+                            fresh: r == 0,
+                        };
+                        // SAFETY: AVX-512 support was checked above.
+                        unsafe {
+                            accumulate_heads(
+                                heads,
+                                &all_scores,
+                                n_scores,
+                                rows,
+                                &mut got,
+                                stride,
+                                place,
+                            )
+                        };
+                    }
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    for g in 0..heads {
+                        let used = g * stride..g * stride + n_partials * hd;
+                        assert_eq!(
+                            bits(&got[used.clone()]),
+                            bits(&expected[used]),
+                            "{heads} heads, head {g}, {n_partials} partials, {runs:?}"
+                        );
+                    }
                 }
-                let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
-                assert_eq!(
-                    bits(&got),
-                    bits(&expected),
-                    "{n_partials} partials, {runs:?}"
-                );
             }
         }
     }

@@ -51,11 +51,19 @@ macro_rules! dispatch {
             unsafe fn avx512<R>(f: impl FnOnce() -> R) -> R { f() }
             #[target_feature(enable = "avx2,fma")]
             unsafe fn avx2<R>(f: impl FnOnce() -> R) -> R { f() }
+            // The closures must be inlined into the wrappers to get their target features:
+            // left to the optimiser, a change elsewhere in the crate once made it outline
+            // the SwiGLU closure, whose multiply-adds then became `fmaf` calls (a third of
+            // a prefill).
             match $crate::kernels::ggml_f32::level() {
                 // SAFETY: the level was chosen from the CPU's features.
-                $crate::quant::SimdLevel::Avx512 => unsafe { avx512(|| $body($($arg),*)) },
+                $crate::quant::SimdLevel::Avx512 => unsafe {
+                    avx512(#[inline(always)] || $body($($arg),*))
+                },
                 // SAFETY: as above.
-                $crate::quant::SimdLevel::Avx2 => unsafe { avx2(|| $body($($arg),*)) },
+                $crate::quant::SimdLevel::Avx2 => unsafe {
+                    avx2(#[inline(always)] || $body($($arg),*))
+                },
                 $crate::quant::SimdLevel::Scalar => $body($($arg),*),
             }
         }
