@@ -43,6 +43,11 @@ pub trait TokenSink: Send {
 /// deliveries as a closure to call exactly once.
 pub type Delivery = Box<dyn Fn(&mut dyn FnMut()) + Send>;
 
+/// Runs the scheduler thread's whole loop, given as a closure to call exactly once: a
+/// binding can hold per-thread state around it (an interpreter's thread state, so that each
+/// step's delivery need not create and destroy one).
+pub type ThreadScope = Box<dyn FnOnce(Box<dyn FnOnce() + Send>) + Send>;
+
 struct Running {
     run: SequenceRun,
     cancel: Arc<AtomicBool>,
@@ -80,6 +85,16 @@ pub struct Batcher {
 impl Batcher {
     /// Starts the scheduler thread of `model`.
     pub fn start(model: Arc<Model>, max_batch: usize, delivery: Delivery) -> Result<Self> {
+        Self::start_in(model, max_batch, delivery, Box::new(|run| run()))
+    }
+
+    /// [`Self::start`] with the scheduler loop run inside `scope` on its thread.
+    pub fn start_in(
+        model: Arc<Model>,
+        max_batch: usize,
+        delivery: Delivery,
+        scope: ThreadScope,
+    ) -> Result<Self> {
         if max_batch == 0 {
             return Err(EngineError::invalid("max_batch", "must be at least 1"));
         }
@@ -97,7 +112,7 @@ impl Batcher {
         };
         std::thread::Builder::new()
             .name("sampler-sdk-batcher".into())
-            .spawn(move || scheduler.run())
+            .spawn(move || scope(Box::new(move || scheduler.run())))
             .map_err(|e| EngineError::Internal(format!("cannot start the batcher thread: {e}")))?;
         Ok(Self {
             model,
