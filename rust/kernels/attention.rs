@@ -297,6 +297,7 @@ fn head_probabilities(
     q: &[f32],
     score_scale: f32,
     score_sum: ScoreSum,
+    fused: bool,
     visible: Range<usize>,
     shape: &AttentionShape,
     scores: &mut [f32],
@@ -312,6 +313,10 @@ fn head_probabilities(
         let n_rows = run.keys.len() / hd;
         let dst = &mut scores[at..at + n_rows];
         let mut first = 0;
+        if let (true, CacheRows::F16(keys)) = (fused, run.keys) {
+            let tinyblas = score_sum == ScoreSum::TinyBlas;
+            first = ggml_f32::f16_key_dots(q, keys, tinyblas, dst);
+        }
         while first < n_rows {
             let keys = widened_rows(run.keys, first, hd, rows);
             let n = keys.len() / hd;
@@ -355,6 +360,7 @@ fn attend_heads(
     order: ValueSum,
     work: &mut [f32],
     widened: bool,
+    fused_f16: bool,
     out: &mut [f32],
 ) -> bool {
     let hd = shape.head_dim;
@@ -368,7 +374,13 @@ fn attend_heads(
     // KV head h's widened keys and values: the h-th of n_head_kv equal slots.
     let slot = wide.len() / kv.n_head_kv().max(1);
     let wide = &mut wide[kv_head * slot..(kv_head + 1) * slot];
-    let widens = kv.kv_type() == KvType::F16 && 2 * span.len() * hd <= slot;
+    #[cfg(target_arch = "x86_64")]
+    let registers = ggml_f32::level() == SimdLevel::Avx512 && hd.is_multiple_of(LANES);
+    #[cfg(not(target_arch = "x86_64"))]
+    let registers = false;
+    // An f16 cache read directly, each value widened in the registers as it is used.
+    let fused = fused_f16 && registers && kv.kv_type() == KvType::F16;
+    let widens = !fused && kv.kv_type() == KvType::F16 && 2 * span.len() * hd <= slot;
     let (wide_keys, wide_values) = wide.split_at_mut(slot / 2);
     if widens && !widened {
         for run in kv.head_runs(layer, kv_head, span.clone()) {
@@ -396,6 +408,7 @@ fn attend_heads(
             q,
             score_scale,
             score_sum,
+            fused,
             visible.clone(),
             shape,
             scores,
@@ -409,13 +422,10 @@ fn attend_heads(
     // Partial sum k takes the positions j ≡ k (mod n_partials), in order; a partial that
     // no position reaches stays zero.
     let mut touched = 0u64;
-    #[cfg(target_arch = "x86_64")]
-    let registers = ggml_f32::level() == SimdLevel::Avx512 && hd.is_multiple_of(LANES);
     for run in entries.runs(visible.clone()) {
         let n_rows = run.values.len() / hd;
         let mut first = 0;
         while first < n_rows {
-            let values = widened_rows(run.values, first, hd, rows);
             #[cfg(target_arch = "x86_64")]
             if registers {
                 let fresh = touched == 0;
@@ -427,9 +437,20 @@ fn attend_heads(
                     n_partials,
                     fresh,
                 };
-                // SAFETY: AVX-512 is the level in use; `hd` is a multiple of 16, the partial
-                // count (16 or 64) one of every pass width, and each head's scores cover
-                // the run's positions from `base`.
+                // f16 rows are read as they are (widened in the registers) when fused,
+                // every row at once; otherwise a chunk widened to f32 at a time.
+                let (values, n) = match run.values {
+                    CacheRows::F16(v) if fused => {
+                        (CacheRows::F16(&v[first * hd..]), n_rows - first)
+                    }
+                    _ => {
+                        let values = widened_rows(run.values, first, hd, rows);
+                        (CacheRows::F32(values), values.len() / hd)
+                    }
+                };
+                // SAFETY: AVX-512 (with F16C) is the level in use; `hd` is a multiple of 16,
+                // the partial count (16 or 64) one of every pass width, and each head's
+                // scores cover the run's positions from `base`.
                 unsafe {
                     accumulate_heads(
                         heads,
@@ -441,9 +462,10 @@ fn attend_heads(
                         place,
                     )
                 };
-                first += values.len() / hd;
+                first += n;
                 continue;
             }
+            let values = widened_rows(run.values, first, hd, rows);
             for (i, v) in values.chunks_exact(hd).enumerate() {
                 let j = run.start + first + i;
                 let k = j % n_partials;
@@ -498,7 +520,56 @@ unsafe fn accumulate_heads(
     heads: usize,
     all_scores: &[f32],
     n_scores: usize,
-    values: &[f32],
+    values: CacheRows<'_>,
+    all_partials: &mut [f32],
+    n_partial_floats: usize,
+    place: ValuePlace,
+) {
+    match values {
+        CacheRows::F32(v) => {
+            let rows = x86::Values(v.as_ptr().cast(), v.len() / place.hd);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                accumulate_rows::<false>(
+                    heads,
+                    all_scores,
+                    n_scores,
+                    rows,
+                    all_partials,
+                    n_partial_floats,
+                    place,
+                )
+            }
+        }
+        CacheRows::F16(v) => {
+            let rows = x86::Values(v.as_ptr().cast(), v.len() / place.hd);
+            // SAFETY: forwarded from the caller.
+            unsafe {
+                accumulate_rows::<true>(
+                    heads,
+                    all_scores,
+                    n_scores,
+                    rows,
+                    all_partials,
+                    n_partial_floats,
+                    place,
+                )
+            }
+        }
+    }
+}
+
+/// [`accumulate_heads`] for rows of one element type.
+///
+/// # Safety
+/// As for `x86::accumulate_values`.
+#[cfg(target_arch = "x86_64")]
+#[inline(always)]
+unsafe fn accumulate_rows<const F16: bool>(
+    heads: usize,
+    all_scores: &[f32],
+    n_scores: usize,
+    values: x86::Values,
     all_partials: &mut [f32],
     n_partial_floats: usize,
     place: ValuePlace,
@@ -525,7 +596,7 @@ unsafe fn accumulate_heads(
     // SAFETY: forwarded from the caller.
     unsafe {
         match heads {
-            4 => x86::accumulate_values::<4, 4>(
+            4 => x86::accumulate_values::<4, 4, F16>(
                 std::array::from_fn(probs),
                 base,
                 start,
@@ -535,7 +606,7 @@ unsafe fn accumulate_heads(
                 each_head(parts, stride),
                 fresh,
             ),
-            3 => x86::accumulate_values::<3, 8>(
+            3 => x86::accumulate_values::<3, 8, F16>(
                 std::array::from_fn(probs),
                 base,
                 start,
@@ -545,7 +616,7 @@ unsafe fn accumulate_heads(
                 each_head(parts, stride),
                 fresh,
             ),
-            2 => x86::accumulate_values::<2, 8>(
+            2 => x86::accumulate_values::<2, 8, F16>(
                 std::array::from_fn(probs),
                 base,
                 start,
@@ -555,7 +626,7 @@ unsafe fn accumulate_heads(
                 each_head(parts, stride),
                 fresh,
             ),
-            _ => x86::accumulate_values::<1, 16>(
+            _ => x86::accumulate_values::<1, 16, F16>(
                 [probs(0)],
                 base,
                 start,
@@ -832,6 +903,9 @@ fn run_items(
                 order,
                 &mut *work,
                 held & bit != 0,
+                // A lone token reads an f16 cache directly: widening a copy first would
+                // convert every entry for one query only.
+                *n_tokens == 1,
                 &mut *dst,
             ));
             let held = if widened { held | bit } else { held };
@@ -865,6 +939,7 @@ pub fn last_token_attention(
             q_head,
             score_scale,
             ScoreSum::new(kv.kv_type(), batched, hd),
+            false,
             visible.clone(),
             shape,
             &mut scores,
@@ -879,6 +954,13 @@ pub fn last_token_attention(
 mod x86 {
     use std::arch::x86_64::*;
 
+    use crate::kernels::ggml_f32::x86::load16;
+
+    /// Rows of values: `.1` rows of `head_dim` f32 values, or f16 for an `F16` kernel, at
+    /// `.0`.
+    #[derive(Clone, Copy)]
+    pub(super) struct Values(pub *const u8, pub usize);
+
     /// For every position `j` of `start..start + values.len() / hd` (row `j - start` of
     /// `values`) and every head `g` of the `G` query heads sharing these values:
     /// partial `j % n_partials` of head `g` (a row of `hd` in `partials[g]`) +=
@@ -891,28 +973,28 @@ mod x86 {
     /// partials start at zero (every one is written, touched or not).
     ///
     /// # Safety
-    /// AVX-512F; `hd` a multiple of 16 and `n_partials` of `P`; every `probs[g]` covers
-    /// `base..start + n` and every `partials[g]` holds `n_partials * hd` floats.
+    /// AVX-512F and F16C; `hd` a multiple of 16 and `n_partials` of `P`; `values` holds its
+    /// rows; every `probs[g]` covers `base..start + n` and every `partials[g]` holds
+    /// `n_partials * hd` floats.
     #[allow(clippy::too_many_arguments)]
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn accumulate_values<const G: usize, const P: usize>(
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn accumulate_values<const G: usize, const P: usize, const F16: bool>(
         probs: [&[f32]; G],
         base: usize,
         start: usize,
-        values: &[f32],
+        values: Values,
         hd: usize,
         n_partials: usize,
         partials: [&mut [f32]; G],
         fresh: bool,
     ) {
-        let n = values.len() / hd;
+        let Values(vp, n) = values;
         if n == 0 {
             return;
         }
         let end = start + n;
         debug_assert!(probs.iter().all(|p| p.len() >= end - base));
         debug_assert!(partials.iter().all(|p| p.len() >= n_partials * hd));
-        let vp = values.as_ptr();
         let pp = probs.map(<[f32]>::as_ptr);
         let out = partials.map(<[f32]>::as_mut_ptr);
         let (first_block, last_block) = (start / n_partials, (end - 1) / n_partials);
@@ -929,7 +1011,7 @@ mod x86 {
                     })
                 });
                 let mut add = |i: usize, j: usize| {
-                    let v = _mm512_loadu_ps(vp.add((j - start) * hd + column));
+                    let v = load16::<F16>(vp, (j - start) * hd + column);
                     for g in 0..G {
                         let p = _mm512_set1_ps(*pp[g].add(j - base));
                         acc[g][i] = _mm512_fmadd_ps(p, v, acc[g][i]);
@@ -1145,8 +1227,13 @@ mod tests {
         }
         let hd = 32;
         let n_scores = 400;
-        let values = pseudo_random(400 * hd, 4);
-        for heads in 1..=MAX_ITEM_HEADS {
+        // Values exact in f16, so the f16 rows and their f32 copy hold the same numbers.
+        let halves: Vec<half::f16> = pseudo_random(400 * hd, 4)
+            .into_iter()
+            .map(half::f16::from_f32)
+            .collect();
+        let values: Vec<f32> = halves.iter().map(|h| h.to_f32()).collect();
+        for (heads, f16_rows) in (1..=MAX_ITEM_HEADS).flat_map(|h| [(h, false), (h, true)]) {
             // Each head's probabilities, end to end as in a work buffer.
             let all_scores: Vec<f32> = (0..heads)
                 .flat_map(|g| pseudo_random(n_scores, 3 + g as u32))
@@ -1181,13 +1268,19 @@ mod tests {
                             n_partials,
                             fresh: r == 0,
                         };
+                        let cached = if f16_rows {
+                            let at = (run.start - base) * hd..(run.end - base) * hd;
+                            CacheRows::F16(&halves[at])
+                        } else {
+                            CacheRows::F32(rows)
+                        };
                         // SAFETY: AVX-512 support was checked above.
                         unsafe {
                             accumulate_heads(
                                 heads,
                                 &all_scores,
                                 n_scores,
-                                rows,
+                                cached,
                                 &mut got,
                                 stride,
                                 place,
@@ -1200,7 +1293,8 @@ mod tests {
                         assert_eq!(
                             bits(&got[used.clone()]),
                             bits(&expected[used]),
-                            "{heads} heads, head {g}, {n_partials} partials, {runs:?}"
+                            "{heads} heads, head {g}, {n_partials} partials, {runs:?}, \
+                             f16 rows {f16_rows}"
                         );
                     }
                 }

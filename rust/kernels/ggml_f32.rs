@@ -132,7 +132,7 @@ fn dots_with<const TINYBLAS: bool>(
             let group = &keys[done * hd..(done + LANES) * hd];
             // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
             // keys of `hd` elements, a multiple of the order's step.
-            let sums = unsafe { x86::dots16_avx512::<TINYBLAS>(q, group) };
+            let sums = unsafe { x86::dots16_avx512::<TINYBLAS, false>(q, group.as_ptr().cast()) };
             out[done..done + LANES].copy_from_slice(&sums);
             done += LANES;
         }
@@ -140,6 +140,35 @@ fn dots_with<const TINYBLAS: bool>(
     for (p, o) in out.iter_mut().enumerate().skip(done) {
         *o = one(q, &keys[p * hd..(p + 1) * hd]);
     }
+}
+
+/// [`dots`] (or, `tinyblas`, [`tinyblas_dots`]) of `q` with an f16 cache's keys, widened in
+/// the registers rather than copied to f32 first: `out[p] = q · key p` for whole groups of
+/// sixteen keys where AVX-512 is in use and the head length suits the order. Returns how
+/// many keys it did (from the first); the caller computes the others.
+pub fn f16_key_dots(q: &[f32], keys: &[half::f16], tinyblas: bool, out: &mut [f32]) -> usize {
+    let hd = q.len();
+    let step = if tinyblas { LANES } else { DOT_STEP };
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(step) {
+        let n = out.len().min(keys.len() / hd);
+        while done + LANES <= n {
+            let group = keys[done * hd..(done + LANES) * hd].as_ptr().cast();
+            // SAFETY: the level was chosen from the CPU's features (AVX-512 implies F16C
+            // here); `group` holds sixteen keys of `hd` f16 values, a multiple of the step.
+            let sums = unsafe {
+                if tinyblas {
+                    x86::dots16_avx512::<true, true>(q, group)
+                } else {
+                    x86::dots16_avx512::<false, true>(q, group)
+                }
+            };
+            out[done..done + LANES].copy_from_slice(&sums);
+            done += LANES;
+        }
+    }
+    done
 }
 
 /// [`dot`] in plain Rust: the definition the vector versions are tested against.
@@ -226,7 +255,7 @@ pub fn round_to_f16(values: &mut [f32]) {
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(crate) mod x86 {
     use std::arch::x86_64::*;
 
     /// Widens whole vectors with `vcvtph2ps`, the tail one value at a time.
@@ -299,13 +328,13 @@ mod x86 {
     /// `reduce16`.
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn folded_lanes(xp: *const f32, yp: *const f32, whole: usize) -> __m512 {
+    unsafe fn folded_lanes<const F16: bool>(xp: *const f32, yp: *const u8, whole: usize) -> __m512 {
         let mut acc = [_mm512_setzero_ps(); 4];
         let mut i = 0;
         while i < whole {
             for (c, a) in acc.iter_mut().enumerate() {
                 let at = i + 16 * c;
-                *a = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), _mm512_loadu_ps(yp.add(at)), *a);
+                *a = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), load16::<F16>(yp, at), *a);
             }
             i += DOT_STEP;
         }
@@ -315,23 +344,35 @@ mod x86 {
     /// tinyBLAS's one accumulator over the first `n` elements (a multiple of 16).
     #[inline]
     #[target_feature(enable = "avx512f,avx2,fma")]
-    unsafe fn single_accumulator(xp: *const f32, yp: *const f32, n: usize) -> __m512 {
+    unsafe fn single_accumulator<const F16: bool>(
+        xp: *const f32,
+        yp: *const u8,
+        n: usize,
+    ) -> __m512 {
         let mut acc = _mm512_setzero_ps();
         for at in (0..n).step_by(16) {
-            acc = _mm512_fmadd_ps(
-                _mm512_loadu_ps(xp.add(at)),
-                _mm512_loadu_ps(yp.add(at)),
-                acc,
-            );
+            acc = _mm512_fmadd_ps(_mm512_loadu_ps(xp.add(at)), load16::<F16>(yp, at), acc);
         }
         acc
+    }
+
+    /// Elements `at..at + 16` of a row of f32 (`F16` false) or f16 values at `p`, as f32
+    /// (an f16 widened exactly, in the register).
+    #[inline]
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(crate) unsafe fn load16<const F16: bool>(p: *const u8, at: usize) -> __m512 {
+        if F16 {
+            _mm512_cvtph_ps(_mm256_loadu_si256(p.add(2 * at).cast()))
+        } else {
+            _mm512_loadu_ps(p.cast::<f32>().add(at))
+        }
     }
 
     #[target_feature(enable = "avx512f,avx2,fma")]
     pub(super) unsafe fn dot_avx512(x: &[f32], y: &[f32]) -> f32 {
         let n = x.len().min(y.len());
         let whole = n - n % DOT_STEP;
-        let sum = folded_lanes(x.as_ptr(), y.as_ptr(), whole);
+        let sum = folded_lanes::<false>(x.as_ptr(), y.as_ptr().cast(), whole);
         // The upper eight lanes (through the f64 view: AVX-512F, where the f32 extract
         // needs AVX-512DQ and would not inline here).
         let upper = _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(sum)));
@@ -350,17 +391,25 @@ mod x86 {
     ///
     /// `TINYBLAS`: each key's sixteen lanes are tinyBLAS's single accumulator instead (`hd` a
     /// multiple of 16), for [`super::tinyblas_dots`].
-    #[target_feature(enable = "avx512f,avx2,fma")]
-    pub(super) unsafe fn dots16_avx512<const TINYBLAS: bool>(q: &[f32], keys: &[f32]) -> [f32; 16] {
+    ///
+    /// `F16`: the keys are f16 values (`keys` points at `16 * hd` of them), widened in the
+    /// registers; otherwise f32.
+    #[target_feature(enable = "avx512f,avx2,fma,f16c")]
+    pub(super) unsafe fn dots16_avx512<const TINYBLAS: bool, const F16: bool>(
+        q: &[f32],
+        keys: *const u8,
+    ) -> [f32; 16] {
         let hd = q.len();
         let step = if TINYBLAS { 16 } else { DOT_STEP };
-        debug_assert!(hd.is_multiple_of(step) && keys.len() >= 16 * hd);
-        let (qp, kp) = (q.as_ptr(), keys.as_ptr());
+        debug_assert!(hd.is_multiple_of(step));
+        let qp = q.as_ptr();
+        let element = if F16 { 2 } else { 4 };
         let sums: [__m512; 16] = std::array::from_fn(|p| {
+            let key = keys.add(p * hd * element);
             if TINYBLAS {
-                single_accumulator(qp, kp.add(p * hd), hd)
+                single_accumulator::<F16>(qp, key, hd)
             } else {
-                folded_lanes(qp, kp.add(p * hd), hd)
+                folded_lanes::<F16>(qp, key, hd)
             }
         });
         // Keys 2i and 2i + 1: lanes l + 8 and l added, eight each.
@@ -695,6 +744,44 @@ mod tests {
                         g.to_bits(),
                         want.to_bits(),
                         "head of {hd}, key {p} of {n_keys}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn f16_key_dots_equal_the_dots_of_the_widened_keys() {
+        let value = |i: usize| {
+            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
+            m * 2f32.powi((i % 23) as i32 - 11)
+        };
+        for hd in [16, 64, 80, 128, 256] {
+            let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
+            for n_keys in [0, 1, 15, 16, 17, 33, 48] {
+                let keys: Vec<half::f16> = (0..n_keys * hd)
+                    .map(|i| half::f16::from_f32(value(3 * i + 1)))
+                    .collect();
+                let widened: Vec<f32> = keys.iter().map(|k| k.to_f32()).collect();
+                for tinyblas in [false, true] {
+                    let mut want = vec![f32::NAN; n_keys];
+                    if tinyblas {
+                        tinyblas_dots(&q, &widened, &mut want);
+                    } else {
+                        dots(&q, &widened, &mut want);
+                    }
+                    let mut got = vec![f32::NAN; n_keys];
+                    let done = f16_key_dots(&q, &keys, tinyblas, &mut got);
+                    let step = if tinyblas { LANES } else { DOT_STEP };
+                    if level() == SimdLevel::Avx512 && hd.is_multiple_of(step) {
+                        assert_eq!(done, n_keys / LANES * LANES, "head of {hd}");
+                    }
+                    assert!(done <= n_keys && done.is_multiple_of(LANES));
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(
+                        bits(&got[..done]),
+                        bits(&want[..done]),
+                        "head of {hd}, {n_keys} keys, tinyblas {tinyblas}"
                     );
                 }
             }
