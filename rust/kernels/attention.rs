@@ -525,37 +525,26 @@ unsafe fn accumulate_heads(
     n_partial_floats: usize,
     place: ValuePlace,
 ) {
-    match values {
-        CacheRows::F32(v) => {
-            let rows = x86::Values(v.as_ptr().cast(), v.len() / place.hd);
-            // SAFETY: forwarded from the caller.
-            unsafe {
-                accumulate_rows::<false>(
-                    heads,
-                    all_scores,
-                    n_scores,
-                    rows,
-                    all_partials,
-                    n_partial_floats,
-                    place,
-                )
-            }
-        }
-        CacheRows::F16(v) => {
-            let rows = x86::Values(v.as_ptr().cast(), v.len() / place.hd);
-            // SAFETY: forwarded from the caller.
-            unsafe {
-                accumulate_rows::<true>(
-                    heads,
-                    all_scores,
-                    n_scores,
-                    rows,
-                    all_partials,
-                    n_partial_floats,
-                    place,
-                )
-            }
-        }
+    let (rows, f16) = match values {
+        CacheRows::F32(v) => (x86::Values(v.as_ptr().cast(), v.len() / place.hd), false),
+        CacheRows::F16(v) => (x86::Values(v.as_ptr().cast(), v.len() / place.hd), true),
+    };
+    let accumulate = if f16 {
+        accumulate_rows::<true>
+    } else {
+        accumulate_rows::<false>
+    };
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        accumulate(
+            heads,
+            all_scores,
+            n_scores,
+            rows,
+            all_partials,
+            n_partial_floats,
+            place,
+        )
     }
 }
 
@@ -593,49 +582,28 @@ unsafe fn accumulate_rows<const F16: bool>(
     } = place;
     let parts = all_partials;
     let stride = n_partial_floats;
+    // `G` heads with `P` partials each in registers.
+    macro_rules! heads_of {
+        ($g:literal, $p:literal) => {
+            x86::accumulate_values::<$g, $p, F16>(
+                std::array::from_fn(probs),
+                base,
+                start,
+                values,
+                hd,
+                n_partials,
+                each_head(parts, stride),
+                fresh,
+            )
+        };
+    }
     // SAFETY: forwarded from the caller.
     unsafe {
         match heads {
-            4 => x86::accumulate_values::<4, 4, F16>(
-                std::array::from_fn(probs),
-                base,
-                start,
-                values,
-                hd,
-                n_partials,
-                each_head(parts, stride),
-                fresh,
-            ),
-            3 => x86::accumulate_values::<3, 8, F16>(
-                std::array::from_fn(probs),
-                base,
-                start,
-                values,
-                hd,
-                n_partials,
-                each_head(parts, stride),
-                fresh,
-            ),
-            2 => x86::accumulate_values::<2, 8, F16>(
-                std::array::from_fn(probs),
-                base,
-                start,
-                values,
-                hd,
-                n_partials,
-                each_head(parts, stride),
-                fresh,
-            ),
-            _ => x86::accumulate_values::<1, 16, F16>(
-                [probs(0)],
-                base,
-                start,
-                values,
-                hd,
-                n_partials,
-                each_head(parts, stride),
-                fresh,
-            ),
+            4 => heads_of!(4, 4),
+            3 => heads_of!(3, 8),
+            2 => heads_of!(2, 8),
+            _ => heads_of!(1, 16),
         }
     }
 }
