@@ -111,9 +111,7 @@ pub fn dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
 }
 
 /// `out[p] = one(q, key p)` for every key, sixteen keys at a time through
-/// [`x86::dots16_avx512`] where AVX-512 is in use and the head length suits `TINYBLAS`'s
-/// order (a multiple of 16 for tinyBLAS, of DOT_STEP for `ggml_vec_dot_f32`); `one` must be
-/// the same order for a single key.
+/// [`sixteen_key_dots`] where it can; `one` must be the same order for a single key.
 #[inline(always)]
 fn dots_with<const TINYBLAS: bool>(
     q: &[f32],
@@ -122,46 +120,64 @@ fn dots_with<const TINYBLAS: bool>(
     one: impl Fn(&[f32], &[f32]) -> f32,
 ) {
     let hd = q.len();
-    let mut done = 0;
-    #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx512
-        && hd > 0
-        && hd.is_multiple_of(if TINYBLAS { LANES } else { DOT_STEP })
-    {
-        while done + LANES <= out.len() {
-            let group = &keys[done * hd..(done + LANES) * hd];
-            // SAFETY: the level was chosen from the CPU's features; `group` holds sixteen
-            // keys of `hd` elements, a multiple of the order's step.
-            let sums = unsafe { x86::dots16_avx512::<TINYBLAS, false>(q, group.as_ptr().cast()) };
-            out[done..done + LANES].copy_from_slice(&sums);
-            done += LANES;
-        }
-    }
+    let done = sixteen_key_dots::<TINYBLAS, f32>(q, keys, out);
     for (p, o) in out.iter_mut().enumerate().skip(done) {
         *o = one(q, &keys[p * hd..(p + 1) * hd]);
     }
 }
 
 /// [`dots`] (or, `tinyblas`, [`tinyblas_dots`]) of `q` with an f16 cache's keys, widened in
-/// the registers rather than copied to f32 first: `out[p] = q · key p` for whole groups of
-/// sixteen keys where AVX-512 is in use and the head length suits the order. Returns how
-/// many keys it did (from the first); the caller computes the others.
+/// the registers rather than copied to f32 first, for the keys [`sixteen_key_dots`] takes.
+/// Returns how many keys it did (from the first); the caller computes the others.
 pub fn f16_key_dots(q: &[f32], keys: &[half::f16], tinyblas: bool, out: &mut [f32]) -> usize {
+    if tinyblas {
+        sixteen_key_dots::<true, half::f16>(q, keys, out)
+    } else {
+        sixteen_key_dots::<false, half::f16>(q, keys, out)
+    }
+}
+
+/// The element types of keys [`sixteen_key_dots`] reads.
+trait KeyElement: Copy {
+    /// Whether the elements are f16 (widened in the registers) rather than f32.
+    const F16: bool;
+}
+
+impl KeyElement for f32 {
+    const F16: bool = false;
+}
+
+impl KeyElement for half::f16 {
+    const F16: bool = true;
+}
+
+/// `out[p] = q · key p` for whole groups of sixteen keys through [`x86::dots16_avx512`],
+/// where AVX-512 is in use and the head length suits `TINYBLAS`'s order (a multiple of 16
+/// for tinyBLAS, of DOT_STEP for `ggml_vec_dot_f32`). Returns how many keys it did (from
+/// the first; 0 otherwise).
+#[inline(always)]
+fn sixteen_key_dots<const TINYBLAS: bool, K: KeyElement>(
+    q: &[f32],
+    keys: &[K],
+    out: &mut [f32],
+) -> usize {
     let hd = q.len();
-    let step = if tinyblas { LANES } else { DOT_STEP };
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if level() == SimdLevel::Avx512 && hd > 0 && hd.is_multiple_of(step) {
+    if level() == SimdLevel::Avx512
+        && hd > 0
+        && hd.is_multiple_of(if TINYBLAS { LANES } else { DOT_STEP })
+    {
         let n = out.len().min(keys.len() / hd);
         while done + LANES <= n {
             let group = keys[done * hd..(done + LANES) * hd].as_ptr().cast();
             // SAFETY: the level was chosen from the CPU's features (AVX-512 implies F16C
-            // here); `group` holds sixteen keys of `hd` f16 values, a multiple of the step.
+            // here); `group` holds sixteen keys of `hd` elements, a multiple of the step.
             let sums = unsafe {
-                if tinyblas {
-                    x86::dots16_avx512::<true, true>(q, group)
+                if K::F16 {
+                    x86::dots16_avx512::<TINYBLAS, true>(q, group)
                 } else {
-                    x86::dots16_avx512::<false, true>(q, group)
+                    x86::dots16_avx512::<TINYBLAS, false>(q, group)
                 }
             };
             out[done..done + LANES].copy_from_slice(&sums);
@@ -692,13 +708,15 @@ mod tests {
         assert_eq!(reduce16(&v), want);
     }
 
+    /// Pseudo-random values with magnitudes spread over many binades, so any other
+    /// summation order shows.
+    fn value(i: usize) -> f32 {
+        let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
+        m * 2f32.powi((i % 23) as i32 - 11)
+    }
+
     #[test]
     fn dots_give_the_bits_of_one_dot_per_key() {
-        // Magnitudes spread over many binades, so any other summation order shows.
-        let value = |i: usize| {
-            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
-            m * 2f32.powi((i % 23) as i32 - 11)
-        };
         for hd in [64, 128, 256, 80, 40] {
             let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
             for n_keys in [0, 1, 15, 16, 17, 33, 48] {
@@ -721,10 +739,6 @@ mod tests {
 
     #[test]
     fn tinyblas_dots_give_one_accumulator_then_reduce16_per_key() {
-        let value = |i: usize| {
-            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
-            m * 2f32.powi((i % 23) as i32 - 11)
-        };
         for hd in [16, 64, 80, 256] {
             let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
             for n_keys in [0, 1, 15, 16, 17, 33] {
@@ -752,10 +766,6 @@ mod tests {
 
     #[test]
     fn f16_key_dots_equal_the_dots_of_the_widened_keys() {
-        let value = |i: usize| {
-            let m = ((i * 2_654_435_761) % 1_000_003) as f32 / 1_000_003.0 - 0.5;
-            m * 2f32.powi((i % 23) as i32 - 11)
-        };
         for hd in [16, 64, 80, 128, 256] {
             let q: Vec<f32> = (0..hd).map(|i| value(i + 7)).collect();
             for n_keys in [0, 1, 15, 16, 17, 33, 48] {

@@ -36,7 +36,7 @@ pub fn rms_norm_in_place(x: &mut [f32], weight: &[f32], eps: f32) {
 /// Rows whose sums of squares [`rms_norm_rows`] runs side by side. Each row's f64 sum is a
 /// chain of dependent additions (ggml's order, which the bits depend on), so a row alone
 /// waits on the adder's latency at every element; eight independent chains keep it busy.
-const NORM_ROWS: usize = 8;
+pub const NORM_ROWS: usize = 8;
 
 /// The factor [`rms_norm`] scales each of `rows` by: `1 / sqrt(mean(x^2) + eps)`, with the
 /// squares summed in f64 in element order, the rows' chains interleaved.

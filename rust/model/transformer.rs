@@ -156,10 +156,6 @@ impl RopeTables {
     }
 }
 
-/// Rows of one parallel chunk of the per-token norms: a multiple of what
-/// `ops::rms_norm_rows` interleaves.
-const NORM_GRAIN: usize = 8;
-
 /// `normed` row `t` = `rms_norm(x row t)` for every row, after `x += add` row by row when
 /// `add` is given, rows split across the pool (a prefill's norms were serial work that
 /// left the other threads waiting).
@@ -177,7 +173,8 @@ fn add_and_norm_rows(
         DisjointSlice::new(x),
         DisjointSlice::new(&mut normed[..n_rows * d]),
     );
-    pool.parallel_for(n_rows, NORM_GRAIN, |rows| {
+    // Chunks of whole interleaved groups.
+    pool.parallel_for(n_rows, ops::NORM_ROWS, |rows| {
         let span = rows.start * d..rows.end * d;
         // SAFETY: parallel_for hands each thread its own rows.
         let (x, out) = unsafe { (xs.part(span.clone()), outs.part(span.clone())) };
