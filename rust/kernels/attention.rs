@@ -34,7 +34,6 @@ use std::ops::Range;
 use crate::error::{EngineError, Result};
 use crate::kernels::ggml_f32::{self, dispatch, round_to_f16, LANES};
 use crate::kv_cache::{CacheRows, HeadRun, KvCache, KvType};
-use crate::quant::SimdLevel;
 use crate::threads::{DisjointSlice, ThreadPool};
 
 /// The attention geometry of one layer.
@@ -375,7 +374,8 @@ fn attend_heads(
     let slot = wide.len() / kv.n_head_kv().max(1);
     let wide = &mut wide[kv_head * slot..(kv_head + 1) * slot];
     #[cfg(target_arch = "x86_64")]
-    let registers = ggml_f32::level() == SimdLevel::Avx512 && hd.is_multiple_of(LANES);
+    let registers =
+        ggml_f32::level() == crate::quant::SimdLevel::Avx512 && hd.is_multiple_of(LANES);
     #[cfg(not(target_arch = "x86_64"))]
     let registers = false;
     // An f16 cache read directly, each value widened in the registers as it is used.
@@ -1189,7 +1189,7 @@ mod tests {
     #[cfg(target_arch = "x86_64")]
     #[allow(clippy::single_range_in_vec_init)]
     fn register_blocked_values_sum_as_the_portable_loop() {
-        if !SimdLevel::Avx512.is_supported() {
+        if !crate::quant::SimdLevel::Avx512.is_supported() {
             eprintln!("skipped: this CPU has no AVX-512");
             return;
         }

@@ -36,6 +36,7 @@ pub const DOT_STEP: usize = 4 * LANES;
 
 /// The SIMD level the kernels of this module are compiled for in this process: the
 /// quantized kernels' choice (so `SAMPLER_SDK_SIMD=scalar` forces the plain build here too).
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
 pub(crate) fn level() -> SimdLevel {
     static LEVEL: OnceLock<SimdLevel> = OnceLock::new();
     *LEVEL.get_or_init(|| quant::kernels().level())
@@ -64,7 +65,8 @@ macro_rules! dispatch {
                 $crate::quant::SimdLevel::Avx2 => unsafe {
                     avx2(#[inline(always)] || $body($($arg),*))
                 },
-                $crate::quant::SimdLevel::Scalar => $body($($arg),*),
+                // Scalar, and the Arm levels: this module has no NEON builds yet.
+                _ => $body($($arg),*),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
@@ -96,7 +98,7 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
         SimdLevel::Avx512 => return unsafe { x86::dot_avx512(x, y) },
         // SAFETY: as above.
         SimdLevel::Avx2 => return unsafe { x86::dot_avx2(x, y) },
-        SimdLevel::Scalar => {}
+        _ => {}
     }
     dot_portable(x, y)
 }
@@ -140,6 +142,7 @@ pub fn f16_key_dots(q: &[f32], keys: &[half::f16], tinyblas: bool, out: &mut [f3
 /// The element types of keys [`sixteen_key_dots`] reads.
 trait KeyElement: Copy {
     /// Whether the elements are f16 (widened in the registers) rather than f32.
+    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
     const F16: bool;
 }
 
@@ -156,6 +159,7 @@ impl KeyElement for half::f16 {
 /// for tinyBLAS, of DOT_STEP for `ggml_vec_dot_f32`). Returns how many keys it did (from
 /// the first; 0 otherwise).
 #[inline(always)]
+#[cfg_attr(not(target_arch = "x86_64"), allow(unused_variables, unused_mut))]
 fn sixteen_key_dots<const TINYBLAS: bool, K: KeyElement>(
     q: &[f32],
     keys: &[K],
@@ -249,7 +253,7 @@ pub fn widen_f16(src: &[half::f16], dst: &mut [f32]) {
         SimdLevel::Avx512 => return unsafe { x86::widen_f16_avx512(src, dst) },
         // SAFETY: as above.
         SimdLevel::Avx2 => return unsafe { x86::widen_f16_avx2(src, dst) },
-        SimdLevel::Scalar => {}
+        _ => {}
     }
     dst.iter_mut().zip(src).for_each(|(d, s)| *d = s.to_f32());
 }
@@ -263,7 +267,7 @@ pub fn round_to_f16(values: &mut [f32]) {
         SimdLevel::Avx512 => return unsafe { x86::round_to_f16_avx512(values) },
         // SAFETY: as above.
         SimdLevel::Avx2 => return unsafe { x86::round_to_f16_avx2(values) },
-        SimdLevel::Scalar => {}
+        _ => {}
     }
     values
         .iter_mut()
@@ -626,6 +630,7 @@ mod tests {
             .collect();
         let halves: Vec<half::f16> = values.iter().map(|&v| half::f16::from_f32(v)).collect();
         #[allow(clippy::type_complexity)]
+        #[cfg_attr(not(target_arch = "x86_64"), allow(unused_mut))]
         let mut levels: Vec<(
             &str,
             Box<dyn Fn(&mut [f32])>,

@@ -1,10 +1,12 @@
 //! Run-time choice of the dot-product and activation-quantisation kernels.
 //!
-//! One binary serves every x86-64 CPU: SIMD kernels are `#[target_feature]` functions that
-//! are only reachable through a table built after `is_x86_feature_detected!` said yes, so a
-//! wheel built for baseline x86-64 uses AVX2 or AVX-512 where present and never executes an
-//! instruction the CPU lacks. The CPU is examined once; `SAMPLER_SDK_SIMD=scalar|avx2|avx512`
-//! forces a lower level (tests use it to run every kernel set on one machine).
+//! One binary serves every CPU of its architecture: SIMD kernels are `#[target_feature]`
+//! functions that are only reachable through a table built after the CPU was asked
+//! (`is_x86_feature_detected!`, `is_aarch64_feature_detected!`), so a wheel built for
+//! baseline x86-64 or AArch64 uses the best kernels present and never executes an
+//! instruction the CPU lacks. The CPU is examined once; `SAMPLER_SDK_SIMD=<level>` forces a
+//! lower level of the same architecture (tests use it to run every kernel set on one
+//! machine).
 //!
 //! Levels:
 //! - `scalar`: the portable kernels of `dot_scalar` (the reference every other level is
@@ -13,11 +15,11 @@
 //! - `avx512`: the `avx2` set plus AVX-512 F/BW/VL and VNNI (Ice Lake, Sapphire Rapids,
 //!   Zen 4 and later). A CPU with AVX-512 but no VNNI (Skylake-SP) gets `avx2`: without
 //!   `vpdpbusd` the 8-bit products need the same instruction count as in AVX2, and wider
-//!   registers alone do not pay for the frequency drop those CPUs take.
-//!
-//! Other architectures compile to the scalar level only. NEON kernels (`dot_neon.rs`) would
-//! add a level here and an `install` call in [`Kernels::build`]; none exist yet because no
-//! aarch64 target is available to compile or test them.
+//!   registers alone do not pay for the frequency drop those CPUs take;
+//! - `neon`: base AArch64 NEON (`dot_neon`, with the bits of llama.cpp built for `armv8-a`);
+//! - `dotprod`: NEON plus the Armv8.2 dot product `sdot` (Cortex-A76/Neoverse N1, Apple M1
+//!   and later), with the bits of llama.cpp built for `armv8.2-a+dotprod`. The two Arm
+//!   levels round differently (see `dot_neon`), as the two llama.cpp builds do.
 
 use std::sync::OnceLock;
 
@@ -33,16 +35,25 @@ pub type QuantizeFn = fn(x: &[f32], out: &mut [u8]);
 /// The environment variable that forces a kernel set.
 pub const SIMD_ENV: &str = "SAMPLER_SDK_SIMD";
 
-/// A kernel set, from slowest to fastest; a CPU supporting one supports all before it.
+/// A kernel set. Within one architecture the levels go from slowest to fastest, and a CPU
+/// supporting one supports all before it; `Scalar` runs everywhere.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum SimdLevel {
     Scalar,
     Avx2,
     Avx512,
+    Neon,
+    Dotprod,
 }
 
 impl SimdLevel {
-    pub const ALL: [SimdLevel; 3] = [Self::Scalar, Self::Avx2, Self::Avx512];
+    pub const ALL: [SimdLevel; 5] = [
+        Self::Scalar,
+        Self::Avx2,
+        Self::Avx512,
+        Self::Neon,
+        Self::Dotprod,
+    ];
 
     /// The name used by `SAMPLER_SDK_SIMD` and reported by [`simd_level`].
     pub fn name(self) -> &'static str {
@@ -50,6 +61,8 @@ impl SimdLevel {
             Self::Scalar => "scalar",
             Self::Avx2 => "avx2",
             Self::Avx512 => "avx512",
+            Self::Neon => "neon",
+            Self::Dotprod => "dotprod",
         }
     }
 
@@ -68,12 +81,34 @@ impl SimdLevel {
                 return Self::Avx2;
             }
         }
+        #[cfg(target_arch = "aarch64")]
+        {
+            if ArmChecked::dotprod().is_some() {
+                return Self::Dotprod;
+            }
+            return Self::Neon;
+        }
+        #[allow(unreachable_code)]
         Self::Scalar
+    }
+
+    /// The instruction-set family whose levels are ordered among themselves.
+    fn family(self) -> u8 {
+        match self {
+            Self::Scalar => 0,
+            Self::Avx2 | Self::Avx512 => 1,
+            Self::Neon | Self::Dotprod => 2,
+        }
+    }
+
+    /// Whether a CPU whose best level is `best` can run this level's kernels.
+    pub fn runs_on(self, best: SimdLevel) -> bool {
+        self == Self::Scalar || (self.family() == best.family() && self <= best)
     }
 
     /// Whether this CPU can run the level's kernels.
     pub fn is_supported(self) -> bool {
-        self <= Self::detected()
+        self.runs_on(Self::detected())
     }
 }
 
@@ -112,6 +147,31 @@ impl Avx512Checked {
     /// Every AVX-512 CPU this level accepts also has the AVX2 set.
     pub(super) fn avx2(self) -> Avx2Checked {
         Avx2Checked(())
+    }
+}
+
+/// Proof that the CPU is an AArch64 one (NEON is part of the architecture), and whether it
+/// has the dot-product extension; the Arm kernels can only be installed by presenting one.
+#[cfg(target_arch = "aarch64")]
+#[derive(Copy, Clone, Debug)]
+pub(super) struct ArmChecked {
+    dotprod: bool,
+}
+
+#[cfg(target_arch = "aarch64")]
+impl ArmChecked {
+    /// For the `neon` level, which every AArch64 CPU runs.
+    pub(super) fn neon() -> Self {
+        Self { dotprod: false }
+    }
+
+    /// For the `dotprod` level; `None` when the CPU lacks `sdot`.
+    pub(super) fn dotprod() -> Option<Self> {
+        std::arch::is_aarch64_feature_detected!("dotprod").then_some(Self { dotprod: true })
+    }
+
+    pub(super) fn has_dotprod(self) -> bool {
+        self.dotprod
     }
 }
 
@@ -249,6 +309,12 @@ impl Kernels {
             }
             #[cfg(not(target_arch = "x86_64"))]
             SimdLevel::Avx2 | SimdLevel::Avx512 => return None,
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Neon => super::dot_neon::install(&mut table, ArmChecked::neon()),
+            #[cfg(target_arch = "aarch64")]
+            SimdLevel::Dotprod => super::dot_neon::install(&mut table, ArmChecked::dotprod()?),
+            #[cfg(not(target_arch = "aarch64"))]
+            SimdLevel::Neon | SimdLevel::Dotprod => return None,
         }
         Some(table)
     }
@@ -291,7 +357,10 @@ impl Kernels {
         self.dot_lanes[slot(ty)] = Some(lanes);
     }
 
-    #[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+    #[cfg_attr(
+        not(any(target_arch = "x86_64", target_arch = "aarch64")),
+        allow(dead_code)
+    )]
     pub(super) fn set_dot(
         &mut self,
         ty: GgmlType,
@@ -341,7 +410,7 @@ fn choose(requested: Option<&str>, best: SimdLevel) -> (SimdLevel, Option<String
         Some(name) => name,
     };
     match SimdLevel::from_name(requested) {
-        Some(level) if level <= best => (level, None),
+        Some(level) if level.runs_on(best) => (level, None),
         Some(level) => (
             best,
             Some(format!(
@@ -353,7 +422,7 @@ fn choose(requested: Option<&str>, best: SimdLevel) -> (SimdLevel, Option<String
         None => (
             best,
             Some(format!(
-                "{SIMD_ENV}={requested} is not one of scalar, avx2, avx512 (or auto); using {}",
+                "{SIMD_ENV}={requested} is not one of scalar, avx2, avx512, neon, dotprod (or auto); using {}",
                 best.name()
             )),
         ),
@@ -362,8 +431,8 @@ fn choose(requested: Option<&str>, best: SimdLevel) -> (SimdLevel, Option<String
 
 /// The kernels of `level`, built on first use; `None` when this CPU cannot run them.
 pub fn kernels_for(level: SimdLevel) -> Option<&'static Kernels> {
-    static TABLES: [OnceLock<Option<Kernels>>; 3] =
-        [OnceLock::new(), OnceLock::new(), OnceLock::new()];
+    static TABLES: [OnceLock<Option<Kernels>>; SimdLevel::ALL.len()] =
+        [const { OnceLock::new() }; SimdLevel::ALL.len()];
     TABLES[level as usize]
         .get_or_init(|| Kernels::build(level))
         .as_ref()
@@ -392,7 +461,8 @@ fn scalar_table() -> &'static Kernels {
     SCALAR.get_or_init(Kernels::scalar)
 }
 
-/// The kernel set in use: `"scalar"`, `"avx2"` or `"avx512"` (AVX-512 with VNNI).
+/// The kernel set in use: `"scalar"`, `"avx2"`, `"avx512"` (AVX-512 with VNNI), `"neon"`
+/// or `"dotprod"` (NEON with `sdot`).
 pub fn simd_level() -> &'static str {
     kernels().level.name()
 }
@@ -422,9 +492,16 @@ mod tests {
             warning.as_deref(),
             Some("SAMPLER_SDK_SIMD=avx512: this CPU lacks the avx512 instructions; using avx2")
         );
-        let (level, warning) = choose(Some("neon"), Scalar);
+        let (level, warning) = choose(Some("sve"), Scalar);
         assert_eq!(level, Scalar);
         assert!(warning.is_some_and(|w| w.contains("not one of")));
+        assert_eq!(choose(Some("neon"), Dotprod), (Neon, None));
+        assert_eq!(choose(Some("scalar"), Dotprod), (Scalar, None));
+        let (level, warning) = choose(Some("avx2"), Dotprod);
+        assert_eq!(level, Dotprod);
+        assert!(warning.is_some_and(|w| w.contains("lacks the avx2")));
+        let (level, _) = choose(Some("dotprod"), Avx512);
+        assert_eq!(level, Avx512);
     }
 
     #[test]

@@ -1,5 +1,5 @@
 //! The dot-product entry points: the kernel for a weight type comes from the table
-//! `dispatch` chose for this CPU (scalar, AVX2 or AVX-512).
+//! `dispatch` chose for this CPU (scalar, AVX2, AVX-512, NEON or NEON with `sdot`).
 
 use super::activation::{activation_type, QuantizedActivations};
 use super::dispatch::kernels;
@@ -85,7 +85,9 @@ pub fn kernel_batch_for(ty: GgmlType) -> DotBatchFn {
 /// `ggml_gemv_q4_K_8x8_q8_K` (llama.cpp repacks Q4_K matrices whose row count is a multiple
 /// of 8; one with another row count it multiplies with `ggml_vec_dot_q4_K_q8_K`, whose bits
 /// these kernels do not reproduce). It repacks Q4_0 matrices of such row counts too, and
-/// there these kernels (`ggml_vec_dot_q4_0_q8_0`'s arithmetic) do not have its bits.
+/// there these kernels (`ggml_vec_dot_q4_0_q8_0`'s arithmetic) do not have its bits. The
+/// Arm levels have the bits of llama.cpp's Arm `ggml_vec_dot_*` for every format (see
+/// `dot_neon`).
 ///
 /// Shapes are the caller's contract (matvec checks them once at model load), so they are
 /// only debug-asserted. In release a mismatch cannot read out of bounds: a row of the wrong

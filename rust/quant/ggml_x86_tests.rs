@@ -138,9 +138,12 @@ const FORMATS: [GgmlType; 5] = [
     GgmlType::Q8_0,
 ];
 
+/// The levels this CPU runs that are meant to have these bits: scalar and the x86 ones
+/// (the Arm levels have llama.cpp's Arm bits, see `ggml_arm_tests`).
 fn levels() -> Vec<&'static Kernels> {
     SimdLevel::ALL
         .iter()
+        .filter(|l| l.runs_on(SimdLevel::Avx512))
         .filter_map(|&l| kernels_for(l))
         .collect()
 }

@@ -7,6 +7,7 @@
 //! - `activation`: [`QuantizedActivations`], the rounding of ggml's x86 activation quantisers;
 //! - `dot_scalar`: portable `dot_<weights>_<activations>` kernels, ggml's generic arithmetic;
 //! - `dot_avx2`, `dot_avx512`: SIMD twins of `dot_scalar` and of the activation quantisers;
+//! - `dot_neon`: the Arm twins, with the bits of llama.cpp's Arm builds;
 //! - `dot_f16`: F16 products with llama.cpp's arithmetic (`ggml_vec_dot_f16`, tinyBLAS);
 //! - `dispatch`: picks one kernel set per process from the CPU's features ([`simd_level`]);
 //! - `token_lanes`: [`TokenLanes`], activations of 16 tokens across a register's lanes, for
@@ -25,10 +26,14 @@ mod dot_avx2;
 mod dot_avx512;
 #[cfg(target_arch = "x86_64")]
 mod dot_f16;
+#[cfg(target_arch = "aarch64")]
+mod dot_neon;
 mod dot_scalar;
 mod token_lanes;
 pub mod types;
 
+#[cfg(test)]
+mod ggml_arm_tests;
 #[cfg(test)]
 mod ggml_x86_tests;
 #[cfg(test)]

@@ -39,7 +39,7 @@ macro_rules! with_simd_dispatch {
                 // AVX-512F, AVX2 is AVX2 itself).
                 crate::quant::SimdLevel::Avx512 => return unsafe { $avx512($($arg),*) },
                 crate::quant::SimdLevel::Avx2 => return unsafe { $avx2($($arg),*) },
-                crate::quant::SimdLevel::Scalar => {}
+                _ => {}
             }
             $body($($arg),*)
         }

@@ -1,0 +1,222 @@
+//! The Arm levels against what llama.cpp's Arm builds compute:
+//! `tests/golden/ggml_arm_kernels.txt`, printed by ggml-cpu cross-built with GCC for
+//! `armv8.2-a+dotprod` and `armv8-a` and run under qemu-user
+//! (`tests/scripts/arm_kernels/make_golden.sh`). Every `dot` line must come out with the
+//! dotprod build's bits at the `dotprod` level and the armv8-a build's at `neon`, and every
+//! activation block as ggml's NEON quantiser wrote it.
+//!
+//! The quantiser has a portable transcription here ([`ggml_arm_quantize`]), checked against
+//! the file on every architecture, so the file and its reading are tested on x86 CI too;
+//! the kernels themselves only run on AArch64 (`cargo test --target
+//! aarch64-unknown-linux-gnu` under qemu; the README has the command).
+
+#![allow(clippy::expect_used, clippy::unwrap_used)]
+
+use half::f16;
+
+use super::*;
+
+/// One line of the golden file.
+#[derive(Debug)]
+#[cfg_attr(not(target_arch = "aarch64"), allow(dead_code))]
+pub(super) enum Case {
+    Quantize {
+        format: GgmlType,
+        x: Vec<f32>,
+        bytes: Vec<u8>,
+    },
+    Dot {
+        ty: GgmlType,
+        n: usize,
+        row: Vec<u8>,
+        act: Vec<u8>,
+        /// Result bits of the armv8.2-a+dotprod build, then of the armv8-a build.
+        dotprod: u32,
+        neon: u32,
+    },
+}
+
+fn unhex(text: &str) -> Vec<u8> {
+    (0..text.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&text[i..i + 2], 16).expect("hex"))
+        .collect()
+}
+
+fn type_named(name: &str) -> GgmlType {
+    GgmlType::ALL
+        .into_iter()
+        .find(|ty| ty.name().eq_ignore_ascii_case(name))
+        .unwrap_or_else(|| panic!("unknown type {name}"))
+}
+
+fn bits(text: &str) -> u32 {
+    u32::from_le_bytes(unhex(text).try_into().expect("four bytes"))
+}
+
+pub(super) fn golden_cases() -> Vec<Case> {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/ggml_arm_kernels.txt"
+    );
+    let text = std::fs::read_to_string(path).expect("golden file");
+    let mut cases = Vec::new();
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let fields: Vec<&str> = line.split(' ').collect();
+        let n: usize = fields[2].parse().expect("count");
+        match fields[0] {
+            "quantize" => {
+                let x: Vec<f32> = unhex(fields[3])
+                    .chunks_exact(4)
+                    .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+                    .collect();
+                assert_eq!(x.len(), n, "{line:.40}");
+                cases.push(Case::Quantize {
+                    format: type_named(fields[1]),
+                    x,
+                    bytes: unhex(fields[4]),
+                });
+            }
+            "dot" => cases.push(Case::Dot {
+                ty: type_named(fields[1]),
+                n,
+                row: unhex(fields[3]),
+                act: unhex(fields[4]),
+                dotprod: bits(fields[5]),
+                neon: bits(fields[6]),
+            }),
+            other => panic!("unknown record {other}"),
+        }
+    }
+    cases
+}
+
+/// ggml's NEON `quantize_row_q8_0` (`with_sum = false`) or `quantize_row_q8_1`, one block of
+/// 32 at a time: `amax = max |x|`, `d = amax / 127`, `id = 1 / d` (0 if `d` is 0) — where
+/// the x86 build takes `127 / amax` —, `q = vcvtnq_s32_f32(x * id)` (nearest, halves to
+/// even) stored as `int8_t`, `d` as fp16 and, for Q8_1, `s = fp16(d * (float) sum(q))`.
+pub(super) fn ggml_arm_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
+    let mut out = Vec::new();
+    for block in x.chunks_exact(32) {
+        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        let q: Vec<i32> = block
+            .iter()
+            .map(|v| (v * id).round_ties_even() as i32)
+            .collect();
+        out.extend(f16::from_f32(d).to_le_bytes());
+        if with_sum {
+            let sum: i32 = q.iter().sum();
+            out.extend(f16::from_f32(d * sum as f32).to_le_bytes());
+        }
+        out.extend(q.iter().map(|&q| q as i8 as u8));
+    }
+    out
+}
+
+#[test]
+fn golden_file_covers_every_arm_kernel() {
+    let cases = golden_cases();
+    for ty in [
+        GgmlType::Q4_0,
+        GgmlType::Q4_1,
+        GgmlType::Q5_0,
+        GgmlType::Q5_1,
+        GgmlType::Q8_0,
+        GgmlType::Q2K,
+        GgmlType::Q3K,
+        GgmlType::Q4K,
+        GgmlType::Q5K,
+        GgmlType::Q6K,
+        GgmlType::F32,
+        GgmlType::F16,
+        GgmlType::BF16,
+    ] {
+        let count = cases
+            .iter()
+            .filter(|c| matches!(c, Case::Dot { ty: t, .. } if *t == ty))
+            .count();
+        assert!(count >= 4, "{ty}: {count} dot cases");
+    }
+    // The two builds round the 32-element formats differently somewhere in the file, so
+    // the file can tell the levels apart.
+    assert!(cases
+        .iter()
+        .any(|c| matches!(c, Case::Dot { dotprod, neon, .. } if dotprod != neon)));
+}
+
+#[test]
+fn arm_quantiser_transcription_has_the_golden_bits() {
+    let mut checked = 0;
+    for case in golden_cases() {
+        if let Case::Quantize { format, x, bytes } = case {
+            let got = match format {
+                GgmlType::Q8_0 => ggml_arm_quantize(&x, false),
+                GgmlType::Q8_1 => ggml_arm_quantize(&x, true),
+                // ggml's Arm Q8_K quantiser is the portable reference, the scalar one here.
+                _ => {
+                    let mut out = vec![0u8; bytes.len()];
+                    activation::quantize_q8_k(&x, &mut out);
+                    out
+                }
+            };
+            assert_eq!(got, bytes, "{format} of {} values", x.len());
+            checked += 1;
+        }
+    }
+    assert!(checked >= 6);
+}
+
+#[cfg(target_arch = "aarch64")]
+#[test]
+fn arm_levels_have_the_golden_bits() {
+    for level in [SimdLevel::Neon, SimdLevel::Dotprod] {
+        let Some(kernels) = kernels_for(level) else {
+            eprintln!("this CPU cannot run the {} level", level.name());
+            continue;
+        };
+        for case in golden_cases() {
+            match case {
+                Case::Quantize { format, x, bytes } => {
+                    let quantize = match format {
+                        GgmlType::Q8_0 => kernels.quantize_q8_0,
+                        GgmlType::Q8_1 => kernels.quantize_q8_1,
+                        _ => kernels.quantize_q8_k,
+                    };
+                    let mut got = vec![0xAAu8; bytes.len()];
+                    quantize(&x, &mut got);
+                    assert_eq!(
+                        got,
+                        bytes,
+                        "{} {format} of {} values",
+                        level.name(),
+                        x.len()
+                    );
+                }
+                Case::Dot {
+                    ty,
+                    n,
+                    row,
+                    act,
+                    dotprod,
+                    neon,
+                } => {
+                    let want = if level == SimdLevel::Dotprod {
+                        dotprod
+                    } else {
+                        neon
+                    };
+                    let got = kernels.dot(ty)(&row, &act, n);
+                    assert_eq!(
+                        got.to_bits(),
+                        want,
+                        "{} {ty} n={n}: {got:e}, llama.cpp {:e}",
+                        level.name(),
+                        f32::from_bits(want)
+                    );
+                }
+            }
+        }
+    }
+}
