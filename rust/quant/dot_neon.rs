@@ -115,18 +115,18 @@ unsafe fn nibbles(qs: *const u8) -> (int8x16_t, int8x16_t) {
     )
 }
 
-/// Bit 4 of each of a 5-bit block's 32 elements (`qh`, little-endian), as 0 or 0x10 bytes.
+/// Bit 4 of each of a 5-bit block's 32 elements (`qh`, little-endian: element `j` takes
+/// bit `j`), as 0 or 0x10 bytes: each `qh` byte is copied to eight lanes and tested
+/// against that lane's bit.
 #[inline(always)]
 unsafe fn fifth_bits(qh: &[u8]) -> (int8x16_t, int8x16_t) {
-    let bits = u32::from_le_bytes([qh[0], qh[1], qh[2], qh[3]]);
-    let mut spread = [0u8; 32];
-    for (j, s) in spread.iter_mut().enumerate() {
-        *s = (((bits >> j) & 1) << 4) as u8;
-    }
-    (
-        vld1q_s8(spread.as_ptr().cast()),
-        vld1q_s8(spread.as_ptr().add(16).cast()),
-    )
+    const LANE_BITS: [u8; 16] = [1, 2, 4, 8, 16, 32, 64, 128, 1, 2, 4, 8, 16, 32, 64, 128];
+    let lane_bits = vld1q_u8(LANE_BITS.as_ptr());
+    let spread = |low: u8, high: u8| {
+        let bytes = vcombine_u8(vdup_n_u8(low), vdup_n_u8(high));
+        vreinterpretq_s8_u8(vandq_u8(vtstq_u8(bytes, lane_bits), vdupq_n_u8(0x10)))
+    };
+    (spread(qh[0], qh[1]), spread(qh[2], qh[3]))
 }
 
 /// A block's 32 quants against 32 activation quants, four i32 lanes.
