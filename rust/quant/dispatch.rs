@@ -195,95 +195,104 @@ fn slot(ty: GgmlType) -> usize {
     ty as usize
 }
 
-/// Four scalar single-row calls: the scalar level's multi-row kernel for type `ALL[T]`.
-/// Every level's fused kernels return exactly the bits of four single-row calls, so a
-/// row's value never depends on which rows it was computed with (and so not on how a
-/// matmul splits rows across threads).
-fn four_rows<const T: usize>(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
-    let dot = scalar_kernel(GgmlType::ALL[T]);
-    rows.map(|row| dot(row, act, n))
+/// A four-row kernel. Every level's four-row kernels return exactly the bits of four
+/// single-row calls, so a row's value never depends on which rows it was computed with
+/// (and so not on how a matmul splits rows across threads).
+pub(super) trait FourRows {
+    fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4];
 }
 
-/// [`rows_by_tokens`] whatever the batch: the scalar level's batch kernel.
-fn batch_by_tokens<const T: usize>(
+/// [`DotTokensFn`] as one `K::four` call per token: for the kernels without a form that
+/// shares the weight unpacking across tokens.
+pub(super) fn tokens_one_by_one<K: FourRows>(
+    rows: [&[u8]; 4],
+    acts: &[QuantizedActivations],
+    out: &mut [[f32; 4]],
+) {
+    let n = acts.first().map_or(0, QuantizedActivations::len);
+    for (act, o) in acts.iter().zip(out) {
+        *o = K::four(rows, act.bytes(), n);
+    }
+}
+
+/// [`DotBatchFn`] that rounds a batch as its tokens one by one, for the kernels whose
+/// llama.cpp counterpart does the same (or whose batch arithmetic is not reproduced).
+pub(super) fn batch_one_by_one<K: FourRows>(
     rows: [&[u8]; 4],
     acts: &[QuantizedActivations],
     _first: usize,
     _batch: usize,
     out: &mut [[f32; 4]],
 ) {
-    rows_by_tokens::<T>(rows, acts, out);
+    tokens_one_by_one::<K>(rows, acts, out);
 }
 
-/// Single scalar calls per (row, token): the scalar level's rows-by-tokens kernel.
-fn rows_by_tokens<const T: usize>(
-    rows: [&[u8]; 4],
-    acts: &[QuantizedActivations],
-    out: &mut [[f32; 4]],
-) {
-    let dot = scalar_kernel(GgmlType::ALL[T]);
-    let n = acts.first().map_or(0, QuantizedActivations::len);
-    for (act, o) in acts.iter().zip(out) {
-        *o = rows.map(|row| dot(row, act.bytes(), n));
+/// The scalar level's kernels for type `ALL[T]`: four single-row calls.
+struct ScalarRows<const T: usize>;
+
+impl<const T: usize> FourRows for ScalarRows<T> {
+    fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+        let dot = scalar_kernel(GgmlType::ALL[T]);
+        rows.map(|row| dot(row, act, n))
     }
 }
 
 impl Kernels {
     fn scalar() -> Self {
         let dot_tokens: [DotTokensFn; GgmlType::ALL.len()] = [
-            rows_by_tokens::<0>,
-            rows_by_tokens::<1>,
-            rows_by_tokens::<2>,
-            rows_by_tokens::<3>,
-            rows_by_tokens::<4>,
-            rows_by_tokens::<5>,
-            rows_by_tokens::<6>,
-            rows_by_tokens::<7>,
-            rows_by_tokens::<8>,
-            rows_by_tokens::<9>,
-            rows_by_tokens::<10>,
-            rows_by_tokens::<11>,
-            rows_by_tokens::<12>,
-            rows_by_tokens::<13>,
-            rows_by_tokens::<14>,
+            tokens_one_by_one::<ScalarRows<0>>,
+            tokens_one_by_one::<ScalarRows<1>>,
+            tokens_one_by_one::<ScalarRows<2>>,
+            tokens_one_by_one::<ScalarRows<3>>,
+            tokens_one_by_one::<ScalarRows<4>>,
+            tokens_one_by_one::<ScalarRows<5>>,
+            tokens_one_by_one::<ScalarRows<6>>,
+            tokens_one_by_one::<ScalarRows<7>>,
+            tokens_one_by_one::<ScalarRows<8>>,
+            tokens_one_by_one::<ScalarRows<9>>,
+            tokens_one_by_one::<ScalarRows<10>>,
+            tokens_one_by_one::<ScalarRows<11>>,
+            tokens_one_by_one::<ScalarRows<12>>,
+            tokens_one_by_one::<ScalarRows<13>>,
+            tokens_one_by_one::<ScalarRows<14>>,
         ];
         Self {
             level: SimdLevel::Scalar,
             dot: GgmlType::ALL.map(scalar_kernel),
             dot4: [
-                four_rows::<0>,
-                four_rows::<1>,
-                four_rows::<2>,
-                four_rows::<3>,
-                four_rows::<4>,
-                four_rows::<5>,
-                four_rows::<6>,
-                four_rows::<7>,
-                four_rows::<8>,
-                four_rows::<9>,
-                four_rows::<10>,
-                four_rows::<11>,
-                four_rows::<12>,
-                four_rows::<13>,
-                four_rows::<14>,
+                ScalarRows::<0>::four,
+                ScalarRows::<1>::four,
+                ScalarRows::<2>::four,
+                ScalarRows::<3>::four,
+                ScalarRows::<4>::four,
+                ScalarRows::<5>::four,
+                ScalarRows::<6>::four,
+                ScalarRows::<7>::four,
+                ScalarRows::<8>::four,
+                ScalarRows::<9>::four,
+                ScalarRows::<10>::four,
+                ScalarRows::<11>::four,
+                ScalarRows::<12>::four,
+                ScalarRows::<13>::four,
+                ScalarRows::<14>::four,
             ],
             dot_tokens,
             dot_batch: [
-                batch_by_tokens::<0>,
-                batch_by_tokens::<1>,
-                batch_by_tokens::<2>,
-                batch_by_tokens::<3>,
-                batch_by_tokens::<4>,
-                batch_by_tokens::<5>,
-                batch_by_tokens::<6>,
-                batch_by_tokens::<7>,
-                batch_by_tokens::<8>,
-                batch_by_tokens::<9>,
-                batch_by_tokens::<10>,
-                batch_by_tokens::<11>,
-                batch_by_tokens::<12>,
-                batch_by_tokens::<13>,
-                batch_by_tokens::<14>,
+                batch_one_by_one::<ScalarRows<0>>,
+                batch_one_by_one::<ScalarRows<1>>,
+                batch_one_by_one::<ScalarRows<2>>,
+                batch_one_by_one::<ScalarRows<3>>,
+                batch_one_by_one::<ScalarRows<4>>,
+                batch_one_by_one::<ScalarRows<5>>,
+                batch_one_by_one::<ScalarRows<6>>,
+                batch_one_by_one::<ScalarRows<7>>,
+                batch_one_by_one::<ScalarRows<8>>,
+                batch_one_by_one::<ScalarRows<9>>,
+                batch_one_by_one::<ScalarRows<10>>,
+                batch_one_by_one::<ScalarRows<11>>,
+                batch_one_by_one::<ScalarRows<12>>,
+                batch_one_by_one::<ScalarRows<13>>,
+                batch_one_by_one::<ScalarRows<14>>,
             ],
             dot_lanes: [None; GgmlType::ALL.len()],
             quantize_q8_0: activation::quantize_q8_0,

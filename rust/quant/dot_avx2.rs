@@ -52,7 +52,7 @@
 use std::arch::x86_64::*;
 
 use super::activation::{activation_type, QuantizedActivations};
-use super::dispatch::{Avx2Checked, Kernels};
+use super::dispatch::{batch_one_by_one, tokens_one_by_one, Avx2Checked, FourRows, Kernels};
 use super::dot::{Dot4Fn, DotBatchFn, DotFn, DotTokensFn};
 use super::GgmlType;
 
@@ -113,26 +113,18 @@ fn entry_points<K: RowKernel>(_proof: K::Proof) -> (DotFn, Dot4Fn, DotTokensFn, 
             rows.map(|row| single::<K>(row, act, n))
         }
     }
-    fn per_token<K: RowKernel>(
-        rows: [&[u8]; 4],
-        acts: &[QuantizedActivations],
-        out: &mut [[f32; 4]],
-    ) {
-        let n = acts.first().map_or(0, QuantizedActivations::len);
-        for (act, o) in acts.iter().zip(out) {
-            *o = four::<K>(rows, act.bytes(), n);
+    struct Rows<K>(std::marker::PhantomData<K>);
+    impl<K: RowKernel> FourRows for Rows<K> {
+        fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+            four::<K>(rows, act, n)
         }
     }
-    fn batch<K: RowKernel>(
-        rows: [&[u8]; 4],
-        acts: &[QuantizedActivations],
-        _first: usize,
-        _batch: usize,
-        out: &mut [[f32; 4]],
-    ) {
-        per_token::<K>(rows, acts, out);
-    }
-    (single::<K>, four::<K>, per_token::<K>, batch::<K>)
+    (
+        single::<K>,
+        four::<K>,
+        tokens_one_by_one::<Rows<K>>,
+        batch_one_by_one::<Rows<K>>,
+    )
 }
 
 /// Installs `K` in `table`.

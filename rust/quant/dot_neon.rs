@@ -29,7 +29,7 @@ use super::blocks::{
     f16_bits_to_f32, k4_scales_mins, q3k_scales, Block, BlockQ2K, BlockQ3K, BlockQ4K, BlockQ5K,
     BlockQ6K, BlockQ8K, QK_K,
 };
-use super::dispatch::{ArmChecked, Kernels};
+use super::dispatch::{batch_one_by_one, tokens_one_by_one, ArmChecked, FourRows, Kernels};
 use super::GgmlType;
 
 /// How a vector of sixteen 8-bit products is summed into four i32 lanes (see the module
@@ -412,15 +412,45 @@ unsafe fn dot_q3_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     sum
 }
 
+/// What Q4_K and Q5_K share: six-bit group scales and minimums, unsigned quants.
+trait K4Block: Block {
+    fn scale_parts(&self) -> (half::f16, half::f16, &[u8; 12]);
+    fn quants(&self) -> [u8; QK_K];
+}
+
+impl K4Block for BlockQ4K {
+    fn scale_parts(&self) -> (half::f16, half::f16, &[u8; 12]) {
+        (self.d, self.dmin, &self.scales)
+    }
+    fn quants(&self) -> [u8; QK_K] {
+        self.values()
+    }
+}
+
+impl K4Block for BlockQ5K {
+    fn scale_parts(&self) -> (half::f16, half::f16, &[u8; 12]) {
+        (self.d, self.dmin, &self.scales)
+    }
+    fn quants(&self) -> [u8; QK_K] {
+        self.values()
+    }
+}
+
+/// A Q4_K/Q5_K super-block's `d`, `dmin`, scaled quant sum and minimum sum.
+#[inline(always)]
+unsafe fn k4_terms<L: LaneSums, W: K4Block>(x: &W, y: &BlockQ8K) -> (f32, f32, i32, i32) {
+    let (d, dmin, packed) = x.scale_parts();
+    let (scales, min_sum) = k4_groups(packed, &y.bsums);
+    let w = x.quants().map(|v| v as i8);
+    let isum = scaled_sum::<L>(&w, &y.qs, &scales);
+    (y.d * widen_scale(d), y.d * widen_scale(dmin), isum, min_sum)
+}
+
 #[inline(always)]
 unsafe fn dot_q4_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sum = 0f32;
     for (x, y) in k_blocks::<BlockQ4K>(row, act, n) {
-        let d = y.d * widen_scale(x.d);
-        let dmin = y.d * widen_scale(x.dmin);
-        let (scales, min_sum) = k4_groups(&x.scales, &y.bsums);
-        let w = x.values().map(|v| v as i8);
-        let isum = scaled_sum::<L>(&w, &y.qs, &scales);
+        let (d, dmin, isum, min_sum) = k4_terms::<L, _>(&x, &y);
         // `sumf -= dmin * mins` (fmsub), then `sumf += d * isum` (fmadd).
         sum = (-(min_sum as f32)).mul_add(dmin, sum);
         sum = (isum as f32).mul_add(d, sum);
@@ -432,11 +462,7 @@ unsafe fn dot_q4_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
 unsafe fn dot_q5_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut sum = 0f32;
     for (x, y) in k_blocks::<BlockQ5K>(row, act, n) {
-        let d = y.d * widen_scale(x.d);
-        let dmin = y.d * widen_scale(x.dmin);
-        let (scales, min_sum) = k4_groups(&x.scales, &y.bsums);
-        let w = x.values().map(|v| v as i8);
-        let isum = scaled_sum::<L>(&w, &y.qs, &scales);
+        let (d, dmin, isum, min_sum) = k4_terms::<L, _>(&x, &y);
         // `sumf += d * sumi - dmin * mins`: the product with `d` fused into the subtraction.
         sum += (isum as f32).mul_add(d, -(min_sum as f32 * dmin));
     }
@@ -464,10 +490,10 @@ unsafe fn reduce4(sum: [float32x4_t; 4]) -> f32 {
     vaddvq_f32(vaddq_f32(a, b))
 }
 
-/// `ggml_vec_dot_f32`: 16 elements a step in four fused accumulators; the rest added one
+/// `ggml_vec_dot_f32` (`L` unused: no integer lanes here): 16 elements a step in four fused accumulators; the rest added one
 /// by one to the f32 total.
 #[inline(always)]
-unsafe fn dot_f32(row: &[u8], act: &[u8], n: usize) -> f32 {
+unsafe fn dot_f32<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let n = n.min(row.len() / 4).min(act.len() / 4);
     let x = row.as_ptr().cast::<f32>();
     let y = act.as_ptr().cast::<f32>();
@@ -515,7 +541,7 @@ unsafe fn load_f16x4(p: *const u8) -> float32x4_t {
 /// `ggml_vec_dot_f16` without FP16 arithmetic: as [`dot_f32`] on widened values, but the
 /// total and the leftovers (unfused f32 products) are summed in f64.
 #[inline(always)]
-unsafe fn dot_f16(row: &[u8], act: &[u8], n: usize) -> f32 {
+unsafe fn dot_f16<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let n = n.min(row.len() / 2).min(act.len() / 2);
     let main = n & !15;
     let mut sum = [vdupq_n_f32(0.0); 4];
@@ -587,105 +613,59 @@ fn quantize_q8_1(x: &[f32], out: &mut [u8]) {
 
 // ---- Tables ---------------------------------------------------------------------------
 
-// Every kernel with the one signature the table macro needs; F32 and F16 take no lanes.
-#[inline(always)]
-unsafe fn q4_0_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_symmetric::<Q4_0, L>(row, act, n)
-}
-#[inline(always)]
-unsafe fn q4_1_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_with_minimum::<Q4_1, L>(row, act, n)
-}
-#[inline(always)]
-unsafe fn q5_0_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_symmetric::<Q5_0, L>(row, act, n)
-}
-#[inline(always)]
-unsafe fn q5_1_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_with_minimum::<Q5_1, L>(row, act, n)
-}
-#[inline(always)]
-unsafe fn q8_0_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_symmetric::<Q8_0, L>(row, act, n)
-}
-#[inline(always)]
-unsafe fn f32_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_f32(row, act, n)
-}
-#[inline(always)]
-unsafe fn f16_dot<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
-    dot_f16(row, act, n)
+/// One weight type's single-row kernel at one level.
+trait RowKernel {
+    fn dot(row: &[u8], act: &[u8], n: usize) -> f32;
 }
 
-/// For each kernel, a module with its single-row, four-row, rows-by-tokens and batch
-/// forms at both levels. The multi-row forms are single-row calls, so they have the
-/// single-row bits by construction; llama.cpp's Arm batch kernels (tinyBLAS, repacking)
-/// are not reproduced, so a batch rounds as its tokens one by one.
+/// Four single-row calls, so the multi-row forms have the single-row bits by construction.
+/// llama.cpp's Arm batch kernels (tinyBLAS, repacking) are not reproduced: a batch rounds
+/// as its tokens one by one.
+struct Rows<K>(std::marker::PhantomData<K>);
+
+impl<K: RowKernel> FourRows for Rows<K> {
+    fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+        rows.map(|row| K::dot(row, act, n))
+    }
+}
+
+fn set_kernel<K: RowKernel>(table: &mut Kernels, ty: GgmlType) {
+    table.set_dot(
+        ty,
+        K::dot,
+        Rows::<K>::four,
+        tokens_one_by_one::<Rows<K>>,
+        batch_one_by_one::<Rows<K>>,
+    );
+}
+
+/// For each kernel, a module with its [`RowKernel`] at each level: `Neon` and `Dotprod`.
 macro_rules! arm_kernels {
-    ($($module:ident => $kernel:ident, $ty:expr;)*) => {
+    ($($module:ident => $kernel:ident $([$weights:ident])?, $ty:expr;)*) => {
         $(
             mod $module {
-                use super::super::activation::QuantizedActivations;
-                use super::{$kernel, with_dotprod, Sdot, Widening};
+                use super::{$kernel, with_dotprod, RowKernel, Sdot, Widening};
+                $(use super::$weights;)?
 
-                pub(super) fn neon(row: &[u8], act: &[u8], n: usize) -> f32 {
-                    // SAFETY: `Widening` is base NEON, which every AArch64 CPU has; the
-                    // kernels bound their reads by the slice lengths.
-                    unsafe { $kernel::<Widening>(row, act, n) }
-                }
+                pub(super) struct Neon;
+                pub(super) struct Dotprod;
 
-                pub(super) fn dotprod(row: &[u8], act: &[u8], n: usize) -> f32 {
-                    // SAFETY: only installed by `install` for a CPU with the dot-product
-                    // extension (an `ArmChecked` from `ArmChecked::dotprod`).
-                    unsafe { with_dotprod(#[inline(always)] || $kernel::<Sdot>(row, act, n)) }
-                }
-
-                pub(super) fn neon4(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
-                    rows.map(|row| neon(row, act, n))
-                }
-
-                pub(super) fn dotprod4(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
-                    rows.map(|row| dotprod(row, act, n))
-                }
-
-                pub(super) fn neon_tokens(
-                    rows: [&[u8]; 4],
-                    acts: &[QuantizedActivations],
-                    out: &mut [[f32; 4]],
-                ) {
-                    for (act, o) in acts.iter().zip(out) {
-                        *o = neon4(rows, act.bytes(), act.len());
+                impl RowKernel for Neon {
+                    fn dot(row: &[u8], act: &[u8], n: usize) -> f32 {
+                        // SAFETY: `Widening` is base NEON, which every AArch64 CPU has; the
+                        // kernels bound their reads by the slice lengths.
+                        unsafe { $kernel::<$($weights,)? Widening>(row, act, n) }
                     }
                 }
 
-                pub(super) fn dotprod_tokens(
-                    rows: [&[u8]; 4],
-                    acts: &[QuantizedActivations],
-                    out: &mut [[f32; 4]],
-                ) {
-                    for (act, o) in acts.iter().zip(out) {
-                        *o = dotprod4(rows, act.bytes(), act.len());
+                impl RowKernel for Dotprod {
+                    fn dot(row: &[u8], act: &[u8], n: usize) -> f32 {
+                        // SAFETY: only installed by `install` for a CPU with the dot-product
+                        // extension (an `ArmChecked` from `ArmChecked::dotprod`).
+                        unsafe {
+                            with_dotprod(#[inline(always)] || $kernel::<$($weights,)? Sdot>(row, act, n))
+                        }
                     }
-                }
-
-                pub(super) fn neon_batch(
-                    rows: [&[u8]; 4],
-                    acts: &[QuantizedActivations],
-                    _first: usize,
-                    _batch: usize,
-                    out: &mut [[f32; 4]],
-                ) {
-                    neon_tokens(rows, acts, out);
-                }
-
-                pub(super) fn dotprod_batch(
-                    rows: [&[u8]; 4],
-                    acts: &[QuantizedActivations],
-                    _first: usize,
-                    _batch: usize,
-                    out: &mut [[f32; 4]],
-                ) {
-                    dotprod_tokens(rows, acts, out);
                 }
             }
         )*
@@ -694,21 +674,9 @@ macro_rules! arm_kernels {
         fn install_kernels(table: &mut Kernels, dotprod: bool) {
             $(
                 if dotprod {
-                    table.set_dot(
-                        $ty,
-                        $module::dotprod,
-                        $module::dotprod4,
-                        $module::dotprod_tokens,
-                        $module::dotprod_batch,
-                    );
+                    set_kernel::<$module::Dotprod>(table, $ty);
                 } else {
-                    table.set_dot(
-                        $ty,
-                        $module::neon,
-                        $module::neon4,
-                        $module::neon_tokens,
-                        $module::neon_batch,
-                    );
+                    set_kernel::<$module::Neon>(table, $ty);
                 }
             )*
         }
@@ -716,18 +684,18 @@ macro_rules! arm_kernels {
 }
 
 arm_kernels! {
-    q4_0 => q4_0_dot, GgmlType::Q4_0;
-    q4_1 => q4_1_dot, GgmlType::Q4_1;
-    q5_0 => q5_0_dot, GgmlType::Q5_0;
-    q5_1 => q5_1_dot, GgmlType::Q5_1;
-    q8_0 => q8_0_dot, GgmlType::Q8_0;
+    q4_0 => dot_symmetric[Q4_0], GgmlType::Q4_0;
+    q4_1 => dot_with_minimum[Q4_1], GgmlType::Q4_1;
+    q5_0 => dot_symmetric[Q5_0], GgmlType::Q5_0;
+    q5_1 => dot_with_minimum[Q5_1], GgmlType::Q5_1;
+    q8_0 => dot_symmetric[Q8_0], GgmlType::Q8_0;
     q2_k => dot_q2_k, GgmlType::Q2K;
     q3_k => dot_q3_k, GgmlType::Q3K;
     q4_k => dot_q4_k, GgmlType::Q4K;
     q5_k => dot_q5_k, GgmlType::Q5K;
     q6_k => dot_q6_k, GgmlType::Q6K;
-    f32 => f32_dot, GgmlType::F32;
-    f16 => f16_dot, GgmlType::F16;
+    f32 => dot_f32, GgmlType::F32;
+    f16 => dot_f16, GgmlType::F16;
 }
 
 /// Installs the Arm kernels: the `dotprod` level's when `proof` is for that level, else

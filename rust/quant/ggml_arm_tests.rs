@@ -12,8 +12,6 @@
 
 #![allow(clippy::expect_used, clippy::unwrap_used)]
 
-use half::f16;
-
 use super::*;
 
 /// One line of the golden file.
@@ -94,25 +92,17 @@ pub(super) fn golden_cases() -> Vec<Case> {
 /// ggml's NEON `quantize_row_q8_0` (`with_sum = false`) or `quantize_row_q8_1`, one block of
 /// 32 at a time: `amax = max |x|`, `d = amax / 127`, `id = 1 / d` (0 if `d` is 0) — where
 /// the x86 build takes `127 / amax` —, `q = vcvtnq_s32_f32(x * id)` (nearest, halves to
-/// even) stored as `int8_t`, `d` as fp16 and, for Q8_1, `s = fp16(d * (float) sum(q))`.
+/// even) stored as `int8_t` (never outside ±127 here), `d` as fp16 and, for Q8_1,
+/// `s = fp16(d * (float) sum(q))`.
 pub(super) fn ggml_arm_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
-    let mut out = Vec::new();
-    for block in x.chunks_exact(32) {
-        let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+    super::ggml_x86_tests::ggml_quantize_q8(x, with_sum, |amax| {
         let d = amax / 127.0;
-        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
-        let q: Vec<i32> = block
-            .iter()
-            .map(|v| (v * id).round_ties_even() as i32)
-            .collect();
-        out.extend(f16::from_f32(d).to_le_bytes());
-        if with_sum {
-            let sum: i32 = q.iter().sum();
-            out.extend(f16::from_f32(d * sum as f32).to_le_bytes());
+        if d != 0.0 {
+            1.0 / d
+        } else {
+            0.0
         }
-        out.extend(q.iter().map(|&q| q as i8 as u8));
-    }
-    out
+    })
 }
 
 #[test]

@@ -29,6 +29,24 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
 /// `q = _mm256_round_ps(x * id, _MM_ROUND_NEAREST)` (halves to even) packed with signed
 /// saturation, `d` stored as fp16 and, for Q8_1, `s = fp16(d * (float) sum(q))`.
 pub(super) fn ggml_x86_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
+    ggml_quantize_q8(
+        x,
+        with_sum,
+        |amax| {
+            if amax != 0.0 {
+                127.0 / amax
+            } else {
+                0.0
+            }
+        },
+    )
+}
+
+/// ggml's Q8_0/Q8_1 activation quantisers, which differ only in the multiplier `id` they
+/// derive from a block's `amax`: `d = amax / 127`, `q = x * id` rounded to nearest (halves
+/// to even) and saturated to `int8_t`, `d` stored as fp16 and, for Q8_1,
+/// `s = fp16(d * (float) sum(q))`.
+pub(super) fn ggml_quantize_q8(x: &[f32], with_sum: bool, id_of: impl Fn(f32) -> f32) -> Vec<u8> {
     let mut out = Vec::new();
     for block in x.chunks_exact(32) {
         let mut amax = 0f32;
@@ -38,7 +56,7 @@ pub(super) fn ggml_x86_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
             }
         }
         let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let id = id_of(amax);
         let q: Vec<i32> = block
             .iter()
             .map(|v| ((v * id).round_ties_even() as i32).clamp(-128, 127))
