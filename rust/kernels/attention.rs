@@ -89,11 +89,15 @@ impl ValueSum {
         }
     }
 
-    /// Partial sums per output value.
+    /// Partial sums per output value. ggml's NEON build (without FP16 arithmetic) sums a
+    /// batch with tinyBLAS's one 4-lane accumulator and a single token with
+    /// `ggml_vec_dot_f16`'s four.
     fn partials(self) -> usize {
-        match self {
-            Self::Batch => LANES,
-            Self::Single => ggml_f32::DOT_STEP,
+        match (self, ggml_f32::arm_arithmetic()) {
+            (Self::Batch, false) => LANES,
+            (Self::Single, false) => ggml_f32::DOT_STEP,
+            (Self::Batch, true) => 4,
+            (Self::Single, true) => 16,
         }
     }
 }
@@ -102,15 +106,21 @@ impl ValueSum {
 /// the same) unless the query is converted to f16 for a batch of several tokens. The
 /// converted copy is contiguous, and llamafile's tinyBLAS then takes the product (it needs
 /// whole vectors of 16 along the head).
+///
+/// ggml's NEON build without FP16 arithmetic has no tinyBLAS for an f16 query, so every
+/// product with an f16 cache goes through its `ggml_vec_dot_f16` ([`Self::F16Neon`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum ScoreSum {
     VecDot,
     TinyBlas,
+    F16Neon,
 }
 
 impl ScoreSum {
     fn new(kv_type: KvType, batched: bool, head_dim: usize) -> Self {
-        if kv_type == KvType::F16 && batched && head_dim.is_multiple_of(LANES) {
+        if kv_type == KvType::F16 && ggml_f32::arm_arithmetic() {
+            Self::F16Neon
+        } else if kv_type == KvType::F16 && batched && head_dim.is_multiple_of(LANES) {
             Self::TinyBlas
         } else {
             Self::VecDot
@@ -323,6 +333,7 @@ fn head_probabilities(
             match score_sum {
                 ScoreSum::VecDot => ggml_f32::dots(q, keys, dst),
                 ScoreSum::TinyBlas => ggml_f32::tinyblas_dots(q, keys, dst),
+                ScoreSum::F16Neon => ggml_f32::dots_f16_neon(q, keys, dst),
             }
             first += n;
         }
@@ -414,7 +425,10 @@ fn attend_heads(
             scores,
             rows,
         );
-        if kv.kv_type() == KvType::F16 {
+        // The probabilities are converted to f16 for `ggml_vec_dot_f16`; ggml's NEON build
+        // gives a batch's f32 probabilities to tinyBLAS as they are.
+        let arm_batch = ggml_f32::arm_arithmetic() && order == ValueSum::Batch;
+        if kv.kv_type() == KvType::F16 && !arm_batch {
             round_to_f16(&mut scores[visible.start - base..visible.end - base]);
         }
     }
@@ -629,6 +643,24 @@ fn reduce_partials(
         let (dst, src) = (&mut low[into * hd..(into + 1) * hd], &high[..hd]);
         dst.iter_mut().zip(src).for_each(|(d, &s)| *d += s);
     };
+    if ggml_f32::arm_arithmetic() {
+        if order == ValueSum::Single {
+            // `ggml_vec_dot_f16`'s four 4-lane accumulators: 0 += 2, 1 += 3, 0 += 1.
+            for l in 0..4 {
+                add_rows(partials, l, 8 + l);
+                add_rows(partials, 4 + l, 12 + l);
+            }
+            for l in 0..4 {
+                add_rows(partials, l, 4 + l);
+            }
+        }
+        // `vaddvq_f32`: (0 + 1) + (2 + 3).
+        let row = |k: usize| &partials[k * hd..(k + 1) * hd];
+        for (d, o) in out.iter_mut().enumerate().take(hd) {
+            *o = (row(0)[d] + row(1)[d]) + (row(2)[d] + row(3)[d]);
+        }
+        return;
+    }
     if order == ValueSum::Single {
         // The four accumulators of `ggml_vec_dot_f32`: 0 += 2, 1 += 3, 0 += 1.
         for l in 0..LANES {

@@ -42,6 +42,20 @@ pub(crate) fn level() -> SimdLevel {
     *LEVEL.get_or_init(|| quant::kernels().level())
 }
 
+/// Whether this process reproduces llama.cpp's Arm NEON build (the `neon` and `dotprod`
+/// kernel levels) rather than its x86-64 AVX-512 one: the two differ in `expf` and in the
+/// width of the blocks the softmax and SiLU take.
+#[inline]
+pub(crate) fn arm_arithmetic() -> bool {
+    static ARM: OnceLock<bool> = OnceLock::new();
+    *ARM.get_or_init(|| {
+        matches!(
+            quant::kernels().level(),
+            SimdLevel::Neon | SimdLevel::Dotprod
+        )
+    })
+}
+
 /// Runs an `#[inline(always)]` body compiled for the best instruction set the process
 /// uses: `dispatch!(body(args..))`. Every build computes the same bits; only speed differs.
 macro_rules! dispatch {
@@ -110,6 +124,38 @@ pub fn dot(x: &[f32], y: &[f32]) -> f32 {
 #[inline(always)]
 pub fn dots(q: &[f32], keys: &[f32], out: &mut [f32]) {
     dots_with::<false>(q, keys, out, dot);
+}
+
+/// `ggml_vec_dot_f16` of ggml's NEON build without FP16 arithmetic, on values already
+/// widened from f16: four 4-lane fused accumulators over steps of 16, folded as
+/// `(a0 + a2) + (a1 + a3)` and summed `(l0 + l1) + (l2 + l3)`; the elements past the last
+/// whole step are added one by one in f64.
+#[inline(always)]
+pub fn dot_f16_neon(x: &[f32], y: &[f32]) -> f32 {
+    let n = x.len().min(y.len());
+    let main = n - n % 16;
+    let mut acc = [[0f32; 4]; 4];
+    for (xs, ys) in x[..main].chunks_exact(16).zip(y[..main].chunks_exact(16)) {
+        for (j, a) in acc.iter_mut().enumerate() {
+            for (l, v) in a.iter_mut().enumerate() {
+                *v = xs[4 * j + l].mul_add(ys[4 * j + l], *v);
+            }
+        }
+    }
+    let c: [f32; 4] = std::array::from_fn(|l| (acc[0][l] + acc[2][l]) + (acc[1][l] + acc[3][l]));
+    let mut total = f64::from((c[0] + c[1]) + (c[2] + c[3]));
+    for (a, b) in x[main..n].iter().zip(&y[main..n]) {
+        total += f64::from(a * b);
+    }
+    total as f32
+}
+
+/// [`dot_f16_neon`] of `q` with every key.
+pub fn dots_f16_neon(q: &[f32], keys: &[f32], out: &mut [f32]) {
+    let hd = q.len();
+    for (o, key) in out.iter_mut().zip(keys.chunks_exact(hd)) {
+        *o = dot_f16_neon(q, key);
+    }
 }
 
 /// `out[p] = one(q, key p)` for every key, sixteen keys at a time through
@@ -539,10 +585,42 @@ pub fn expf(x: f32) -> f32 {
     }
 }
 
+/// `ggml_v_expf` of ggml's NEON build, one lane: the same reduction and polynomial as
+/// [`expf`] but without its `+ 1`, which comes back as `k + k * j` with `k = 2^n` built
+/// from the exponent bits; for `126 < |n| <= 192` the scale is split in two factors.
+#[inline(always)]
+pub fn expf_neon(x: f32) -> f32 {
+    let z = x.mul_add(LOG2E, SHIFTER);
+    let n = z - SHIFTER;
+    let b = (-n).mul_add(LN2_LO, (-n).mul_add(LN2_HI, x));
+    let e = z.to_bits() << 23;
+    let u = b * b;
+    let j = P0
+        .mul_add(b, P1)
+        .mul_add(u, P2.mul_add(b, P3))
+        .mul_add(u, P4 * b);
+    if n.abs() > 192.0 {
+        let s1 =
+            f32::from_bits(if n <= 0.0 { 0x8200_0000u32 } else { 0 }.wrapping_add(0x7f00_0000));
+        s1 * s1
+    } else if n.abs() > 126.0 {
+        let d = if n <= 0.0 { 0x8200_0000u32 } else { 0 };
+        let s1 = f32::from_bits(d.wrapping_add(0x7f00_0000));
+        let s2 = f32::from_bits(e.wrapping_sub(d));
+        j.mul_add(s2, s2) * s1
+    } else {
+        let k = f32::from_bits(e.wrapping_add(1f32.to_bits()));
+        j.mul_add(k, k)
+    }
+}
+
 /// `exp(x[i] - shift)` into `x`, and the softmax denominator ggml accumulates: the sum of
 /// each block of 16 (`x` starts a block) by [`reduce16`], the block sums added in f64.
 #[inline(always)]
 pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
+    if arm_arithmetic() {
+        return exp_shifted_sum_neon(x, shift);
+    }
     let mut total = 0f64;
     for block in x.chunks_mut(LANES) {
         let mut lanes = [0f32; LANES];
@@ -555,6 +633,26 @@ pub fn exp_shifted_sum(x: &mut [f32], shift: f32) -> f64 {
     total
 }
 
+/// [`exp_shifted_sum`] of ggml's NEON build: blocks of 4 through [`expf_neon`], each
+/// block's sum `(e0 + e1) + (e2 + e3)` added in f64; a last partial block through libm.
+#[inline(always)]
+fn exp_shifted_sum_neon(x: &mut [f32], shift: f32) -> f64 {
+    let mut total = 0f64;
+    let whole = x.len() - x.len() % 4;
+    let (blocks, rest) = x.split_at_mut(whole);
+    for block in blocks.chunks_exact_mut(4) {
+        for v in block.iter_mut() {
+            *v = expf_neon(*v - shift);
+        }
+        total += f64::from((block[0] + block[1]) + (block[2] + block[3]));
+    }
+    for v in rest {
+        *v = (*v - shift).exp();
+        total += f64::from(*v);
+    }
+    total
+}
+
 /// `gate[i] = silu(gate[i]) * up[i]` as `ggml_vec_swiglu_f32`.
 pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
     dispatch!(swiglu_body(gate, up))
@@ -563,6 +661,17 @@ pub fn swiglu_in_place(gate: &mut [f32], up: &[f32]) {
 #[inline(always)]
 fn swiglu_body(gate: &mut [f32], up: &[f32]) {
     let n = gate.len().min(up.len());
+    if arm_arithmetic() {
+        // ggml's NEON build: blocks of 4 through its own vector `expf`.
+        let whole = n - n % 4;
+        for (g, &u) in gate[..whole].iter_mut().zip(&up[..whole]) {
+            *g = *g / (1.0 + expf_neon(0.0 - *g)) * u;
+        }
+        for (g, &u) in gate[whole..n].iter_mut().zip(&up[whole..n]) {
+            *g = *g / (1.0 + (-*g).exp()) * u;
+        }
+        return;
+    }
     let whole = n - n % LANES;
     for (g, u) in gate[..whole]
         .chunks_exact_mut(LANES)

@@ -5,7 +5,7 @@
 
 use std::sync::OnceLock;
 
-use crate::kernels::ggml_f32::{dispatch, exp_shifted_sum};
+use crate::kernels::ggml_f32::{self, dispatch, exp_shifted_sum};
 
 /// `out = x / rms(x) * weight`, with rms computed in f64 like ggml's rms_norm so long rows
 /// do not lose precision in the sum of squares.
@@ -131,6 +131,24 @@ fn rotate(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
     (a.mul_add(c, -(b * s)), a.mul_add(s, b * c))
 }
 
+/// [`rotate`] as GCC vectorises `rotate_pairs` for AArch64, four pairs at a time: `fmls`
+/// fuses the second product of `x0*cos - x1*sin`.
+#[inline(always)]
+fn rotate_arm_vector(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
+    ((-b).mul_add(s, a * c), a.mul_add(s, b * c))
+}
+
+/// The rotation of pair `i` of `pairs`: ggml's Arm build takes whole groups of four pairs
+/// through its vector loop and the rest through the scalar one.
+#[inline(always)]
+fn rotation(arm: bool, i: usize, pairs: usize) -> fn(f32, f32, f32, f32) -> (f32, f32) {
+    if arm && i < pairs - pairs % 4 {
+        rotate_arm_vector
+    } else {
+        rotate
+    }
+}
+
 /// RoPE on adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the
 /// `llama` architecture whose Q/K weights were permuted at conversion time.
 pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -140,9 +158,10 @@ pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 #[inline(always)]
 fn rope_adjacent_pairs_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let arm = ggml_f32::arm_arithmetic();
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[2 * i], head[2 * i + 1]);
-        (head[2 * i], head[2 * i + 1]) = rotate(a, b, c, s);
+        (head[2 * i], head[2 * i + 1]) = rotation(arm, i, cos.len())(a, b, c, s);
     }
 }
 
@@ -155,9 +174,10 @@ pub fn rope_split_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 #[inline(always)]
 fn rope_split_halves_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
+    let arm = ggml_f32::arm_arithmetic();
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[i], head[i + half]);
-        (head[i], head[i + half]) = rotate(a, b, c, s);
+        (head[i], head[i + half]) = rotation(arm, i, half)(a, b, c, s);
     }
 }
 
