@@ -30,6 +30,7 @@ use super::blocks::{
     BlockQ6K, BlockQ8K, QK_K,
 };
 use super::dispatch::{batch_one_by_one, tokens_one_by_one, ArmChecked, FourRows, Kernels};
+use super::dot::Dot4Fn;
 use super::GgmlType;
 
 /// How a vector of sixteen 8-bit products is summed into four i32 lanes (see the module
@@ -335,6 +336,93 @@ unsafe fn dot_with_minimum<W: Block32, L: LaneSums>(row: &[u8], act: &[u8], n: u
         sumf += scale.mul_add(sumi, f16_at(x, 2) * f16_at(y, 2));
     }
     sumf
+}
+
+/// Q8_0 as llama.cpp's dotprod build multiplies it: it repacks a Q8_0 matrix whose row
+/// count is a multiple of 4 (`q8_0_4x4_q8_0`), and its gemv then adds each block to a
+/// single accumulator per row, `acc = fma(isum, d_x * d_y, acc)`. Its gemm, for whole
+/// groups of four tokens of a batch, multiplies the scale by the sum first and adds unfused
+/// (`vmlaq_f32`): `acc = acc + (d_w * d_x) * isum` (`GEMM`).
+#[inline(always)]
+unsafe fn dot_q8_0_repacked<const GEMM: bool, L: LaneSums>(
+    row: &[u8],
+    act: &[u8],
+    n: usize,
+) -> f32 {
+    let blocks = block_count(row, Q8_0_SIZE, act, Q8_0_SIZE, n);
+    let mut acc = 0f32;
+    for b in 0..blocks {
+        let x = &row[b * Q8_0_SIZE..];
+        let y = &act[b * Q8_0_SIZE..];
+        let isum = vaddvq_s32(block_lanes::<L>(Q8_0::quants(x), y.as_ptr().add(2).cast())) as f32;
+        let (dx, dy) = (f16_at(x, 0), f16_at(y, 0));
+        acc = if GEMM {
+            acc + (dx * dy) * isum
+        } else {
+            isum.mul_add(dy * dx, acc)
+        };
+    }
+    acc
+}
+
+/// The dotprod level's Q8_0 kernels: the repacked gemv for single tokens, and for a batch
+/// the gemm on its whole groups of four tokens, the gemv on the rest.
+mod q8_0_repacked {
+    use super::super::activation::QuantizedActivations;
+    use super::super::dot::DotBatchFn;
+    use super::super::{DotFn, DotTokensFn};
+    use super::{dot_q8_0_repacked, with_dotprod, Dot4Fn, Sdot};
+
+    pub(super) fn gemv(row: &[u8], act: &[u8], n: usize) -> f32 {
+        // SAFETY: only installed by `install` for a CPU with the dot-product extension.
+        unsafe {
+            with_dotprod(
+                #[inline(always)]
+                || dot_q8_0_repacked::<false, Sdot>(row, act, n),
+            )
+        }
+    }
+
+    fn gemm(row: &[u8], act: &[u8], n: usize) -> f32 {
+        // SAFETY: as above.
+        unsafe {
+            with_dotprod(
+                #[inline(always)]
+                || dot_q8_0_repacked::<true, Sdot>(row, act, n),
+            )
+        }
+    }
+
+    fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+        rows.map(|row| gemv(row, act, n))
+    }
+
+    fn tokens(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
+        for (act, o) in acts.iter().zip(out) {
+            *o = four(rows, act.bytes(), act.len());
+        }
+    }
+
+    fn batch(
+        rows: [&[u8]; 4],
+        acts: &[QuantizedActivations],
+        first: usize,
+        batch: usize,
+        out: &mut [[f32; 4]],
+    ) {
+        // Rows of different lengths are not one repacked matrix: single-row calls.
+        let grouped = if rows.iter().all(|r| r.len() == rows[0].len()) {
+            batch - batch % 4
+        } else {
+            0
+        };
+        for (t, (act, o)) in acts.iter().zip(out).enumerate() {
+            let kernel = if first + t < grouped { gemm } else { gemv };
+            *o = rows.map(|row| kernel(row, act.bytes(), act.len()));
+        }
+    }
+
+    pub(super) const FORMS: (DotFn, Dot4Fn, DotTokensFn, DotBatchFn) = (gemv, four, tokens, batch);
 }
 
 // ---- K-quants -----------------------------------------------------------------------
@@ -704,6 +792,10 @@ arm_kernels! {
 /// one at a time in f64, which is exactly `dot_scalar`.
 pub(super) fn install(table: &mut Kernels, proof: ArmChecked) {
     install_kernels(table, proof.has_dotprod());
+    if proof.has_dotprod() {
+        let (single, four, tokens, batch) = q8_0_repacked::FORMS;
+        table.set_dot(GgmlType::Q8_0, single, four, tokens, batch);
+    }
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;
     // ggml's Arm `quantize_row_q8_K` is the portable reference, as on x86.

@@ -3,7 +3,8 @@
 //! `armv8.2-a+dotprod` and `armv8-a` and run under qemu-user
 //! (`tests/scripts/arm_kernels/make_golden.sh`). Every `dot` line must come out with the
 //! dotprod build's bits at the `dotprod` level and the armv8-a build's at `neon`, and every
-//! activation block as ggml's NEON quantiser wrote it.
+//! activation block as ggml's NEON quantiser wrote it. The exception is Q8_0 at `dotprod`,
+//! whose build repacks Q8_0 matrices: there the reference is a transcription of its gemv.
 //!
 //! The quantiser has a portable transcription here ([`ggml_arm_quantize`]), checked against
 //! the file on every architecture, so the file and its reading are tested on x86 CI too;
@@ -105,6 +106,24 @@ pub(super) fn ggml_arm_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
     })
 }
 
+/// One row of ggml's `ggml_gemv_q8_0_4x4_q8_0` (dotprod build) on a repacked Q8_0 matrix:
+/// per block the exact sum of products, then `acc = fma(sum, d_act * d_weight, acc)`
+/// (`vfmaq_f32(acc, vcvtq_f32_s32(ret), vmulq_f32(ad, bd))`).
+#[cfg(target_arch = "aarch64")]
+fn ggml_arm_gemv_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let mut acc = 0f32;
+    for (x, y) in row.chunks_exact(34).zip(act.chunks_exact(34)).take(n / 32) {
+        let sum: i32 = x[2..]
+            .iter()
+            .zip(&y[2..])
+            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a as i8))
+            .sum();
+        let d = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
+        acc = (sum as f32).mul_add(d(y) * d(x), acc);
+    }
+    acc
+}
+
 #[test]
 fn golden_file_covers_every_arm_kernel() {
     let cases = golden_cases();
@@ -192,10 +211,14 @@ fn arm_levels_have_the_golden_bits() {
                     dotprod,
                     neon,
                 } => {
-                    let want = if level == SimdLevel::Dotprod {
-                        dotprod
-                    } else {
-                        neon
+                    let want = match level {
+                        // The dotprod build repacks Q8_0 matrices (row counts a multiple of
+                        // 4, all of them in practice) and multiplies them with its gemv.
+                        SimdLevel::Dotprod if ty == GgmlType::Q8_0 => {
+                            ggml_arm_gemv_q8_0(&row, &act, n).to_bits()
+                        }
+                        SimdLevel::Dotprod => dotprod,
+                        _ => neon,
                     };
                     let got = kernels.dot(ty)(&row, &act, n);
                     assert_eq!(
