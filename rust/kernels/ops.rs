@@ -131,8 +131,9 @@ fn rotate(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
     (a.mul_add(c, -(b * s)), a.mul_add(s, b * c))
 }
 
-/// [`rotate`] as GCC vectorises `rotate_pairs` for AArch64, four pairs at a time: `fmls`
-/// fuses the second product of `x0*cos - x1*sin`.
+/// [`rotate`] as GCC vectorises the adjacent-pairs `rotate_pairs` for AArch64, four pairs
+/// at a time: `fmls` fuses the second product of `x0*cos - x1*sin`. (The NeoX loop keeps
+/// the scalar contraction there, as measured against llama.cpp's armv8-a build on Gemma 3.)
 #[inline(always)]
 fn rotate_arm_vector(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
     ((-b).mul_add(s, a * c), a.mul_add(s, b * c))
@@ -174,10 +175,9 @@ pub fn rope_split_halves(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 #[inline(always)]
 fn rope_split_halves_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
     let half = cos.len();
-    let arm = ggml_f32::arm_arithmetic();
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[i], head[i + half]);
-        (head[i], head[i + half]) = rotation(arm, i, half)(a, b, c, s);
+        (head[i], head[i + half]) = rotate(a, b, c, s);
     }
 }
 
