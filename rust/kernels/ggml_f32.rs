@@ -20,6 +20,10 @@
 //! - `ggml_vec_swiglu_f32`: `x / (1 + expf(-x)) * g`, the vector `expf` on whole blocks of 16
 //!   and libm's `expf` on the remainder.
 //!
+//! With the Arm kernel levels (`neon`, `dotprod`; [`arm_arithmetic`]) the same operations
+//! follow ggml's NEON build instead: its own `expf` ([`expf_neon`]), the softmax and SiLU in
+//! blocks of 4, and `ggml_vec_dot_f16`'s four 4-lane accumulators ([`dot_f16_neon`]).
+//!
 //! The arithmetic is written once, portably (`f32::mul_add` is one rounding, as the FMA
 //! instructions ggml uses), and compiled three times: for AVX-512, for AVX2+FMA and plain
 //! (see [`dispatch!`]); the compiler vectorises the lane loops where it can, and every build

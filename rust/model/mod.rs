@@ -211,6 +211,9 @@ pub fn argmax(values: &[f32]) -> u32 {
 }
 
 #[cfg(test)]
+mod arm_generation_tests;
+
+#[cfg(test)]
 mod thread_count_tests {
     use super::*;
     use std::alloc::{GlobalAlloc, Layout, System};

@@ -1,5 +1,5 @@
 //! Arm NEON twins of `dot_scalar` and of the activation quantisers, with the bits
-//! llama.cpp's Arm build computes for one token: GCC-built `ggml-cpu` (`arch/arm/quants.c`,
+//! llama.cpp's Arm build computes: GCC-built `ggml-cpu` (`arch/arm/quants.c`,
 //! `vec.cpp`) for `armv8-a` (level `neon`) or `armv8.2-a+dotprod` (level `dotprod`),
 //! without the FP16-arithmetic, i8mm or SVE paths. `tests/golden/ggml_arm_*.txt`, printed
 //! by that build under qemu (`tests/scripts/arm_kernels/`), holds the bits these kernels
@@ -707,8 +707,9 @@ trait RowKernel {
 }
 
 /// Four single-row calls, so the multi-row forms have the single-row bits by construction.
-/// llama.cpp's Arm batch kernels (tinyBLAS, repacking) are not reproduced: a batch rounds
-/// as its tokens one by one.
+/// A batch rounds as its tokens one by one, as llama.cpp's Arm builds do for these formats
+/// (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K; Q8_0 at `neon`); the dotprod build's repacked kernels
+/// are reproduced for Q8_0 ([`q8_0_repacked`]) but not yet for Q4_0, Q4_K, Q5_K and Q6_K.
 struct Rows<K>(std::marker::PhantomData<K>);
 
 impl<K: RowKernel> FourRows for Rows<K> {

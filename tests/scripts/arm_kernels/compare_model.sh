@@ -2,7 +2,8 @@
 # Greedy decoding of one GGUF model by llama.cpp cross-built for an Arm target and by
 # sampler-sdk cross-built for AArch64, both under qemu-user, printed step by step
 # (logits_trace.c, examples/logits_trace.rs: argmax and a hash of every logit's bits) and
-# compared. Used to see how far whole generations on Arm are from llama.cpp's; not run by CI.
+# compared, with every f32 tensor of the last call (TRACE_DIR / SAMPLER_SDK_TRACE_DIR) kept in
+# $work for finding where two runs part. Not run by CI.
 #
 #   compare_model.sh MODEL.gguf [ARCH] [DECODED] [PROMPT_IDS]
 #
@@ -37,8 +38,11 @@ aarch64-linux-gnu-g++ -O2 -x c -I"$LLAMA_CPP_DIR/include" -I"$LLAMA_CPP_DIR/ggml
     cargo build --quiet --release --target aarch64-unknown-linux-gnu --example logits_trace)
 ours="$repo/target/aarch64-unknown-linux-gnu/release/examples/logits_trace"
 
-run_arm "$build/logits_trace" "$model" 2 "$decoded" "$prompt" > "$work/llama.txt"
-SAMPLER_SDK_SIMD="$level" run_arm "$ours" "$model" 2 "$decoded" "$prompt" > "$work/ours.txt"
+mkdir -p "$work/trace-llama" "$work/trace-ours"
+TRACE_DIR="$work/trace-llama" run_arm "$build/logits_trace" "$model" 2 "$decoded" "$prompt" \
+    > "$work/llama.txt"
+SAMPLER_SDK_TRACE_DIR="$work/trace-ours" SAMPLER_SDK_SIMD="$level" \
+    run_arm "$ours" "$model" 2 "$decoded" "$prompt" > "$work/ours.txt"
 echo "llama.cpp ($arch) | sampler-sdk ($level): step, argmax, logits hash"
 paste -d'|' <(cut -d' ' -f2,4,6 "$work/llama.txt") <(cut -d' ' -f2,4,6 "$work/ours.txt")
 if cmp -s <(cut -d' ' -f1-6 "$work/llama.txt") <(cut -d' ' -f1-6 "$work/ours.txt"); then
