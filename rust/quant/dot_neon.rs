@@ -365,65 +365,74 @@ unsafe fn dot_q8_0_repacked<const GEMM: bool, L: LaneSums>(
     acc
 }
 
-/// The dotprod level's Q8_0 kernels: the repacked gemv for single tokens, and for a batch
-/// the gemm on its whole groups of four tokens, the gemv on the rest.
-mod q8_0_repacked {
-    use super::super::activation::QuantizedActivations;
-    use super::super::dot::DotBatchFn;
-    use super::super::{DotFn, DotTokensFn};
-    use super::{dot_q8_0_repacked, with_dotprod, Dot4Fn, Sdot};
+/// A module with the dotprod level's forms of a repacked format whose gemm rounds unlike
+/// its gemv: the gemv (`$kernel::<false, _>`) for single tokens, and for a batch the gemm
+/// (`$kernel::<true, _>`) on its whole groups of four tokens, the gemv on the rest. Rows of
+/// different lengths are not one repacked matrix: single-row calls.
+macro_rules! repacked_forms {
+    ($module:ident, $kernel:ident) => {
+        mod $module {
+            use super::super::activation::QuantizedActivations;
+            use super::super::dot::DotBatchFn;
+            use super::super::{DotFn, DotTokensFn};
+            use super::{with_dotprod, $kernel, Dot4Fn, Sdot};
 
-    pub(super) fn gemv(row: &[u8], act: &[u8], n: usize) -> f32 {
-        // SAFETY: only installed by `install` for a CPU with the dot-product extension.
-        unsafe {
-            with_dotprod(
-                #[inline(always)]
-                || dot_q8_0_repacked::<false, Sdot>(row, act, n),
-            )
+            fn gemv(row: &[u8], act: &[u8], n: usize) -> f32 {
+                // SAFETY: only installed by `install` for a CPU with the dot product.
+                unsafe {
+                    with_dotprod(
+                        #[inline(always)]
+                        || $kernel::<false, Sdot>(row, act, n),
+                    )
+                }
+            }
+
+            fn gemm(row: &[u8], act: &[u8], n: usize) -> f32 {
+                // SAFETY: as above.
+                unsafe {
+                    with_dotprod(
+                        #[inline(always)]
+                        || $kernel::<true, Sdot>(row, act, n),
+                    )
+                }
+            }
+
+            fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
+                rows.map(|row| gemv(row, act, n))
+            }
+
+            fn tokens(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
+                for (act, o) in acts.iter().zip(out) {
+                    *o = four(rows, act.bytes(), act.len());
+                }
+            }
+
+            fn batch(
+                rows: [&[u8]; 4],
+                acts: &[QuantizedActivations],
+                first: usize,
+                batch: usize,
+                out: &mut [[f32; 4]],
+            ) {
+                let grouped = if rows.iter().all(|r| r.len() == rows[0].len()) {
+                    batch - batch % 4
+                } else {
+                    0
+                };
+                for (t, (act, o)) in acts.iter().zip(out).enumerate() {
+                    let kernel = if first + t < grouped { gemm } else { gemv };
+                    *o = rows.map(|row| kernel(row, act.bytes(), act.len()));
+                }
+            }
+
+            pub(super) const FORMS: (DotFn, Dot4Fn, DotTokensFn, DotBatchFn) =
+                (gemv, four, tokens, batch);
         }
-    }
-
-    fn gemm(row: &[u8], act: &[u8], n: usize) -> f32 {
-        // SAFETY: as above.
-        unsafe {
-            with_dotprod(
-                #[inline(always)]
-                || dot_q8_0_repacked::<true, Sdot>(row, act, n),
-            )
-        }
-    }
-
-    fn four(rows: [&[u8]; 4], act: &[u8], n: usize) -> [f32; 4] {
-        rows.map(|row| gemv(row, act, n))
-    }
-
-    fn tokens(rows: [&[u8]; 4], acts: &[QuantizedActivations], out: &mut [[f32; 4]]) {
-        for (act, o) in acts.iter().zip(out) {
-            *o = four(rows, act.bytes(), act.len());
-        }
-    }
-
-    fn batch(
-        rows: [&[u8]; 4],
-        acts: &[QuantizedActivations],
-        first: usize,
-        batch: usize,
-        out: &mut [[f32; 4]],
-    ) {
-        // Rows of different lengths are not one repacked matrix: single-row calls.
-        let grouped = if rows.iter().all(|r| r.len() == rows[0].len()) {
-            batch - batch % 4
-        } else {
-            0
-        };
-        for (t, (act, o)) in acts.iter().zip(out).enumerate() {
-            let kernel = if first + t < grouped { gemm } else { gemv };
-            *o = rows.map(|row| kernel(row, act.bytes(), act.len()));
-        }
-    }
-
-    pub(super) const FORMS: (DotFn, Dot4Fn, DotTokensFn, DotBatchFn) = (gemv, four, tokens, batch);
+    };
 }
+
+repacked_forms!(q8_0_repacked, dot_q8_0_repacked);
+repacked_forms!(q6_k_repacked_forms, dot_q6_k_repacked);
 
 // ---- K-quants -----------------------------------------------------------------------
 
@@ -555,6 +564,59 @@ unsafe fn dot_q5_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
         sum += (isum as f32).mul_add(d, -(min_sum as f32 * dmin));
     }
     sum
+}
+
+/// Q4_K as llama.cpp's dotprod build multiplies a matrix whose row count is a multiple of
+/// 8, repacked (`ggml_gemv_q4_K_8x4_q8_K`, and its gemm, which rounds the same way): per
+/// 64 elements `acc = fma(d_w * d_x, isum, acc)`, then per super-block the minimum term
+/// subtracted unfused (`vmlsq_f32`).
+#[inline(always)]
+unsafe fn dot_q4_k_repacked<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let mut acc = 0f32;
+    for (x, y) in k_blocks::<BlockQ4K>(row, act, n) {
+        let (scales, mins) = k4_scales_mins(&x.scales);
+        let w = x.values().map(|v| v as i8);
+        let scale = widen_scale(x.d) * y.d;
+        for sb in 0..QK_K / 64 {
+            let group = |j: usize| {
+                let (w, q) = (&w[32 * j..], &y.qs[32 * j..]);
+                sum16::<L>(w, q) + sum16::<L>(&w[16..], &q[16..])
+            };
+            let isum = i32::from(scales[2 * sb]) * group(2 * sb)
+                + i32::from(scales[2 * sb + 1]) * group(2 * sb + 1);
+            acc = scale.mul_add(isum as f32, acc);
+        }
+        let bias: i32 = (0..8)
+            .map(|j| {
+                i32::from(mins[j]) * (i32::from(y.bsums[2 * j]) + i32::from(y.bsums[2 * j + 1]))
+            })
+            .sum();
+        acc -= bias as f32 * (widen_scale(x.dmin) * y.d);
+    }
+    acc
+}
+
+/// Q6_K as llama.cpp's dotprod build multiplies a repacked matrix (`q6_K_8x4_q8_K`): each
+/// super-block's exact sum times `d_w * d_x` added to the row's accumulator, fused in the
+/// gemv (GCC contracts its `vmulq_f32` and `vaddq_f32`), unfused in the gemm (`vmlaq_f32`,
+/// `GEMM`).
+#[inline(always)]
+unsafe fn dot_q6_k_repacked<const GEMM: bool, L: LaneSums>(
+    row: &[u8],
+    act: &[u8],
+    n: usize,
+) -> f32 {
+    let mut acc = 0f32;
+    for (x, y) in k_blocks::<BlockQ6K>(row, act, n) {
+        let isum = scaled_sum::<L>(&x.values(), &y.qs, &x.scales.map(i32::from)) as f32;
+        let scale = widen_scale(x.d) * y.d;
+        acc = if GEMM {
+            acc + isum * scale
+        } else {
+            isum.mul_add(scale, acc)
+        };
+    }
+    acc
 }
 
 #[inline(always)]
@@ -708,8 +770,9 @@ trait RowKernel {
 
 /// Four single-row calls, so the multi-row forms have the single-row bits by construction.
 /// A batch rounds as its tokens one by one, as llama.cpp's Arm builds do for these formats
-/// (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K; Q8_0 at `neon`); the dotprod build's repacked kernels
-/// are reproduced for Q8_0 ([`q8_0_repacked`]) but not yet for Q4_0, Q4_K, Q5_K and Q6_K.
+/// (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K; every format at `neon`); the dotprod build's repacked
+/// kernels are reproduced for Q8_0, Q4_K and Q6_K (`repacked_forms!`, and Q4_K whose gemm
+/// rounds as its gemv), not yet for Q4_0 and Q5_K.
 struct Rows<K>(std::marker::PhantomData<K>);
 
 impl<K: RowKernel> FourRows for Rows<K> {
@@ -730,7 +793,7 @@ fn set_kernel<K: RowKernel>(table: &mut Kernels, ty: GgmlType) {
 
 /// For each kernel, a module with its [`RowKernel`] at each level: `Neon` and `Dotprod`.
 macro_rules! arm_kernels {
-    ($($module:ident => $kernel:ident $([$weights:ident])?, $ty:expr;)*) => {
+    ($($module:ident => $kernel:ident $([$weights:ident])?, $ty:expr $(, $only:ident)?;)*) => {
         $(
             mod $module {
                 use super::{$kernel, with_dotprod, RowKernel, Sdot, Widening};
@@ -760,11 +823,13 @@ macro_rules! arm_kernels {
         )*
 
         /// Installs the kernels of the `neon` level, or of `dotprod` when `dotprod` is set.
+        /// Entries marked `dotprod_only` replace an earlier entry's kernel at that level.
         fn install_kernels(table: &mut Kernels, dotprod: bool) {
             $(
+                let dotprod_only = false $(|| stringify!($only) == "dotprod_only")?;
                 if dotprod {
                     set_kernel::<$module::Dotprod>(table, $ty);
-                } else {
+                } else if !dotprod_only {
                     set_kernel::<$module::Neon>(table, $ty);
                 }
             )*
@@ -785,6 +850,8 @@ arm_kernels! {
     q6_k => dot_q6_k, GgmlType::Q6K;
     f32 => dot_f32, GgmlType::F32;
     f16 => dot_f16, GgmlType::F16;
+    // The dotprod build's repacked K-quant kernels, installed over the vec_dot ones there.
+    q4_k_repacked => dot_q4_k_repacked, GgmlType::Q4K, dotprod_only;
 }
 
 /// Installs the Arm kernels: the `dotprod` level's when `proof` is for that level, else
@@ -794,8 +861,12 @@ arm_kernels! {
 pub(super) fn install(table: &mut Kernels, proof: ArmChecked) {
     install_kernels(table, proof.has_dotprod());
     if proof.has_dotprod() {
-        let (single, four, tokens, batch) = q8_0_repacked::FORMS;
-        table.set_dot(GgmlType::Q8_0, single, four, tokens, batch);
+        for (ty, (single, four, tokens, batch)) in [
+            (GgmlType::Q8_0, q8_0_repacked::FORMS),
+            (GgmlType::Q6K, q6_k_repacked_forms::FORMS),
+        ] {
+            table.set_dot(ty, single, four, tokens, batch);
+        }
     }
     table.quantize_q8_0 = quantize_q8_0;
     table.quantize_q8_1 = quantize_q8_1;

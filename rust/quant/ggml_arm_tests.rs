@@ -4,7 +4,8 @@
 //! (`tests/scripts/arm_kernels/make_golden.sh`). Every `dot` line must come out with the
 //! dotprod build's bits at the `dotprod` level and the armv8-a build's at `neon`, and every
 //! activation block as ggml's NEON quantiser wrote it. The exception is Q8_0 at `dotprod`,
-//! whose build repacks Q8_0 matrices: there the reference is a transcription of its gemv.
+//! whose build repacks Q8_0, Q4_K and Q6_K matrices: there the reference is a transcription
+//! of its gemv.
 //!
 //! The quantiser has a portable transcription here ([`ggml_arm_quantize`]), checked against
 //! the file on every architecture, so the file and its reading are tested on x86 CI too;
@@ -118,8 +119,76 @@ fn ggml_arm_gemv_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
             .zip(&y[2..])
             .map(|(&w, &a)| i32::from(w as i8) * i32::from(a as i8))
             .sum();
-        let d = |b: &[u8]| half::f16::from_le_bytes([b[0], b[1]]).to_f32();
-        acc = (sum as f32).mul_add(d(y) * d(x), acc);
+        acc = (sum as f32).mul_add(f16_at(y, 0) * f16_at(x, 0), acc);
+    }
+    acc
+}
+
+/// Q8_K activation block `b`: its scale, quants and sums of 16.
+#[cfg(target_arch = "aarch64")]
+fn q8k_block(act: &[u8], b: usize) -> (f32, &[u8], Vec<i32>) {
+    let block = &act[b * 292..(b + 1) * 292];
+    let d = f32::from_le_bytes(block[..4].try_into().unwrap());
+    let bsums = (0..16)
+        .map(|g| i32::from(i16::from_le_bytes([block[260 + 2 * g], block[261 + 2 * g]])))
+        .collect();
+    (d, &block[4..260], bsums)
+}
+
+#[cfg(target_arch = "aarch64")]
+fn f16_at(bytes: &[u8], at: usize) -> f32 {
+    half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
+}
+
+/// One row of ggml's `ggml_gemv_q4_K_8x4_q8_K` (dotprod build), from its C: per 64 elements
+/// `acc = fma(d * d_act, sc_lo * sum_lo + sc_hi * sum_hi, acc)` (`vfmaq_f32`), then per
+/// super-block `acc = acc - bias * (dmin * d_act)` unfused (`vmlsq_f32`), `bias` the sum of
+/// each 32-group's minimum times its two Q8_K sums of 16.
+#[cfg(target_arch = "aarch64")]
+fn ggml_arm_gemv_q4_k(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let mut acc = 0f32;
+    for b in 0..n / 256 {
+        let x = &row[b * 144..(b + 1) * 144];
+        let (dy, q8, bsums) = q8k_block(act, b);
+        let (scales, mins) = super::blocks::k4_scales_mins(x[4..16].try_into().unwrap());
+        let value = |i: usize| {
+            let byte = x[16 + 32 * (i / 64) + i % 32];
+            i32::from(if i % 64 < 32 { byte & 15 } else { byte >> 4 })
+        };
+        let group = |j: usize| -> i32 {
+            (32 * j..32 * j + 32)
+                .map(|i| value(i) * i32::from(q8[i] as i8))
+                .sum()
+        };
+        for sb in 0..4 {
+            let isum = i32::from(scales[2 * sb]) * group(2 * sb)
+                + i32::from(scales[2 * sb + 1]) * group(2 * sb + 1);
+            acc = (f16_at(x, 0) * dy).mul_add(isum as f32, acc);
+        }
+        let bias: i32 = (0..8)
+            .map(|j| i32::from(mins[j]) * (bsums[2 * j] + bsums[2 * j + 1]))
+            .sum();
+        acc -= bias as f32 * (f16_at(x, 2) * dy);
+    }
+    acc
+}
+
+/// One row of ggml's `ggml_gemv_q6_K_8x4_q8_K` (dotprod build): per super-block the exact
+/// sum of `scale * (q - 32) * q8`, then `acc = fma(sum, d * d_act, acc)` (GCC contracts the
+/// C's `vmulq_f32` and `vaddq_f32`).
+#[cfg(target_arch = "aarch64")]
+fn ggml_arm_gemv_q6_k(row: &[u8], act: &[u8], n: usize) -> f32 {
+    let mut acc = 0f32;
+    for (b, x) in row.chunks_exact(210).take(n / 256).enumerate() {
+        let (dy, q8, _) = q8k_block(act, b);
+        let block = <super::blocks::BlockQ6K as super::blocks::Block>::read(x).unwrap();
+        let values = block.values();
+        let isum: i32 = (0..256)
+            .map(|i| {
+                i32::from(block.scales[i / 16]) * i32::from(values[i]) * i32::from(q8[i] as i8)
+            })
+            .sum();
+        acc = (isum as f32).mul_add(f16_at(x, 208) * dy, acc);
     }
     acc
 }
@@ -212,10 +281,17 @@ fn arm_levels_have_the_golden_bits() {
                     neon,
                 } => {
                     let want = match level {
-                        // The dotprod build repacks Q8_0 matrices (row counts a multiple of
-                        // 4, all of them in practice) and multiplies them with its gemv.
+                        // The dotprod build repacks Q8_0, Q4_K and Q6_K matrices (row counts
+                        // a multiple of 4 or 8, all of them in practice) and multiplies one
+                        // token with its gemv.
                         SimdLevel::Dotprod if ty == GgmlType::Q8_0 => {
                             ggml_arm_gemv_q8_0(&row, &act, n).to_bits()
+                        }
+                        SimdLevel::Dotprod if ty == GgmlType::Q4K => {
+                            ggml_arm_gemv_q4_k(&row, &act, n).to_bits()
+                        }
+                        SimdLevel::Dotprod if ty == GgmlType::Q6K => {
+                            ggml_arm_gemv_q6_k(&row, &act, n).to_bits()
                         }
                         SimdLevel::Dotprod => dotprod,
                         _ => neon,

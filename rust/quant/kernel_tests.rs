@@ -541,7 +541,7 @@ fn simd_f16_conversion_is_bit_identical_to_scalar_on_special_values() {
 /// `dot_tokens`; Q4_K's last `batch % 4` tokens and the tokens of Q6_K batches of fewer than
 /// 8 have the single-row bits (the rest are checked against llama.cpp's kernels in
 /// `ggml_x86_tests`), and the AVX-512 level (groups of eight) gives the AVX2 level's bits;
-/// at the `dotprod` level, Q8_0's last `batch % 4` tokens have the single-row bits.
+/// at the `dotprod` level, Q8_0's and Q6_K's last `batch % 4` tokens have the single-row bits.
 #[test]
 fn batch_kernels_follow_their_contract() {
     let mut rng = Rng(53);
@@ -573,7 +573,9 @@ fn batch_kernels_follow_their_contract() {
                 let simd = kernels.level() != SimdLevel::Scalar;
                 let differs_from = match ty {
                     GgmlType::Q4K if simd => batch - batch % 4,
-                    GgmlType::Q8_0 if kernels.level() == SimdLevel::Dotprod => batch - batch % 4,
+                    GgmlType::Q8_0 | GgmlType::Q6K if kernels.level() == SimdLevel::Dotprod => {
+                        batch - batch % 4
+                    }
                     GgmlType::Q6K if simd && batch >= 8 => batch,
                     _ => 0,
                 };

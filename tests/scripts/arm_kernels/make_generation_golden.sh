@@ -22,6 +22,7 @@ cases=(
     "smollm2-135m-instruct SmolLM2-135M-Instruct.Q4_1.gguf armv8-a 8 $(ids 30 100)"
     "smollm2-135m-instruct SmolLM2-135M-Instruct.Q4_1.gguf armv8.2-a+dotprod 8 $(ids 30 100)"
     "gemma3-270m gemma-3-270m-q4_k_m.gguf armv8-a 4 $(ids 20 2)"
+    "gemma3-270m gemma-3-270m-q4_k_m.gguf armv8.2-a+dotprod 4 $(ids 22 2)"
 )
 
 out="$repo/tests/golden/arm_generation.txt"
