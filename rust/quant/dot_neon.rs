@@ -338,23 +338,23 @@ unsafe fn dot_with_minimum<W: Block32, L: LaneSums>(row: &[u8], act: &[u8], n: u
     sumf
 }
 
-/// Q8_0 as llama.cpp's dotprod build multiplies it: it repacks a Q8_0 matrix whose row
-/// count is a multiple of 4 (`q8_0_4x4_q8_0`), and its gemv then adds each block to a
-/// single accumulator per row, `acc = fma(isum, d_x * d_y, acc)`. Its gemm, for whole
-/// groups of four tokens of a batch, multiplies the scale by the sum first and adds unfused
-/// (`vmlaq_f32`): `acc = acc + (d_w * d_x) * isum` (`GEMM`).
+/// A 32-element format as llama.cpp's dotprod build multiplies a repacked matrix (row
+/// count a multiple of 4: `q8_0_4x4_q8_0`, `q4_0_4x4_q8_0`): each block's exact sum added
+/// to one accumulator per row, `acc = fma(isum, d_x * d_w, acc)` (`vfmaq_f32`). Q8_0's
+/// gemm, for whole groups of four tokens of a batch, multiplies the scale by the sum first
+/// and adds unfused (`vmlaq_f32`, `GEMM`); Q4_0's gemm (assembly) fuses as its gemv.
 #[inline(always)]
-unsafe fn dot_q8_0_repacked<const GEMM: bool, L: LaneSums>(
+unsafe fn dot_repacked_32<W: Block32, const GEMM: bool, L: LaneSums>(
     row: &[u8],
     act: &[u8],
     n: usize,
 ) -> f32 {
-    let blocks = block_count(row, Q8_0_SIZE, act, Q8_0_SIZE, n);
+    let blocks = block_count(row, W::SIZE, act, Q8_0_SIZE, n);
     let mut acc = 0f32;
     for b in 0..blocks {
-        let x = &row[b * Q8_0_SIZE..];
+        let x = &row[b * W::SIZE..];
         let y = &act[b * Q8_0_SIZE..];
-        let isum = vaddvq_s32(block_lanes::<L>(Q8_0::quants(x), y.as_ptr().add(2).cast())) as f32;
+        let isum = vaddvq_s32(block_lanes::<L>(W::quants(x), y.as_ptr().add(2).cast())) as f32;
         let (dx, dy) = (f16_at(x, 0), f16_at(y, 0));
         acc = if GEMM {
             acc + (dx * dy) * isum
@@ -363,6 +363,20 @@ unsafe fn dot_q8_0_repacked<const GEMM: bool, L: LaneSums>(
         };
     }
     acc
+}
+
+#[inline(always)]
+unsafe fn dot_q8_0_repacked<const GEMM: bool, L: LaneSums>(
+    row: &[u8],
+    act: &[u8],
+    n: usize,
+) -> f32 {
+    dot_repacked_32::<Q8_0, GEMM, L>(row, act, n)
+}
+
+#[inline(always)]
+unsafe fn dot_q4_0_repacked<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    dot_repacked_32::<Q4_0, false, L>(row, act, n)
 }
 
 /// A module with the dotprod level's forms of a repacked format whose gemm rounds unlike
@@ -572,11 +586,23 @@ unsafe fn dot_q5_k<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
 /// subtracted unfused (`vmlsq_f32`).
 #[inline(always)]
 unsafe fn dot_q4_k_repacked<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    dot_k4_repacked::<BlockQ4K, L>(row, act, n)
+}
+
+/// Q5_K through the dotprod build's `q5_K_8x4_q8_K`, which rounds as the Q4_K one.
+#[inline(always)]
+unsafe fn dot_q5_k_repacked<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
+    dot_k4_repacked::<BlockQ5K, L>(row, act, n)
+}
+
+#[inline(always)]
+unsafe fn dot_k4_repacked<W: K4Block, L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f32 {
     let mut acc = 0f32;
-    for (x, y) in k_blocks::<BlockQ4K>(row, act, n) {
-        let (scales, mins) = k4_scales_mins(&x.scales);
-        let w = x.values().map(|v| v as i8);
-        let scale = widen_scale(x.d) * y.d;
+    for (x, y) in k_blocks::<W>(row, act, n) {
+        let (d, dmin, packed) = x.scale_parts();
+        let (scales, mins) = k4_scales_mins(packed);
+        let w = x.quants().map(|v| v as i8);
+        let scale = widen_scale(d) * y.d;
         for sb in 0..QK_K / 64 {
             let group = |j: usize| {
                 let (w, q) = (&w[32 * j..], &y.qs[32 * j..]);
@@ -591,7 +617,7 @@ unsafe fn dot_q4_k_repacked<L: LaneSums>(row: &[u8], act: &[u8], n: usize) -> f3
                 i32::from(mins[j]) * (i32::from(y.bsums[2 * j]) + i32::from(y.bsums[2 * j + 1]))
             })
             .sum();
-        acc -= bias as f32 * (widen_scale(x.dmin) * y.d);
+        acc -= bias as f32 * (widen_scale(dmin) * y.d);
     }
     acc
 }
@@ -770,9 +796,9 @@ trait RowKernel {
 
 /// Four single-row calls, so the multi-row forms have the single-row bits by construction.
 /// A batch rounds as its tokens one by one, as llama.cpp's Arm builds do for these formats
-/// (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K; every format at `neon`); the dotprod build's repacked
-/// kernels are reproduced for Q8_0, Q4_K and Q6_K (`repacked_forms!`, and Q4_K whose gemm
-/// rounds as its gemv), not yet for Q4_0 and Q5_K.
+/// (Q4_1, Q5_0, Q5_1, Q2_K, Q3_K; every format at `neon`). The dotprod build's repacked
+/// kernels: Q8_0 and Q6_K, whose gemm rounds unlike their gemv, through
+/// `repacked_forms!`; Q4_0, Q4_K and Q5_K, whose gemm rounds as their gemv, through these.
 struct Rows<K>(std::marker::PhantomData<K>);
 
 impl<K: RowKernel> FourRows for Rows<K> {
@@ -851,7 +877,9 @@ arm_kernels! {
     f32 => dot_f32, GgmlType::F32;
     f16 => dot_f16, GgmlType::F16;
     // The dotprod build's repacked K-quant kernels, installed over the vec_dot ones there.
+    q4_0_repacked => dot_q4_0_repacked, GgmlType::Q4_0, dotprod_only;
     q4_k_repacked => dot_q4_k_repacked, GgmlType::Q4K, dotprod_only;
+    q5_k_repacked => dot_q5_k_repacked, GgmlType::Q5K, dotprod_only;
 }
 
 /// Installs the Arm kernels: the `dotprod` level's when `proof` is for that level, else

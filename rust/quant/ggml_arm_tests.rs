@@ -3,9 +3,9 @@
 //! `armv8.2-a+dotprod` and `armv8-a` and run under qemu-user
 //! (`tests/scripts/arm_kernels/make_golden.sh`). Every `dot` line must come out with the
 //! dotprod build's bits at the `dotprod` level and the armv8-a build's at `neon`, and every
-//! activation block as ggml's NEON quantiser wrote it. The exception is Q8_0 at `dotprod`,
-//! whose build repacks Q8_0, Q4_K and Q6_K matrices: there the reference is a transcription
-//! of its gemv.
+//! activation block as ggml's NEON quantiser wrote it. The exception is `dotprod`,
+//! whose build repacks Q4_0, Q8_0, Q4_K, Q5_K and Q6_K matrices: there the reference is a
+//! transcription of its gemv.
 //!
 //! The quantiser has a portable transcription here ([`ggml_arm_quantize`]), checked against
 //! the file on every architecture, so the file and its reading are tested on x86 CI too;
@@ -107,18 +107,28 @@ pub(super) fn ggml_arm_quantize(x: &[f32], with_sum: bool) -> Vec<u8> {
     })
 }
 
-/// One row of ggml's `ggml_gemv_q8_0_4x4_q8_0` (dotprod build) on a repacked Q8_0 matrix:
-/// per block the exact sum of products, then `acc = fma(sum, d_act * d_weight, acc)`
-/// (`vfmaq_f32(acc, vcvtq_f32_s32(ret), vmulq_f32(ad, bd))`).
+/// One row of ggml's `ggml_gemv_q8_0_4x4_q8_0` or `ggml_gemv_q4_0_4x4_q8_0` (dotprod
+/// build) on a repacked matrix: per block the exact sum of products, then
+/// `acc = fma(sum, d_act * d_weight, acc)` (`vfmaq_f32(acc, vcvtq_f32_s32(ret),
+/// vmulq_f32(ad, bd))`; Q4_0's `vcvtq_n_f32_s32(ret, 4)` undoes its nibbles' `<< 4` exactly).
 #[cfg(target_arch = "aarch64")]
-fn ggml_arm_gemv_q8_0(row: &[u8], act: &[u8], n: usize) -> f32 {
+fn ggml_arm_gemv_32(ty: GgmlType, row: &[u8], act: &[u8], n: usize) -> f32 {
+    let size = ty.type_size();
     let mut acc = 0f32;
-    for (x, y) in row.chunks_exact(34).zip(act.chunks_exact(34)).take(n / 32) {
-        let sum: i32 = x[2..]
-            .iter()
-            .zip(&y[2..])
-            .map(|(&w, &a)| i32::from(w as i8) * i32::from(a as i8))
-            .sum();
+    for (x, y) in row
+        .chunks_exact(size)
+        .zip(act.chunks_exact(34))
+        .take(n / 32)
+    {
+        let weight = |j: usize| -> i32 {
+            if ty == GgmlType::Q4_0 {
+                let byte = x[2 + j % 16];
+                i32::from(if j < 16 { byte & 15 } else { byte >> 4 }) - 8
+            } else {
+                i32::from(x[2 + j] as i8)
+            }
+        };
+        let sum: i32 = (0..32).map(|j| weight(j) * i32::from(y[2 + j] as i8)).sum();
         acc = (sum as f32).mul_add(f16_at(y, 0) * f16_at(x, 0), acc);
     }
     acc
@@ -140,20 +150,29 @@ fn f16_at(bytes: &[u8], at: usize) -> f32 {
     half::f16::from_le_bytes([bytes[at], bytes[at + 1]]).to_f32()
 }
 
-/// One row of ggml's `ggml_gemv_q4_K_8x4_q8_K` (dotprod build), from its C: per 64 elements
-/// `acc = fma(d * d_act, sc_lo * sum_lo + sc_hi * sum_hi, acc)` (`vfmaq_f32`), then per
-/// super-block `acc = acc - bias * (dmin * d_act)` unfused (`vmlsq_f32`), `bias` the sum of
-/// each 32-group's minimum times its two Q8_K sums of 16.
+/// One row of ggml's `ggml_gemv_q4_K_8x4_q8_K` or `ggml_gemv_q5_K_8x4_q8_K` (dotprod
+/// build), from its C: per 64 elements `acc = fma(d * d_act, sc_lo * sum_lo + sc_hi *
+/// sum_hi, acc)` (`vfmaq_f32`), then per super-block `acc = acc - bias * (dmin * d_act)`
+/// unfused (`vmlsq_f32`), `bias` the sum of each 32-group's minimum times its two Q8_K sums
+/// of 16.
 #[cfg(target_arch = "aarch64")]
-fn ggml_arm_gemv_q4_k(row: &[u8], act: &[u8], n: usize) -> f32 {
+fn ggml_arm_gemv_k4(ty: GgmlType, row: &[u8], act: &[u8], n: usize) -> f32 {
+    let size = ty.type_size();
     let mut acc = 0f32;
     for b in 0..n / 256 {
-        let x = &row[b * 144..(b + 1) * 144];
+        let x = &row[b * size..(b + 1) * size];
         let (dy, q8, bsums) = q8k_block(act, b);
         let (scales, mins) = super::blocks::k4_scales_mins(x[4..16].try_into().unwrap());
+        // Q5_K: 32 bytes of fifth bits (bit `i / 32` of byte `i % 32`) before the nibbles.
+        let (qh, qs) = if ty == GgmlType::Q5K {
+            (Some(&x[16..48]), &x[48..])
+        } else {
+            (None, &x[16..])
+        };
         let value = |i: usize| {
-            let byte = x[16 + 32 * (i / 64) + i % 32];
-            i32::from(if i % 64 < 32 { byte & 15 } else { byte >> 4 })
+            let byte = qs[32 * (i / 64) + i % 32];
+            let low = i32::from(if i % 64 < 32 { byte & 15 } else { byte >> 4 });
+            low + qh.map_or(0, |h| i32::from((h[i % 32] >> (i / 32)) & 1) << 4)
         };
         let group = |j: usize| -> i32 {
             (32 * j..32 * j + 32)
@@ -281,14 +300,14 @@ fn arm_levels_have_the_golden_bits() {
                     neon,
                 } => {
                     let want = match level {
-                        // The dotprod build repacks Q8_0, Q4_K and Q6_K matrices (row counts
-                        // a multiple of 4 or 8, all of them in practice) and multiplies one
-                        // token with its gemv.
-                        SimdLevel::Dotprod if ty == GgmlType::Q8_0 => {
-                            ggml_arm_gemv_q8_0(&row, &act, n).to_bits()
+                        // The dotprod build repacks Q4_0, Q8_0, Q4_K, Q5_K and Q6_K matrices
+                        // (row counts a multiple of 4 or 8, all of them in practice) and
+                        // multiplies one token with its gemv.
+                        SimdLevel::Dotprod if matches!(ty, GgmlType::Q8_0 | GgmlType::Q4_0) => {
+                            ggml_arm_gemv_32(ty, &row, &act, n).to_bits()
                         }
-                        SimdLevel::Dotprod if ty == GgmlType::Q4K => {
-                            ggml_arm_gemv_q4_k(&row, &act, n).to_bits()
+                        SimdLevel::Dotprod if matches!(ty, GgmlType::Q4K | GgmlType::Q5K) => {
+                            ggml_arm_gemv_k4(ty, &row, &act, n).to_bits()
                         }
                         SimdLevel::Dotprod if ty == GgmlType::Q6K => {
                             ggml_arm_gemv_q6_k(&row, &act, n).to_bits()
