@@ -6,23 +6,17 @@
 
 use std::path::Path;
 
+use sampler_sdk::model::trace::logits_fingerprint;
 use sampler_sdk::model::Model;
 
 fn report(step: usize, logits: &[f32]) -> u32 {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
-        if *v > logits[best] {
-            best = i;
-        }
-    }
+    let (best, hash) = logits_fingerprint(logits);
     let head: Vec<String> = logits.iter().take(4).map(|v| format!("{v:.9e}")).collect();
     println!(
         "step {step} argmax {best} hash {hash:016x} head {}",
         head.join(" ")
     );
-    best as u32
+    best
 }
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

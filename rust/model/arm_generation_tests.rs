@@ -58,23 +58,10 @@ fn golden_generations_are_complete() {
     }
 }
 
-/// The argmax (lowest id on ties) and FNV-1a hash of `logits`, as `logits_trace` prints.
-#[cfg(target_arch = "aarch64")]
-fn step_of(logits: &[f32]) -> (u32, u64) {
-    let mut hash = 0xcbf2_9ce4_8422_2325u64;
-    let mut best = 0;
-    for (i, v) in logits.iter().enumerate() {
-        hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
-        if *v > logits[best] {
-            best = i;
-        }
-    }
-    (best as u32, hash)
-}
-
 #[cfg(target_arch = "aarch64")]
 #[test]
 fn generations_equal_llama_cpp_arm_builds() {
+    use crate::model::trace::logits_fingerprint as step_of;
     use crate::model::Model;
     let arch = match crate::quant::simd_level() {
         "neon" => "armv8-a",

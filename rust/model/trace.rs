@@ -33,3 +33,19 @@ pub fn dump(name: &str, layer: Option<usize>, data: &[f32]) {
         eprintln!("sampler-sdk: cannot write trace {file}: {e}");
     }
 }
+
+/// The greedy choice (argmax, lowest id on ties) and an FNV-1a hash of the bits of every
+/// logit: the per-step fingerprint `examples/logits_trace.rs` prints and the Arm
+/// generation tests compare with llama.cpp's (`tests/scripts/arm_kernels/logits_trace.c`
+/// computes the same).
+pub fn logits_fingerprint(logits: &[f32]) -> (u32, u64) {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64;
+    let mut best = 0;
+    for (i, v) in logits.iter().enumerate() {
+        hash = (hash ^ u64::from(v.to_bits())).wrapping_mul(0x100_0000_01b3);
+        if *v > logits[best] {
+            best = i;
+        }
+    }
+    (best as u32, hash)
+}
