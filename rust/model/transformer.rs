@@ -35,16 +35,26 @@ pub const LLAMA_UBATCH: usize = 512;
 /// kernels round differently by batch size and position in the batch (attention values, see
 /// `kernels::attention`; K-quant products, see `quant::DotBatchFn`), so the chunks a long
 /// prompt goes through in say where they fall, and compute as that one batch would.
+///
+/// The same holds for the rows whose logits are wanted: llama.cpp runs the rest of the last
+/// layer and the output projection on those rows of the whole batch together. `outputs`,
+/// when set, is where this part's wanted rows fall among them: `(first, total)`; unset,
+/// the part's own wanted rows are the whole output batch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchPlace {
     pub first: usize,
     pub len: usize,
+    pub outputs: Option<(usize, usize)>,
 }
 
 impl BatchPlace {
     /// `n` tokens evaluated together, on their own.
     pub fn whole(n: usize) -> Self {
-        Self { first: 0, len: n }
+        Self {
+            first: 0,
+            len: n,
+            outputs: None,
+        }
     }
 
     /// Tokens from `from` on of a prompt of `prompt_len` tokens.
@@ -53,6 +63,23 @@ impl BatchPlace {
         Self {
             first: from - batch_start,
             len: (prompt_len - batch_start).min(LLAMA_UBATCH),
+            outputs: None,
+        }
+    }
+
+    /// [`Self::in_prompt`] for a part starting at `from` when the logits of the prompt's
+    /// tokens from `first_wanted` on are wanted: where the part's wanted rows fall among
+    /// those of its llama.cpp batch.
+    pub fn with_outputs(self, from: usize, first_wanted: usize) -> Self {
+        let batch_start = from - self.first;
+        let batch_end = batch_start + self.len;
+        let outputs_start = first_wanted.clamp(batch_start, batch_end);
+        Self {
+            outputs: Some((
+                from.clamp(outputs_start, batch_end) - outputs_start,
+                batch_end - outputs_start,
+            )),
+            ..self
         }
     }
 
@@ -293,7 +320,8 @@ impl Model {
             let start = i * PREFILL_CHUNK;
             let end = start + chunk.len();
             let wanted = end - first_wanted.clamp(start, end);
-            let place = BatchPlace::in_prompt(start, tokens.len());
+            let place =
+                BatchPlace::in_prompt(start, tokens.len()).with_outputs(start, first_wanted);
             logits.extend_from_slice(self.forward_logits_at(seq, chunk, wanted, place)?);
         }
         Ok(logits)
@@ -384,8 +412,18 @@ impl Model {
             s.places
                 .extend((0..e.tokens.len()).map(|t| (first + t, len)));
             s.out_places
-                .extend((0..e.n_logits).map(|i| (i, e.n_logits)));
+                .extend((0..e.n_logits).map(|i| match e.place.outputs {
+                    Some((first, total)) => (first + i, total),
+                    None => (i, e.n_logits),
+                }));
         }
+        // Whether llama.cpp's batch keeps fewer rows for its last layer than it has tokens,
+        // though all of this call's rows are wanted.
+        let outputs_apart = entries.iter().any(|e| {
+            e.place
+                .outputs
+                .is_some_and(|(_, total)| total < e.place.len)
+        });
         // Rows the layers compute: every token until the last layer keeps only the rows
         // whose logits are wanted.
         let mut rows = n;
@@ -572,7 +610,7 @@ impl Model {
             matmul(pool, &layer.wo, file, s.acts.get(layer.wo.ty)?, &mut s.proj)?;
             trace::dump("kqv_out", Some(li), &s.attn);
             trace::dump("attn_out", Some(li), &s.proj);
-            if li + 1 == cfg.n_layer && n_logits < n {
+            if li + 1 == cfg.n_layer && (n_logits < n || outputs_apart) {
                 // As llama.cpp, the rest of the last layer runs on the rows whose logits are
                 // wanted only: the others feed nothing. (Its products then see a batch of
                 // those rows, which rounds some formats differently, so this is also needed
