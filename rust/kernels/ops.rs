@@ -139,17 +139,6 @@ fn rotate_arm_vector(a: f32, b: f32, c: f32, s: f32) -> (f32, f32) {
     ((-b).mul_add(s, a * c), a.mul_add(s, b * c))
 }
 
-/// The rotation of pair `i` of `pairs`: ggml's Arm build takes whole groups of four pairs
-/// through its vector loop and the rest through the scalar one.
-#[inline(always)]
-fn rotation(arm: bool, i: usize, pairs: usize) -> fn(f32, f32, f32, f32) -> (f32, f32) {
-    if arm && i < pairs - pairs % 4 {
-        rotate_arm_vector
-    } else {
-        rotate
-    }
-}
-
 /// RoPE on adjacent pairs (x[2i], x[2i+1]): llama.cpp's "normal" mode, used by the
 /// `llama` architecture whose Q/K weights were permuted at conversion time.
 pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
@@ -159,10 +148,20 @@ pub fn rope_adjacent_pairs(head: &mut [f32], cos: &[f32], sin: &[f32]) {
 
 #[inline(always)]
 fn rope_adjacent_pairs_body(head: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let arm = ggml_f32::arm_arithmetic();
+    // ggml's Arm build takes whole groups of four pairs through its vector loop and the
+    // rest through the scalar one; x86 takes every pair the scalar way.
+    let vector_pairs = if ggml_f32::arm_arithmetic() {
+        cos.len() - cos.len() % 4
+    } else {
+        0
+    };
     for (i, (&c, &s)) in cos.iter().zip(sin).enumerate() {
         let (a, b) = (head[2 * i], head[2 * i + 1]);
-        (head[2 * i], head[2 * i + 1]) = rotation(arm, i, cos.len())(a, b, c, s);
+        (head[2 * i], head[2 * i + 1]) = if i < vector_pairs {
+            rotate_arm_vector(a, b, c, s)
+        } else {
+            rotate(a, b, c, s)
+        };
     }
 }
 
